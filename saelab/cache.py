@@ -1,0 +1,292 @@
+"""Activation caches: shards on disk plus a manifest, and shuffled streams of batches.
+
+On disk a cache is a directory:
+
+    manifest.json           model spec, hooks and widths, dtype, data, tokens, seed, shard list
+    shard_00000.safetensors one tensor per hook, (rows, d); rows are token positions
+    ...
+
+BOS and pad positions are dropped when caching (their activations are outliers that no SAE
+should spend capacity on). Every file is written atomically and the manifest last, so a cache
+whose manifest exists is complete.
+
+Two streams yield shuffled (B, d) batches for training:
+- `CacheStream` reads a cache with bounded memory. The order of epoch e is fixed by
+  (seed, e): shards are permuted, taken in groups of `buffer_shards`, and the rows of a group
+  permuted; batches are consecutive slices of that order. Its position is just
+  (epoch, offset), so `state_dict()` / `load_state_dict()` resume exactly.
+- `ModelStream` runs a model on the fly and mixes activations through an in-memory buffer.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from tqdm import tqdm
+
+from saelab.data import TokenData
+from saelab.errors import SaelabError
+from saelab.io import check_output_dir, write_json, write_safetensors
+from saelab.models import HookedModel
+
+MANIFEST = "manifest.json"
+FORMAT = "saelab-activation-cache/1"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def positions_to_keep(tokens: torch.Tensor, tokenizer) -> torch.Tensor:
+    """Boolean mask (B, T) of positions that are not BOS or pad tokens."""
+    keep = torch.ones_like(tokens, dtype=torch.bool)
+    for special in {tokenizer.bos_token_id, tokenizer.pad_token_id} - {None}:
+        keep &= tokens != special
+    return keep
+
+
+def model_activations(
+    model: HookedModel, data: TokenData, hooks: list[str], batch_rows: int, epochs: int | None = None
+) -> Iterator[tuple[dict[str, torch.Tensor], int]]:
+    """Yield ({hook: (rows, d)}, tokens_in_batch) with BOS/pad positions dropped."""
+    for tokens in data.batches(model.tokenizer, batch_rows, epochs):
+        tokens = tokens.to(model.device)
+        acts = model.activations(tokens, hooks)
+        keep = positions_to_keep(tokens, model.tokenizer)
+        yield {h: a[keep] for h, a in acts.items()}, tokens.numel()
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The JSON manifest of a cache directory (see module docstring)."""
+
+    model: str
+    hooks: dict[str, int]
+    dtype: str
+    rows: int
+    data: dict
+    shards: list[dict]
+    saelab_version: str
+    format: str = FORMAT
+
+    @classmethod
+    def read(cls, directory: Path) -> Manifest:
+        path = Path(directory) / MANIFEST
+        if not path.exists():
+            raise SaelabError(
+                f"no activation cache at {directory} ({MANIFEST} missing); build one with "
+                "`saelab cache`"
+            )
+        try:
+            raw = json.loads(path.read_text())
+            manifest = cls(**{f.name: raw[f.name] for f in fields(cls) if f.name in raw})
+        except (json.JSONDecodeError, TypeError) as e:
+            raise SaelabError(f"{path} is not a valid cache manifest ({e})") from None
+        if manifest.format != FORMAT:
+            raise SaelabError(f"{path} has format {manifest.format!r}; this saelab reads {FORMAT}")
+        for shard in manifest.shards:
+            f = Path(directory) / shard["file"]
+            if not f.exists():
+                raise SaelabError(f"cache shard {f} listed in {path} is missing")
+            if f.stat().st_size != shard["bytes"]:
+                raise SaelabError(
+                    f"cache shard {f} has {f.stat().st_size} bytes, the manifest says "
+                    f"{shard['bytes']}: truncated or replaced; rebuild the cache"
+                )
+        return manifest
+
+    def check_hook(self, hook: str, directory: Path) -> int:
+        """Width of `hook` in this cache, or a clear error when the cache lacks it."""
+        if hook not in self.hooks:
+            raise SaelabError(
+                f"cache {directory} holds hooks {sorted(self.hooks)}, not {hook!r}"
+            )
+        return self.hooks[hook]
+
+
+def build_cache(
+    model: HookedModel,
+    data: TokenData,
+    hooks: list[str],
+    out_dir: Path,
+    tokens: int,
+    batch_rows: int = 32,
+    shard_rows: int = 65536,
+    dtype: str = "float32",
+    overwrite: bool = False,
+) -> Manifest:
+    """Run `model` over `data`, capturing every hook in one forward pass, into shards."""
+    if dtype not in DTYPES:
+        raise SaelabError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    model.check_hooks(hooks)
+    dims = model.hook_dims(hooks)
+    out_dir = check_output_dir(out_dir, overwrite)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / MANIFEST).unlink(missing_ok=True)  # an incomplete rebuild must not look complete
+    shards: list[dict] = []
+    pending: dict[str, list[torch.Tensor]] = {h: [] for h in hooks}
+    pending_rows = rows = 0
+
+    def flush(n: int) -> None:
+        nonlocal pending_rows
+        joined = {h: torch.cat(v) for h, v in pending.items()}
+        chunk = {h: t[:n].to(DTYPES[dtype]) for h, t in joined.items()}
+        name = f"shard_{len(shards):05d}.safetensors"
+        write_safetensors(out_dir / name, chunk)
+        shards.append({"file": name, "rows": n, "bytes": (out_dir / name).stat().st_size})
+        for h, t in joined.items():
+            pending[h] = [t[n:]] if t.shape[0] > n else []
+        pending_rows -= n
+
+    bar = tqdm(total=tokens, unit="tok", unit_scale=True, desc="cache")
+    start = time.perf_counter()
+    for acts, _ in model_activations(model, data, hooks, batch_rows):
+        n = min(next(iter(acts.values())).shape[0], tokens - rows)
+        for h, a in acts.items():
+            pending[h].append(a[:n].cpu())
+        pending_rows += n
+        rows += n
+        bar.update(n)
+        while pending_rows >= shard_rows:
+            flush(shard_rows)
+        if rows >= tokens:
+            break
+    if pending_rows:
+        flush(pending_rows)
+    bar.close()
+    from saelab import __version__
+
+    manifest = Manifest(
+        model=model.spec, hooks=dims, dtype=dtype, rows=rows, data=asdict(data),
+        shards=shards, saelab_version=__version__,
+    )
+    write_json(out_dir / MANIFEST, {**asdict(manifest), "seconds": time.perf_counter() - start})
+    return manifest
+
+
+def _read_shard(path: Path, hook: str) -> torch.Tensor:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.get_tensor(hook).float()
+    except (SafetensorError, OSError) as e:
+        raise SaelabError(f"cache shard {path} is truncated or corrupt ({e})") from None
+
+
+class CacheStream:
+    """Shuffled (B, d) batches of one hook from a cache, resumable (see module docstring).
+
+    Each epoch serves every row of the chosen shards exactly once; the last batch of an
+    epoch may be short. Memory holds at most two groups of `buffer_shards` shards.
+    """
+
+    def __init__(
+        self,
+        directory: str | Path,
+        hook: str,
+        batch_size: int,
+        seed: int = 0,
+        buffer_shards: int = 4,
+        shards: list[int] | None = None,
+    ):
+        self.directory = Path(directory)
+        self.manifest = Manifest.read(self.directory)
+        self.d = self.manifest.check_hook(hook, self.directory)
+        self.hook, self.batch_size, self.seed = hook, batch_size, seed
+        self.buffer_shards = max(1, buffer_shards)
+        all_shards = self.manifest.shards
+        self.shards = [all_shards[i] for i in (shards if shards is not None else range(len(all_shards)))]
+        self.rows = sum(s["rows"] for s in self.shards)
+        if self.rows == 0:
+            raise SaelabError(f"cache {self.directory} has no rows to stream")
+        self.epoch, self.offset = 0, 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "offset": self.offset, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.offset, self.seed = state["epoch"], state["offset"], state["seed"]
+
+    def _groups(self, epoch: int) -> list[list[int]]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        order = torch.randperm(len(self.shards), generator=g).tolist()
+        return [order[i : i + self.buffer_shards] for i in range(0, len(order), self.buffer_shards)]
+
+    def _group_rows(self, epoch: int, gi: int, group: list[int]) -> torch.Tensor:
+        x = torch.cat([_read_shard(self.directory / self.shards[i]["file"], self.hook) for i in group])
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) * 7919 + gi)
+        return x[torch.randperm(x.shape[0], generator=g)]
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        """Batches forever, epoch after epoch, from the current position."""
+        while True:
+            yield from self._epoch_from_offset()
+            self.epoch, self.offset = self.epoch + 1, 0
+
+    def _epoch_from_offset(self) -> Iterator[torch.Tensor]:
+        groups = self._groups(self.epoch)
+        sizes = [sum(self.shards[i]["rows"] for i in grp) for grp in groups]
+        start, first = 0, 0
+        while first < len(groups) and start + sizes[first] <= self.offset:  # consumed groups
+            start += sizes[first]
+            first += 1
+        skip = self.offset - start  # rows of the first group already served
+        carry = torch.empty(0, self.d)
+        for gi in range(first, len(groups)):
+            rows = torch.cat([carry, self._group_rows(self.epoch, gi, groups[gi])[skip:]])
+            skip = 0
+            full = rows.shape[0] // self.batch_size * self.batch_size
+            for b in range(0, full, self.batch_size):
+                self.offset += self.batch_size
+                yield rows[b : b + self.batch_size]
+            carry = rows[full:]
+        if carry.shape[0]:
+            self.offset += carry.shape[0]
+            yield carry
+
+
+class ModelStream:
+    """Shuffled (B, d) batches of one hook computed on the fly, mixed in a buffer of tokens."""
+
+    def __init__(
+        self,
+        model: HookedModel,
+        data: TokenData,
+        hook: str,
+        batch_size: int,
+        buffer_tokens: int = 2**17,
+        batch_rows: int = 32,
+        seed: int = 0,
+    ):
+        model.check_hooks([hook])
+        self.model, self.data, self.hook = model, data, hook
+        self.batch_size, self.buffer_tokens, self.batch_rows = batch_size, buffer_tokens, batch_rows
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        buf: list[torch.Tensor] = []
+        held = 0
+        for acts, _ in model_activations(self.model, self.data, [self.hook], self.batch_rows):
+            buf.append(acts[self.hook])
+            held += buf[-1].shape[0]
+            if held < self.buffer_tokens:
+                continue
+            x = torch.cat(buf)
+            x = x[torch.randperm(x.shape[0], generator=self.generator, device="cpu").to(x.device)]
+            full = x.shape[0] // self.batch_size * self.batch_size
+            for b in range(0, full, self.batch_size):
+                yield x[b : b + self.batch_size]
+            buf, held = [x[full:]], x.shape[0] - full
+
+
+def heldout_activations(model: HookedModel, data: TokenData, hook: str, tokens: int) -> torch.Tensor:
+    """The first `tokens` activation rows of `data` (for evaluation; not shuffled)."""
+    out, held = [], 0
+    for acts, _ in model_activations(model, data, [hook], batch_rows=32, epochs=1):
+        out.append(acts[hook])
+        held += out[-1].shape[0]
+        if held >= tokens:
+            break
+    return torch.cat(out)[:tokens]

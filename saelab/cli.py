@@ -1,0 +1,193 @@
+"""The `saelab` command line: parse flags, call the library, print a summary.
+
+Bad input (a `SaelabError`) prints one line and exits with code 2; nothing on disk is touched.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from saelab.errors import SaelabError
+
+app = typer.Typer(
+    help="saelab: train, load and evaluate sparse autoencoders on transformer activations.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+zoo_app = typer.Typer(help="Small models saelab trains itself and ships (work offline).",
+                      no_args_is_help=True)
+app.add_typer(zoo_app, name="zoo")
+
+Opt = typer.Option
+
+
+def _print_summary(title: str, rows: dict) -> None:
+    width = max(len(k) for k in rows)
+    typer.echo(f"\n{title}")
+    for k, v in rows.items():
+        shown = f"{v:.4g}" if isinstance(v, float) else v
+        typer.echo(f"  {k:<{width}}  {shown}")
+
+
+@app.command()
+def train(
+    config: Annotated[Path | None, Opt(help="YAML/JSON file of training fields; flags override it.")] = None,
+    model: Annotated[str | None, Opt(help="Model spec: zoo:NAME, a local HF directory, or a hub name. [default: zoo:pystdlib-4l]")] = None,
+    hook: Annotated[str | None, Opt(help="Hook to train on. [default: blocks.{n_layers//2}.hook_resid_post]")] = None,
+    data: Annotated[str | None, Opt(help="Token data: builtin:stdlib, a .txt/.jsonl file or directory, or hf:NAME.")] = None,
+    cache: Annotated[Path | None, Opt(help="Train from this activation cache (from `saelab cache`) instead of running the model.")] = None,
+    out: Annotated[Path | None, Opt(help="Output directory for the dictionary and metrics. [default: runs/sae]")] = None,
+    n_latents: Annotated[int | None, Opt(help="Dictionary size. [default: expansion * d_in]")] = None,
+    expansion: Annotated[int | None, Opt(help="Latents per input dimension when --n-latents is not given. [default: 16]")] = None,
+    k: Annotated[int | None, Opt(help="Active latents per token. [default: 32]")] = None,
+    allocator: Annotated[str | None, Opt(help="Sparsity allocator. [default: topk]")] = None,
+    tokens: Annotated[int | None, Opt(help="Training tokens. [default: 4000000]")] = None,
+    batch_size: Annotated[int | None, Opt(help="Tokens per optimiser step. [default: 4096]")] = None,
+    lr: Annotated[float | None, Opt(help="Adam learning rate. [default: 2e-4 / sqrt(n_latents / 2^14)]")] = None,
+    warmup_steps: Annotated[int | None, Opt(help="Linear lr warmup steps. [default: 50]")] = None,
+    decay_fraction: Annotated[float | None, Opt(help="Final fraction of steps with linear lr decay to 0. [default: 0.2]")] = None,
+    dead_tokens: Annotated[int | None, Opt(help="Tokens without firing after which a latent is dead (AuxK). [default: 10000000]")] = None,
+    k_aux: Annotated[int | None, Opt(help="Dead latents used by AuxK. [default: d_in / 2]")] = None,
+    auxk_coef: Annotated[float | None, Opt(help="AuxK loss weight. [default: 1/32]")] = None,
+    context_length: Annotated[int | None, Opt(help="Tokens per row for on-the-fly activations. [default: min(model context, 128)]")] = None,
+    eval_tokens: Annotated[int | None, Opt(help="Held-out tokens for the final summary. [default: 65536]")] = None,
+    seed: Annotated[int | None, Opt(help="Seed for init, data order and shuffling. [default: 0]")] = None,
+    device: Annotated[str | None, Opt(help="Torch device. [default: cpu]")] = None,
+    overwrite: Annotated[bool, Opt("--overwrite", help="Allow writing into a non-empty --out directory.")] = False,
+) -> None:
+    """Train an SAE. With no flags: a TopK SAE on the shipped zoo model, offline, in minutes."""
+    flags = dict(locals())
+    flags.pop("config")
+    from saelab.training import TrainConfig
+    from saelab.training import train as run
+
+    flags = {k: (str(v) if isinstance(v, Path) else v) for k, v in flags.items()}
+    flags["overwrite"] = overwrite or None
+    result = run(TrainConfig.from_file_and_flags(str(config) if config else None, flags))
+    s = result.summary
+    _print_summary(f"Trained {s['allocator']} SAE -> {s['dictionary']}", {
+        "model / hook": f"{s['model']} / {s['hook']}",
+        "latents x k": f"{s['n_latents']} x {s['k']} (d_in {s['d_in']})",
+        "train tokens": f"{s['train_tokens']:,} in {s['train_seconds']:.1f} s "
+                        f"({s['tokens_per_s']:,.0f} tok/s)",
+        "held-out FVU": s["heldout_fvu"],
+        "explained variance": s["heldout_explained_variance"],
+        "L0": s["heldout_l0"],
+        "dead latents": f"{s['heldout_dead_frac']:.2%} (over {s['heldout_tokens']:,} held-out tokens)",
+        "load it with": f"saelab.load({s['dictionary']!r})",
+    })
+
+
+@app.command("cache")
+def cache_cmd(
+    out: Annotated[Path, typer.Argument(help="Directory to write shards and manifest.json into.")],
+    model: Annotated[str, Opt(help="Model spec: zoo:NAME, a local HF directory, or a hub name.")] = "zoo:pystdlib-4l",
+    hook: Annotated[list[str] | None, Opt(help="Hook to capture; repeat for several (one forward pass). [default: blocks.{n_layers//2}.hook_resid_post]")] = None,
+    data: Annotated[str, Opt(help="Token data: builtin:stdlib, a .txt/.jsonl file or directory, or hf:NAME.")] = "builtin:stdlib",
+    split: Annotated[str, Opt(help="Data split: train or heldout.")] = "train",
+    tokens: Annotated[int, Opt(help="Activation rows (token positions) to cache.")] = 1_000_000,
+    context_length: Annotated[int, Opt(help="Tokens per row, BOS included.")] = 128,
+    shard_rows: Annotated[int, Opt(help="Rows per shard file.")] = 65536,
+    dtype: Annotated[str, Opt(help="Storage dtype: float32, float16 or bfloat16.")] = "float32",
+    seed: Annotated[int, Opt(help="Seed for the document order.")] = 0,
+    device: Annotated[str, Opt(help="Torch device.")] = "cpu",
+    overwrite: Annotated[bool, Opt("--overwrite", help="Allow writing into a non-empty directory.")] = False,
+) -> None:
+    """Cache activations of one or more hooks to disk (safetensors shards + JSON manifest)."""
+    from saelab.cache import build_cache
+    from saelab.data import TokenData
+    from saelab.models import load_model
+
+    if tokens < 1 or shard_rows < 1:
+        raise SaelabError("--tokens and --shard-rows must be positive")
+    m = load_model(model, device)
+    hooks = hook or [f"blocks.{m.n_layers // 2}.hook_resid_post"]
+    manifest = build_cache(m, TokenData(data, split, context_length, seed), hooks, out,
+                           tokens, shard_rows=shard_rows, dtype=dtype, overwrite=overwrite)
+    _print_summary(f"Cached {manifest.rows:,} rows -> {out}", {
+        "model": manifest.model,
+        "hooks": ", ".join(f"{h} (d={d})" for h, d in manifest.hooks.items()),
+        "shards": len(manifest.shards),
+        "dtype": manifest.dtype,
+    })
+
+
+@app.command()
+def info(
+    target: Annotated[str, typer.Argument(help="A dictionary directory, a cache directory, or a model spec.")],
+) -> None:
+    """Describe a dictionary, an activation cache, or a model (its hook names)."""
+    from saelab.cache import MANIFEST, Manifest
+    from saelab.sae import CONFIG_FILE
+
+    path = Path(target)
+    if (path / CONFIG_FILE).exists():
+        typer.echo(json.dumps(json.loads((path / CONFIG_FILE).read_text()), indent=2))
+    elif (path / MANIFEST).exists():
+        m = Manifest.read(path)
+        _print_summary(f"Activation cache {path}", {
+            "model": m.model, "hooks": json.dumps(m.hooks), "rows": f"{m.rows:,}",
+            "shards": len(m.shards), "dtype": m.dtype, "data": json.dumps(m.data),
+        })
+    else:
+        from saelab.models import load_model
+
+        m = load_model(target)
+        typer.echo(f"{target}: {m.n_layers} layers, context {m.context_length}, {m.backend}")
+        typer.echo("hooks:")
+        for name in m.hook_names:
+            typer.echo(f"  {name}")
+
+
+@zoo_app.command("list")
+def zoo_list() -> None:
+    """Show the zoo models that ship with saelab and how well they model held-out text."""
+    from saelab import zoo
+
+    for name in zoo.shipped_models():
+        c = zoo.card(name)
+        r = c.get("recipe", {})
+        typer.echo(
+            f"zoo:{name}  {r.get('n_layer')} layers, d_model {r.get('d_model')}, "
+            f"held-out loss {c.get('heldout_loss_nats')} nats/token "
+            f"(unigram baseline {c.get('unigram_loss_nats')})"
+        )
+    buildable = sorted(set(zoo.RECIPES) - set(zoo.shipped_models()))
+    if buildable:
+        typer.echo("buildable with `saelab zoo build NAME`: " + ", ".join(buildable))
+
+
+@zoo_app.command("build")
+def zoo_build(
+    name: Annotated[str, typer.Argument(help="Recipe name (see `saelab zoo list`).")],
+    out: Annotated[Path | None, Opt(help="Output directory. [default: inside the installed package]")] = None,
+    tokens: Annotated[int | None, Opt(help="Override the recipe's training tokens.")] = None,
+) -> None:
+    """Train a zoo model from its seeded recipe on the stdlib corpus and write its HF directory."""
+    import dataclasses
+
+    from saelab import zoo
+    from saelab.zoo.build import build
+
+    if name not in zoo.RECIPES:
+        raise SaelabError(f"unknown zoo recipe {name!r}; available: {', '.join(zoo.RECIPES)}")
+    recipe = zoo.RECIPES[name]
+    if tokens is not None:
+        recipe = dataclasses.replace(recipe, tokens=tokens)
+    path = build(recipe, out)
+    typer.echo((path / "zoo_card.json").read_text())
+
+
+def main() -> None:
+    """Entry point: user errors become one line on stderr and exit code 2 (usage errors too)."""
+    try:
+        app()
+    except SaelabError as e:
+        typer.echo(f"saelab: error: {e}", err=True)
+        sys.exit(2)

@@ -1,0 +1,163 @@
+"""Token data: text sources, tokenisation and packing into fixed-length rows.
+
+A data spec is one of
+- `builtin:stdlib`: the Python standard library source of the running interpreter (every
+  machine has it, so saelab runs offline); split by a hash of each file's path, 5% held out;
+- a local `.txt` / `.jsonl` file or a directory of them (jsonl rows need a "text" field);
+- `hf:NAME[:CONFIG]`: a Hugging Face dataset (needs network access the first time).
+
+Rows are packed: documents are joined with the tokenizer's EOS, cut into `context_length`
+pieces, and each row starts with BOS (when the tokenizer has one), as the models saw in training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import sysconfig
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from saelab.errors import SaelabError
+
+BUILTIN_STDLIB = "builtin:stdlib"
+SPLITS = ("train", "heldout")
+HELDOUT_PERCENT = 5
+
+
+def _in_split(key: str, split: str) -> bool:
+    if split not in SPLITS:
+        raise SaelabError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
+    bucket = int(hashlib.sha1(key.encode()).hexdigest(), 16) % 100
+    return (bucket < HELDOUT_PERCENT) == (split == "heldout")
+
+
+def stdlib_texts(split: str) -> list[str]:
+    """The .py files of the running interpreter's standard library, sorted by path."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(
+        p for p in root.rglob("*.py")
+        if not ({"site-packages", "dist-packages", "__pycache__"} & set(p.relative_to(root).parts))
+    )
+    texts = []
+    for p in files:
+        rel = p.relative_to(root).as_posix()
+        if _in_split(rel, split):
+            texts.append(p.read_text(encoding="utf-8", errors="replace"))
+    return texts
+
+
+def _local_texts(path: Path, split: str) -> list[str]:
+    files = sorted(path.rglob("*")) if path.is_dir() else [path]
+    files = [f for f in files if f.suffix in (".txt", ".jsonl")]
+    if not files:
+        raise SaelabError(f"data path {path} has no .txt or .jsonl files")
+    texts = []
+    for f in files:
+        if f.suffix == ".txt":
+            docs = [(f"{f}", f.read_text(encoding="utf-8", errors="replace"))]
+        else:
+            docs = []
+            for i, line in enumerate(f.read_text(encoding="utf-8").splitlines()):
+                if not line.strip():
+                    continue
+                try:
+                    docs.append((f"{f}:{i}", json.loads(line)["text"]))
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise SaelabError(
+                        f"{f} line {i + 1}: expected a JSON object with a \"text\" field"
+                    ) from None
+        texts += [t for key, t in docs if _in_split(key, split)]
+    return texts
+
+
+def _hf_texts(name: str, split: str) -> list[str]:
+    """A Hugging Face dataset: its `test`/`validation` split is held out when it has one."""
+    import datasets
+
+    path, _, config = name.partition(":")
+    try:
+        ds = datasets.load_dataset(path, config or None)
+    except Exception as e:  # offline, unknown name, gated: all end the same way for the user
+        raise SaelabError(
+            f"could not load Hugging Face dataset {path!r} ({type(e).__name__}); with no network, "
+            "pass a local .txt/.jsonl file or directory, or builtin:stdlib"
+        ) from None
+    held = next((s for s in ("test", "validation") if s in ds), None)
+    if held is not None:
+        rows = ds[held] if split == "heldout" else ds["train"]
+        return [r["text"] for r in rows]
+    return [r["text"] for i, r in enumerate(ds["train"]) if _in_split(f"{path}:{i}", split)]
+
+
+def load_texts(spec: str, split: str = "train") -> list[str]:
+    """Documents of a data spec (see module docstring) for one split."""
+    if spec == BUILTIN_STDLIB:
+        return stdlib_texts(split)
+    if spec.startswith("hf:"):
+        return _hf_texts(spec[3:], split)
+    path = Path(spec)
+    if path.exists():
+        return _local_texts(path, split)
+    raise SaelabError(
+        f"unknown data spec {spec!r}; use {BUILTIN_STDLIB}, a local .txt/.jsonl file or directory, "
+        "or hf:DATASET_NAME"
+    )
+
+
+@dataclass(frozen=True)
+class TokenData:
+    """Packed token rows from a data spec, shuffled by document each epoch.
+
+    Fields:
+        spec: data spec (module docstring).
+        split: "train" or "heldout".
+        context_length: tokens per row, BOS included.
+        seed: document order of epoch e is a permutation seeded by (seed, e).
+    """
+
+    spec: str = BUILTIN_STDLIB
+    split: str = "train"
+    context_length: int = 128
+    seed: int = 0
+
+    def rows(self, tokenizer, epochs: int | None = None) -> Iterator[torch.Tensor]:
+        """Yield LongTensor rows of `context_length` tokens; `epochs=None` cycles forever."""
+        texts = load_texts(self.spec, self.split)
+        if not texts:
+            raise SaelabError(f"data {self.spec!r} has no documents in split {self.split!r}")
+        bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+        body = self.context_length - (bos is not None)
+        if body < 1:
+            raise SaelabError(f"context_length must be at least 2, got {self.context_length}")
+        epoch = 0
+        while epochs is None or epoch < epochs:
+            order = list(range(len(texts)))
+            random.Random(f"{self.seed}:{epoch}").shuffle(order)
+            stream: list[int] = []
+            for i in order:  # tokenised lazily, so the first batch comes at once
+                stream += tokenizer(texts[i], add_special_tokens=False)["input_ids"]
+                if eos is not None:
+                    stream.append(eos)
+                start = 0
+                while len(stream) - start >= body:
+                    row = stream[start : start + body]
+                    start += body
+                    yield torch.tensor(([bos] if bos is not None else []) + row)
+                del stream[:start]
+            epoch += 1
+
+    def batches(self, tokenizer, batch_size: int, epochs: int | None = None):
+        """Yield (batch_size, context_length) token batches (the last may be smaller)."""
+        buf = []
+        for row in self.rows(tokenizer, epochs):
+            buf.append(row)
+            if len(buf) == batch_size:
+                yield torch.stack(buf)
+                buf = []
+        if buf:
+            yield torch.stack(buf)

@@ -1,0 +1,185 @@
+"""Hooked models: one adapter over transformer-lens 4.x (TransformerBridge) and 3.x (HookedTransformer).
+
+Everything else in saelab speaks classic hook names (`blocks.3.hook_resid_post`,
+`blocks.2.attn.hook_z`, `blocks.1.mlp.hook_post`) and calls `HookedModel.activations`; which
+transformer-lens line is installed only matters here. Both lines load with HookedTransformer's
+weight processing (folded LayerNorm, centred writing weights), so activations agree across them.
+
+Model specs: `zoo:NAME` (shipped with saelab), a local Hugging Face directory, or a hub name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from importlib.metadata import version
+from pathlib import Path
+
+import torch
+
+from saelab.errors import SaelabError
+
+TL_VERSION = version("transformer-lens")
+TL_MAJOR = int(TL_VERSION.split(".")[0])
+
+
+def resolve_spec(spec: str) -> str:
+    """The path or hub name transformers should load for a model spec."""
+    if spec.startswith("zoo:"):
+        from saelab.zoo import model_dir
+
+        return str(model_dir(spec))
+    return spec
+
+
+def _load_hf(spec: str, device: str, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # saelab shows its own progress; a load bar is noise
+    name = resolve_spec(spec)
+    local = Path(name).is_dir()
+    if not local and (name.startswith((".", "/", "~")) or Path(name).exists()):
+        raise SaelabError(f"model path {name} is not a Hugging Face model directory")
+    try:
+        hf = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, attn_implementation="eager")
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    except OSError as e:
+        if local:
+            raise SaelabError(f"could not load model directory {name}: {e}") from None
+        raise SaelabError(
+            f"could not load model {spec!r} from the Hugging Face hub (offline or unknown name); "
+            "download it elsewhere and pass its local directory, or use a zoo model such as "
+            "zoo:pystdlib-4l"
+        ) from None
+    return name, hf.to(device).eval(), tokenizer
+
+
+def _load_tl4(name: str, hf, tokenizer, device: str):
+    from transformer_lens.model_bridge import TransformerBridge
+
+    bridge = TransformerBridge.boot_transformers(name, hf_model=hf, tokenizer=tokenizer, device=device)
+    bridge.enable_compatibility_mode(disable_warnings=True)
+    return bridge
+
+
+def _load_tl3(name: str, hf, tokenizer, device: str):
+    from transformer_lens import HookedTransformer
+    from transformer_lens import loading_from_pretrained as loading
+
+    cfg = loading.get_pretrained_model_config(name, device=device, fold_ln=True)
+    state = loading.get_pretrained_state_dict(name, cfg, hf_model=hf)
+    model = HookedTransformer(cfg, tokenizer=tokenizer)
+    model.load_and_process_state_dict(state, fold_ln=True, center_writing_weights=True,
+                                      center_unembed=True)
+    return model.to(device).eval()
+
+
+class _StopForward(Exception):
+    """Raised from the last needed hook to skip the rest of the forward pass."""
+
+
+@dataclass
+class HookedModel:
+    """A loaded transformer with classic hook names, whichever transformer-lens runs it.
+
+    Fields:
+        spec: the model spec it was loaded from (recorded in caches and dictionaries).
+        model: the transformer-lens model (TransformerBridge or HookedTransformer).
+        tokenizer: its Hugging Face tokenizer.
+    """
+
+    spec: str
+    model: torch.nn.Module
+    tokenizer: object
+
+    @property
+    def backend(self) -> str:
+        kind = "TransformerBridge" if TL_MAJOR >= 4 else "HookedTransformer"
+        return f"transformer-lens {TL_VERSION} ({kind})"
+
+    @property
+    def n_layers(self) -> int:
+        return self.model.cfg.n_layers
+
+    @property
+    def context_length(self) -> int:
+        return self.model.cfg.n_ctx
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @cached_property
+    def hook_names(self) -> list[str]:
+        return list(self.model.hook_dict)
+
+    def check_hooks(self, hooks: list[str]) -> None:
+        for h in hooks:
+            if h not in self.model.hook_dict:
+                raise SaelabError(
+                    f"unknown hook {h!r} for model {self.spec}; valid names look like "
+                    f"blocks.0.hook_resid_post (blocks 0..{self.n_layers - 1}); "
+                    f"`saelab info {self.spec}` lists them all"
+                )
+        if any(h.endswith("attn.hook_result") for h in hooks):
+            self.model.set_use_attn_result(True)
+
+    def hook_dims(self, hooks: list[str]) -> dict[str, int]:
+        """Width of each hook's activation (trailing dims flattened), from a one-token probe."""
+        acts = self.activations(torch.tensor([[0, 0]], device=self.device), hooks)
+        return {h: a.shape[-1] for h, a in acts.items()}
+
+    def activations(
+        self, tokens: torch.Tensor, hooks: list[str], with_grads: bool = False
+    ) -> dict[str, torch.Tensor]:
+        """Activations (B, T, d) at `hooks` for one batch, per-head dims flattened into d.
+
+        With `with_grads`, also returns `"{hook}:grad"`: the gradient of the summed next-token
+        loss with respect to each activation (what gradient-TopK needs).
+        """
+        self.check_hooks(hooks)
+        acts: dict[str, torch.Tensor] = {}
+
+        def capture(name: str):
+            def fn(x: torch.Tensor, hook) -> torch.Tensor:
+                if with_grads:
+                    x.retain_grad()
+                    acts[name] = x
+                    return x
+                acts[name] = x.detach()
+                if len(acts) == len(hooks):
+                    raise _StopForward
+                return x
+
+            return fn
+
+        fwd = [(h, capture(h)) for h in hooks]
+        if with_grads:
+            # weights are frozen, so make the embedding a leaf that needs grad: the graph then
+            # reaches every later activation without computing any weight gradient
+            fwd.insert(0, ("hook_embed", lambda x, hook: x.detach().requires_grad_(True)))
+            with torch.enable_grad():
+                logits = self.model.run_with_hooks(tokens, fwd_hooks=fwd, return_type="logits")
+                loss = torch.nn.functional.cross_entropy(
+                    logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten(), reduction="sum"
+                )
+                loss.backward()
+            out = {h: a.detach().flatten(2) for h, a in acts.items()}
+            out.update({f"{h}:grad": a.grad.flatten(2) for h, a in acts.items()})
+            return out
+        with torch.no_grad():
+            try:
+                self.model.run_with_hooks(tokens, fwd_hooks=fwd, return_type=None)
+            except _StopForward:
+                pass
+        return {h: a.flatten(2) for h, a in acts.items()}
+
+
+def load_model(spec: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> HookedModel:
+    """Load a model spec (`zoo:NAME`, a local HF directory, or a hub name) with hooks."""
+    name, hf, tokenizer = _load_hf(spec, device, dtype)
+    loader = _load_tl4 if TL_MAJOR >= 4 else _load_tl3
+    model = loader(name, hf, tokenizer, device)
+    model.requires_grad_(False)
+    return HookedModel(spec, model, tokenizer)

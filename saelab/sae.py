@@ -1,0 +1,151 @@
+"""The sparse autoencoder, its config, and its on-disk form.
+
+    pre   = W_enc (x - b_dec) + b_enc          dense (B, n), used only to choose the active set
+    idx   = allocate(pre)                      (B, k) latent indices per token
+    vals  = relu(pre[idx])                     recomputed sparsely so the backward is O(B k d)
+    x_hat = sum_j vals_j W_dec[idx_j] + b_dec  saelab.kernels.sparse_decode
+
+Weights are stored row-per-latent: W_enc and W_dec are both (n, d). A dictionary directory holds
+`sae.safetensors` (weights, no pickle) and `cfg.json` (this config).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from saelab import allocators
+from saelab.errors import SaelabError
+from saelab.io import write_json, write_safetensors
+from saelab.kernels import sparse_decode, sparse_encode
+
+WEIGHTS_FILE = "sae.safetensors"
+CONFIG_FILE = "cfg.json"
+
+
+@dataclass(frozen=True)
+class SAEConfig:
+    """What a dictionary is: enough to rebuild it and to know where it reads activations.
+
+    Fields:
+        d_in: width of the hooked activation.
+        n_latents: dictionary size n.
+        k: active latents per token (the budget k*B for batch-level allocators).
+        allocator: how the active set is chosen (`saelab.allocators`).
+        hook: hook name the SAE was trained on, e.g. `blocks.2.hook_resid_post`.
+        model: model spec the activations came from (`zoo:NAME`, a path, or a hub name).
+        saelab_version: version that wrote the dictionary.
+    """
+
+    d_in: int
+    n_latents: int
+    k: int
+    allocator: str = "topk"
+    hook: str | None = None
+    model: str | None = None
+    saelab_version: str = ""
+
+    def __post_init__(self) -> None:
+        if min(self.d_in, self.n_latents, self.k) < 1:
+            raise SaelabError(f"d_in, n_latents and k must be positive, got {self}")
+        if self.k > self.n_latents:
+            raise SaelabError(
+                f"k={self.k} is larger than the dictionary (n_latents={self.n_latents}); "
+                "choose k <= n_latents"
+            )
+        allocators.get(self.allocator)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SAEConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+class SAE(torch.nn.Module):
+    """A TopK-family sparse autoencoder; `encode` returns (indices, values), not a dense code."""
+
+    def __init__(self, cfg: SAEConfig, device: str | torch.device = "cpu"):
+        super().__init__()
+        self.cfg = cfg
+        n, d = cfg.n_latents, cfg.d_in
+        self.W_enc = torch.nn.Parameter(torch.empty(n, d, device=device))
+        self.b_enc = torch.nn.Parameter(torch.zeros(n, device=device))
+        self.W_dec = torch.nn.Parameter(torch.empty(n, d, device=device))
+        self.b_dec = torch.nn.Parameter(torch.zeros(d, device=device))
+        self._allocate = allocators.get(cfg.allocator)
+
+    def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
+        """Dense (B, n) pre-activations, without grad: they only pick the active set."""
+        with torch.no_grad():
+            return torch.addmm(self.b_enc, x - self.b_dec, self.W_enc.T)
+
+    def select(self, pre: torch.Tensor) -> torch.Tensor:
+        """Indices (B, k) of the active latents chosen by the allocator."""
+        return self._allocate(pre, self.cfg.k)
+
+    def encode_values(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """relu(pre) at `idx`, differentiable with a sparse backward (k rows per token)."""
+        return torch.relu(sparse_encode(x - self.b_dec, self.W_enc, self.b_enc, idx))
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(idx, vals), each (B, k); slots a token does not use have vals == 0."""
+        if x.shape[-1] != self.cfg.d_in:
+            raise SaelabError(
+                f"input width {x.shape[-1]} does not match the SAE's d_in={self.cfg.d_in}"
+            )
+        x = x.to(self.W_enc.dtype)
+        pre = self.pre_acts(x)
+        idx = self.select(pre)
+        if torch.is_grad_enabled():
+            return idx, self.encode_values(x, idx)
+        return idx, torch.relu(pre.gather(1, idx))
+
+    def decode(self, idx: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:
+        return sparse_decode(idx, vals, self.W_dec, self.b_dec)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x_hat = self.decode(*self.encode(x.reshape(-1, shape[-1])))
+        return x_hat.reshape(shape)
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
+    def save(self, path: str | Path) -> Path:
+        """Write the dictionary directory; each file is replaced atomically."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        write_safetensors(path / WEIGHTS_FILE, dict(self.state_dict()))
+        write_json(path / CONFIG_FILE, dataclasses.asdict(self.cfg))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> SAE:
+        path = Path(path)
+        cfg_path, w_path = path / CONFIG_FILE, path / WEIGHTS_FILE
+        if not cfg_path.exists() or not w_path.exists():
+            raise SaelabError(
+                f"no saelab dictionary at {path} (expected {CONFIG_FILE} and {WEIGHTS_FILE})"
+            )
+        try:
+            cfg = SAEConfig.from_dict(json.loads(cfg_path.read_text()))
+        except (json.JSONDecodeError, TypeError) as e:
+            raise SaelabError(f"{cfg_path} is not a valid dictionary config ({e})") from None
+        try:
+            state = load_file(str(w_path), device=str(device))
+        except (SafetensorError, OSError) as e:
+            raise SaelabError(f"{w_path} is truncated or corrupt ({e})") from None
+        sae = cls(cfg, device=device)
+        expected = {k: tuple(v.shape) for k, v in sae.state_dict().items()}
+        found = {k: tuple(v.shape) for k, v in state.items()}
+        if expected != found:
+            raise SaelabError(f"{w_path} holds {found}, but {cfg_path} implies {expected}")
+        sae.load_state_dict(state)
+        return sae

@@ -1,0 +1,66 @@
+"""The model zoo: small transformers saelab trains itself and ships, so it runs with no hub.
+
+Each zoo model is a Hugging Face directory (config.json, model.safetensors, tokenizer.json) under
+`saelab/zoo/models/NAME`, plus `zoo_card.json` recording how it was built and how well it
+predicts held-out text. `zoo:NAME` anywhere a model spec is accepted resolves here.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from saelab.errors import SaelabError
+
+MODELS_DIR = Path(__file__).parent / "models"
+DEFAULT_MODEL = "zoo:pystdlib-4l"
+
+
+@dataclass(frozen=True)
+class ZooRecipe:
+    """How to build one zoo model (GPT-2 architecture, ReLU MLPs, byte-level tokenizer).
+
+    Fields:
+        name: the NAME in `zoo:NAME`.
+        n_layer, d_model, n_head, d_mlp, context_length: architecture.
+        tokens: training tokens (one pass over `batch_size`-row batches).
+        batch_size: rows per step.
+        lr: peak AdamW learning rate (linear warmup for 5% of steps, cosine decay to 10%).
+        seed: seeds initialisation and data order; the build is reproducible on one interpreter.
+    """
+
+    name: str
+    n_layer: int = 4
+    d_model: int = 128
+    n_head: int = 4
+    d_mlp: int = 512
+    context_length: int = 128
+    tokens: int = 4_000_000
+    batch_size: int = 32
+    lr: float = 2e-3
+    seed: int = 0
+
+
+RECIPES = {r.name: r for r in [ZooRecipe("pystdlib-4l")]}
+
+
+def model_dir(name: str) -> Path:
+    """Directory of a shipped zoo model (`name` with or without the `zoo:` prefix)."""
+    name = name.removeprefix("zoo:")
+    path = MODELS_DIR / name
+    if not (path / "config.json").exists():
+        shipped = ", ".join(f"zoo:{n}" for n in shipped_models()) or "none"
+        hint = f"; build it with `saelab zoo build {name}`" if name in RECIPES else ""
+        raise SaelabError(f"zoo model {name!r} is not installed (shipped: {shipped}){hint}")
+    return path
+
+
+def shipped_models() -> list[str]:
+    return sorted(p.name for p in MODELS_DIR.glob("*") if (p / "config.json").exists())
+
+
+def card(name: str) -> dict:
+    """The zoo card of a shipped model: recipe, data, held-out loss vs a unigram baseline."""
+    path = model_dir(name) / "zoo_card.json"
+    return json.loads(path.read_text()) if path.exists() else {}

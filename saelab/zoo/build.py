@@ -1,0 +1,153 @@
+"""Train a zoo model from its recipe and write it as a Hugging Face directory.
+
+Run with `saelab zoo build NAME`. The text is the running interpreter's standard library source
+(`builtin:stdlib`, train split), so the build needs no network; the card records the Python
+version because a different stdlib gives a (slightly) different model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from saelab.data import BUILTIN_STDLIB, TokenData
+from saelab.io import write_json
+from saelab.zoo import MODELS_DIR, ZooRecipe
+
+EOT = "<|endoftext|>"
+EOT_ID = 256
+
+
+def _byte_to_unicode() -> dict[int, str]:
+    """The reversible byte -> printable-character map of byte-level BPE (GPT-2's convention)."""
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def byte_tokenizer(directory: Path):
+    """Write and return a byte-level tokenizer: token id == byte value, 256 == <|endoftext|>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {ch: b for b, ch in _byte_to_unicode().items()}
+    vocab[EOT] = EOT_ID
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([EOT])
+    tok.save(str(directory / "tokenizer.json"))
+    fast = PreTrainedTokenizerFast(
+        tokenizer_file=str(directory / "tokenizer.json"),
+        bos_token=EOT, eos_token=EOT, pad_token=EOT,
+    )
+    fast.save_pretrained(str(directory))
+    return fast
+
+
+def _lr_at(step: int, steps: int, peak: float) -> float:
+    warm = max(1, steps // 20)
+    if step < warm:
+        return peak * (step + 1) / warm
+    t = (step - warm) / max(1, steps - warm)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+@torch.no_grad()
+def _heldout_losses(model, rows: torch.Tensor, unigram_logp: torch.Tensor) -> tuple[float, float]:
+    """Mean next-token loss (nats) of the model and of the unigram baseline on held-out rows."""
+    model.eval()
+    total, uni, count = 0.0, 0.0, 0
+    for chunk in rows.split(32):
+        logits = model(chunk).logits[:, :-1].float()
+        target = chunk[:, 1:]
+        total += torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum"
+        ).item()
+        uni += -unigram_logp[target].sum().item()
+        count += target.numel()
+    model.train()
+    return total / count, uni / count
+
+
+def build(recipe: ZooRecipe, out_dir: Path | None = None, heldout_rows: int = 512) -> Path:
+    """Train `recipe` and write its directory (atomically: built in a temp dir, then renamed)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    out_dir = Path(out_dir) if out_dir is not None else MODELS_DIR / recipe.name
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        torch.manual_seed(recipe.seed)
+        torch.set_flush_denormal(True)  # denormal weights/grads slow CPU training several-fold
+        tokenizer = byte_tokenizer(tmp)
+        config = GPT2Config(
+            vocab_size=EOT_ID + 1, n_positions=recipe.context_length, n_embd=recipe.d_model,
+            n_layer=recipe.n_layer, n_head=recipe.n_head, n_inner=recipe.d_mlp,
+            n_ctx=recipe.context_length,  # transformer-lens 3.x reads n_ctx, not n_positions
+            activation_function="relu", bos_token_id=EOT_ID, eos_token_id=EOT_ID,
+            pad_token_id=EOT_ID, tie_word_embeddings=True,
+        )
+        model = GPT2LMHeadModel(config)
+        opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.1, betas=(0.9, 0.95))
+        train = TokenData(BUILTIN_STDLIB, "train", recipe.context_length, recipe.seed)
+        steps = recipe.tokens // (recipe.batch_size * recipe.context_length)
+        counts = torch.ones(EOT_ID + 1, dtype=torch.float64)  # add-one smoothed unigram
+        start = time.perf_counter()
+        bar = tqdm(total=steps * recipe.batch_size * recipe.context_length, unit="tok",
+                   unit_scale=True, desc=f"zoo {recipe.name}")
+        batches = train.batches(tokenizer, recipe.batch_size)
+        for step in range(steps):
+            batch = next(batches)
+            counts += torch.bincount(batch[:, 1:].flatten(), minlength=EOT_ID + 1)
+            for group in opt.param_groups:
+                group["lr"] = _lr_at(step, steps, recipe.lr)
+            loss = model(batch, labels=batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            bar.update(batch.numel())
+            if step % 20 == 0:
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.close()
+        seconds = time.perf_counter() - start
+        held = TokenData(BUILTIN_STDLIB, "heldout", recipe.context_length, recipe.seed)
+        pairs = zip(held.rows(tokenizer, epochs=1), range(heldout_rows), strict=False)
+        rows = torch.stack([r for r, _ in pairs])
+        model_loss, unigram_loss = _heldout_losses(model, rows, (counts / counts.sum()).log())
+        model.save_pretrained(str(tmp))
+        write_json(tmp / "zoo_card.json", {
+            "name": recipe.name,
+            "recipe": dataclasses.asdict(recipe),
+            "data": f"{BUILTIN_STDLIB} (train split), Python {platform.python_version()}",
+            "heldout_tokens": int(rows[:, 1:].numel()),
+            "heldout_loss_nats": round(model_loss, 4),
+            "unigram_loss_nats": round(unigram_loss, 4),
+            "train_seconds": round(seconds, 1),
+            "torch": torch.__version__,
+        })
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.chmod(0o755)  # mkdtemp and some writers use owner-only modes; this ships as data
+        for f in tmp.iterdir():
+            f.chmod(0o644)
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir

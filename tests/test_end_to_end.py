@@ -1,0 +1,107 @@
+"""Train from a cache and on the fly, reload in a 'notebook', and the CLI's error contract."""
+
+import json
+import sys
+
+import pytest
+import torch
+from saelab.evals import reconstruction_stats
+from saelab.training import TrainConfig, train
+
+import saelab
+from saelab.cache import heldout_activations
+from saelab.cli import main
+from saelab.data import TokenData
+
+SMALL = dict(n_latents=256, k=8, tokens=30_000, batch_size=1024, eval_tokens=4096, warmup_steps=5)
+
+
+def run_cli(args, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["saelab", *args])
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr()
+
+
+@pytest.fixture(scope="module")
+def trained(small_cache, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "sae"
+    return train(TrainConfig(cache=str(small_cache), hook="blocks.1.hook_resid_post",
+                             out=str(out), **SMALL))
+
+
+def test_training_from_cache_learns(trained):
+    s = trained.summary
+    assert s["heldout_fvu"] < 0.5, s  # an untrained (init) SAE sits near or above 1
+    assert s["heldout_l0"] == pytest.approx(8, abs=0.5)
+    log = json.loads((trained.out / "metrics.json").read_text())["log"]
+    assert log[-1]["fvu"] < log[0]["fvu"]
+
+
+def test_notebook_reload_reproduces_summary_fvu(trained, zoo_model):
+    sae = saelab.load(str(trained.out))
+    assert sae.cfg.hook == "blocks.1.hook_resid_post" and sae.cfg.model == "zoo:pystdlib-4l"
+    x = heldout_activations(zoo_model, TokenData(split="heldout", context_length=64),
+                            sae.cfg.hook, 4096)
+    with torch.no_grad():
+        idx, vals = sae.encode(x)
+        x_hat = sae.decode(idx, vals)
+        torch.testing.assert_close(sae(x), x_hat)
+    fvu = ((x - x_hat).double().pow(2).sum() / (x.double() - x.double().mean(0)).pow(2).sum()).item()
+    assert fvu == pytest.approx(trained.summary["heldout_fvu"], rel=1e-4)
+    assert reconstruction_stats(sae, x)["fvu"] == pytest.approx(fvu, rel=1e-9)
+
+
+def test_on_the_fly_training_via_cli(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "fly"
+    args = ["train", "--out", str(out), "--n-latents", "256", "--k", "8", "--tokens", "20000",
+            "--batch-size", "1024", "--eval-tokens", "2048", "--context-length", "64"]
+    code, cap = run_cli(args, monkeypatch, capsys)
+    assert code == 0, cap.err
+    assert "held-out FVU" in cap.out and "tok/s" in cap.out
+    cfg = json.loads((out / "cfg.json").read_text())
+    assert cfg["hook"] == "blocks.2.hook_resid_post" and cfg["n_latents"] == 256
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--hook", "blocks.9.hook_resid_post"], "unknown hook 'blocks.9.hook_resid_post'"),
+    (["train", "--n-latents", "16", "--k", "32"], "k=32 is larger than the dictionary"),
+    (["train", "--cache", "{tmp}/nocache"], "no activation cache at"),
+    (["train", "--cache", "{cache}", "--hook", "blocks.3.hook_resid_post"], "holds hooks"),
+    (["train", "--cache", "{cache}", "--model", "zoo:other"], "was built from model zoo:pystdlib-4l"),
+    (["cache", "{tmp}/c", "--hook", "nope"], "unknown hook 'nope'"),
+    (["info", "zoo:nope"], "zoo model 'nope' is not installed"),
+])
+def test_bad_input_is_one_line_exit_2(args, message, tmp_path, small_cache, monkeypatch, capsys):
+    args = [a.format(tmp=tmp_path, cache=small_cache) for a in args]
+    out = tmp_path / "out"
+    if args[0] == "train":
+        args += ["--out", str(out)]
+    code, cap = run_cli(args, monkeypatch, capsys)
+    assert code == 2
+    assert message in cap.err
+    assert cap.err.count("\n") == 1 and "Traceback" not in cap.err
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_unwritable_or_occupied_output_leaves_files_untouched(tmp_path, monkeypatch, capsys):
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "cfg.json").write_text("{\"mine\": true}")
+    code, cap = run_cli(["train", "--out", str(occupied)], monkeypatch, capsys)
+    assert code == 2 and "not empty" in cap.err
+    assert (occupied / "cfg.json").read_text() == "{\"mine\": true}"
+
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code, cap = run_cli(["train", "--out", str(blocker / "sub")], monkeypatch, capsys)
+    assert code == 2 and "saelab: error:" in cap.err
+    assert blocker.read_text() == "x"
+
+
+def test_usage_error_exits_2(monkeypatch, capsys):
+    code, cap = run_cli(["train", "--k", "many"], monkeypatch, capsys)
+    assert code == 2 and "Invalid value for '--k'" in cap.err and "Traceback" not in cap.err

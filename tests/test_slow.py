@@ -1,0 +1,31 @@
+"""Long runs (pytest -m slow): the README's default training job and zoo reproducibility."""
+
+import dataclasses
+
+import pytest
+from saelab.training import TrainConfig, train
+from safetensors.torch import load_file
+
+from saelab.zoo import RECIPES
+from saelab.zoo.build import build
+
+pytestmark = pytest.mark.slow
+
+
+def test_default_training_run(tmp_path):
+    """`saelab train` with no flags: the shipped zoo model, offline, a good dictionary."""
+    result = train(TrainConfig(out=str(tmp_path / "sae")))
+    s = result.summary
+    assert s["model"] == "zoo:pystdlib-4l" and s["hook"] == "blocks.2.hook_resid_post"
+    assert s["heldout_fvu"] < 0.25, s
+    assert s["heldout_l0"] == pytest.approx(32, abs=0.5)
+    assert s["heldout_dead_frac"] < 0.05, s
+
+
+def test_zoo_build_is_reproducible(tmp_path):
+    recipe = dataclasses.replace(RECIPES["pystdlib-4l"], tokens=20_000)
+    a = load_file(str(build(recipe, tmp_path / "a") / "model.safetensors"))
+    b = load_file(str(build(recipe, tmp_path / "b") / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name].equal(b[name]), name

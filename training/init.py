@@ -1,0 +1,31 @@
+"""SAE initialisation (Gao et al. 2024): unit-norm decoder rows, W_enc = W_dec, b_dec = geometric median."""
+
+from __future__ import annotations
+
+import torch
+
+
+@torch.no_grad()
+def geometric_median(x: torch.Tensor, iters: int = 100, tol: float = 1e-6) -> torch.Tensor:
+    """The point minimising the summed Euclidean distance to the rows of x (Weiszfeld)."""
+    x = x.double()
+    m = x.mean(0)
+    for _ in range(iters):
+        w = 1.0 / (x - m).norm(dim=1).clamp_min(1e-12)
+        new = (w[:, None] * x).sum(0) / w.sum()
+        if (new - m).norm() <= tol * m.norm().clamp_min(1e-12):
+            m = new
+            break
+        m = new
+    return m
+
+
+@torch.no_grad()
+def init_sae(sae, sample: torch.Tensor, seed: int) -> None:
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    w = torch.randn(sae.W_dec.shape, generator=g)
+    w /= w.norm(dim=1, keepdim=True)
+    sae.W_dec.copy_(w)
+    sae.W_enc.copy_(w)
+    sae.b_enc.zero_()
+    sae.b_dec.copy_(geometric_median(sample).to(sae.b_dec.dtype))

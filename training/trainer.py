@@ -1,0 +1,153 @@
+"""The training loop: activations in, a dictionary directory and a metrics log out."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from saelab.evals.reconstruction import reconstruction_stats
+from saelab.training.config import TrainConfig
+from saelab.training.init import init_sae
+from saelab.training.losses import auxk_loss, fvu
+from tqdm import tqdm
+
+from saelab import __version__
+from saelab.cache import CacheStream, Manifest, ModelStream, heldout_activations
+from saelab.data import TokenData
+from saelab.errors import SaelabError
+from saelab.io import check_output_dir, write_json
+from saelab.models import HookedModel, load_model
+from saelab.sae import SAE, SAEConfig
+from saelab.zoo import DEFAULT_MODEL
+
+METRICS_FILE = "metrics.json"
+
+
+@dataclass
+class TrainResult:
+    """What a run produced: the SAE, where it lives, and its summary numbers."""
+
+    sae: SAE
+    out: Path
+    summary: dict
+
+
+def _lr_factor(step: int, steps: int, cfg: TrainConfig) -> float:
+    warm = min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+    decay_start = int(steps * (1 - cfg.decay_fraction))
+    if step < decay_start or cfg.decay_fraction == 0:
+        return warm
+    return warm * max(0.0, (steps - step) / max(1, steps - decay_start))
+
+
+@torch.no_grad()
+def _remove_parallel_grad(sae: SAE) -> None:
+    """Drop the gradient component along each (unit-norm) decoder row: it only changes norms."""
+    w, g = sae.W_dec, sae.W_dec.grad
+    g -= (g * w).sum(1, keepdim=True) * w
+
+
+def _default_hook(model: HookedModel) -> str:
+    return f"blocks.{model.n_layers // 2}.hook_resid_post"
+
+
+def _sources(cfg: TrainConfig) -> tuple[Iterator[torch.Tensor], torch.Tensor, str, str, int]:
+    """(training batches, held-out activations, model spec, hook, d_in) for this config."""
+    if cfg.cache is not None:
+        manifest = Manifest.read(Path(cfg.cache))
+        model_spec = manifest.model
+        if cfg.model is not None and cfg.model != model_spec:
+            raise SaelabError(
+                f"cache {cfg.cache} was built from model {model_spec}, not {cfg.model}; "
+                "drop --model or pass the matching cache"
+            )
+        hook = cfg.hook or next(iter(manifest.hooks))
+        manifest.check_hook(hook, Path(cfg.cache))
+        stream = CacheStream(cfg.cache, hook, cfg.batch_size, seed=cfg.seed)
+        data = TokenData(manifest.data["spec"], "heldout", manifest.data["context_length"], cfg.seed)
+        model = load_model(model_spec, cfg.device)
+    else:
+        model_spec = cfg.model or DEFAULT_MODEL
+        model = load_model(model_spec, cfg.device)
+        hook = cfg.hook or _default_hook(model)
+        ctx = cfg.context_length or min(model.context_length, 128)
+        data = TokenData(cfg.data, "train", ctx, cfg.seed)
+        stream = ModelStream(model, data, hook, cfg.batch_size, cfg.buffer_tokens, seed=cfg.seed)
+        data = dataclasses.replace(data, split="heldout")
+    model.check_hooks([hook])
+    heldout = heldout_activations(model, data, hook, cfg.eval_tokens).to(cfg.device)
+    return iter(stream), heldout, model_spec, hook, heldout.shape[1]
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Train an SAE per `cfg`; writes `cfg.out/{sae.safetensors,cfg.json,metrics.json}`."""
+    out = check_output_dir(Path(cfg.out), cfg.overwrite)
+    torch.manual_seed(cfg.seed)
+    batches, heldout, model_spec, hook, d_in = _sources(cfg)
+    sae_cfg = SAEConfig(
+        d_in=d_in, n_latents=cfg.latents(d_in), k=cfg.k, allocator=cfg.allocator,
+        hook=hook, model=model_spec, saelab_version=__version__,
+    )
+    sae = SAE(sae_cfg, device=cfg.device)
+    first = next(batches).to(cfg.device)
+    init_sae(sae, first, cfg.seed)
+    lr = cfg.learning_rate(sae_cfg.n_latents)
+    opt = torch.optim.Adam(sae.parameters(), lr=lr, eps=cfg.adam_eps)
+    k_aux = cfg.k_aux or d_in // 2
+    steps = max(1, cfg.tokens // cfg.batch_size)
+    since_fired = torch.zeros(sae_cfg.n_latents, dtype=torch.long, device=cfg.device)
+    log: list[dict] = []
+    bar = tqdm(total=steps * cfg.batch_size, unit="tok", unit_scale=True, desc=f"train {hook}")
+    start = time.perf_counter()
+    seen = 0
+    x = first
+    for step in range(steps):
+        if step:
+            x = next(batches).to(cfg.device)
+        for group in opt.param_groups:
+            group["lr"] = lr * _lr_factor(step, steps, cfg)
+        pre = sae.pre_acts(x)
+        idx = sae.select(pre)
+        vals = sae.encode_values(x, idx)
+        x_hat = sae.decode(idx, vals)
+        main = fvu(x, x_hat)
+        dead = since_fired >= cfg.dead_tokens
+        aux = auxk_loss(sae, x, x_hat, pre, dead, k_aux)
+        loss = main + cfg.auxk_coef * aux
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        _remove_parallel_grad(sae)
+        opt.step()
+        sae.normalize_decoder()
+        with torch.no_grad():
+            since_fired += x.shape[0]
+            since_fired[idx[vals > 0]] = 0
+        seen += x.shape[0]
+        bar.update(x.shape[0])
+        if step % cfg.log_every == 0 or step == steps - 1:
+            rec = {
+                "step": step, "tokens": seen, "fvu": main.item(), "auxk": aux.item(),
+                "l0": (vals > 0).sum(1).float().mean().item(),
+                "dead_frac": dead.float().mean().item(), "lr": opt.param_groups[0]["lr"],
+                "tokens_per_s": seen / (time.perf_counter() - start),
+            }
+            log.append(rec)
+            bar.set_postfix(fvu=f"{rec['fvu']:.3f}", l0=f"{rec['l0']:.1f}", dead=f"{rec['dead_frac']:.1%}")
+    bar.close()
+    seconds = time.perf_counter() - start
+    sae.save(out)
+    stats = reconstruction_stats(sae, heldout)
+    summary = {
+        "dictionary": str(out), "model": model_spec, "hook": hook, "d_in": d_in,
+        "n_latents": sae_cfg.n_latents, "k": sae_cfg.k, "allocator": sae_cfg.allocator,
+        "train_tokens": seen, "train_seconds": round(seconds, 2),
+        "tokens_per_s": round(seen / seconds, 1), "lr": lr,
+        **{f"heldout_{k}": v for k, v in stats.items()},
+    }
+    write_json(out / METRICS_FILE, {"config": dataclasses.asdict(cfg), "summary": summary, "log": log})
+    return TrainResult(sae, out, summary)
+
