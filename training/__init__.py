@@ -1,6 +1,6 @@
 """SAE training: `train(TrainConfig(...))` runs the loop and writes a dictionary directory."""
 
 from saelab.training.config import TrainConfig
-from saelab.training.trainer import TrainResult, train
+from saelab.training.trainer import Trainer, TrainResult, train
 
-__all__ = ["TrainConfig", "TrainResult", "train"]
+__all__ = ["TrainConfig", "TrainResult", "Trainer", "train"]

@@ -83,6 +83,47 @@ def _sources(cfg: TrainConfig) -> tuple[Iterator[torch.Tensor], torch.Tensor, st
     return iter(stream), heldout, model_spec, hook, heldout.shape[1]
 
 
+class Trainer:
+    """One SAE, its optimiser and dead-latent counters; `step(x)` is one full training step.
+
+    Kept apart from the data plumbing so benchmarks (and resumable runs) drive the exact step
+    that training uses.
+    """
+
+    def __init__(self, sae: SAE, cfg: TrainConfig, steps: int):
+        self.sae, self.cfg, self.steps = sae, cfg, steps
+        self.lr = cfg.learning_rate(sae.cfg.n_latents)
+        self.opt = torch.optim.Adam(sae.parameters(), lr=self.lr, eps=cfg.adam_eps)
+        self.k_aux = cfg.k_aux or sae.cfg.d_in // 2
+        self.since_fired = torch.zeros(sae.cfg.n_latents, dtype=torch.long, device=sae.W_dec.device)
+        self.step_count = 0
+
+    def step(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Forward, backward, optimiser update, decoder renormalisation; returns loss tensors."""
+        sae, cfg = self.sae, self.cfg
+        for group in self.opt.param_groups:
+            group["lr"] = self.lr * _lr_factor(self.step_count, self.steps, cfg)
+        pre = sae.pre_acts(x)
+        idx = sae.select(pre)
+        vals = sae.encode_values(x, idx)
+        x_hat = sae.decode(idx, vals)
+        main = fvu(x, x_hat)
+        dead = self.since_fired >= cfg.dead_tokens
+        aux = auxk_loss(sae, x, x_hat, pre, dead, self.k_aux)
+        loss = main + cfg.auxk_coef * aux
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        _remove_parallel_grad(sae)
+        self.opt.step()
+        sae.normalize_decoder()
+        with torch.no_grad():
+            self.since_fired += x.shape[0]
+            self.since_fired[idx[vals > 0]] = 0
+        self.step_count += 1
+        return {"fvu": main.detach(), "auxk": aux.detach(), "l0": (vals > 0).sum(1).float().mean(),
+                "dead_frac": dead.float().mean()}
+
+
 def train(cfg: TrainConfig) -> TrainResult:
     """Train an SAE per `cfg`; writes `cfg.out/{sae.safetensors,cfg.json,metrics.json}`."""
     out = check_output_dir(Path(cfg.out), cfg.overwrite)
@@ -93,50 +134,27 @@ def train(cfg: TrainConfig) -> TrainResult:
         hook=hook, model=model_spec, saelab_version=__version__,
     )
     sae = SAE(sae_cfg, device=cfg.device)
-    first = next(batches).to(cfg.device)
-    init_sae(sae, first, cfg.seed)
-    lr = cfg.learning_rate(sae_cfg.n_latents)
-    opt = torch.optim.Adam(sae.parameters(), lr=lr, eps=cfg.adam_eps)
-    k_aux = cfg.k_aux or d_in // 2
+    x = next(batches).to(cfg.device)
+    init_sae(sae, x, cfg.seed)
     steps = max(1, cfg.tokens // cfg.batch_size)
-    since_fired = torch.zeros(sae_cfg.n_latents, dtype=torch.long, device=cfg.device)
+    trainer = Trainer(sae, cfg, steps)
     log: list[dict] = []
     bar = tqdm(total=steps * cfg.batch_size, unit="tok", unit_scale=True, desc=f"train {hook}")
     start = time.perf_counter()
     seen = 0
-    x = first
     for step in range(steps):
         if step:
             x = next(batches).to(cfg.device)
-        for group in opt.param_groups:
-            group["lr"] = lr * _lr_factor(step, steps, cfg)
-        pre = sae.pre_acts(x)
-        idx = sae.select(pre)
-        vals = sae.encode_values(x, idx)
-        x_hat = sae.decode(idx, vals)
-        main = fvu(x, x_hat)
-        dead = since_fired >= cfg.dead_tokens
-        aux = auxk_loss(sae, x, x_hat, pre, dead, k_aux)
-        loss = main + cfg.auxk_coef * aux
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        _remove_parallel_grad(sae)
-        opt.step()
-        sae.normalize_decoder()
-        with torch.no_grad():
-            since_fired += x.shape[0]
-            since_fired[idx[vals > 0]] = 0
+        losses = trainer.step(x)
         seen += x.shape[0]
         bar.update(x.shape[0])
         if step % cfg.log_every == 0 or step == steps - 1:
-            rec = {
-                "step": step, "tokens": seen, "fvu": main.item(), "auxk": aux.item(),
-                "l0": (vals > 0).sum(1).float().mean().item(),
-                "dead_frac": dead.float().mean().item(), "lr": opt.param_groups[0]["lr"],
-                "tokens_per_s": seen / (time.perf_counter() - start),
-            }
+            rec = {"step": step, "tokens": seen, **{k: v.item() for k, v in losses.items()},
+                   "lr": trainer.opt.param_groups[0]["lr"],
+                   "tokens_per_s": seen / (time.perf_counter() - start)}
             log.append(rec)
-            bar.set_postfix(fvu=f"{rec['fvu']:.3f}", l0=f"{rec['l0']:.1f}", dead=f"{rec['dead_frac']:.1%}")
+            bar.set_postfix(fvu=f"{rec['fvu']:.3f}", l0=f"{rec['l0']:.1f}",
+                            dead=f"{rec['dead_frac']:.1%}")
     bar.close()
     seconds = time.perf_counter() - start
     sae.save(out)
@@ -145,9 +163,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         "dictionary": str(out), "model": model_spec, "hook": hook, "d_in": d_in,
         "n_latents": sae_cfg.n_latents, "k": sae_cfg.k, "allocator": sae_cfg.allocator,
         "train_tokens": seen, "train_seconds": round(seconds, 2),
-        "tokens_per_s": round(seen / seconds, 1), "lr": lr,
+        "tokens_per_s": round(seen / seconds, 1), "lr": trainer.lr,
         **{f"heldout_{k}": v for k, v in stats.items()},
     }
     write_json(out / METRICS_FILE, {"config": dataclasses.asdict(cfg), "summary": summary, "log": log})
     return TrainResult(sae, out, summary)
-
