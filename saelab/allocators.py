@@ -1,29 +1,133 @@
-"""Sparsity allocators: which (token, latent) pairs of the B x n pre-activations are active.
+"""Sparsity allocators: which (token, latent) pairs of the B x n affinity matrix are active.
 
-An allocator maps pre-activations (B, n) to indices (B, k_max) of the selected latents per token;
-the SAE keeps relu(pre) at those indices. Only `topk` exists yet; the batch-level allocators
-(gradient_topk, feature_choice, mutual_choice) plug in here with the same signature.
+Every allocator chooses a 0/1 mask S over the pre-activations `pre` (B, n) under a budget;
+the SAE keeps relu(pre) on S. The result is a `Selection`: per-token indices padded to the
+largest count in the batch, a mask of the real slots, and (for the batch-level allocators) each
+latent's selection boundary, from which inference thresholds are estimated.
+
+- topk: each token keeps its k largest pre-activations (Gao et al. 2024).
+- gradient_topk (g-SAE): top-k of the score s = pre + beta * pre * |W_dec g|, where g is the
+  gradient of the LM loss w.r.t. the SAE input; the score is built by the SAE (it needs W_dec),
+  this module only ranks it. Without a gradient it is plain topk.
+- feature_choice (Ayonrinde 2024): latent j keeps its c_j largest tokens of the batch, with the
+  capacities summing to exactly k*B. Uniform capacities: floor(k*B/n), the remainder given one
+  each to the latents of highest demand. Zipf capacities: c_j proportional to rank_j^-alpha,
+  where rank 1 is the latent with the largest demand in this batch (demand = the column sum of
+  relu(pre)), capped at B with the excess spread over the others, rounded by largest remainder.
+- mutual_choice (Ayonrinde 2024, = BatchTopK): the k*B largest entries of the whole matrix.
+
+Batch-level allocators depend on the batch, so a single token cannot be encoded with them. For
+inference they become a per-latent threshold (JumpReLU form: active iff pre > theta_j). theta_j
+is latent j's selection boundary, the rule the batch itself applied (for feature_choice the
+smallest pre-activation latent j selected, for mutual_choice the (k*B)-th largest entry of the
+batch, the same for every latent), averaged by the trainer over 16 training batches after the
+last step, with the final weights.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from saelab.errors import SaelabError
 
-
-def topk(pre: torch.Tensor, k: int) -> torch.Tensor:
-    """Each token keeps its k largest pre-activations (Gao et al. 2024)."""
-    return pre.topk(k, dim=-1, sorted=False).indices
-
-
-ALLOCATORS = {"topk": topk}
+BATCH_ALLOCATORS = ("feature_choice", "mutual_choice")
+ALLOCATORS = ("topk", "gradient_topk", *BATCH_ALLOCATORS)
+CAPACITIES = ("uniform", "zipf")
 
 
-def get(name: str):
-    try:
-        return ALLOCATORS[name]
-    except KeyError:
-        raise SaelabError(
-            f"unknown allocator {name!r}; available: {', '.join(sorted(ALLOCATORS))}"
-        ) from None
+@dataclass
+class Selection:
+    """Active latents per token.
+
+    Fields:
+        idx: (B, k_max) latent indices.
+        mask: (B, k_max) bool, True on real slots; None when every slot is real.
+        boundary: (n,) per-latent selection boundary of this batch (batch allocators only).
+    """
+
+    idx: torch.Tensor
+    mask: torch.Tensor | None = None
+    boundary: torch.Tensor | None = None
+
+
+def check(name: str) -> None:
+    if name not in ALLOCATORS:
+        raise SaelabError(f"unknown allocator {name!r}; available: {', '.join(ALLOCATORS)}")
+
+
+def topk(score: torch.Tensor, k: int) -> Selection:
+    return Selection(score.topk(k, dim=-1, sorted=False).indices)
+
+
+def _from_mask(chosen: torch.Tensor) -> Selection:
+    """Pack a dense (B, n) 0/1 choice into per-token padded indices."""
+    counts = chosen.sum(1)
+    k_max = max(int(counts.max()), 1)
+    idx = chosen.to(torch.uint8).topk(k_max, dim=1, sorted=False).indices
+    return Selection(idx, chosen.gather(1, idx))
+
+
+def capacities(demand: torch.Tensor, budget: int, rows: int, kind: str = "uniform",
+               alpha: float = 0.5) -> torch.Tensor:
+    """Integer tokens-per-latent (n,) summing to `budget`, each at most `rows`.
+
+    Latents are ranked by `demand` (largest first): remainders and, for `zipf`, the larger
+    shares go to the latents that want the batch most.
+    """
+    if kind not in CAPACITIES:
+        raise SaelabError(f"unknown capacity curve {kind!r}; use one of {', '.join(CAPACITIES)}")
+    n = demand.shape[0]
+    order = demand.argsort(descending=True)
+    if kind == "uniform":
+        share = torch.full((n,), budget / n, dtype=torch.float64)
+    else:
+        share = torch.arange(1, n + 1, dtype=torch.float64).pow(-alpha)
+        share *= budget / share.sum()
+        capped = torch.zeros(n, dtype=torch.bool)
+        while (share > rows + 1e-9).any():  # water-filling: cap at B, spread the excess
+            capped |= share > rows
+            excess = (share[capped] - rows).sum()
+            share[capped] = rows
+            share[~capped] += excess * share[~capped] / share[~capped].sum()
+    base = share.floor()
+    rest = int(budget - base.sum().round())
+    frac_order = (share - base).argsort(descending=True, stable=True)
+    base[frac_order[:rest]] += 1
+    out = torch.empty(n, dtype=torch.long)
+    out[order] = base.long()  # rank r of the curve goes to the r-th most demanded latent
+    return out.to(demand.device)
+
+
+def feature_choice(pre: torch.Tensor, k: int, kind: str = "uniform", alpha: float = 0.5) -> Selection:
+    """Each latent takes its top-c_j tokens; sum(c_j) = k * B exactly."""
+    rows, n = pre.shape
+    cap = capacities(pre.relu().sum(0), k * rows, rows, kind, alpha)
+    c_max = int(cap.max())
+    top = pre.topk(c_max, dim=0, sorted=True)  # (c_max, n), rank-ordered per latent
+    take = torch.arange(c_max, device=pre.device)[:, None] < cap[None, :]
+    chosen = torch.zeros_like(pre, dtype=torch.bool)
+    chosen.scatter_(0, top.indices, take)
+    last = (cap - 1).clamp_min(0)
+    boundary = top.values.gather(0, last[None, :]).squeeze(0)
+    boundary = torch.where(cap > 0, boundary, torch.full_like(boundary, float("inf")))
+    sel = _from_mask(chosen)
+    sel.boundary = boundary
+    return sel
+
+
+def mutual_choice(pre: torch.Tensor, k: int) -> Selection:
+    """The k * B largest entries of the whole batch."""
+    rows, n = pre.shape
+    top = pre.flatten().topk(k * rows, sorted=False)
+    chosen = torch.zeros(rows * n, dtype=torch.bool, device=pre.device)
+    chosen[top.indices] = True
+    sel = _from_mask(chosen.view(rows, n))
+    sel.boundary = top.values.min().expand(n).clone()
+    return sel
+
+
+def threshold(pre: torch.Tensor, theta: torch.Tensor) -> Selection:
+    """Inference form of the batch allocators: latent j is active iff pre_j > theta_j."""
+    return _from_mask(pre > theta)

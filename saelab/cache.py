@@ -49,12 +49,16 @@ def positions_to_keep(tokens: torch.Tensor, tokenizer) -> torch.Tensor:
 
 
 def model_activations(
-    model: HookedModel, data: TokenData, hooks: list[str], batch_rows: int, epochs: int | None = None
+    model: HookedModel, data: TokenData, hooks: list[str], batch_rows: int,
+    epochs: int | None = None, with_grads: bool = False,
 ) -> Iterator[tuple[dict[str, torch.Tensor], int]]:
-    """Yield ({hook: (rows, d)}, tokens_in_batch) with BOS/pad positions dropped."""
+    """Yield ({hook: (rows, d)}, tokens_in_batch) with BOS/pad positions dropped.
+
+    With `with_grads`, also `{hook}:grad` (see `HookedModel.activations`).
+    """
     for tokens in data.batches(model.tokenizer, batch_rows, epochs):
         tokens = tokens.to(model.device)
-        acts = model.activations(tokens, hooks)
+        acts = model.activations(tokens, hooks, with_grads)
         keep = positions_to_keep(tokens, model.tokenizer)
         yield {h: a[keep] for h, a in acts.items()}, tokens.numel()
 
@@ -70,6 +74,7 @@ class Manifest:
     data: dict
     shards: list[dict]
     saelab_version: str
+    with_grads: bool = False
     format: str = FORMAT
 
     @classmethod
@@ -107,6 +112,11 @@ class Manifest:
         return self.hooks[hook]
 
 
+def grad_key(hook: str) -> str:
+    """Shard key of the loss gradient stored beside a hook's activations."""
+    return f"{hook}:grad"
+
+
 def build_cache(
     model: HookedModel,
     data: TokenData,
@@ -117,8 +127,13 @@ def build_cache(
     shard_rows: int = 65536,
     dtype: str = "float32",
     overwrite: bool = False,
+    with_grads: bool = False,
 ) -> Manifest:
-    """Run `model` over `data`, capturing every hook in one forward pass, into shards."""
+    """Run `model` over `data`, capturing every hook in one forward pass, into shards.
+
+    `with_grads` also stores, per hook, the gradient of the model's next-token loss w.r.t.
+    the activation (key `{hook}:grad`), which gradient-TopK training needs.
+    """
     if dtype not in DTYPES:
         raise SaelabError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
     model.check_hooks(hooks)
@@ -127,7 +142,8 @@ def build_cache(
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / MANIFEST).unlink(missing_ok=True)  # an incomplete rebuild must not look complete
     shards: list[dict] = []
-    pending: dict[str, list[torch.Tensor]] = {h: [] for h in hooks}
+    keys = hooks + [grad_key(h) for h in hooks] * with_grads
+    pending: dict[str, list[torch.Tensor]] = {key: [] for key in keys}
     pending_rows = rows = 0
 
     def flush(n: int) -> None:
@@ -143,7 +159,7 @@ def build_cache(
 
     bar = tqdm(total=tokens, unit="tok", unit_scale=True, desc="cache")
     start = time.perf_counter()
-    for acts, _ in model_activations(model, data, hooks, batch_rows):
+    for acts, _ in model_activations(model, data, hooks, batch_rows, with_grads=with_grads):
         n = min(next(iter(acts.values())).shape[0], tokens - rows)
         for h, a in acts.items():
             pending[h].append(a[:n].cpu())
@@ -161,16 +177,17 @@ def build_cache(
 
     manifest = Manifest(
         model=model.spec, hooks=dims, dtype=dtype, rows=rows, data=asdict(data),
-        shards=shards, saelab_version=__version__,
+        shards=shards, saelab_version=__version__, with_grads=with_grads,
     )
     write_json(out_dir / MANIFEST, {**asdict(manifest), "seconds": time.perf_counter() - start})
     return manifest
 
 
-def _read_shard(path: Path, hook: str) -> torch.Tensor:
+def _read_shard(path: Path, keys: list[str]) -> torch.Tensor:
+    """The tensors `keys` of one shard side by side: (rows, len(keys) * d), float32."""
     try:
         with safe_open(str(path), framework="pt") as f:
-            return f.get_tensor(hook).float()
+            return torch.cat([f.get_tensor(key).float() for key in keys], dim=1)
     except (SafetensorError, OSError) as e:
         raise SaelabError(f"cache shard {path} is truncated or corrupt ({e})") from None
 
@@ -179,7 +196,8 @@ class CacheStream:
     """Shuffled (B, d) batches of one hook from a cache, resumable (see module docstring).
 
     Each epoch serves every row of the chosen shards exactly once; the last batch of an
-    epoch may be short. Memory holds at most two groups of `buffer_shards` shards.
+    epoch may be short. Memory holds at most two groups of `buffer_shards` shards. With
+    `with_grads`, batches are (x, grad) pairs shuffled together.
     """
 
     def __init__(
@@ -190,10 +208,16 @@ class CacheStream:
         seed: int = 0,
         buffer_shards: int = 4,
         shards: list[int] | None = None,
+        with_grads: bool = False,
     ):
         self.directory = Path(directory)
         self.manifest = Manifest.read(self.directory)
         self.d = self.manifest.check_hook(hook, self.directory)
+        if with_grads and not self.manifest.with_grads:
+            raise SaelabError(
+                f"cache {self.directory} has no gradients; rebuild it with `saelab cache --with-grads`"
+            )
+        self.keys = [hook, grad_key(hook)] if with_grads else [hook]
         self.hook, self.batch_size, self.seed = hook, batch_size, seed
         self.buffer_shards = max(1, buffer_shards)
         all_shards = self.manifest.shards
@@ -215,11 +239,11 @@ class CacheStream:
         return [order[i : i + self.buffer_shards] for i in range(0, len(order), self.buffer_shards)]
 
     def _group_rows(self, epoch: int, gi: int, group: list[int]) -> torch.Tensor:
-        x = torch.cat([_read_shard(self.directory / self.shards[i]["file"], self.hook) for i in group])
+        x = torch.cat([_read_shard(self.directory / self.shards[i]["file"], self.keys) for i in group])
         g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) * 7919 + gi)
         return x[torch.randperm(x.shape[0], generator=g)]
 
-    def __iter__(self) -> Iterator[torch.Tensor]:
+    def __iter__(self) -> Iterator[torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:
         """Batches forever, epoch after epoch, from the current position."""
         while True:
             yield from self._epoch_from_offset()
@@ -233,22 +257,30 @@ class CacheStream:
             start += sizes[first]
             first += 1
         skip = self.offset - start  # rows of the first group already served
-        carry = torch.empty(0, self.d)
+        carry = torch.empty(0, self.d * len(self.keys))
         for gi in range(first, len(groups)):
             rows = torch.cat([carry, self._group_rows(self.epoch, gi, groups[gi])[skip:]])
             skip = 0
             full = rows.shape[0] // self.batch_size * self.batch_size
             for b in range(0, full, self.batch_size):
                 self.offset += self.batch_size
-                yield rows[b : b + self.batch_size]
+                yield _split(rows[b : b + self.batch_size], len(self.keys))
             carry = rows[full:]
         if carry.shape[0]:
             self.offset += carry.shape[0]
-            yield carry
+            yield _split(carry, len(self.keys))
+
+
+def _split(rows: torch.Tensor, parts: int) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """Activations alone, or (activations, gradients) when they were shuffled side by side."""
+    return rows if parts == 1 else rows.chunk(parts, dim=1)
 
 
 class ModelStream:
-    """Shuffled (B, d) batches of one hook computed on the fly, mixed in a buffer of tokens."""
+    """Shuffled (B, d) batches of one hook computed on the fly, mixed in a buffer of tokens.
+
+    With `with_grads`, batches are (x, grad) pairs (the model runs forward and backward).
+    """
 
     def __init__(
         self,
@@ -259,17 +291,20 @@ class ModelStream:
         buffer_tokens: int = 2**17,
         batch_rows: int = 32,
         seed: int = 0,
+        with_grads: bool = False,
     ):
         model.check_hooks([hook])
-        self.model, self.data, self.hook = model, data, hook
+        self.model, self.data, self.hook, self.with_grads = model, data, hook, with_grads
         self.batch_size, self.buffer_tokens, self.batch_rows = batch_size, buffer_tokens, batch_rows
         self.generator = torch.Generator().manual_seed(seed)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         buf: list[torch.Tensor] = []
         held = 0
-        for acts, _ in model_activations(self.model, self.data, [self.hook], self.batch_rows):
-            buf.append(acts[self.hook])
+        keys = [self.hook, grad_key(self.hook)] if self.with_grads else [self.hook]
+        for acts, _ in model_activations(self.model, self.data, [self.hook], self.batch_rows,
+                                         with_grads=self.with_grads):
+            buf.append(torch.cat([acts[key] for key in keys], dim=1))
             held += buf[-1].shape[0]
             if held < self.buffer_tokens:
                 continue
@@ -277,7 +312,7 @@ class ModelStream:
             x = x[torch.randperm(x.shape[0], generator=self.generator, device="cpu").to(x.device)]
             full = x.shape[0] // self.batch_size * self.batch_size
             for b in range(0, full, self.batch_size):
-                yield x[b : b + self.batch_size]
+                yield _split(x[b : b + self.batch_size], len(keys))
             buf, held = [x[full:]], x.shape[0] - full
 
 

@@ -46,15 +46,19 @@ def train(
     n_latents: Annotated[int | None, Opt(help="Dictionary size. [default: expansion * d_in]")] = None,
     expansion: Annotated[int | None, Opt(help="Latents per input dimension when --n-latents is not given. [default: 16]")] = None,
     k: Annotated[int | None, Opt(help="Active latents per token. [default: 32]")] = None,
-    allocator: Annotated[str | None, Opt(help="Sparsity allocator. [default: topk]")] = None,
+    allocator: Annotated[str | None, Opt(help="Sparsity allocator: topk, gradient_topk, feature_choice or mutual_choice. [default: topk]")] = None,
+    beta: Annotated[float | None, Opt(help="gradient_topk: weight of the gradient term in the score pre + beta*pre*|W_dec g|. [default: 1.0]")] = None,
+    capacity: Annotated[str | None, Opt(help="feature_choice: tokens-per-latent curve, uniform or zipf. [default: uniform]")] = None,
+    zipf_alpha: Annotated[float | None, Opt(help="feature_choice: exponent of the zipf capacity curve. [default: 0.5]")] = None,
+    aux: Annotated[str | None, Opt(help="Auxiliary loss: auxk (dead latents) or aux_zipf (dead and under-used latents). [default: auxk]")] = None,
     tokens: Annotated[int | None, Opt(help="Training tokens. [default: 4000000]")] = None,
     batch_size: Annotated[int | None, Opt(help="Tokens per optimiser step. [default: 4096]")] = None,
     lr: Annotated[float | None, Opt(help="Adam learning rate. [default: 2e-4 / sqrt(n_latents / 2^14)]")] = None,
     warmup_steps: Annotated[int | None, Opt(help="Linear lr warmup steps. [default: 50]")] = None,
     decay_fraction: Annotated[float | None, Opt(help="Final fraction of steps with linear lr decay to 0. [default: 0.2]")] = None,
     dead_tokens: Annotated[int | None, Opt(help="Tokens without firing after which a latent is dead (AuxK). [default: 10000000]")] = None,
-    k_aux: Annotated[int | None, Opt(help="Dead latents used by AuxK. [default: d_in / 2]")] = None,
-    auxk_coef: Annotated[float | None, Opt(help="AuxK loss weight. [default: 1/32]")] = None,
+    k_aux: Annotated[int | None, Opt(help="Latents used by the auxiliary loss. [default: d_in / 2]")] = None,
+    auxk_coef: Annotated[float | None, Opt(help="Auxiliary loss weight. [default: 1/32]")] = None,
     context_length: Annotated[int | None, Opt(help="Tokens per row for on-the-fly activations. [default: min(model context, 128)]")] = None,
     eval_tokens: Annotated[int | None, Opt(help="Held-out tokens for the final summary. [default: 65536]")] = None,
     seed: Annotated[int | None, Opt(help="Seed for init, data order and shuffling. [default: 0]")] = None,
@@ -97,6 +101,7 @@ def cache_cmd(
     dtype: Annotated[str, Opt(help="Storage dtype: float32, float16 or bfloat16.")] = "float32",
     seed: Annotated[int, Opt(help="Seed for the document order.")] = 0,
     device: Annotated[str, Opt(help="Torch device.")] = "cpu",
+    with_grads: Annotated[bool, Opt("--with-grads", help="Also store the gradient of the next-token loss w.r.t. each activation (for gradient_topk).")] = False,
     overwrite: Annotated[bool, Opt("--overwrite", help="Allow writing into a non-empty directory.")] = False,
 ) -> None:
     """Cache activations of one or more hooks to disk (safetensors shards + JSON manifest)."""
@@ -109,12 +114,14 @@ def cache_cmd(
     m = load_model(model, device)
     hooks = hook or [f"blocks.{m.n_layers // 2}.hook_resid_post"]
     manifest = build_cache(m, TokenData(data, split, context_length, seed), hooks, out,
-                           tokens, shard_rows=shard_rows, dtype=dtype, overwrite=overwrite)
+                           tokens, shard_rows=shard_rows, dtype=dtype, overwrite=overwrite,
+                           with_grads=with_grads)
     _print_summary(f"Cached {manifest.rows:,} rows -> {out}", {
         "model": manifest.model,
         "hooks": ", ".join(f"{h} (d={d})" for h, d in manifest.hooks.items()),
         "shards": len(manifest.shards),
         "dtype": manifest.dtype,
+        "gradients": "stored" if manifest.with_grads else "no",
     })
 
 

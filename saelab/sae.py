@@ -37,7 +37,10 @@ class SAEConfig:
         d_in: width of the hooked activation.
         n_latents: dictionary size n.
         k: active latents per token (the budget k*B for batch-level allocators).
-        allocator: how the active set is chosen (`saelab.allocators`).
+        allocator: topk, gradient_topk, feature_choice or mutual_choice (`saelab.allocators`).
+        beta: gradient_topk's weight on the gradient term of its selection score.
+        capacity: feature_choice's tokens-per-latent curve, uniform or zipf.
+        zipf_alpha: exponent of the zipf capacity curve.
         hook: hook name the SAE was trained on, e.g. `blocks.2.hook_resid_post`.
         model: model spec the activations came from (`zoo:NAME`, a path, or a hub name).
         saelab_version: version that wrote the dictionary.
@@ -47,6 +50,9 @@ class SAEConfig:
     n_latents: int
     k: int
     allocator: str = "topk"
+    beta: float = 1.0
+    capacity: str = "uniform"
+    zipf_alpha: float = 0.5
     hook: str | None = None
     model: str | None = None
     saelab_version: str = ""
@@ -59,7 +65,14 @@ class SAEConfig:
                 f"k={self.k} is larger than the dictionary (n_latents={self.n_latents}); "
                 "choose k <= n_latents"
             )
-        allocators.get(self.allocator)
+        allocators.check(self.allocator)
+        if self.capacity not in allocators.CAPACITIES:
+            raise SaelabError(f"unknown capacity {self.capacity!r}; use uniform or zipf")
+
+    @property
+    def batch_level(self) -> bool:
+        """Whether selection depends on the batch (then inference uses learned thresholds)."""
+        return self.allocator in allocators.BATCH_ALLOCATORS
 
     @classmethod
     def from_dict(cls, d: dict) -> SAEConfig:
@@ -78,33 +91,60 @@ class SAE(torch.nn.Module):
         self.b_enc = torch.nn.Parameter(torch.zeros(n, device=device))
         self.W_dec = torch.nn.Parameter(torch.empty(n, d, device=device))
         self.b_dec = torch.nn.Parameter(torch.zeros(d, device=device))
-        self._allocate = allocators.get(cfg.allocator)
+        if cfg.batch_level:
+            # per-latent inference thresholds, an EMA of the batch selection boundary (NaN: unset)
+            self.register_buffer("threshold", torch.full((n,), float("nan"), device=device))
 
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
         """Dense (B, n) pre-activations, without grad: they only pick the active set."""
         with torch.no_grad():
             return torch.addmm(self.b_enc, x - self.b_dec, self.W_enc.T)
 
-    def select(self, pre: torch.Tensor) -> torch.Tensor:
-        """Indices (B, k) of the active latents chosen by the allocator."""
-        return self._allocate(pre, self.cfg.k)
+    def select(self, pre: torch.Tensor, grad: torch.Tensor | None = None,
+               batch: bool = False) -> allocators.Selection:
+        """The active set. `grad` (B, d_in) steers gradient_topk; `batch` makes the
+        batch-level allocators allocate over this batch instead of using their thresholds."""
+        cfg = self.cfg
+        if cfg.allocator == "topk" or (cfg.allocator == "gradient_topk" and grad is None):
+            return allocators.topk(pre, cfg.k)
+        if cfg.allocator == "gradient_topk":
+            with torch.no_grad():
+                effect = (grad.to(pre.dtype) @ self.W_dec.T).abs()  # each latent's first-order effect
+                return allocators.topk(pre + cfg.beta * pre * effect, cfg.k)
+        if not batch:
+            if torch.isnan(self.threshold).any():
+                raise SaelabError(
+                    f"this {cfg.allocator} SAE has no inference thresholds yet; encode with "
+                    "batch=True or train it first"
+                )
+            return allocators.threshold(pre, self.threshold)
+        if cfg.allocator == "feature_choice":
+            return allocators.feature_choice(pre, cfg.k, cfg.capacity, cfg.zipf_alpha)
+        return allocators.mutual_choice(pre, cfg.k)
 
-    def encode_values(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """relu(pre) at `idx`, differentiable with a sparse backward (k rows per token)."""
-        return torch.relu(sparse_encode(x - self.b_dec, self.W_enc, self.b_enc, idx))
+    def encode_values(self, x: torch.Tensor, sel: allocators.Selection) -> torch.Tensor:
+        """relu(pre) on the selection, differentiable with a sparse backward (k rows per token)."""
+        vals = torch.relu(sparse_encode(x - self.b_dec, self.W_enc, self.b_enc, sel.idx))
+        return vals if sel.mask is None else vals * sel.mask
 
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(idx, vals), each (B, k); slots a token does not use have vals == 0."""
+    def encode(self, x: torch.Tensor, grad: torch.Tensor | None = None,
+               batch: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(idx, vals), each (B, k_max); slots a token does not use have vals == 0.
+
+        `grad`: gradient of the LM loss w.r.t. x, for gradient_topk (without it: plain topk).
+        `batch`: feature/mutual choice allocate over this batch rather than use thresholds.
+        """
         if x.shape[-1] != self.cfg.d_in:
             raise SaelabError(
                 f"input width {x.shape[-1]} does not match the SAE's d_in={self.cfg.d_in}"
             )
         x = x.to(self.W_enc.dtype)
         pre = self.pre_acts(x)
-        idx = self.select(pre)
+        sel = self.select(pre, grad, batch)
         if torch.is_grad_enabled():
-            return idx, self.encode_values(x, idx)
-        return idx, torch.relu(pre.gather(1, idx))
+            return sel.idx, self.encode_values(x, sel)
+        vals = torch.relu(pre.gather(1, sel.idx))
+        return sel.idx, vals if sel.mask is None else vals * sel.mask
 
     def decode(self, idx: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:
         return sparse_decode(idx, vals, self.W_dec, self.b_dec)

@@ -5,13 +5,13 @@ import sys
 
 import pytest
 import torch
-from saelab.evals import reconstruction_stats
-from saelab.training import TrainConfig, train
 
 import saelab
 from saelab.cache import heldout_activations
 from saelab.cli import main
 from saelab.data import TokenData
+from saelab.evals import reconstruction_stats
+from saelab.training import TrainConfig, train
 
 SMALL = dict(n_latents=256, k=8, tokens=30_000, batch_size=1024, eval_tokens=4096, warmup_steps=5)
 

@@ -3,9 +3,9 @@
 import dataclasses
 
 import pytest
-from saelab.training import TrainConfig, train
 from safetensors.torch import load_file
 
+from saelab.training import TrainConfig, train
 from saelab.zoo import RECIPES
 from saelab.zoo.build import build
 

@@ -2,13 +2,13 @@ import math
 
 import pytest
 import torch
+
+from saelab.errors import SaelabError
+from saelab.sae import SAE, SAEConfig
 from saelab.training import TrainConfig
 from saelab.training.init import geometric_median, init_sae
 from saelab.training.losses import auxk_loss, fvu
 from saelab.training.trainer import _remove_parallel_grad
-
-from saelab.errors import SaelabError
-from saelab.sae import SAE, SAEConfig
 
 
 def test_geometric_median_beats_nearby_points():

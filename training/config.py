@@ -28,7 +28,10 @@ class TrainConfig:
         n_latents: dictionary size; default `expansion * d_in`.
         expansion: latents per input dimension when `n_latents` is not given.
         k: active latents per token.
-        allocator: sparsity allocator (`saelab.allocators`).
+        allocator: topk, gradient_topk, feature_choice or mutual_choice (`saelab.allocators`).
+        beta: gradient_topk's weight on the gradient term of its selection score.
+        capacity: feature_choice's tokens-per-latent curve, uniform or zipf.
+        zipf_alpha: exponent of the zipf capacity curve.
         tokens: training tokens.
         batch_size: tokens per optimiser step.
         lr: Adam learning rate; default 2e-4 / sqrt(n_latents / 2^14) (Gao et al.).
@@ -36,8 +39,11 @@ class TrainConfig:
         decay_fraction: final fraction of steps over which the lr decays linearly to 0.
         adam_eps: Adam epsilon (Gao et al. use 6.25e-10).
         dead_tokens: a latent not active for this many tokens counts as dead for AuxK.
-        k_aux: latents used by AuxK; default d_in / 2.
-        auxk_coef: AuxK loss weight.
+        aux: auxiliary loss for unused latents: auxk (dead latents only) or aux_zipf (dead and
+            under-used latents, see `training.losses.underused`).
+        k_aux: latents used by the auxiliary loss; default d_in / 2.
+        auxk_coef: auxiliary loss weight.
+        ema_decay: decay of the moving average of latent firing frequency (aux_zipf).
         context_length: tokens per row for on-the-fly activations (BOS included);
             default the model's training context, capped at 128.
         buffer_tokens: on-the-fly activations are shuffled in a buffer of this many tokens.
@@ -57,6 +63,9 @@ class TrainConfig:
     expansion: int = 16
     k: int = 32
     allocator: str = "topk"
+    beta: float = 1.0
+    capacity: str = "uniform"
+    zipf_alpha: float = 0.5
     tokens: int = 4_000_000
     batch_size: int = 4096
     lr: float | None = None
@@ -64,8 +73,10 @@ class TrainConfig:
     decay_fraction: float = 0.2
     adam_eps: float = 6.25e-10
     dead_tokens: int = 10_000_000
+    aux: str = "auxk"
     k_aux: int | None = None
     auxk_coef: float = 1 / 32
+    ema_decay: float = 0.99
     context_length: int | None = None
     buffer_tokens: int = 2**17
     eval_tokens: int = 2**16
@@ -83,6 +94,10 @@ class TrainConfig:
                 f"k={self.k} is larger than the dictionary (n_latents={self.n_latents}); "
                 "choose k <= n_latents"
             )
+        if self.aux not in ("auxk", "aux_zipf"):
+            raise SaelabError(f"unknown auxiliary loss {self.aux!r}; use auxk or aux_zipf")
+        if not 0 <= self.ema_decay < 1:
+            raise SaelabError(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
         if not 0 <= self.decay_fraction <= 1:
             raise SaelabError(f"decay_fraction must lie in [0, 1], got {self.decay_fraction}")
 

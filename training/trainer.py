@@ -9,22 +9,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from saelab.evals.reconstruction import reconstruction_stats
-from saelab.training.config import TrainConfig
-from saelab.training.init import init_sae
-from saelab.training.losses import auxk_loss, fvu
 from tqdm import tqdm
 
 from saelab import __version__
 from saelab.cache import CacheStream, Manifest, ModelStream, heldout_activations
 from saelab.data import TokenData
 from saelab.errors import SaelabError
+from saelab.evals.reconstruction import reconstruction_stats
 from saelab.io import check_output_dir, write_json
 from saelab.models import HookedModel, load_model
 from saelab.sae import SAE, SAEConfig
+from saelab.training.config import TrainConfig
+from saelab.training.init import init_sae
+from saelab.training.losses import auxk_loss, fvu, underused
 from saelab.zoo import DEFAULT_MODEL
 
 METRICS_FILE = "metrics.json"
+CALIBRATION_BATCHES = 16
 
 
 @dataclass
@@ -55,8 +56,12 @@ def _default_hook(model: HookedModel) -> str:
     return f"blocks.{model.n_layers // 2}.hook_resid_post"
 
 
-def _sources(cfg: TrainConfig) -> tuple[Iterator[torch.Tensor], torch.Tensor, str, str, int]:
-    """(training batches, held-out activations, model spec, hook, d_in) for this config."""
+def _sources(cfg: TrainConfig) -> tuple[Iterator, torch.Tensor, str, str, int]:
+    """(training batches, held-out activations, model spec, hook, d_in) for this config.
+
+    Batches are activations, or (activations, loss gradients) pairs for gradient_topk.
+    """
+    with_grads = cfg.allocator == "gradient_topk"
     if cfg.cache is not None:
         manifest = Manifest.read(Path(cfg.cache))
         model_spec = manifest.model
@@ -67,7 +72,7 @@ def _sources(cfg: TrainConfig) -> tuple[Iterator[torch.Tensor], torch.Tensor, st
             )
         hook = cfg.hook or next(iter(manifest.hooks))
         manifest.check_hook(hook, Path(cfg.cache))
-        stream = CacheStream(cfg.cache, hook, cfg.batch_size, seed=cfg.seed)
+        stream = CacheStream(cfg.cache, hook, cfg.batch_size, seed=cfg.seed, with_grads=with_grads)
         data = TokenData(manifest.data["spec"], "heldout", manifest.data["context_length"], cfg.seed)
         model = load_model(model_spec, cfg.device)
     else:
@@ -76,7 +81,8 @@ def _sources(cfg: TrainConfig) -> tuple[Iterator[torch.Tensor], torch.Tensor, st
         hook = cfg.hook or _default_hook(model)
         ctx = cfg.context_length or min(model.context_length, 128)
         data = TokenData(cfg.data, "train", ctx, cfg.seed)
-        stream = ModelStream(model, data, hook, cfg.batch_size, cfg.buffer_tokens, seed=cfg.seed)
+        stream = ModelStream(model, data, hook, cfg.batch_size, cfg.buffer_tokens, seed=cfg.seed,
+                             with_grads=with_grads)
         data = dataclasses.replace(data, split="heldout")
     model.check_hooks([hook])
     heldout = heldout_activations(model, data, hook, cfg.eval_tokens).to(cfg.device)
@@ -95,21 +101,27 @@ class Trainer:
         self.lr = cfg.learning_rate(sae.cfg.n_latents)
         self.opt = torch.optim.Adam(sae.parameters(), lr=self.lr, eps=cfg.adam_eps)
         self.k_aux = cfg.k_aux or sae.cfg.d_in // 2
-        self.since_fired = torch.zeros(sae.cfg.n_latents, dtype=torch.long, device=sae.W_dec.device)
+        n, device = sae.cfg.n_latents, sae.W_dec.device
+        self.since_fired = torch.zeros(n, dtype=torch.long, device=device)
+        self.freq = torch.full((n,), sae.cfg.k / n, device=device)  # EMA of firing frequency
         self.step_count = 0
 
-    def step(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Forward, backward, optimiser update, decoder renormalisation; returns loss tensors."""
+    def step(self, x: torch.Tensor, grad: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Forward, backward, optimiser update, decoder renormalisation; returns loss tensors.
+
+        `grad` (B, d_in) is the LM-loss gradient w.r.t. x, used by gradient_topk's selection.
+        """
         sae, cfg = self.sae, self.cfg
         for group in self.opt.param_groups:
             group["lr"] = self.lr * _lr_factor(self.step_count, self.steps, cfg)
         pre = sae.pre_acts(x)
-        idx = sae.select(pre)
-        vals = sae.encode_values(x, idx)
-        x_hat = sae.decode(idx, vals)
+        sel = sae.select(pre, grad, batch=True)
+        vals = sae.encode_values(x, sel)
+        x_hat = sae.decode(sel.idx, vals)
         main = fvu(x, x_hat)
         dead = self.since_fired >= cfg.dead_tokens
-        aux = auxk_loss(sae, x, x_hat, pre, dead, self.k_aux)
+        pool = underused(self.freq, dead) if cfg.aux == "aux_zipf" else dead
+        aux = auxk_loss(sae, x, x_hat, pre, pool, self.k_aux)
         loss = main + cfg.auxk_coef * aux
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -117,11 +129,33 @@ class Trainer:
         self.opt.step()
         sae.normalize_decoder()
         with torch.no_grad():
+            fired = sel.idx[vals > 0]
             self.since_fired += x.shape[0]
-            self.since_fired[idx[vals > 0]] = 0
+            self.since_fired[fired] = 0
+            counts = torch.bincount(fired, minlength=sae.cfg.n_latents)
+            self.freq.lerp_(counts / x.shape[0], 1 - cfg.ema_decay)
         self.step_count += 1
-        return {"fvu": main.detach(), "auxk": aux.detach(), "l0": (vals > 0).sum(1).float().mean(),
-                "dead_frac": dead.float().mean()}
+        return {"fvu": main.detach(), "aux": aux.detach(), "l0": (vals > 0).sum(1).float().mean(),
+                "dead_frac": dead.float().mean(), "aux_pool_frac": pool.float().mean()}
+
+    @torch.no_grad()
+    def calibrate_thresholds(self, batches: list[torch.Tensor]) -> None:
+        """Inference thresholds of a batch-level SAE: each latent's selection boundary averaged
+        over `batches` with the final weights (a moving average over training would lag behind
+        weights that are still moving). A latent never selected gets +inf: it stays off."""
+        total = torch.zeros_like(self.sae.threshold)
+        count = torch.zeros_like(self.sae.threshold)
+        for x in batches:
+            boundary = self.sae.select(self.sae.pre_acts(x), batch=True).boundary
+            ok = boundary.isfinite()
+            total += torch.where(ok, boundary, 0.0)
+            count += ok
+        self.sae.threshold.copy_(torch.where(count > 0, total / count.clamp_min(1), float("inf")))
+
+
+def _unpack(batch, device: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    x, grad = batch if isinstance(batch, tuple) else (batch, None)
+    return x.to(device), None if grad is None else grad.to(device)
 
 
 def train(cfg: TrainConfig) -> TrainResult:
@@ -130,11 +164,12 @@ def train(cfg: TrainConfig) -> TrainResult:
     torch.manual_seed(cfg.seed)
     batches, heldout, model_spec, hook, d_in = _sources(cfg)
     sae_cfg = SAEConfig(
-        d_in=d_in, n_latents=cfg.latents(d_in), k=cfg.k, allocator=cfg.allocator,
-        hook=hook, model=model_spec, saelab_version=__version__,
+        d_in=d_in, n_latents=cfg.latents(d_in), k=cfg.k, allocator=cfg.allocator, beta=cfg.beta,
+        capacity=cfg.capacity, zipf_alpha=cfg.zipf_alpha, hook=hook, model=model_spec,
+        saelab_version=__version__,
     )
     sae = SAE(sae_cfg, device=cfg.device)
-    x = next(batches).to(cfg.device)
+    x, grad = _unpack(next(batches), cfg.device)
     init_sae(sae, x, cfg.seed)
     steps = max(1, cfg.tokens // cfg.batch_size)
     trainer = Trainer(sae, cfg, steps)
@@ -144,8 +179,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     seen = 0
     for step in range(steps):
         if step:
-            x = next(batches).to(cfg.device)
-        losses = trainer.step(x)
+            x, grad = _unpack(next(batches), cfg.device)
+        losses = trainer.step(x, grad)
         seen += x.shape[0]
         bar.update(x.shape[0])
         if step % cfg.log_every == 0 or step == steps - 1:
@@ -157,6 +192,9 @@ def train(cfg: TrainConfig) -> TrainResult:
                             dead=f"{rec['dead_frac']:.1%}")
     bar.close()
     seconds = time.perf_counter() - start
+    if sae_cfg.batch_level:
+        calibration = [_unpack(next(batches), cfg.device)[0] for _ in range(CALIBRATION_BATCHES)]
+        trainer.calibrate_thresholds(calibration)
     sae.save(out)
     stats = reconstruction_stats(sae, heldout)
     summary = {
