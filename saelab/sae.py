@@ -109,8 +109,7 @@ class SAE(torch.nn.Module):
             return allocators.topk(pre, cfg.k)
         if cfg.allocator == "gradient_topk":
             with torch.no_grad():
-                effect = (grad.to(pre.dtype) @ self.W_dec.T).abs()  # each latent's first-order effect
-                return allocators.topk(pre + cfg.beta * pre * effect, cfg.k)
+                return allocators.topk(allocators.gradient_score(pre, grad, self.W_dec, cfg.beta), cfg.k)
         if not batch:
             if torch.isnan(self.threshold).any():
                 raise SaelabError(

@@ -98,14 +98,15 @@ def test_gradient_topk_beta_zero_is_topk_and_no_grad_is_topk():
 
 
 def test_gradient_topk_hand_built_case():
-    sae = SAE(SAEConfig(d_in=2, n_latents=3, k=2, allocator="gradient_topk", beta=1.0))
+    sae = SAE(SAEConfig(d_in=2, n_latents=3, k=2, allocator="gradient_topk", beta=2.0))
     with torch.no_grad():
         sae.W_enc.copy_(torch.tensor([[3.0, 0.0], [2.0, 0.0], [1.0, 0.0]]))
         sae.b_enc.zero_()
         sae.b_dec.zero_()
         sae.W_dec.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]]))
         x, g = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 10.0]])
-        # pre = [3, 2, 1]; |W_dec g| = [0, 10, 10]; s = pre + pre * |W_dec g| = [3, 22, 11]
+        # pre = [3, 2, 1]; |W_dec g| = [0, 10, 10], over its mean 20/3: e = [0, 1.5, 1.5]
+        # s = pre + 2 * pre * e = [3, 8, 4]: the two latents that move the loss win
         idx, vals = sae.encode(x, grad=g)
         assert sorted(idx[0].tolist()) == [1, 2]
         assert sorted(vals[0].tolist()) == [1.0, 2.0]  # values stay relu(pre)
