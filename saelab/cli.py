@@ -60,7 +60,7 @@ def train(
     k_aux: Annotated[int | None, Opt(help="Latents used by the auxiliary loss. [default: d_in / 2]")] = None,
     auxk_coef: Annotated[float | None, Opt(help="Auxiliary loss weight. [default: 1/32]")] = None,
     context_length: Annotated[int | None, Opt(help="Tokens per row for on-the-fly activations. [default: min(model context, 128)]")] = None,
-    eval_tokens: Annotated[int | None, Opt(help="Held-out tokens for the final summary. [default: 65536]")] = None,
+    eval_tokens: Annotated[int | None, Opt(help="Held-out tokens for the end-of-run evaluation. [default: 32768]")] = None,
     seed: Annotated[int | None, Opt(help="Seed for init, data order and shuffling. [default: 0]")] = None,
     device: Annotated[str | None, Opt(help="Torch device. [default: cpu]")] = None,
     overwrite: Annotated[bool, Opt("--overwrite", help="Allow writing into a non-empty --out directory.")] = False,
@@ -84,6 +84,9 @@ def train(
         "explained variance": s["heldout_explained_variance"],
         "L0": s["heldout_l0"],
         "dead latents": f"{s['heldout_dead_frac']:.2%} (over {s['heldout_tokens']:,} held-out tokens)",
+        "spliced CE": f"{s['heldout_ce_sae']:.4f} vs clean {s['heldout_ce_clean']:.4f} "
+                      f"(delta {s['heldout_delta_loss']:+.4f}, CE recovered {s['heldout_ce_loss_recovered']:.3f})",
+        "eval report": f"{s['dictionary']}/eval.md (+ eval.json, PNGs)",
         "load it with": f"saelab.load({s['dictionary']!r})",
     })
 
@@ -123,6 +126,30 @@ def cache_cmd(
         "dtype": manifest.dtype,
         "gradients": "stored" if manifest.with_grads else "no",
     })
+
+
+@app.command("eval")
+def eval_cmd(
+    dictionary: Annotated[Path, typer.Argument(help="A dictionary directory (sae.safetensors + cfg.json).")],
+    tokens: Annotated[int, Opt(help="Held-out tokens to evaluate on (whole rows until at least this many).")] = 65536,
+    data: Annotated[str, Opt(help="Token data whose held-out split is used: builtin:stdlib, a .txt/.jsonl file or directory, or hf:NAME.")] = "builtin:stdlib",
+    context_length: Annotated[int | None, Opt(help="Tokens per row. [default: min(model context, 128)]")] = None,
+    model: Annotated[str | None, Opt(help="Model spec to evaluate in. [default: the one cfg.json names]")] = None,
+    batch_rows: Annotated[int, Opt(help="Rows per forward pass.")] = 32,
+    out: Annotated[Path | None, Opt(help="Where to write eval.json, eval.md and the PNGs. [default: the dictionary directory]")] = None,
+    device: Annotated[str, Opt(help="Torch device.")] = "cpu",
+) -> None:
+    """Evaluate a dictionary: FVU, L0, dead/dense latents, spliced CE loss, KL; JSON + markdown + PNGs."""
+    from saelab.data import TokenData
+    from saelab.evals import evaluate, format_summary, write_report
+
+    data_arg = TokenData(data, "heldout", context_length) if context_length else data
+    report = evaluate(str(dictionary), tokens=tokens, model=model, data=data_arg,
+                      batch_rows=batch_rows, device=device)
+    target = out or dictionary
+    paths = write_report(report, target)
+    typer.echo(format_summary(report))
+    typer.echo(f"wrote {', '.join(p.name for p in paths)} -> {target}")
 
 
 @app.command()

@@ -10,6 +10,7 @@ Model specs: `zoo:NAME` (shipped with saelab), a local Hugging Face directory, o
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from importlib.metadata import version
@@ -174,6 +175,29 @@ class HookedModel:
             except _StopForward:
                 pass
         return {h: a.flatten(2) for h, a in acts.items()}
+
+
+    def logits(
+        self, tokens: torch.Tensor, replace: dict[str, Callable[[torch.Tensor], torch.Tensor]] | None = None
+    ) -> torch.Tensor:
+        """Logits (B, T, vocab) of one forward pass, each hook in `replace` spliced by its function.
+
+        A function gets the activation as `activations` returns it, (B, T, d) with per-head
+        dims flattened, and returns its replacement of the same shape, reshaped back here
+        before the model reads it; returning its input unchanged makes it a probe. This is how
+        an SAE's reconstruction is spliced into the model (`saelab.evals`).
+        """
+        replace = replace or {}
+        self.check_hooks(list(replace))
+
+        def splice(fn: Callable[[torch.Tensor], torch.Tensor]):
+            def hook_fn(x: torch.Tensor, hook) -> torch.Tensor:
+                return fn(x.flatten(2)).reshape(x.shape).to(x.dtype)
+
+            return hook_fn
+
+        fwd = [(h, splice(fn)) for h, fn in replace.items()]
+        return self.model.run_with_hooks(tokens, fwd_hooks=fwd, return_type="logits")
 
 
 def load_model(spec: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> HookedModel:

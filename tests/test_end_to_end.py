@@ -7,13 +7,24 @@ import pytest
 import torch
 
 import saelab
-from saelab.cache import heldout_activations
 from saelab.cli import main
 from saelab.data import TokenData
 from saelab.evals import reconstruction_stats
+from saelab.evals.evaluate import heldout_rows
 from saelab.training import TrainConfig, train
 
 SMALL = dict(n_latents=256, k=8, tokens=30_000, batch_size=1024, eval_tokens=4096, warmup_steps=5)
+
+
+def test_eval_command_writes_report(trained, tmp_path, monkeypatch, capsys):
+    code, cap = run_cli(["eval", str(trained.out), "--tokens", "2048", "--out", str(tmp_path)],
+                        monkeypatch, capsys)
+    assert code == 0, cap.err
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert report["tokens"] >= 2048 and 0 < report["fvu"] < 1
+    assert report["ce_sae"] >= report["ce_clean"] - 0.05
+    assert (tmp_path / "latent_density.png").stat().st_size > 1000
+    assert "CE" in cap.out
 
 
 def run_cli(args, monkeypatch, capsys):
@@ -44,8 +55,10 @@ def test_training_from_cache_learns(trained):
 def test_notebook_reload_reproduces_summary_fvu(trained, zoo_model):
     sae = saelab.load(str(trained.out))
     assert sae.cfg.hook == "blocks.1.hook_resid_post" and sae.cfg.model == "zoo:pystdlib-4l"
-    x = heldout_activations(zoo_model, TokenData(split="heldout", context_length=64),
-                            sae.cfg.hook, 4096)
+    # the held-out rows the end-of-run eval used, run through the model by hand
+    rows = heldout_rows(zoo_model.tokenizer, TokenData(split="heldout", context_length=64), 4096)
+    x = zoo_model.activations(rows, [sae.cfg.hook])[sae.cfg.hook][rows != 256]
+    assert x.shape[0] == trained.summary["heldout_tokens"]
     with torch.no_grad():
         idx, vals = sae.encode(x)
         x_hat = sae.decode(idx, vals)
@@ -53,6 +66,8 @@ def test_notebook_reload_reproduces_summary_fvu(trained, zoo_model):
     fvu = ((x - x_hat).double().pow(2).sum() / (x.double() - x.double().mean(0)).pow(2).sum()).item()
     assert fvu == pytest.approx(trained.summary["heldout_fvu"], rel=1e-4)
     assert reconstruction_stats(sae, x)["fvu"] == pytest.approx(fvu, rel=1e-9)
+    for name in ("eval.json", "eval.md", "latent_density.png", "l0_histogram.png"):
+        assert (trained.out / name).exists(), name
 
 
 def test_on_the_fly_training_via_cli(tmp_path, monkeypatch, capsys):
@@ -61,7 +76,7 @@ def test_on_the_fly_training_via_cli(tmp_path, monkeypatch, capsys):
             "--batch-size", "1024", "--eval-tokens", "2048", "--context-length", "64"]
     code, cap = run_cli(args, monkeypatch, capsys)
     assert code == 0, cap.err
-    assert "held-out FVU" in cap.out and "tok/s" in cap.out
+    assert "held-out FVU" in cap.out and "tok/s" in cap.out and "CE recovered" in cap.out
     cfg = json.loads((out / "cfg.json").read_text())
     assert cfg["hook"] == "blocks.2.hook_resid_post" and cfg["n_latents"] == 256
 

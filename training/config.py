@@ -47,7 +47,7 @@ class TrainConfig:
         context_length: tokens per row for on-the-fly activations (BOS included);
             default the model's training context, capped at 128.
         buffer_tokens: on-the-fly activations are shuffled in a buffer of this many tokens.
-        eval_tokens: held-out tokens for the end-of-run summary.
+        eval_tokens: held-out tokens for the end-of-run evaluation (`saelab.evals.evaluate`).
         seed: seeds initialisation, data order and shuffling.
         device: torch device.
         log_every: steps between metric records.
@@ -79,7 +79,7 @@ class TrainConfig:
     ema_decay: float = 0.99
     context_length: int | None = None
     buffer_tokens: int = 2**17
-    eval_tokens: int = 2**16
+    eval_tokens: int = 2**15
     seed: int = 0
     device: str = "cpu"
     log_every: int = 20

@@ -12,10 +12,10 @@ import torch
 from tqdm import tqdm
 
 from saelab import __version__
-from saelab.cache import CacheStream, Manifest, ModelStream, heldout_activations
+from saelab.cache import CacheStream, Manifest, ModelStream
 from saelab.data import TokenData
 from saelab.errors import SaelabError
-from saelab.evals.reconstruction import reconstruction_stats
+from saelab.evals import evaluate, write_report
 from saelab.io import check_output_dir, write_json
 from saelab.models import HookedModel, load_model
 from saelab.sae import SAE, SAEConfig
@@ -26,6 +26,8 @@ from saelab.zoo import DEFAULT_MODEL
 
 METRICS_FILE = "metrics.json"
 CALIBRATION_BATCHES = 16
+SUMMARY_KEYS = ("tokens", "fvu", "explained_variance", "l0", "dead_frac", "ce_clean", "ce_sae",
+                "delta_loss", "ce_loss_recovered", "kl_sae")
 
 
 @dataclass
@@ -56,37 +58,42 @@ def _default_hook(model: HookedModel) -> str:
     return f"blocks.{model.n_layers // 2}.hook_resid_post"
 
 
-def _sources(cfg: TrainConfig) -> tuple[Iterator, torch.Tensor, str, str, int]:
-    """(training batches, held-out activations, model spec, hook, d_in) for this config.
+@dataclass
+class _Sources:
+    """Where a run's data comes from: training batches, the model, and held-out text."""
 
-    Batches are activations, or (activations, loss gradients) pairs for gradient_topk.
-    """
+    batches: Iterator  # activations, or (activations, loss gradients) for gradient_topk
+    model: HookedModel
+    hook: str
+    d_in: int
+    heldout: TokenData
+
+
+def _sources(cfg: TrainConfig) -> _Sources:
     with_grads = cfg.allocator == "gradient_topk"
     if cfg.cache is not None:
         manifest = Manifest.read(Path(cfg.cache))
-        model_spec = manifest.model
-        if cfg.model is not None and cfg.model != model_spec:
+        if cfg.model is not None and cfg.model != manifest.model:
             raise SaelabError(
-                f"cache {cfg.cache} was built from model {model_spec}, not {cfg.model}; "
+                f"cache {cfg.cache} was built from model {manifest.model}, not {cfg.model}; "
                 "drop --model or pass the matching cache"
             )
         hook = cfg.hook or next(iter(manifest.hooks))
-        manifest.check_hook(hook, Path(cfg.cache))
+        d_in = manifest.check_hook(hook, Path(cfg.cache))
         stream = CacheStream(cfg.cache, hook, cfg.batch_size, seed=cfg.seed, with_grads=with_grads)
         data = TokenData(manifest.data["spec"], "heldout", manifest.data["context_length"], cfg.seed)
-        model = load_model(model_spec, cfg.device)
+        model = load_model(manifest.model, cfg.device)
     else:
-        model_spec = cfg.model or DEFAULT_MODEL
-        model = load_model(model_spec, cfg.device)
+        model = load_model(cfg.model or DEFAULT_MODEL, cfg.device)
         hook = cfg.hook or _default_hook(model)
+        model.check_hooks([hook])
+        d_in = model.hook_dims([hook])[hook]
         ctx = cfg.context_length or min(model.context_length, 128)
         data = TokenData(cfg.data, "train", ctx, cfg.seed)
         stream = ModelStream(model, data, hook, cfg.batch_size, cfg.buffer_tokens, seed=cfg.seed,
                              with_grads=with_grads)
         data = dataclasses.replace(data, split="heldout")
-    model.check_hooks([hook])
-    heldout = heldout_activations(model, data, hook, cfg.eval_tokens).to(cfg.device)
-    return iter(stream), heldout, model_spec, hook, heldout.shape[1]
+    return _Sources(iter(stream), model, hook, d_in, data)
 
 
 class Trainer:
@@ -162,10 +169,11 @@ def train(cfg: TrainConfig) -> TrainResult:
     """Train an SAE per `cfg`; writes `cfg.out/{sae.safetensors,cfg.json,metrics.json}`."""
     out = check_output_dir(Path(cfg.out), cfg.overwrite)
     torch.manual_seed(cfg.seed)
-    batches, heldout, model_spec, hook, d_in = _sources(cfg)
+    src = _sources(cfg)
+    batches, hook, d_in = src.batches, src.hook, src.d_in
     sae_cfg = SAEConfig(
         d_in=d_in, n_latents=cfg.latents(d_in), k=cfg.k, allocator=cfg.allocator, beta=cfg.beta,
-        capacity=cfg.capacity, zipf_alpha=cfg.zipf_alpha, hook=hook, model=model_spec,
+        capacity=cfg.capacity, zipf_alpha=cfg.zipf_alpha, hook=hook, model=src.model.spec,
         saelab_version=__version__,
     )
     sae = SAE(sae_cfg, device=cfg.device)
@@ -196,13 +204,15 @@ def train(cfg: TrainConfig) -> TrainResult:
         calibration = [_unpack(next(batches), cfg.device)[0] for _ in range(CALIBRATION_BATCHES)]
         trainer.calibrate_thresholds(calibration)
     sae.save(out)
-    stats = reconstruction_stats(sae, heldout)
+    report = evaluate(sae, tokens=cfg.eval_tokens, model=src.model, data=src.heldout)
+    report["dictionary"] = str(out)
+    write_report(report, out)
     summary = {
-        "dictionary": str(out), "model": model_spec, "hook": hook, "d_in": d_in,
+        "dictionary": str(out), "model": src.model.spec, "hook": hook, "d_in": d_in,
         "n_latents": sae_cfg.n_latents, "k": sae_cfg.k, "allocator": sae_cfg.allocator,
         "train_tokens": seen, "train_seconds": round(seconds, 2),
         "tokens_per_s": round(seen / seconds, 1), "lr": trainer.lr,
-        **{f"heldout_{k}": v for k, v in stats.items()},
+        **{f"heldout_{k}": report[k] for k in SUMMARY_KEYS},
     }
     write_json(out / METRICS_FILE, {"config": dataclasses.asdict(cfg), "summary": summary, "log": log})
     return TrainResult(sae, out, summary)

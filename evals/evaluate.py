@@ -1,0 +1,178 @@
+"""`evaluate`: one SAE scored on held-out tokens, from its dictionary directory alone.
+
+Every number comes from the same rows of held-out text and skips BOS/pad positions: the SAE
+never sees them (training drops them too) and they are never spliced. Two passes over the rows:
+the first runs the clean model, the SAE's reconstruction and zero ablation; the second runs
+mean ablation, whose mean is the first pass's mean activation over the whole eval set.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from saelab import __version__, load
+from saelab.cache import positions_to_keep
+from saelab.data import BUILTIN_STDLIB, TokenData
+from saelab.errors import SaelabError
+from saelab.evals.latents import LatentStats
+from saelab.evals.reconstruction import ReconstructionStats
+from saelab.evals.spliced import SplicedLoss, prediction_mask
+from saelab.models import HookedModel, load_model
+
+DEFAULT_CONTEXT = 128
+
+
+def _splice(keep: torch.Tensor, values: torch.Tensor | float):
+    """A `HookedModel.logits` replacement: `values` at the kept positions, the rest untouched."""
+
+    def fn(act: torch.Tensor) -> torch.Tensor:
+        out = act.clone()
+        out[keep] = values.to(act) if isinstance(values, torch.Tensor) else values
+        return out
+
+    return fn
+
+
+def heldout_rows(tokenizer, data: TokenData, tokens: int) -> torch.Tensor:
+    """The first whole rows of `data` holding at least `tokens` non-BOS/pad positions (R, T).
+
+    Fewer when the split runs out: the report states the count actually used.
+    """
+    rows, kept = [], 0
+    for row in data.rows(tokenizer, epochs=1):
+        rows.append(row)
+        kept += int(positions_to_keep(row, tokenizer).sum())
+        if kept >= tokens:
+            break
+    if not rows:
+        raise SaelabError(f"data {data.spec!r} has no rows in split {data.split!r}")
+    return torch.stack(rows)
+
+
+def _resolve(sae_or_path, model, data, device: str):
+    """(sae, dictionary path or None, model, data) with the defaults filled in from cfg.json."""
+    path = None
+    if isinstance(sae_or_path, (str, Path)):
+        path, sae_or_path = str(sae_or_path), load(str(sae_or_path), device=device)
+    cfg = sae_or_path.cfg
+    if cfg.hook is None:
+        raise SaelabError("the SAE's cfg.json names no hook; set `hook` to the hook it was trained on")
+    if model is None:
+        if cfg.model is None:
+            raise SaelabError("the SAE's cfg.json names no model; pass model= (a spec or a loaded model)")
+        model = cfg.model
+    if isinstance(model, str):
+        model = load_model(model, device)
+    model.check_hooks([cfg.hook])
+    width = model.hook_dims([cfg.hook])[cfg.hook]
+    if width != cfg.d_in:
+        raise SaelabError(
+            f"the SAE expects d_in={cfg.d_in}, but {cfg.hook} of {model.spec} has width {width}"
+        )
+    if data is None or isinstance(data, str):
+        context = min(model.context_length, DEFAULT_CONTEXT)
+        data = TokenData(data or BUILTIN_STDLIB, "heldout", context)
+    if data.context_length > model.context_length:
+        raise SaelabError(
+            f"context_length {data.context_length} is longer than {model.spec}'s context "
+            f"({model.context_length})"
+        )
+    if data.context_length < 3:
+        raise SaelabError(
+            f"context_length must be at least 3 to score predictions, got {data.context_length}"
+        )
+    return sae_or_path, path, model, data
+
+
+@torch.no_grad()
+def evaluate(
+    sae_or_path,
+    tokens: int = 65536,
+    model: HookedModel | str | None = None,
+    data: TokenData | str | None = None,
+    batch_rows: int = 32,
+    device: str = "cpu",
+) -> dict:
+    """Score an SAE on held-out tokens; returns the report `write_report` writes.
+
+    Args:
+        sae_or_path: a dictionary directory, or an object with `cfg` (an `SAEConfig`),
+            `encode(x) -> (idx, vals)` and `decode(idx, vals) -> x_hat`, such as an `SAE`.
+        tokens: eval window: whole rows are taken until at least this many non-BOS/pad
+            positions are in; the report's `tokens` is the exact count (and the dead-latent window).
+        model: a loaded `HookedModel` or a model spec; default: the one cfg.json names.
+        data: a data spec (its "heldout" split, rows of min(model context, 128) tokens) or a
+            `TokenData` used as given; default builtin:stdlib.
+        batch_rows: rows per forward pass.
+        device: where the model and a dictionary loaded from a path live.
+
+    Reconstruction and latent statistics cover every non-BOS/pad position. Losses: logits at
+    position t predicting token t+1 count when neither token t nor t+1 is BOS/pad; CE is the
+    mean over those predictions, KL(clean || spliced) too (`saelab.evals.spliced`). Spliced
+    runs replace the hook's activation at non-BOS/pad positions only, with the reconstruction
+    (ce_sae), zeros (ce_zero) or the eval set's mean activation (ce_mean).
+    """
+    if tokens < 1 or batch_rows < 1:
+        raise SaelabError(f"tokens and batch_rows must be positive, got {tokens} and {batch_rows}")
+    start = time.perf_counter()
+    sae, path, model, data = _resolve(sae_or_path, model, data, device)
+    hook, cfg, tok = sae.cfg.hook, sae.cfg, model.tokenizer
+    batches = heldout_rows(tok, data, tokens).split(batch_rows)
+    recon, latents, loss = ReconstructionStats(), LatentStats(cfg.n_latents), SplicedLoss()
+
+    seen: dict[str, torch.Tensor] = {}
+
+    def probe(act: torch.Tensor) -> torch.Tensor:
+        seen["x"] = act
+        return act
+
+    total = sum(b.numel() for b in batches)
+    bar = tqdm(total=2 * total, unit="tok", unit_scale=True, desc=f"eval {hook}")
+    for batch in batches:
+        batch = batch.to(model.device)
+        keep = positions_to_keep(batch, tok)
+        mask = prediction_mask(keep)
+        clean = model.logits(batch, {hook: probe})
+        x = seen["x"][keep]
+        idx, vals = sae.encode(x)
+        x_hat = sae.decode(idx, vals)
+        recon.update(x, x_hat)
+        latents.update(idx, vals)
+        ref = loss.add("clean", clean, batch, mask)
+        loss.add("sae", model.logits(batch, {hook: _splice(keep, x_hat)}), batch, mask, ref)
+        loss.add("zero", model.logits(batch, {hook: _splice(keep, 0.0)}), batch, mask, ref)
+        bar.update(batch.numel())
+    mean = recon.mean
+    for batch in batches:  # mean ablation needs the whole set's mean first
+        batch = batch.to(model.device)
+        keep = positions_to_keep(batch, tok)
+        loss.add("mean", model.logits(batch, {hook: _splice(keep, mean)}), batch, prediction_mask(keep))
+        bar.update(batch.numel())
+    bar.close()
+
+    lat = latents.result()
+    histograms = {k: lat.pop(k) for k in ("l0_histogram", "latent_density")}
+    return {
+        "dictionary": path,
+        "model": model.spec,
+        "hook": hook,
+        "d_in": cfg.d_in,
+        "n_latents": cfg.n_latents,
+        "k": cfg.k,
+        "allocator": cfg.allocator,
+        "data": data.spec,
+        "split": data.split,
+        "context_length": data.context_length,
+        "rows": sum(b.shape[0] for b in batches),
+        "tokens": latents.tokens,
+        **recon.result(),
+        **lat,
+        **loss.result(),
+        "seconds": round(time.perf_counter() - start, 2),
+        "saelab_version": __version__,
+        **histograms,
+    }
