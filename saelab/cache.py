@@ -280,6 +280,8 @@ class ModelStream:
     """Shuffled (B, d) batches of one hook computed on the fly, mixed in a buffer of tokens.
 
     With `with_grads`, batches are (x, grad) pairs (the model runs forward and backward).
+    Its position is the number of batches served; resuming replays the (seeded) stream up to
+    it, which recomputes activations but restores the exact same batches.
     """
 
     def __init__(
@@ -296,9 +298,17 @@ class ModelStream:
         model.check_hooks([hook])
         self.model, self.data, self.hook, self.with_grads = model, data, hook, with_grads
         self.batch_size, self.buffer_tokens, self.batch_rows = batch_size, buffer_tokens, batch_rows
-        self.generator = torch.Generator().manual_seed(seed)
+        self.seed, self.served = seed, 0
+
+    def state_dict(self) -> dict:
+        return {"batches": self.served, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.served, self.seed = state["batches"], state["seed"]
 
     def __iter__(self) -> Iterator[torch.Tensor]:
+        generator = torch.Generator().manual_seed(self.seed)
+        skip, self.served = self.served, 0
         buf: list[torch.Tensor] = []
         held = 0
         keys = [self.hook, grad_key(self.hook)] if self.with_grads else [self.hook]
@@ -309,10 +319,12 @@ class ModelStream:
             if held < self.buffer_tokens:
                 continue
             x = torch.cat(buf)
-            x = x[torch.randperm(x.shape[0], generator=self.generator, device="cpu").to(x.device)]
+            x = x[torch.randperm(x.shape[0], generator=generator, device="cpu").to(x.device)]
             full = x.shape[0] // self.batch_size * self.batch_size
             for b in range(0, full, self.batch_size):
-                yield _split(x[b : b + self.batch_size], len(keys))
+                self.served += 1
+                if self.served > skip:
+                    yield _split(x[b : b + self.batch_size], len(keys))
             buf, held = [x[full:]], x.shape[0] - full
 
 

@@ -63,17 +63,26 @@ def train(
     eval_tokens: Annotated[int | None, Opt(help="Held-out tokens for the end-of-run evaluation. [default: 32768]")] = None,
     seed: Annotated[int | None, Opt(help="Seed for init, data order and shuffling. [default: 0]")] = None,
     device: Annotated[str | None, Opt(help="Torch device. [default: cpu]")] = None,
+    checkpoint_every: Annotated[int | None, Opt(help="Steps between checkpoints (0: only at the end). [default: 500]")] = None,
+    resume: Annotated[Path | None, Opt(help="Continue the run in this directory from its checkpoint, exactly; its own config is used and other flags must be left out.")] = None,
     overwrite: Annotated[bool, Opt("--overwrite", help="Allow writing into a non-empty --out directory.")] = False,
 ) -> None:
     """Train an SAE. With no flags: a TopK SAE on the shipped zoo model, offline, in minutes."""
     flags = dict(locals())
     flags.pop("config")
-    from saelab.training import TrainConfig
+    flags.pop("resume")
+    from saelab.training import TrainConfig, resume_config
     from saelab.training import train as run
 
     flags = {k: (str(v) if isinstance(v, Path) else v) for k, v in flags.items()}
     flags["overwrite"] = overwrite or None
-    result = run(TrainConfig.from_file_and_flags(str(config) if config else None, flags))
+    if resume is not None:
+        given = sorted(k for k, v in flags.items() if v is not None)
+        if given or config:
+            raise SaelabError(f"--resume continues a run with its own config; drop {given or ['--config']}")
+        result = run(resume_config(resume), resume=True)
+    else:
+        result = run(TrainConfig.from_file_and_flags(str(config) if config else None, flags))
     s = result.summary
     _print_summary(f"Trained {s['allocator']} SAE -> {s['dictionary']}", {
         "model / hook": f"{s['model']} / {s['hook']}",

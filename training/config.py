@@ -51,6 +51,8 @@ class TrainConfig:
         seed: seeds initialisation, data order and shuffling.
         device: torch device.
         log_every: steps between metric records.
+        checkpoint_every: steps between checkpoints (0: only at the end); `--resume` continues
+            from the latest one exactly.
         overwrite: allow writing into a non-empty output directory.
     """
 
@@ -83,6 +85,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     log_every: int = 20
+    checkpoint_every: int = 500
     overwrite: bool = False
 
     def __post_init__(self) -> None:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import json
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
 from saelab import __version__
@@ -16,7 +18,7 @@ from saelab.cache import CacheStream, Manifest, ModelStream
 from saelab.data import TokenData
 from saelab.errors import SaelabError
 from saelab.evals import evaluate, write_report
-from saelab.io import check_output_dir, write_json
+from saelab.io import check_output_dir, write_json, write_safetensors
 from saelab.models import HookedModel, load_model
 from saelab.sae import SAE, SAEConfig
 from saelab.training.config import TrainConfig
@@ -25,6 +27,7 @@ from saelab.training.losses import auxk_loss, fvu, underused
 from saelab.zoo import DEFAULT_MODEL
 
 METRICS_FILE = "metrics.json"
+CHECKPOINT_FILE = "checkpoint.safetensors"
 CALIBRATION_BATCHES = 16
 SUMMARY_KEYS = ("tokens", "fvu", "explained_variance", "l0", "dead_frac", "ce_clean", "ce_sae",
                 "delta_loss", "ce_loss_recovered", "kl_sae")
@@ -62,7 +65,7 @@ def _default_hook(model: HookedModel) -> str:
 class _Sources:
     """Where a run's data comes from: training batches, the model, and held-out text."""
 
-    batches: Iterator  # activations, or (activations, loss gradients) for gradient_topk
+    stream: CacheStream | ModelStream  # activations, or (activations, gradients) for gradient_topk
     model: HookedModel
     hook: str
     d_in: int
@@ -93,7 +96,7 @@ def _sources(cfg: TrainConfig) -> _Sources:
         stream = ModelStream(model, data, hook, cfg.batch_size, cfg.buffer_tokens, seed=cfg.seed,
                              with_grads=with_grads)
         data = dataclasses.replace(data, split="heldout")
-    return _Sources(iter(stream), model, hook, d_in, data)
+    return _Sources(stream, model, hook, d_in, data)
 
 
 class Trainer:
@@ -159,47 +162,115 @@ class Trainer:
             count += ok
         self.sae.threshold.copy_(torch.where(count > 0, total / count.clamp_min(1), float("inf")))
 
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """(tensors, JSON-able extras): everything `step` reads, for an exact resume."""
+        tensors = {f"sae.{k}": v for k, v in self.sae.state_dict().items()}
+        tensors["since_fired"], tensors["freq"] = self.since_fired, self.freq
+        opt = self.opt.state_dict()
+        for i, slots in opt["state"].items():
+            for name, value in slots.items():
+                tensors[f"opt.{i}.{name}"] = value
+        return tensors, {"step_count": self.step_count, "param_groups": opt["param_groups"]}
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], extra: dict) -> None:
+        self.sae.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("sae.")})
+        self.since_fired.copy_(tensors["since_fired"])
+        self.freq.copy_(tensors["freq"])
+        state: dict[int, dict] = {}
+        for key, value in tensors.items():
+            if key.startswith("opt."):
+                _, i, name = key.split(".", 2)
+                state.setdefault(int(i), {})[name] = value
+        self.opt.load_state_dict({"state": state, "param_groups": extra["param_groups"]})
+        self.step_count = extra["step_count"]
+
 
 def _unpack(batch, device: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     x, grad = batch if isinstance(batch, tuple) else (batch, None)
     return x.to(device), None if grad is None else grad.to(device)
 
 
-def train(cfg: TrainConfig) -> TrainResult:
-    """Train an SAE per `cfg`; writes `cfg.out/{sae.safetensors,cfg.json,metrics.json}`."""
-    out = check_output_dir(Path(cfg.out), cfg.overwrite)
+def _save_checkpoint(path: Path, trainer: Trainer, stream, cfg: TrainConfig, seen: int,
+                     log: list[dict]) -> None:
+    """One safetensors file (tensors + JSON metadata), replaced atomically: never half-written."""
+    tensors, extra = trainer.state_dict()
+    tensors["rng.torch"] = torch.get_rng_state()
+    meta = {"config": dataclasses.asdict(cfg), "trainer": extra, "stream": stream.state_dict(),
+            "seen": seen, "log": log}
+    write_safetensors(path, tensors, metadata={"saelab_checkpoint": json.dumps(meta)})
+
+
+def read_checkpoint(run: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, metadata) of a run's checkpoint, or a clear error."""
+    path = Path(run) / CHECKPOINT_FILE
+    if not path.exists():
+        raise SaelabError(f"no checkpoint to resume at {path}; was the run started with saelab train?")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads(f.metadata()["saelab_checkpoint"])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as e:
+        raise SaelabError(f"checkpoint {path} is truncated or corrupt ({e})") from None
+    return tensors, meta
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
+    """Train an SAE per `cfg`; writes `cfg.out/{sae.safetensors,cfg.json,metrics.json,eval.*}`.
+
+    A checkpoint (`checkpoint.safetensors`) is written every `cfg.checkpoint_every` steps and
+    at the end; with `resume`, training continues from `cfg.out`'s checkpoint exactly where it
+    stopped (same batches, same optimiser state: the final weights equal an uninterrupted run's).
+    Use `resume_config(run)` to get the run's own config.
+    """
+    out = Path(cfg.out) if resume else check_output_dir(Path(cfg.out), cfg.overwrite)
+    saved = read_checkpoint(out) if resume else None
     torch.manual_seed(cfg.seed)
     src = _sources(cfg)
-    batches, hook, d_in = src.batches, src.hook, src.d_in
+    stream, hook, d_in = src.stream, src.hook, src.d_in
     sae_cfg = SAEConfig(
         d_in=d_in, n_latents=cfg.latents(d_in), k=cfg.k, allocator=cfg.allocator, beta=cfg.beta,
         capacity=cfg.capacity, zipf_alpha=cfg.zipf_alpha, hook=hook, model=src.model.spec,
         saelab_version=__version__,
     )
     sae = SAE(sae_cfg, device=cfg.device)
-    x, grad = _unpack(next(batches), cfg.device)
-    init_sae(sae, x, cfg.seed)
     steps = max(1, cfg.tokens // cfg.batch_size)
     trainer = Trainer(sae, cfg, steps)
     log: list[dict] = []
-    bar = tqdm(total=steps * cfg.batch_size, unit="tok", unit_scale=True, desc=f"train {hook}")
-    start = time.perf_counter()
     seen = 0
-    for step in range(steps):
-        if step:
-            x, grad = _unpack(next(batches), cfg.device)
+    if saved is not None:
+        tensors, meta = saved
+        trainer.load_state_dict(tensors, meta["trainer"])
+        stream.load_state_dict(meta["stream"])
+        torch.set_rng_state(tensors["rng.torch"])
+        seen, log = meta["seen"], meta["log"]
+        batches = iter(stream)
+    else:
+        batches = iter(stream)
+        first = next(batches)
+        init_sae(sae, _unpack(first, cfg.device)[0], cfg.seed)
+        batches = itertools.chain([first], batches)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = out / CHECKPOINT_FILE
+    bar = tqdm(total=steps * cfg.batch_size, initial=seen, unit="tok", unit_scale=True,
+               desc=f"train {hook}")
+    start, seen_at_start = time.perf_counter(), seen
+    for step in range(trainer.step_count, steps):
+        x, grad = _unpack(next(batches), cfg.device)
         losses = trainer.step(x, grad)
         seen += x.shape[0]
         bar.update(x.shape[0])
         if step % cfg.log_every == 0 or step == steps - 1:
             rec = {"step": step, "tokens": seen, **{k: v.item() for k, v in losses.items()},
                    "lr": trainer.opt.param_groups[0]["lr"],
-                   "tokens_per_s": seen / (time.perf_counter() - start)}
+                   "tokens_per_s": (seen - seen_at_start) / (time.perf_counter() - start)}
             log.append(rec)
             bar.set_postfix(fvu=f"{rec['fvu']:.3f}", l0=f"{rec['l0']:.1f}",
                             dead=f"{rec['dead_frac']:.1%}")
+        if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
+            _save_checkpoint(ckpt, trainer, stream, cfg, seen, log)
     bar.close()
     seconds = time.perf_counter() - start
+    _save_checkpoint(ckpt, trainer, stream, cfg, seen, log)
     if sae_cfg.batch_level:
         calibration = [_unpack(next(batches), cfg.device)[0] for _ in range(CALIBRATION_BATCHES)]
         trainer.calibrate_thresholds(calibration)
@@ -211,8 +282,14 @@ def train(cfg: TrainConfig) -> TrainResult:
         "dictionary": str(out), "model": src.model.spec, "hook": hook, "d_in": d_in,
         "n_latents": sae_cfg.n_latents, "k": sae_cfg.k, "allocator": sae_cfg.allocator,
         "train_tokens": seen, "train_seconds": round(seconds, 2),
-        "tokens_per_s": round(seen / seconds, 1), "lr": trainer.lr,
+        "tokens_per_s": round((seen - seen_at_start) / seconds, 1), "lr": trainer.lr,
         **{f"heldout_{k}": report[k] for k in SUMMARY_KEYS},
     }
     write_json(out / METRICS_FILE, {"config": dataclasses.asdict(cfg), "summary": summary, "log": log})
     return TrainResult(sae, out, summary)
+
+
+def resume_config(run: str | Path) -> TrainConfig:
+    """The config a run was started with (from its checkpoint), pointed at that run."""
+    _, meta = read_checkpoint(run)
+    return dataclasses.replace(TrainConfig(**meta["config"]), out=str(run))
