@@ -64,6 +64,8 @@ def train(
     seed: Annotated[int | None, Opt(help="Seed for init, data order and shuffling. [default: 0]")] = None,
     device: Annotated[str | None, Opt(help="Torch device. [default: cpu]")] = None,
     checkpoint_every: Annotated[int | None, Opt(help="Steps between checkpoints (0: only at the end). [default: 500]")] = None,
+    wandb: Annotated[bool, Opt("--wandb", help="Also log to Weights & Biases (offline into OUT/wandb without an account; WANDB_MODE=online to sync live).")] = False,
+    wandb_project: Annotated[str | None, Opt(help="wandb project. [default: saelab]")] = None,
     resume: Annotated[Path | None, Opt(help="Continue the run in this directory from its checkpoint, exactly; its own config is used and other flags must be left out.")] = None,
     overwrite: Annotated[bool, Opt("--overwrite", help="Allow writing into a non-empty --out directory.")] = False,
 ) -> None:
@@ -76,6 +78,7 @@ def train(
 
     flags = {k: (str(v) if isinstance(v, Path) else v) for k, v in flags.items()}
     flags["overwrite"] = overwrite or None
+    flags["wandb"] = wandb or None
     if resume is not None:
         given = sorted(k for k, v in flags.items() if v is not None)
         if given or config:

@@ -53,6 +53,9 @@ class TrainConfig:
         log_every: steps between metric records.
         checkpoint_every: steps between checkpoints (0: only at the end); `--resume` continues
             from the latest one exactly.
+        wandb: also log to Weights & Biases (offline into `out/wandb` unless WANDB_MODE or
+            WANDB_API_KEY says online); local JSON logs are always written.
+        wandb_project: the wandb project name.
         overwrite: allow writing into a non-empty output directory.
     """
 
@@ -86,6 +89,8 @@ class TrainConfig:
     device: str = "cpu"
     log_every: int = 20
     checkpoint_every: int = 500
+    wandb: bool = False
+    wandb_project: str = "saelab"
     overwrite: bool = False
 
     def __post_init__(self) -> None:

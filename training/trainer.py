@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -251,6 +252,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
         batches = itertools.chain([first], batches)
     out.mkdir(parents=True, exist_ok=True)
     ckpt = out / CHECKPOINT_FILE
+    wb = _wandb_run(cfg, out) if cfg.wandb else None
     bar = tqdm(total=steps * cfg.batch_size, initial=seen, unit="tok", unit_scale=True,
                desc=f"train {hook}")
     start, seen_at_start = time.perf_counter(), seen
@@ -264,6 +266,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
                    "lr": trainer.opt.param_groups[0]["lr"],
                    "tokens_per_s": (seen - seen_at_start) / (time.perf_counter() - start)}
             log.append(rec)
+            if wb is not None:
+                wb.log(rec, step=step)
             bar.set_postfix(fvu=f"{rec['fvu']:.3f}", l0=f"{rec['l0']:.1f}",
                             dead=f"{rec['dead_frac']:.1%}")
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
@@ -286,7 +290,30 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
         **{f"heldout_{k}": report[k] for k in SUMMARY_KEYS},
     }
     write_json(out / METRICS_FILE, {"config": dataclasses.asdict(cfg), "summary": summary, "log": log})
+    if wb is not None:
+        _wandb_finish(wb, summary, report)
     return TrainResult(sae, out, summary)
+
+
+def _wandb_run(cfg: TrainConfig, out: Path):
+    """A wandb run in `out/wandb`; offline (no account needed, `wandb sync` later) unless
+    WANDB_MODE says otherwise or an API key is set."""
+    import wandb
+
+    mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+    return wandb.init(project=cfg.wandb_project, name=out.name, dir=str(out), mode=mode,
+                      config=dataclasses.asdict(cfg))
+
+
+def _wandb_finish(run, summary: dict, report: dict) -> None:
+    import wandb
+
+    density = torch.tensor(report["latent_density"], dtype=torch.float64)
+    live = density[density > 0].log10()
+    run.log({"heldout/log10_latent_density": wandb.Histogram(live.numpy()),
+             "heldout/dead_latents": int((density == 0).sum())})
+    run.summary.update(summary)
+    run.finish()
 
 
 def resume_config(run: str | Path) -> TrainConfig:

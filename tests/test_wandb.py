@@ -1,0 +1,22 @@
+"""wandb logging with the real library in offline mode (no account, no network)."""
+
+import glob
+
+from saelab.training import TrainConfig, train
+
+
+def test_offline_wandb_run_records_metrics(small_cache, tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "run"
+    train(TrainConfig(cache=str(small_cache), hook="blocks.1.hook_resid_post", out=str(out),
+                      n_latents=128, k=4, tokens=8192, batch_size=1024, eval_tokens=1024,
+                      log_every=2, wandb=True))
+    files = glob.glob(str(out / "wandb" / "offline-run-*" / "run-*.wandb"))
+    assert len(files) == 1
+    data = open(files[0], "rb").read()
+    for key in (b"fvu", b"l0", b"dead_frac", b"tokens_per_s", b"heldout/log10_latent_density",
+                b"heldout_fvu"):
+        assert key in data, key
+    assert (out / "metrics.json").exists()  # local JSON logs are written either way
