@@ -8,10 +8,11 @@ SAELens needs transformer-lens 3.x, so this runs in a side venv where saelab als
     python benchmarks/saelens_crosscheck.py [DICT] [--tokens N] [--batch-rows B]
 
 Without DICT a small TopK SAE is trained first on zoo:pystdlib-4l. The dictionary is exported
-to SAELens's on-disk format (cfg.json + sae_weights.safetensors; SAELens keeps W_enc as
-(d_in, d_sae), saelab as (n, d)), loaded back with `sae_lens.SAE.load_from_disk`, checked to
-encode and decode like saelab's, and then scored by `saelab.evals.evaluate` and by
-`sae_lens.evals.run_evals` on identical token rows and the same HookedTransformer.
+to SAELens's on-disk format by `saelab.saelens.export_saelens` (cfg.json + sae_weights.safetensors;
+SAELens keeps W_enc as (d_in, d_sae), saelab as (n, d)), loaded back with
+`sae_lens.SAE.load_from_disk`, checked to encode and decode like saelab's, and then scored by
+`saelab.evals.evaluate` and by `sae_lens.evals.run_evals` on identical token rows and the same
+HookedTransformer.
 
 The two disagree on CE loss recovered by design, for two rules saelab chose:
 - SAELens zero-ablates the hook at every position, BOS included; saelab (and its SAE and mean
@@ -34,38 +35,10 @@ import torch
 import saelab
 from saelab.cache import positions_to_keep
 from saelab.data import TokenData
-from saelab.errors import SaelabError
 from saelab.evals import evaluate
 from saelab.evals.evaluate import heldout_rows
-from saelab.io import write_json, write_safetensors
 from saelab.models import load_model
-
-SAELENS_FORMAT = "6.0.0"  # the cfg.json layout written below is SAELens >= 6.0's
-
-
-def export_saelens(sae: saelab.SAE, out: Path, context_length: int) -> Path:
-    """Write a TopK dictionary in SAELens's on-disk format (architecture "topk")."""
-    cfg = sae.cfg
-    if cfg.allocator != "topk":
-        raise SaelabError(f"only topk dictionaries map onto SAELens's TopK SAE, not {cfg.allocator}")
-    out.mkdir(parents=True, exist_ok=True)
-    metadata = {
-        "sae_lens_version": SAELENS_FORMAT, "sae_lens_training_version": SAELENS_FORMAT,
-        "model_name": cfg.model, "hook_name": cfg.hook, "hook_head_index": None,
-        "prepend_bos": True, "context_size": context_length, "exported_by": f"saelab {saelab.__version__}",
-    }
-    write_json(out / "cfg.json", {
-        "architecture": "topk", "d_in": cfg.d_in, "d_sae": cfg.n_latents, "k": cfg.k,
-        "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": True,
-        "normalize_activations": "none", "rescale_acts_by_decoder_norm": False,
-        "reshape_activations": "hook_z" if cfg.hook.endswith("hook_z") else "none",
-        "metadata": metadata,
-    })
-    write_safetensors(out / "sae_weights.safetensors", {
-        "W_enc": sae.W_enc.detach().T.float(), "b_enc": sae.b_enc.detach().float(),
-        "W_dec": sae.W_dec.detach().float(), "b_dec": sae.b_dec.detach().float(),
-    })
-    return out
+from saelab.saelens import export_saelens
 
 
 class RowStore:
@@ -142,7 +115,7 @@ def main() -> None:
     model = load_model(sae.cfg.model)
     print(f"dictionary {path}: {sae.cfg.n_latents} latents, k={sae.cfg.k}, {sae.cfg.hook}; {model.backend}")
 
-    lens = LensSAE.load_from_disk(export_saelens(sae, work / "saelens", args.context_length))
+    lens = LensSAE.load_from_disk(export_saelens(sae, work / "saelens", context_size=args.context_length))
     x = model.activations(torch.tensor([[256] + list(b"def f(x):\n    return x\n")]), [sae.cfg.hook])
     x = x[sae.cfg.hook][0]
     with torch.no_grad():

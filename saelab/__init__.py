@@ -1,12 +1,14 @@
 """saelab: sparse autoencoders for interpretability.
 
     import saelab
-    sae = saelab.load("runs/sae")       # a dictionary directory written by `saelab train`
+    sae = saelab.load("runs/sae")       # a dictionary directory written by `saelab train`,
+                                        # a SAELens directory, or a hub repo id
     idx, vals = sae.encode(x)            # (B, k) latent indices and values
     x_hat = sae.decode(idx, vals)
 """
 
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
 try:
     __version__ = version("saelab")
@@ -17,8 +19,18 @@ from saelab.errors import SaelabError  # noqa: E402
 from saelab.sae import SAE, SAEConfig  # noqa: E402
 
 
-def load(path: str, device: str = "cpu") -> SAE:
-    """Load a dictionary directory (`sae.safetensors` + `cfg.json`)."""
+def load(path_or_repo_id: str | Path, device: str = "cpu") -> SAE:
+    """Load a dictionary: a saelab directory (`sae.safetensors` + `cfg.json`), a SAELens one
+    (`sae_weights.safetensors` + `cfg.json`), or a Hugging Face hub repo `owner/name[/folder]`
+    holding either; a path that does not exist locally and is not absolute or ./-relative is
+    tried as a repo id."""
+    from saelab import saelens
+
+    path, spec = Path(path_or_repo_id), str(path_or_repo_id)
+    if not path.exists() and "/" in spec and not spec.startswith((".", "/", "~")):
+        path = saelens.hub_snapshot(spec)
+    if saelens.is_saelens_dir(path):
+        return saelens.import_saelens(path, device=device)
     return SAE.load(path, device=device)
 
 

@@ -164,6 +164,30 @@ def eval_cmd(
     typer.echo(f"wrote {', '.join(p.name for p in paths)} -> {target}")
 
 
+@app.command("export")
+def export_cmd(
+    dictionary: Annotated[str, typer.Argument(help="A saelab or SAELens dictionary directory, or a hub repo id.")],
+    out: Annotated[Path, typer.Argument(help="Directory to write the exported dictionary into.")],
+    format: Annotated[str, Opt("--format", help="saelens (cfg.json + sae_weights.safetensors) or saelab.")] = "saelens",
+    context_size: Annotated[int | None, Opt(help="SAELens metadata: context size the SAE was trained with.")] = None,
+    overwrite: Annotated[bool, Opt("--overwrite", help="Allow writing into a non-empty directory.")] = False,
+) -> None:
+    """Convert a dictionary between saelab's and SAELens's on-disk formats."""
+    import saelab
+    from saelab.io import check_output_dir
+    from saelab.saelens import export_saelens
+
+    if format not in ("saelens", "saelab"):
+        raise SaelabError(f"unknown export format {format!r}; use saelens or saelab")
+    sae = saelab.load(dictionary)
+    if format == "saelens":
+        export_saelens(sae, out, context_size=context_size, overwrite=overwrite)
+    else:
+        sae.save(check_output_dir(out, overwrite))
+    typer.echo(f"exported {sae.cfg.allocator} dictionary ({sae.cfg.n_latents} x {sae.cfg.d_in}) "
+               f"as {format} -> {out}")
+
+
 @app.command()
 def info(
     target: Annotated[str, typer.Argument(help="A dictionary directory, a cache directory, or a model spec.")],

@@ -1,0 +1,189 @@
+"""SAELens interop: read and write SAELens's on-disk dictionaries (the sae-lens >= 6 layout).
+
+A SAELens directory holds `cfg.json` and `sae_weights.safetensors`: W_enc (d_in, d_sae), W_dec
+(d_sae, d_in), b_enc, b_dec, and for JumpReLU a per-latent `threshold`. Its maths is saelab's with
+W_enc transposed: `pre = (x - b_dec) @ W_enc + b_enc`, `x_hat = z @ W_dec + b_dec`.
+
+saelab -> SAELens (`export_saelens`):
+- topk -> "topk" with k.
+- gradient_topk -> "topk": at inference it is plain topk; its gradient-steered selection is a
+  training rule SAELens has no form for.
+- mutual_choice -> "jumprelu" with saelab's thresholds and metadata training_architecture
+  "batchtopk" with k, which is how SAELens saves its own BatchTopK SAEs ("batchtopk" is a
+  training-only class there, not loadable by `SAE.load_from_disk`). SAELens's JumpReLU keeps
+  relu(pre) where pre > threshold, exactly saelab's threshold mode, so inference is identical.
+- feature_choice -> "jumprelu" likewise; its batch-mode allocation has no SAELens equivalent.
+saelab's own config rides along in metadata["saelab"], so importing the export gives back the
+same allocator and settings.
+
+SAELens -> saelab (`import_saelens`):
+- "topk" -> topk.
+- "batchtopk" (a SAELens training checkpoint) -> mutual_choice, its scalar topk_threshold (an EMA
+  of the smallest selected activation) as every latent's threshold, as SAELens's own conversion
+  to JumpReLU does; never a per-token topk, which would be a different dictionary.
+- "jumprelu" whose metadata records a batch budget k (SAELens BatchTopK or Matryoshka BatchTopK,
+  or a saelab export) -> mutual_choice (or the saelab allocator recorded), thresholds kept.
+  A JumpReLU trained as such has no k, which every saelab dictionary needs, so it is refused, as
+  are other architectures and normalize_activations other than "none".
+rescale_acts_by_decoder_norm is folded into the weights (as SAELens's fold_W_dec_norm does) and
+apply_b_dec_to_input=False into b_enc; both give the same codes and reconstructions (up to
+float rounding). Weights load as float32, like `SAE.load`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from saelab import __version__
+from saelab.errors import SaelabError
+from saelab.io import check_output_dir, write_json, write_safetensors
+from saelab.sae import CONFIG_FILE, SAE, WEIGHTS_FILE, SAEConfig
+
+SAELENS_WEIGHTS_FILE = "sae_weights.safetensors"
+SAELENS_FORMAT = "6.0.0"  # the cfg.json layout written here is SAELens >= 6.0's
+# which saelab allocators each SAELens architecture can stand for; the first is the default
+ARCHITECTURES = {"topk": ("topk", "gradient_topk"), "batchtopk": ("mutual_choice",),
+              "jumprelu": ("mutual_choice", "feature_choice")}
+
+
+def export_saelens(sae: SAE, out_dir: str | Path, context_size: int | None = None,
+                   overwrite: bool = False) -> Path:
+    """Write `sae` as a SAELens dictionary directory (architecture mapping: module docstring).
+
+    `context_size` (tokens per training row) is recorded in the metadata for SAELens's evals.
+    An existing non-empty `out_dir` is only replaced with `overwrite`.
+    """
+    cfg = sae.cfg
+    if cfg.batch_level and torch.isnan(sae.threshold).any():
+        raise SaelabError(f"this {cfg.allocator} SAE has no inference thresholds yet; train it first")
+    out = check_output_dir(Path(out_dir), overwrite)
+    out.mkdir(parents=True, exist_ok=True)
+    metadata = {
+        "sae_lens_version": SAELENS_FORMAT, "sae_lens_training_version": SAELENS_FORMAT,
+        "model_name": cfg.model, "hook_name": cfg.hook, "hook_head_index": None,
+        "prepend_bos": True, "context_size": context_size, "exported_by": f"saelab {__version__}",
+        "saelab": dataclasses.asdict(cfg),
+    }
+    tensors = {"W_enc": sae.W_enc.T, "b_enc": sae.b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec}
+    if cfg.batch_level:
+        arch, extra = "jumprelu", {}
+        tensors["threshold"] = sae.threshold
+        if cfg.allocator == "mutual_choice":
+            metadata |= {"training_architecture": "batchtopk", "training_architecture_details": {"k": cfg.k}}
+    else:
+        arch, extra = "topk", {"k": cfg.k, "rescale_acts_by_decoder_norm": False}
+    write_safetensors(out / SAELENS_WEIGHTS_FILE, tensors)  # weights first, like `SAE.save`
+    write_json(out / CONFIG_FILE, {
+        "architecture": arch, "d_in": cfg.d_in, "d_sae": cfg.n_latents, **extra,
+        "dtype": str(sae.W_enc.dtype).removeprefix("torch."), "device": "cpu",
+        "apply_b_dec_to_input": True, "normalize_activations": "none",
+        "reshape_activations": "hook_z" if (cfg.hook or "").endswith("hook_z") else "none",
+        "metadata": metadata,
+    })
+    return out
+
+
+def is_saelens_dir(path: str | Path) -> bool:
+    """A SAELens directory has its weights file, or a cfg.json speaking of d_sae (not n_latents)."""
+    path = Path(path)
+    if (path / SAELENS_WEIGHTS_FILE).is_file():
+        return True
+    try:
+        return "d_sae" in json.loads((path / CONFIG_FILE).read_text())
+    except (OSError, json.JSONDecodeError, TypeError):
+        return False
+
+
+def import_saelens(path: str | Path, device: str | torch.device = "cpu") -> SAE:
+    """Read a SAELens dictionary directory into a saelab SAE (mapping: module docstring)."""
+    path = Path(path)
+    cfg_path, w_path = path / CONFIG_FILE, path / SAELENS_WEIGHTS_FILE
+    for f in (cfg_path, w_path):
+        if not f.is_file():
+            raise SaelabError(f"no SAELens dictionary at {path}: {f.name} is missing")
+    try:
+        lens = json.loads(cfg_path.read_text())
+        d_in, d_sae, arch = int(lens["d_in"]), int(lens["d_sae"]), lens["architecture"]
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise SaelabError(f"{cfg_path} is not a SAELens config ({type(e).__name__}: {e})") from None
+    if arch not in ARCHITECTURES:
+        raise SaelabError(
+            f"{path}: SAELens architecture {arch!r} has no saelab equivalent; "
+            f"saelab imports {', '.join(ARCHITECTURES)}"
+        )
+    if lens.get("normalize_activations", "none") != "none":
+        raise SaelabError(
+            f"{path}: normalize_activations={lens['normalize_activations']!r} is not supported; "
+            "saelab reads unnormalised activations"
+        )
+    meta = lens.get("metadata") or {}
+    saved = meta.get("saelab") or {}
+    k = lens.get("k")
+    if arch == "jumprelu":  # SAELens keeps a BatchTopK's k in the metadata of its JumpReLU form
+        k = saved.get("k", (meta.get("training_architecture_details") or {}).get("k"))
+        if k is None:
+            raise SaelabError(
+                f"{path}: a JumpReLU SAE trained as one has no batch budget k, which saelab dictionaries "
+                "need; only JumpReLU forms of BatchTopK or saelab dictionaries import"
+            )
+    if not isinstance(k, (int, float)) or k != int(k):
+        raise SaelabError(f"{path}: k={k!r} must be a whole number for saelab")
+    choices = ARCHITECTURES[arch]
+    allocator = saved.get("allocator") if saved.get("allocator") in choices else choices[0]
+    cfg = SAEConfig.from_dict({
+        **saved, "d_in": d_in, "n_latents": d_sae, "k": int(k), "allocator": allocator,
+        "hook": meta.get("hook_name", lens.get("hook_name")),
+        "model": meta.get("model_name", lens.get("model_name")),
+    })
+
+    try:
+        state = load_file(str(w_path))
+    except (SafetensorError, OSError) as e:
+        raise SaelabError(f"{w_path} is truncated or corrupt ({e})") from None
+    expected = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
+    expected |= {"jumprelu": {"threshold": (d_sae,)}, "batchtopk": {"topk_threshold": ()}}.get(arch, {})
+    found = {name: tuple(t.shape) for name, t in state.items()}
+    if found != expected:
+        raise SaelabError(f"{w_path} holds {found}, but {cfg_path} implies {expected}")
+    state = {name: t.double() for name, t in state.items()}  # fold in float64, store float32
+    if lens.get("rescale_acts_by_decoder_norm"):
+        # SAELens scales pre by ||W_dec_j|| and divides codes by it: the same as unit decoder rows
+        norm = state["W_dec"].norm(dim=1).clamp_min(1e-8)
+        state["W_enc"], state["b_enc"], state["W_dec"] = (
+            state["W_enc"] * norm, state["b_enc"] * norm, state["W_dec"] / norm[:, None])
+    if not lens.get("apply_b_dec_to_input", True):
+        state["b_enc"] = state["b_enc"] + state["b_dec"] @ state["W_enc"]  # x @ W == (x - b) @ W + b @ W
+
+    state["W_enc"] = state["W_enc"].T  # saelab keeps a row per latent
+    if arch == "batchtopk":
+        state["threshold"] = state.pop("topk_threshold").expand(d_sae)
+    sae = SAE(cfg, device=device)
+    sae.load_state_dict(state)  # copies into saelab's float32 parameters
+    return sae
+
+
+def hub_snapshot(spec: str) -> Path:
+    """Fetch `owner/name[/folder]` from the Hugging Face hub, only the dictionary files."""
+    from huggingface_hub import snapshot_download
+
+    parts = spec.split("/")
+    repo_id, folder = "/".join(parts[:2]), "/".join(parts[2:])
+    prefix = f"{folder}/" if folder else ""
+    try:
+        root = snapshot_download(repo_id, allow_patterns=[
+            prefix + name for name in (CONFIG_FILE, WEIGHTS_FILE, SAELENS_WEIGHTS_FILE)])
+    except Exception as e:  # offline, unknown or gated repo, proxy: all end the same way for the user
+        raise SaelabError(
+            f"no local directory {spec!r} and could not download it from the Hugging Face hub "
+            f"({type(e).__name__}); pass a local dictionary directory"
+        ) from None
+    return Path(root) / folder
+
+
+__all__ = ["export_saelens", "import_saelens", "is_saelens_dir", "hub_snapshot"]

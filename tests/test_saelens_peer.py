@@ -1,0 +1,68 @@
+"""saelab <-> SAELens checked against sae-lens itself. sae-lens needs transformer-lens 3.x, so this
+runs only where it imports (the side venv of benchmarks/saelens_crosscheck.py)."""
+
+import pytest
+import torch
+
+import saelab
+from saelab.saelens import export_saelens
+
+sae_lens = pytest.importorskip("sae_lens")
+
+from test_saelens import D, K, N, dense_code, random_sae  # noqa: E402
+
+
+@pytest.mark.parametrize(("allocator", "lens_class"), [
+    ("topk", "TopKSAE"), ("gradient_topk", "TopKSAE"),
+    ("mutual_choice", "JumpReLUSAE"), ("feature_choice", "JumpReLUSAE"),
+])
+def test_sae_lens_loads_saelab_exports(tmp_path, allocator, lens_class):
+    sae = random_sae(allocator)
+    lens = sae_lens.SAE.load_from_disk(str(export_saelens(sae, tmp_path / "lens")))
+    assert type(lens).__name__ == lens_class
+    assert (lens.cfg.metadata.hook_name, lens.cfg.metadata.model_name) == (sae.cfg.hook, sae.cfg.model)
+    x = torch.randn(64, D)
+    with torch.no_grad():
+        z = lens.encode(x)
+        assert (z != 0).any()
+        torch.testing.assert_close(dense_code(sae, x), z)
+        torch.testing.assert_close(sae(x), lens.decode(z))
+
+
+def _random(lens):
+    """Random weights with decoder rows far from unit norm, so rescale_acts_by_decoder_norm bites."""
+    with torch.no_grad():
+        for p in lens.parameters():
+            p.copy_(torch.randn_like(p))
+    return lens
+
+
+def test_saelab_imports_what_sae_lens_saves(tmp_path):
+    """TopK (rescale_acts_by_decoder_norm, SAELens's training default) and BatchTopK, both as
+    inference saves and as training checkpoints."""
+    torch.manual_seed(0)
+    topk = _random(sae_lens.TopKTrainingSAE(sae_lens.TopKTrainingSAEConfig(d_in=D, d_sae=N, k=K)))
+    batch = _random(sae_lens.BatchTopKTrainingSAE(sae_lens.BatchTopKTrainingSAEConfig(d_in=D, d_sae=N, k=K)))
+    batch.topk_threshold.fill_(2.0)
+    assert topk.cfg.rescale_acts_by_decoder_norm and batch.cfg.rescale_acts_by_decoder_norm
+    topk.save_inference_model(tmp_path / "topk")
+    topk.save_model(tmp_path / "topk-checkpoint")
+    batch.save_inference_model(tmp_path / "batchtopk")  # SAELens saves BatchTopK as JumpReLU
+    batch.save_model(tmp_path / "batchtopk-checkpoint")
+    jumprelu = sae_lens.SAE.load_from_disk(str(tmp_path / "batchtopk"))
+    x = torch.randn(64, D)
+    refs = {"topk": (topk, "topk"), "topk-checkpoint": (topk, "topk"),
+            "batchtopk": (jumprelu, "mutual_choice"), "batchtopk-checkpoint": (jumprelu, "mutual_choice")}
+    with torch.no_grad():
+        for name, (lens, allocator) in refs.items():
+            sae = saelab.load(str(tmp_path / name))
+            assert (sae.cfg.allocator, sae.cfg.k) == (allocator, K), name
+            z = lens.encode(x)
+            assert (z != 0).any()
+            torch.testing.assert_close(dense_code(sae, x), z, msg=name)
+            torch.testing.assert_close(sae(x), lens.decode(z), msg=name)
+        # batch mode is BatchTopK itself (the training SAE's encode), not its threshold form
+        sae = saelab.load(str(tmp_path / "batchtopk-checkpoint"))
+        z = batch.encode(x)
+        torch.testing.assert_close(dense_code(sae, x, batch=True), z)
+        torch.testing.assert_close(sae.decode(*sae.encode(x, batch=True)), batch.decode(z))
