@@ -192,18 +192,39 @@ def _read_shard(path: Path, keys: list[str]) -> torch.Tensor:
         raise SaelabError(f"cache shard {path} is truncated or corrupt ({e})") from None
 
 
+class _Layout:
+    """How the tensors of several hooks (and their gradients) sit side by side in one row.
+
+    Streams shuffle one (rows, total width) tensor so every hook sees the same token order;
+    a batch is handed out per hook as x, or (x, grad) with gradients, and as a dict
+    {hook: ...} when the stream was asked for a list of hooks.
+    """
+
+    def __init__(self, hooks: str | list[str], with_grads: bool):
+        self.single = isinstance(hooks, str)
+        self.hooks = [hooks] if self.single else list(hooks)
+        self.with_grads = with_grads
+        self.keys = [k for h in self.hooks for k in ([h, grad_key(h)] if with_grads else [h])]
+
+    def split(self, rows: torch.Tensor, widths: list[int]):
+        parts = dict(zip(self.keys, rows.split(widths, dim=1), strict=True))
+        out = {h: (parts[h], parts[grad_key(h)]) if self.with_grads else parts[h] for h in self.hooks}
+        return out[self.hooks[0]] if self.single else out
+
+
 class CacheStream:
-    """Shuffled (B, d) batches of one hook from a cache, resumable (see module docstring).
+    """Shuffled (B, d) batches of one hook (or a list of hooks) from a cache, resumable.
 
     Each epoch serves every row of the chosen shards exactly once; the last batch of an
     epoch may be short. Memory holds at most two groups of `buffer_shards` shards. With
-    `with_grads`, batches are (x, grad) pairs shuffled together.
+    `with_grads`, batches are (x, grad) pairs shuffled together; with a list of hooks, dicts
+    {hook: batch} of the same tokens (see module docstring for the order).
     """
 
     def __init__(
         self,
         directory: str | Path,
-        hook: str,
+        hook: str | list[str],
         batch_size: int,
         seed: int = 0,
         buffer_shards: int = 4,
@@ -212,13 +233,14 @@ class CacheStream:
     ):
         self.directory = Path(directory)
         self.manifest = Manifest.read(self.directory)
-        self.d = self.manifest.check_hook(hook, self.directory)
+        self.layout = _Layout(hook, with_grads)
+        dims = [self.manifest.check_hook(h, self.directory) for h in self.layout.hooks]
+        self.widths = [d for d in dims for _ in range(1 + with_grads)]
         if with_grads and not self.manifest.with_grads:
             raise SaelabError(
                 f"cache {self.directory} has no gradients; rebuild it with `saelab cache --with-grads`"
             )
-        self.keys = [hook, grad_key(hook)] if with_grads else [hook]
-        self.hook, self.batch_size, self.seed = hook, batch_size, seed
+        self.batch_size, self.seed = batch_size, seed
         self.buffer_shards = max(1, buffer_shards)
         all_shards = self.manifest.shards
         self.shards = [all_shards[i] for i in (shards if shards is not None else range(len(all_shards)))]
@@ -239,7 +261,8 @@ class CacheStream:
         return [order[i : i + self.buffer_shards] for i in range(0, len(order), self.buffer_shards)]
 
     def _group_rows(self, epoch: int, gi: int, group: list[int]) -> torch.Tensor:
-        x = torch.cat([_read_shard(self.directory / self.shards[i]["file"], self.keys) for i in group])
+        x = torch.cat([_read_shard(self.directory / self.shards[i]["file"], self.layout.keys)
+                       for i in group])
         g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) * 7919 + gi)
         return x[torch.randperm(x.shape[0], generator=g)]
 
@@ -257,29 +280,26 @@ class CacheStream:
             start += sizes[first]
             first += 1
         skip = self.offset - start  # rows of the first group already served
-        carry = torch.empty(0, self.d * len(self.keys))
+        carry = torch.empty(0, sum(self.widths))
         for gi in range(first, len(groups)):
             rows = torch.cat([carry, self._group_rows(self.epoch, gi, groups[gi])[skip:]])
             skip = 0
             full = rows.shape[0] // self.batch_size * self.batch_size
             for b in range(0, full, self.batch_size):
                 self.offset += self.batch_size
-                yield _split(rows[b : b + self.batch_size], len(self.keys))
+                yield self.layout.split(rows[b : b + self.batch_size], self.widths)
             carry = rows[full:]
         if carry.shape[0]:
             self.offset += carry.shape[0]
-            yield _split(carry, len(self.keys))
-
-
-def _split(rows: torch.Tensor, parts: int) -> torch.Tensor | tuple[torch.Tensor, ...]:
-    """Activations alone, or (activations, gradients) when they were shuffled side by side."""
-    return rows if parts == 1 else rows.chunk(parts, dim=1)
+            yield self.layout.split(carry, self.widths)
 
 
 class ModelStream:
-    """Shuffled (B, d) batches of one hook computed on the fly, mixed in a buffer of tokens.
+    """Shuffled (B, d) batches computed on the fly, mixed in a buffer of tokens.
 
-    With `with_grads`, batches are (x, grad) pairs (the model runs forward and backward).
+    One forward pass serves every hook; batches have the same form as `CacheStream`'s (x, or
+    (x, grad) with `with_grads`, where the model runs forward and backward; a dict for a list
+    of hooks).
     Its position is the number of batches served; resuming replays the (seeded) stream up to
     it, which recomputes activations but restores the exact same batches.
     """
@@ -288,15 +308,16 @@ class ModelStream:
         self,
         model: HookedModel,
         data: TokenData,
-        hook: str,
+        hook: str | list[str],
         batch_size: int,
         buffer_tokens: int = 2**17,
         batch_rows: int = 32,
         seed: int = 0,
         with_grads: bool = False,
     ):
-        model.check_hooks([hook])
-        self.model, self.data, self.hook, self.with_grads = model, data, hook, with_grads
+        self.layout = _Layout(hook, with_grads)
+        model.check_hooks(self.layout.hooks)
+        self.model, self.data = model, data
         self.batch_size, self.buffer_tokens, self.batch_rows = batch_size, buffer_tokens, batch_rows
         self.seed, self.served = seed, 0
 
@@ -311,10 +332,11 @@ class ModelStream:
         skip, self.served = self.served, 0
         buf: list[torch.Tensor] = []
         held = 0
-        keys = [self.hook, grad_key(self.hook)] if self.with_grads else [self.hook]
-        for acts, _ in model_activations(self.model, self.data, [self.hook], self.batch_rows,
-                                         with_grads=self.with_grads):
-            buf.append(torch.cat([acts[key] for key in keys], dim=1))
+        lay = self.layout
+        for acts, _ in model_activations(self.model, self.data, lay.hooks, self.batch_rows,
+                                         with_grads=lay.with_grads):
+            widths = [acts[key].shape[1] for key in lay.keys]
+            buf.append(torch.cat([acts[key] for key in lay.keys], dim=1))
             held += buf[-1].shape[0]
             if held < self.buffer_tokens:
                 continue
@@ -324,7 +346,7 @@ class ModelStream:
             for b in range(0, full, self.batch_size):
                 self.served += 1
                 if self.served > skip:
-                    yield _split(x[b : b + self.batch_size], len(keys))
+                    yield lay.split(x[b : b + self.batch_size], widths)
             buf, held = [x[full:]], x.shape[0] - full
 
 

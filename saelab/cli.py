@@ -39,7 +39,7 @@ def _print_summary(title: str, rows: dict) -> None:
 def train(
     config: Annotated[Path | None, Opt(help="YAML/JSON file of training fields; flags override it.")] = None,
     model: Annotated[str | None, Opt(help="Model spec: zoo:NAME, a local HF directory, or a hub name. [default: zoo:pystdlib-4l]")] = None,
-    hook: Annotated[str | None, Opt(help="Hook to train on. [default: blocks.{n_layers//2}.hook_resid_post]")] = None,
+    hook: Annotated[list[str] | None, Opt(help="Hook to train on; repeat it to train one SAE per hook from one forward pass (written to OUT/HOOK). [default: blocks.{n_layers//2}.hook_resid_post]")] = None,
     data: Annotated[str | None, Opt(help="Token data: builtin:stdlib, a .txt/.jsonl file or directory, or hf:NAME.")] = None,
     cache: Annotated[Path | None, Opt(help="Train from this activation cache (from `saelab cache`) instead of running the model.")] = None,
     out: Annotated[Path | None, Opt(help="Output directory for the dictionary and metrics. [default: runs/sae]")] = None,
@@ -60,6 +60,7 @@ def train(
     k_aux: Annotated[int | None, Opt(help="Latents used by the auxiliary loss. [default: d_in / 2]")] = None,
     auxk_coef: Annotated[float | None, Opt(help="Auxiliary loss weight. [default: 1/32]")] = None,
     context_length: Annotated[int | None, Opt(help="Tokens per row for on-the-fly activations. [default: min(model context, 128)]")] = None,
+    buffer_tokens: Annotated[int | None, Opt(help="On-the-fly activations are shuffled in a buffer of this many tokens. [default: 131072]")] = None,
     eval_tokens: Annotated[int | None, Opt(help="Held-out tokens for the end-of-run evaluation. [default: 32768]")] = None,
     seed: Annotated[int | None, Opt(help="Seed for init, data order and shuffling. [default: 0]")] = None,
     device: Annotated[str | None, Opt(help="Torch device. [default: cpu]")] = None,
@@ -79,6 +80,7 @@ def train(
     flags = {k: (str(v) if isinstance(v, Path) else v) for k, v in flags.items()}
     flags["overwrite"] = overwrite or None
     flags["wandb"] = wandb or None
+    flags["hook"] = hook[0] if hook and len(hook) == 1 else hook or None
     if resume is not None:
         given = sorted(k for k, v in flags.items() if v is not None)
         if given or config:
@@ -86,7 +88,11 @@ def train(
         result = run(resume_config(resume), resume=True)
     else:
         result = run(TrainConfig.from_file_and_flags(str(config) if config else None, flags))
-    s = result.summary
+    for one in result.values() if isinstance(result, dict) else [result]:
+        _print_train_summary(one.summary)
+
+
+def _print_train_summary(s: dict) -> None:
     _print_summary(f"Trained {s['allocator']} SAE -> {s['dictionary']}", {
         "model / hook": f"{s['model']} / {s['hook']}",
         "latents x k": f"{s['n_latents']} x {s['k']} (d_in {s['d_in']})",

@@ -120,3 +120,30 @@ def test_unwritable_or_occupied_output_leaves_files_untouched(tmp_path, monkeypa
 def test_usage_error_exits_2(monkeypatch, capsys):
     code, cap = run_cli(["train", "--k", "many"], monkeypatch, capsys)
     assert code == 2 and "Invalid value for '--k'" in cap.err and "Traceback" not in cap.err
+
+
+def test_several_hooks_one_forward_pass(tmp_path, monkeypatch, capsys):
+    """Two --hook flags: one SAE per hook in OUT/HOOK, fed by a single forward pass per batch."""
+    from saelab.models import HookedModel
+
+    calls = []
+    real = HookedModel.activations
+
+    def counting(self, tokens, hooks, with_grads=False):
+        calls.append(list(hooks))
+        return real(self, tokens, hooks, with_grads)
+
+    monkeypatch.setattr(HookedModel, "activations", counting)
+    hooks = ["blocks.1.hook_resid_post", "blocks.0.mlp.hook_post"]
+    args = ["train", "--out", str(tmp_path / "multi"), "--expansion", "2", "--k", "8",
+            "--tokens", "8192", "--batch-size", "1024", "--eval-tokens", "1024",
+            "--context-length", "64", "--buffer-tokens", "4096"]
+    code, cap = run_cli(args + [x for h in hooks for x in ("--hook", h)], monkeypatch, capsys)
+    assert code == 0, cap.err
+    training_calls = [c for c in calls if len(c) == 2]
+    assert training_calls and all(c == hooks for c in training_calls)
+    for hook, d in zip(hooks, (128, 512), strict=True):
+        sae = saelab.load(str(tmp_path / "multi" / hook))
+        assert sae.cfg.hook == hook and sae.cfg.d_in == d and sae.cfg.n_latents == 2 * d
+        assert (tmp_path / "multi" / hook / "eval.json").exists()
+    assert cap.out.count("Trained topk SAE") == 2

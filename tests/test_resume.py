@@ -24,7 +24,7 @@ def _steps_done(path):
     import json
 
     with safe_open(str(path), framework="pt") as f:
-        return json.loads(f.metadata()["saelab_checkpoint"])["trainer"]["step_count"]
+        return json.loads(f.metadata()["saelab_checkpoint"])["trainers"][HOOK]["step_count"]
 
 
 @pytest.mark.slow

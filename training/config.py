@@ -21,7 +21,8 @@ class TrainConfig:
     Fields:
         model: model spec (`zoo:NAME`, local HF directory, hub name); default the shipped zoo
             model. With `cache` it may be omitted (the manifest names the model).
-        hook: hook to train on; default `blocks.{n_layers // 2}.hook_resid_post`.
+        hook: hook to train on, or a list of hooks (one SAE each, all fed by one forward pass);
+            default `blocks.{n_layers // 2}.hook_resid_post`.
         data: data spec for on-the-fly activations and held-out evaluation (`saelab.data`).
         cache: activation cache directory to train from instead of running the model.
         out: output directory for the dictionary (`sae.safetensors`, `cfg.json`) and logs.
@@ -60,7 +61,7 @@ class TrainConfig:
     """
 
     model: str | None = None
-    hook: str | None = None
+    hook: str | list[str] | None = None
     data: str = BUILTIN_STDLIB
     cache: str | None = None
     out: str = "runs/sae"

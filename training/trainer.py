@@ -66,11 +66,17 @@ def _default_hook(model: HookedModel) -> str:
 class _Sources:
     """Where a run's data comes from: training batches, the model, and held-out text."""
 
-    stream: CacheStream | ModelStream  # activations, or (activations, gradients) for gradient_topk
+    stream: CacheStream | ModelStream  # {hook: x} or {hook: (x, grad)} for gradient_topk
     model: HookedModel
-    hook: str
-    d_in: int
+    dims: dict[str, int]  # hook -> d_in, in the order given
     heldout: TokenData
+
+
+def _hook_list(hook: str | list[str] | None, default: str) -> list[str]:
+    hooks = [hook] if isinstance(hook, str) else list(hook or [default])
+    if len(set(hooks)) != len(hooks):
+        raise SaelabError(f"hooks must be distinct, got {hooks}")
+    return hooks
 
 
 def _sources(cfg: TrainConfig) -> _Sources:
@@ -82,22 +88,22 @@ def _sources(cfg: TrainConfig) -> _Sources:
                 f"cache {cfg.cache} was built from model {manifest.model}, not {cfg.model}; "
                 "drop --model or pass the matching cache"
             )
-        hook = cfg.hook or next(iter(manifest.hooks))
-        d_in = manifest.check_hook(hook, Path(cfg.cache))
-        stream = CacheStream(cfg.cache, hook, cfg.batch_size, seed=cfg.seed, with_grads=with_grads)
+        hooks = _hook_list(cfg.hook, next(iter(manifest.hooks)))
+        dims = {h: manifest.check_hook(h, Path(cfg.cache)) for h in hooks}
+        stream = CacheStream(cfg.cache, hooks, cfg.batch_size, seed=cfg.seed, with_grads=with_grads)
         data = TokenData(manifest.data["spec"], "heldout", manifest.data["context_length"], cfg.seed)
         model = load_model(manifest.model, cfg.device)
     else:
         model = load_model(cfg.model or DEFAULT_MODEL, cfg.device)
-        hook = cfg.hook or _default_hook(model)
-        model.check_hooks([hook])
-        d_in = model.hook_dims([hook])[hook]
+        hooks = _hook_list(cfg.hook, _default_hook(model))
+        model.check_hooks(hooks)
+        dims = model.hook_dims(hooks)
         ctx = cfg.context_length or min(model.context_length, 128)
         data = TokenData(cfg.data, "train", ctx, cfg.seed)
-        stream = ModelStream(model, data, hook, cfg.batch_size, cfg.buffer_tokens, seed=cfg.seed,
+        stream = ModelStream(model, data, hooks, cfg.batch_size, cfg.buffer_tokens, seed=cfg.seed,
                              with_grads=with_grads)
         data = dataclasses.replace(data, split="heldout")
-    return _Sources(stream, model, hook, d_in, data)
+    return _Sources(stream, model, dims, data)
 
 
 class Trainer:
@@ -191,12 +197,15 @@ def _unpack(batch, device: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     return x.to(device), None if grad is None else grad.to(device)
 
 
-def _save_checkpoint(path: Path, trainer: Trainer, stream, cfg: TrainConfig, seen: int,
+def _save_checkpoint(path: Path, trainers: dict[str, Trainer], stream, cfg: TrainConfig, seen: int,
                      log: list[dict]) -> None:
     """One safetensors file (tensors + JSON metadata), replaced atomically: never half-written."""
-    tensors, extra = trainer.state_dict()
-    tensors["rng.torch"] = torch.get_rng_state()
-    meta = {"config": dataclasses.asdict(cfg), "trainer": extra, "stream": stream.state_dict(),
+    tensors: dict[str, torch.Tensor] = {"rng.torch": torch.get_rng_state()}
+    extras = {}
+    for hook, trainer in trainers.items():
+        state, extras[hook] = trainer.state_dict()
+        tensors.update({f"{hook}/{k}": v for k, v in state.items()})
+    meta = {"config": dataclasses.asdict(cfg), "trainers": extras, "stream": stream.state_dict(),
             "seen": seen, "log": log}
     write_safetensors(path, tensors, metadata={"saelab_checkpoint": json.dumps(meta)})
 
@@ -215,32 +224,44 @@ def read_checkpoint(run: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, meta
 
 
-def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
-    """Train an SAE per `cfg`; writes `cfg.out/{sae.safetensors,cfg.json,metrics.json,eval.*}`.
+def _out_dirs(out: Path, hooks: list[str]) -> dict[str, Path]:
+    """One dictionary directory per hook: `out` itself for one hook, `out/HOOK` for several."""
+    return {hooks[0]: out} if len(hooks) == 1 else {h: out / h for h in hooks}
 
-    A checkpoint (`checkpoint.safetensors`) is written every `cfg.checkpoint_every` steps and
-    at the end; with `resume`, training continues from `cfg.out`'s checkpoint exactly where it
-    stopped (same batches, same optimiser state: the final weights equal an uninterrupted run's).
-    Use `resume_config(run)` to get the run's own config.
+
+def train(cfg: TrainConfig, resume: bool = False) -> TrainResult | dict[str, TrainResult]:
+    """Train one SAE per hook of `cfg` from one stream of activations (one forward pass).
+
+    Writes each dictionary directory (`sae.safetensors`, `cfg.json`, `metrics.json`, eval
+    report): `cfg.out` for a single hook (returns its `TrainResult`), `cfg.out/HOOK` for a list
+    of hooks (returns {hook: TrainResult}). A checkpoint (`cfg.out/checkpoint.safetensors`) is
+    written every `cfg.checkpoint_every` steps and at the end; with `resume`, training continues
+    from it exactly where it stopped (same batches, same optimiser state: the final weights
+    equal an uninterrupted run's). `resume_config(run)` gives the run's own config.
     """
     out = Path(cfg.out) if resume else check_output_dir(Path(cfg.out), cfg.overwrite)
     saved = read_checkpoint(out) if resume else None
     torch.manual_seed(cfg.seed)
     src = _sources(cfg)
-    stream, hook, d_in = src.stream, src.hook, src.d_in
-    sae_cfg = SAEConfig(
-        d_in=d_in, n_latents=cfg.latents(d_in), k=cfg.k, allocator=cfg.allocator, beta=cfg.beta,
-        capacity=cfg.capacity, zipf_alpha=cfg.zipf_alpha, hook=hook, model=src.model.spec,
-        saelab_version=__version__,
-    )
-    sae = SAE(sae_cfg, device=cfg.device)
+    hooks = list(src.dims)
     steps = max(1, cfg.tokens // cfg.batch_size)
-    trainer = Trainer(sae, cfg, steps)
+    trainers = {}
+    for h, d_in in src.dims.items():
+        sae_cfg = SAEConfig(
+            d_in=d_in, n_latents=cfg.latents(d_in), k=cfg.k, allocator=cfg.allocator, beta=cfg.beta,
+            capacity=cfg.capacity, zipf_alpha=cfg.zipf_alpha, hook=h, model=src.model.spec,
+            saelab_version=__version__,
+        )
+        trainers[h] = Trainer(SAE(sae_cfg, device=cfg.device), cfg, steps)
+    stream = src.stream
     log: list[dict] = []
     seen = 0
     if saved is not None:
         tensors, meta = saved
-        trainer.load_state_dict(tensors, meta["trainer"])
+        for h, trainer in trainers.items():
+            prefix = f"{h}/"
+            own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            trainer.load_state_dict(own, meta["trainers"][h])
         stream.load_state_dict(meta["stream"])
         torch.set_rng_state(tensors["rng.torch"])
         seen, log = meta["seen"], meta["log"]
@@ -248,51 +269,67 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
     else:
         batches = iter(stream)
         first = next(batches)
-        init_sae(sae, _unpack(first, cfg.device)[0], cfg.seed)
+        for h, trainer in trainers.items():
+            init_sae(trainer.sae, _unpack(first[h], cfg.device)[0], cfg.seed)
         batches = itertools.chain([first], batches)
     out.mkdir(parents=True, exist_ok=True)
     ckpt = out / CHECKPOINT_FILE
     wb = _wandb_run(cfg, out) if cfg.wandb else None
-    bar = tqdm(total=steps * cfg.batch_size, initial=seen, unit="tok", unit_scale=True,
-               desc=f"train {hook}")
+    desc = f"train {hooks[0]}" if len(hooks) == 1 else f"train {len(hooks)} hooks"
+    bar = tqdm(total=steps * cfg.batch_size, initial=seen, unit="tok", unit_scale=True, desc=desc)
     start, seen_at_start = time.perf_counter(), seen
-    for step in range(trainer.step_count, steps):
-        x, grad = _unpack(next(batches), cfg.device)
-        losses = trainer.step(x, grad)
+    first_step = next(iter(trainers.values())).step_count
+    for step in range(first_step, steps):
+        batch = next(batches)
+        losses = {}
+        for h, trainer in trainers.items():
+            x, grad = _unpack(batch[h], cfg.device)
+            losses[h] = trainer.step(x, grad)
         seen += x.shape[0]
         bar.update(x.shape[0])
         if step % cfg.log_every == 0 or step == steps - 1:
-            rec = {"step": step, "tokens": seen, **{k: v.item() for k, v in losses.items()},
-                   "lr": trainer.opt.param_groups[0]["lr"],
+            rec = {"step": step, "tokens": seen, "lr": trainers[hooks[0]].opt.param_groups[0]["lr"],
                    "tokens_per_s": (seen - seen_at_start) / (time.perf_counter() - start)}
+            for h, vals in losses.items():
+                prefix = "" if len(hooks) == 1 else f"{h}/"
+                rec.update({prefix + k: v.item() for k, v in vals.items()})
             log.append(rec)
             if wb is not None:
                 wb.log(rec, step=step)
-            bar.set_postfix(fvu=f"{rec['fvu']:.3f}", l0=f"{rec['l0']:.1f}",
-                            dead=f"{rec['dead_frac']:.1%}")
+            bar.set_postfix_str("  ".join(
+                f"{'' if len(hooks) == 1 else h + ' '}fvu {v['fvu'].item():.3f} l0 {v['l0'].item():.1f} "
+                f"dead {v['dead_frac'].item():.1%}" for h, v in losses.items()))
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
-            _save_checkpoint(ckpt, trainer, stream, cfg, seen, log)
+            _save_checkpoint(ckpt, trainers, stream, cfg, seen, log)
     bar.close()
     seconds = time.perf_counter() - start
-    _save_checkpoint(ckpt, trainer, stream, cfg, seen, log)
-    if sae_cfg.batch_level:
-        calibration = [_unpack(next(batches), cfg.device)[0] for _ in range(CALIBRATION_BATCHES)]
-        trainer.calibrate_thresholds(calibration)
-    sae.save(out)
-    report = evaluate(sae, tokens=cfg.eval_tokens, model=src.model, data=src.heldout)
-    report["dictionary"] = str(out)
-    write_report(report, out)
-    summary = {
-        "dictionary": str(out), "model": src.model.spec, "hook": hook, "d_in": d_in,
-        "n_latents": sae_cfg.n_latents, "k": sae_cfg.k, "allocator": sae_cfg.allocator,
-        "train_tokens": seen, "train_seconds": round(seconds, 2),
-        "tokens_per_s": round((seen - seen_at_start) / seconds, 1), "lr": trainer.lr,
-        **{f"heldout_{k}": report[k] for k in SUMMARY_KEYS},
-    }
-    write_json(out / METRICS_FILE, {"config": dataclasses.asdict(cfg), "summary": summary, "log": log})
+    _save_checkpoint(ckpt, trainers, stream, cfg, seen, log)
+    if next(iter(trainers.values())).sae.cfg.batch_level:
+        calibration = [next(batches) for _ in range(CALIBRATION_BATCHES)]
+        for h, trainer in trainers.items():
+            trainer.calibrate_thresholds([_unpack(b[h], cfg.device)[0] for b in calibration])
+    results = {}
+    for h, path in _out_dirs(out, hooks).items():
+        sae = trainers[h].sae
+        sae.save(path)
+        report = evaluate(sae, tokens=cfg.eval_tokens, model=src.model, data=src.heldout)
+        report["dictionary"] = str(path)
+        write_report(report, path)
+        summary = {
+            "dictionary": str(path), "model": src.model.spec, "hook": h, "d_in": sae.cfg.d_in,
+            "n_latents": sae.cfg.n_latents, "k": sae.cfg.k, "allocator": sae.cfg.allocator,
+            "train_tokens": seen, "train_seconds": round(seconds, 2),
+            "tokens_per_s": round((seen - seen_at_start) / seconds, 1), "lr": trainers[h].lr,
+            **{f"heldout_{k}": report[k] for k in SUMMARY_KEYS},
+        }
+        write_json(path / METRICS_FILE, {"config": dataclasses.asdict(cfg), "summary": summary,
+                                         "log": log})
+        if wb is not None:
+            _wandb_finish(wb, summary, report, prefix="" if len(hooks) == 1 else f"{h}/")
+        results[h] = TrainResult(sae, path, summary)
     if wb is not None:
-        _wandb_finish(wb, summary, report)
-    return TrainResult(sae, out, summary)
+        wb.finish()
+    return results[hooks[0]] if isinstance(cfg.hook, str) or cfg.hook is None else results
 
 
 def _wandb_run(cfg: TrainConfig, out: Path):
@@ -305,15 +342,14 @@ def _wandb_run(cfg: TrainConfig, out: Path):
                       config=dataclasses.asdict(cfg))
 
 
-def _wandb_finish(run, summary: dict, report: dict) -> None:
+def _wandb_finish(run, summary: dict, report: dict, prefix: str) -> None:
     import wandb
 
     density = torch.tensor(report["latent_density"], dtype=torch.float64)
     live = density[density > 0].log10()
-    run.log({"heldout/log10_latent_density": wandb.Histogram(live.numpy()),
-             "heldout/dead_latents": int((density == 0).sum())})
-    run.summary.update(summary)
-    run.finish()
+    run.log({f"{prefix}heldout/log10_latent_density": wandb.Histogram(live.numpy()),
+             f"{prefix}heldout/dead_latents": int((density == 0).sum())})
+    run.summary.update({prefix + k: v for k, v in summary.items()})
 
 
 def resume_config(run: str | Path) -> TrainConfig:
