@@ -20,6 +20,7 @@ Two streams yield shuffled (B, d) batches for training:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Iterator
@@ -31,6 +32,7 @@ from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
 from saelab.data import TokenData
+from saelab.distributed import World
 from saelab.errors import SaelabError
 from saelab.io import check_output_dir, write_json, write_safetensors
 from saelab.models import HookedModel
@@ -128,8 +130,12 @@ def build_cache(
     dtype: str = "float32",
     overwrite: bool = False,
     with_grads: bool = False,
+    world: World | None = None,
 ) -> Manifest:
     """Run `model` over `data`, capturing every hook in one forward pass, into shards.
+
+    Data parallel (`world` of several processes, each given its own slice of `data` and
+    `tokens` rows to write), every process writes its own shards and rank 0 the manifest.
 
     `with_grads` also stores, per hook, the gradient of the model's next-token loss w.r.t.
     the activation (key `{hook}:grad`), which gradient-TopK training needs.
@@ -138,9 +144,14 @@ def build_cache(
         raise SaelabError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
     model.check_hooks(hooks)
     dims = model.hook_dims(hooks)
-    out_dir = check_output_dir(out_dir, overwrite)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / MANIFEST).unlink(missing_ok=True)  # an incomplete rebuild must not look complete
+    world = world or World()
+    out_dir = Path(out_dir)
+    if world.is_main:
+        check_output_dir(out_dir, overwrite)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / MANIFEST).unlink(missing_ok=True)  # an incomplete rebuild must not look complete
+    world.barrier()
+    prefix = "shard_" if world.size == 1 else f"shard_r{world.rank:03d}_"
     shards: list[dict] = []
     keys = hooks + [grad_key(h) for h in hooks] * with_grads
     pending: dict[str, list[torch.Tensor]] = {key: [] for key in keys}
@@ -150,14 +161,14 @@ def build_cache(
         nonlocal pending_rows
         joined = {h: torch.cat(v) for h, v in pending.items()}
         chunk = {h: t[:n].to(DTYPES[dtype]) for h, t in joined.items()}
-        name = f"shard_{len(shards):05d}.safetensors"
+        name = f"{prefix}{len(shards):05d}.safetensors"
         write_safetensors(out_dir / name, chunk)
         shards.append({"file": name, "rows": n, "bytes": (out_dir / name).stat().st_size})
         for h, t in joined.items():
             pending[h] = [t[n:]] if t.shape[0] > n else []
         pending_rows -= n
 
-    bar = tqdm(total=tokens, unit="tok", unit_scale=True, desc="cache")
+    bar = tqdm(total=tokens, unit="tok", unit_scale=True, desc="cache", disable=not world.is_main)
     start = time.perf_counter()
     for acts, _ in model_activations(model, data, hooks, batch_rows, with_grads=with_grads):
         n = min(next(iter(acts.values())).shape[0], tokens - rows)
@@ -175,11 +186,15 @@ def build_cache(
     bar.close()
     from saelab import __version__
 
+    shards = [s for part in world.gather_object(shards) for s in part]
     manifest = Manifest(
-        model=model.spec, hooks=dims, dtype=dtype, rows=rows, data=asdict(data),
-        shards=shards, saelab_version=__version__, with_grads=with_grads,
+        model=model.spec, hooks=dims, dtype=dtype, rows=sum(s["rows"] for s in shards),
+        data=asdict(dataclasses.replace(data, rank=0, world=1)), shards=shards,
+        saelab_version=__version__, with_grads=with_grads,
     )
-    write_json(out_dir / MANIFEST, {**asdict(manifest), "seconds": time.perf_counter() - start})
+    if world.is_main:
+        write_json(out_dir / MANIFEST, {**asdict(manifest), "seconds": time.perf_counter() - start})
+    world.barrier()
     return manifest
 
 

@@ -132,11 +132,17 @@ def cache_cmd(
 
     if tokens < 1 or shard_rows < 1:
         raise SaelabError("--tokens and --shard-rows must be positive")
+    from saelab.distributed import init
+
+    world = init(device)  # under torchrun: each process caches its own documents and rows
     m = load_model(model, device)
     hooks = hook or [f"blocks.{m.n_layers // 2}.hook_resid_post"]
-    manifest = build_cache(m, TokenData(data, split, context_length, seed), hooks, out,
-                           tokens, shard_rows=shard_rows, dtype=dtype, overwrite=overwrite,
-                           with_grads=with_grads)
+    share = tokens // world.size + (world.rank < tokens % world.size)
+    data_part = TokenData(data, split, context_length, seed, world.rank, world.size)
+    manifest = build_cache(m, data_part, hooks, out, share, shard_rows=shard_rows, dtype=dtype,
+                           overwrite=overwrite, with_grads=with_grads, world=world)
+    if not world.is_main:
+        return
     _print_summary(f"Cached {manifest.rows:,} rows -> {out}", {
         "model": manifest.model,
         "hooks": ", ".join(f"{h} (d={d})" for h, d in manifest.hooks.items()),

@@ -118,16 +118,20 @@ class TokenData:
         split: "train" or "heldout".
         context_length: tokens per row, BOS included.
         seed: document order of epoch e is a permutation seeded by (seed, e).
+        rank, world: this process reads every `world`-th document from the `rank`-th, so
+            data-parallel processes see disjoint text.
     """
 
     spec: str = BUILTIN_STDLIB
     split: str = "train"
     context_length: int = 128
     seed: int = 0
+    rank: int = 0
+    world: int = 1
 
     def rows(self, tokenizer, epochs: int | None = None) -> Iterator[torch.Tensor]:
         """Yield LongTensor rows of `context_length` tokens; `epochs=None` cycles forever."""
-        texts = load_texts(self.spec, self.split)
+        texts = load_texts(self.spec, self.split)[self.rank :: self.world]
         if not texts:
             raise SaelabError(f"data {self.spec!r} has no documents in split {self.split!r}")
         bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id

@@ -34,7 +34,8 @@ class TrainConfig:
         capacity: feature_choice's tokens-per-latent curve, uniform or zipf.
         zipf_alpha: exponent of the zipf capacity curve.
         tokens: training tokens.
-        batch_size: tokens per optimiser step.
+        batch_size: tokens per optimiser step and process (data parallel: the global batch is
+            batch_size times the number of processes).
         lr: Adam learning rate; default 2e-4 / sqrt(n_latents / 2^14) (Gao et al.).
         warmup_steps: linear learning-rate warmup.
         decay_fraction: final fraction of steps over which the lr decays linearly to 0.

@@ -17,14 +17,27 @@ from __future__ import annotations
 import torch
 
 from saelab.allocators import Selection
+from saelab.distributed import World
 from saelab.kernels import sparse_decode
 
 UNDERUSE_FACTOR = 0.5
 
 
-def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
-    """Fraction of variance unexplained over the batch: sum||x - x_hat||^2 / sum||x - mean(x)||^2."""
-    return (x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
+def fvu(x: torch.Tensor, x_hat: torch.Tensor, world: World | None = None) -> torch.Tensor:
+    """Fraction of variance unexplained over the batch: sum||x - x_hat||^2 / sum||x - mean(x)||^2.
+
+    Data parallel, the batch is the global one: the denominator (about the global mean) is
+    summed over every process and the result scaled by the number of processes, so that the
+    mean of the processes' gradients is exactly the gradient of the global batch's FVU.
+    """
+    err = (x - x_hat).pow(2).sum()
+    if world is None or world.size == 1:
+        return err / (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
+    with torch.no_grad():
+        rows = world.all_reduce_(torch.tensor(float(x.shape[0]), device=x.device))
+        mean = world.all_reduce_(x.sum(0)) / rows
+        var = world.all_reduce_((x - mean).pow(2).sum())
+    return err / var.clamp_min(1e-12) * world.size
 
 
 def underused(freq: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
@@ -43,7 +56,7 @@ def underused(freq: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
 
 
 def auxk_loss(sae, x: torch.Tensor, x_hat: torch.Tensor, pre: torch.Tensor,
-              pool: torch.Tensor, k_aux: int) -> torch.Tensor:
+              pool: torch.Tensor, k_aux: int, world: World | None = None) -> torch.Tensor:
     """AuxK (Gao et al. 2024): latents in `pool` (dead, or under-used) reconstruct the residual.
 
     The top `k_aux` pre-activations within the pool decode (without b_dec) the detached
@@ -54,4 +67,4 @@ def auxk_loss(sae, x: torch.Tensor, x_hat: torch.Tensor, pre: torch.Tensor,
         return x.new_zeros(())
     idx = pre.masked_fill(~pool, float("-inf")).topk(k, dim=-1, sorted=False).indices
     e_hat = sparse_decode(idx, sae.encode_values(x, Selection(idx)), sae.W_dec)
-    return fvu((x - x_hat).detach(), e_hat)
+    return fvu((x - x_hat).detach(), e_hat, world)

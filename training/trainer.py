@@ -17,6 +17,7 @@ from tqdm import tqdm
 from saelab import __version__
 from saelab.cache import CacheStream, Manifest, ModelStream
 from saelab.data import TokenData
+from saelab.distributed import World, init
 from saelab.errors import SaelabError
 from saelab.evals import evaluate, write_report
 from saelab.io import check_output_dir, write_json, write_safetensors
@@ -79,7 +80,7 @@ def _hook_list(hook: str | list[str] | None, default: str) -> list[str]:
     return hooks
 
 
-def _sources(cfg: TrainConfig) -> _Sources:
+def _sources(cfg: TrainConfig, world: World) -> _Sources:
     with_grads = cfg.allocator == "gradient_topk"
     if cfg.cache is not None:
         manifest = Manifest.read(Path(cfg.cache))
@@ -90,7 +91,14 @@ def _sources(cfg: TrainConfig) -> _Sources:
             )
         hooks = _hook_list(cfg.hook, next(iter(manifest.hooks)))
         dims = {h: manifest.check_hook(h, Path(cfg.cache)) for h in hooks}
-        stream = CacheStream(cfg.cache, hooks, cfg.batch_size, seed=cfg.seed, with_grads=with_grads)
+        if len(manifest.shards) < world.size:
+            raise SaelabError(
+                f"cache {cfg.cache} has {len(manifest.shards)} shard(s) for {world.size} processes; "
+                "each process needs at least one (rebuild with a smaller --shard-rows)"
+            )
+        mine = list(range(world.rank, len(manifest.shards), world.size))
+        stream = CacheStream(cfg.cache, hooks, cfg.batch_size, seed=cfg.seed, shards=mine,
+                             with_grads=with_grads)
         data = TokenData(manifest.data["spec"], "heldout", manifest.data["context_length"], cfg.seed)
         model = load_model(manifest.model, cfg.device)
     else:
@@ -99,10 +107,10 @@ def _sources(cfg: TrainConfig) -> _Sources:
         model.check_hooks(hooks)
         dims = model.hook_dims(hooks)
         ctx = cfg.context_length or min(model.context_length, 128)
-        data = TokenData(cfg.data, "train", ctx, cfg.seed)
+        data = TokenData(cfg.data, "train", ctx, cfg.seed, world.rank, world.size)
         stream = ModelStream(model, data, hooks, cfg.batch_size, cfg.buffer_tokens, seed=cfg.seed,
                              with_grads=with_grads)
-        data = dataclasses.replace(data, split="heldout")
+        data = dataclasses.replace(data, split="heldout", rank=0, world=1)
     return _Sources(stream, model, dims, data)
 
 
@@ -113,8 +121,8 @@ class Trainer:
     that training uses.
     """
 
-    def __init__(self, sae: SAE, cfg: TrainConfig, steps: int):
-        self.sae, self.cfg, self.steps = sae, cfg, steps
+    def __init__(self, sae: SAE, cfg: TrainConfig, steps: int, world: World | None = None):
+        self.sae, self.cfg, self.steps, self.world = sae, cfg, steps, world or World()
         self.lr = cfg.learning_rate(sae.cfg.n_latents)
         self.opt = torch.optim.Adam(sae.parameters(), lr=self.lr, eps=cfg.adam_eps)
         self.k_aux = cfg.k_aux or sae.cfg.d_in // 2
@@ -135,25 +143,30 @@ class Trainer:
         sel = sae.select(pre, grad, batch=True)
         vals = sae.encode_values(x, sel)
         x_hat = sae.decode(sel.idx, vals)
-        main = fvu(x, x_hat)
+        main = fvu(x, x_hat, self.world)
         dead = self.since_fired >= cfg.dead_tokens
         pool = underused(self.freq, dead) if cfg.aux == "aux_zipf" else dead
-        aux = auxk_loss(sae, x, x_hat, pre, pool, self.k_aux)
+        aux = auxk_loss(sae, x, x_hat, pre, pool, self.k_aux, self.world)
         loss = main + cfg.auxk_coef * aux
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        for p in sae.parameters():  # data parallel: every rank takes the mean gradient's step
+            self.world.all_reduce_(p.grad, mean=True)
         _remove_parallel_grad(sae)
         self.opt.step()
         sae.normalize_decoder()
         with torch.no_grad():
-            fired = sel.idx[vals > 0]
-            self.since_fired += x.shape[0]
-            self.since_fired[fired] = 0
-            counts = torch.bincount(fired, minlength=sae.cfg.n_latents)
-            self.freq.lerp_(counts / x.shape[0], 1 - cfg.ema_decay)
+            counts = torch.bincount(sel.idx[vals > 0], minlength=sae.cfg.n_latents).float()
+            tokens = self.world.all_reduce_(torch.tensor(float(x.shape[0])))
+            self.world.all_reduce_(counts)  # latent statistics over every rank's tokens
+            self.since_fired += int(tokens)
+            self.since_fired[counts > 0] = 0
+            self.freq.lerp_(counts / tokens, 1 - cfg.ema_decay)
         self.step_count += 1
-        return {"fvu": main.detach(), "aux": aux.detach(), "l0": (vals > 0).sum(1).float().mean(),
-                "dead_frac": dead.float().mean(), "aux_pool_frac": pool.float().mean()}
+        mean = self.world.all_reduce_  # data parallel: report the global batch's losses
+        return {"fvu": mean(main.detach().clone(), mean=True), "aux": mean(aux.detach().clone(), mean=True),
+                "l0": (vals > 0).sum(1).float().mean(), "dead_frac": dead.float().mean(),
+                "aux_pool_frac": pool.float().mean()}
 
     @torch.no_grad()
     def calibrate_thresholds(self, batches: list[torch.Tensor]) -> None:
@@ -167,6 +180,8 @@ class Trainer:
             ok = boundary.isfinite()
             total += torch.where(ok, boundary, 0.0)
             count += ok
+        self.world.all_reduce_(total)
+        self.world.all_reduce_(count)
         self.sae.threshold.copy_(torch.where(count > 0, total / count.clamp_min(1), float("inf")))
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
@@ -198,14 +213,20 @@ def _unpack(batch, device: str) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 
 def _save_checkpoint(path: Path, trainers: dict[str, Trainer], stream, cfg: TrainConfig, seen: int,
-                     log: list[dict]) -> None:
-    """One safetensors file (tensors + JSON metadata), replaced atomically: never half-written."""
+                     log: list[dict], world: World) -> None:
+    """One safetensors file (tensors + JSON metadata), replaced atomically: never half-written.
+
+    Every rank's data position is gathered into it; only rank 0 writes.
+    """
+    streams = world.gather_object(stream.state_dict())
+    if not world.is_main:
+        return
     tensors: dict[str, torch.Tensor] = {"rng.torch": torch.get_rng_state()}
     extras = {}
     for hook, trainer in trainers.items():
         state, extras[hook] = trainer.state_dict()
         tensors.update({f"{hook}/{k}": v for k, v in state.items()})
-    meta = {"config": dataclasses.asdict(cfg), "trainers": extras, "stream": stream.state_dict(),
+    meta = {"config": dataclasses.asdict(cfg), "trainers": extras, "streams": streams,
             "seen": seen, "log": log}
     write_safetensors(path, tensors, metadata={"saelab_checkpoint": json.dumps(meta)})
 
@@ -239,12 +260,15 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult | dict[str, Tra
     from it exactly where it stopped (same batches, same optimiser state: the final weights
     equal an uninterrupted run's). `resume_config(run)` gives the run's own config.
     """
-    out = Path(cfg.out) if resume else check_output_dir(Path(cfg.out), cfg.overwrite)
+    world = init(cfg.device)
+    out = Path(cfg.out)
+    if not resume and world.is_main:
+        check_output_dir(out, cfg.overwrite)
     saved = read_checkpoint(out) if resume else None
     torch.manual_seed(cfg.seed)
-    src = _sources(cfg)
+    src = _sources(cfg, world)
     hooks = list(src.dims)
-    steps = max(1, cfg.tokens // cfg.batch_size)
+    steps = max(1, cfg.tokens // (cfg.batch_size * world.size))
     trainers = {}
     for h, d_in in src.dims.items():
         sae_cfg = SAEConfig(
@@ -252,7 +276,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult | dict[str, Tra
             capacity=cfg.capacity, zipf_alpha=cfg.zipf_alpha, hook=h, model=src.model.spec,
             saelab_version=__version__,
         )
-        trainers[h] = Trainer(SAE(sae_cfg, device=cfg.device), cfg, steps)
+        trainers[h] = Trainer(SAE(sae_cfg, device=cfg.device), cfg, steps, world)
     stream = src.stream
     log: list[dict] = []
     seen = 0
@@ -262,7 +286,11 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult | dict[str, Tra
             prefix = f"{h}/"
             own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
             trainer.load_state_dict(own, meta["trainers"][h])
-        stream.load_state_dict(meta["stream"])
+        if len(meta["streams"]) != world.size:
+            raise SaelabError(
+                f"run {out} was checkpointed by {len(meta['streams'])} process(es); resume it with as many"
+            )
+        stream.load_state_dict(meta["streams"][world.rank])
         torch.set_rng_state(tensors["rng.torch"])
         seen, log = meta["seen"], meta["log"]
         batches = iter(stream)
@@ -271,12 +299,16 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult | dict[str, Tra
         first = next(batches)
         for h, trainer in trainers.items():
             init_sae(trainer.sae, _unpack(first[h], cfg.device)[0], cfg.seed)
+            for t in trainer.sae.state_dict().values():  # every rank starts from rank 0's init
+                world.broadcast_(t)
         batches = itertools.chain([first], batches)
-    out.mkdir(parents=True, exist_ok=True)
+    if world.is_main:
+        out.mkdir(parents=True, exist_ok=True)
     ckpt = out / CHECKPOINT_FILE
-    wb = _wandb_run(cfg, out) if cfg.wandb else None
+    wb = _wandb_run(cfg, out) if cfg.wandb and world.is_main else None
     desc = f"train {hooks[0]}" if len(hooks) == 1 else f"train {len(hooks)} hooks"
-    bar = tqdm(total=steps * cfg.batch_size, initial=seen, unit="tok", unit_scale=True, desc=desc)
+    bar = tqdm(total=steps * cfg.batch_size * world.size, initial=seen, unit="tok", unit_scale=True,
+               desc=desc, disable=not world.is_main)
     start, seen_at_start = time.perf_counter(), seen
     first_step = next(iter(trainers.values())).step_count
     for step in range(first_step, steps):
@@ -285,8 +317,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult | dict[str, Tra
         for h, trainer in trainers.items():
             x, grad = _unpack(batch[h], cfg.device)
             losses[h] = trainer.step(x, grad)
-        seen += x.shape[0]
-        bar.update(x.shape[0])
+        seen += x.shape[0] * world.size
+        bar.update(x.shape[0] * world.size)
         if step % cfg.log_every == 0 or step == steps - 1:
             rec = {"step": step, "tokens": seen, "lr": trainers[hooks[0]].opt.param_groups[0]["lr"],
                    "tokens_per_s": (seen - seen_at_start) / (time.perf_counter() - start)}
@@ -300,14 +332,17 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult | dict[str, Tra
                 f"{'' if len(hooks) == 1 else h + ' '}fvu {v['fvu'].item():.3f} l0 {v['l0'].item():.1f} "
                 f"dead {v['dead_frac'].item():.1%}" for h, v in losses.items()))
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
-            _save_checkpoint(ckpt, trainers, stream, cfg, seen, log)
+            _save_checkpoint(ckpt, trainers, stream, cfg, seen, log, world)
     bar.close()
     seconds = time.perf_counter() - start
-    _save_checkpoint(ckpt, trainers, stream, cfg, seen, log)
+    _save_checkpoint(ckpt, trainers, stream, cfg, seen, log, world)
     if next(iter(trainers.values())).sae.cfg.batch_level:
         calibration = [next(batches) for _ in range(CALIBRATION_BATCHES)]
         for h, trainer in trainers.items():
             trainer.calibrate_thresholds([_unpack(b[h], cfg.device)[0] for b in calibration])
+    if not world.is_main:  # rank 0 evaluates and writes; the others are done
+        world.barrier()
+        return {}
     results = {}
     for h, path in _out_dirs(out, hooks).items():
         sae = trainers[h].sae
@@ -329,6 +364,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult | dict[str, Tra
         results[h] = TrainResult(sae, path, summary)
     if wb is not None:
         wb.finish()
+    world.barrier()
     return results[hooks[0]] if isinstance(cfg.hook, str) or cfg.hook is None else results
 
 
