@@ -1,16 +1,22 @@
-"""Sparse encode/decode kernels for k-sparse autoencoders (torch backend).
+"""Sparse encode/decode kernels for k-sparse autoencoders and activation-sparse MLPs.
 
-Depends on torch only, so it can be tested and benchmarked apart from the
-rest of saelab.
+Two backends (Triton for CUDA, plain torch for CPU and as fallback) behind one set of functions;
+``SAELAB_KERNEL_BACKEND`` in {auto, torch, triton} forces one (``saelab.kernels.backend``).
+Depends on torch only (triton optionally, imported lazily), never on the rest of saelab.
 """
 
 from .autograd import sparse_decode, sparse_encode
-from .torch_ops import gather_dot, gather_weighted_sum, scatter_outer_add
+from .mlp import active_code, sparse_mlp_down
+from .primitives import gather_dot, gather_weighted_sum, scatter_outer_add
+from .select import topk_indices
 
 __all__ = [
+    "active_code",
     "gather_dot",
     "gather_weighted_sum",
     "scatter_outer_add",
     "sparse_decode",
     "sparse_encode",
+    "sparse_mlp_down",
+    "topk_indices",
 ]

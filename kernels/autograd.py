@@ -13,12 +13,8 @@ from typing import Any
 import torch
 from torch.autograd.function import once_differentiable
 
-from .torch_ops import (
-    accumulation_dtype,
-    gather_dot,
-    gather_weighted_sum,
-    scatter_outer_add,
-)
+from .primitives import check_code, check_matrix, gather_dot, gather_weighted_sum, scatter_outer_add
+from .torch_ops import accumulation_dtype
 
 
 class _SparseDecode(torch.autograd.Function):
@@ -62,9 +58,12 @@ class _SparseEncode(torch.autograd.Function):
         W_enc: torch.Tensor,
         b_enc: torch.Tensor | None,
         idx: torch.Tensor,
+        pre: torch.Tensor | None,
     ) -> torch.Tensor:
         ctx.save_for_backward(x, W_enc, idx)
         ctx.bias_dtype = None if b_enc is None else b_enc.dtype
+        if pre is not None:
+            return pre.gather(1, idx.long())
         vals = gather_dot(idx, x, W_enc)
         if b_enc is None:
             return vals
@@ -74,10 +73,10 @@ class _SparseEncode(torch.autograd.Function):
     @once_differentiable
     def backward(
         ctx: Any, grad_vals: torch.Tensor
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, None]:
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, None, None]:
         x, W_enc, idx = ctx.saved_tensors
         grad_vals = grad_vals.contiguous()
-        need_x, need_W, need_bias, _ = ctx.needs_input_grad
+        need_x, need_W, need_bias, _, _ = ctx.needs_input_grad
         n = W_enc.shape[0]
         grad_x = grad_W = grad_bias = None
         if need_x:
@@ -91,7 +90,7 @@ class _SparseEncode(torch.autograd.Function):
                 .index_add_(0, idx.reshape(-1), grad_vals.reshape(-1).to(acc))
                 .to(ctx.bias_dtype)
             )
-        return grad_x, grad_W, grad_bias, None
+        return grad_x, grad_W, grad_bias, None, None
 
 
 def sparse_decode(
@@ -124,6 +123,7 @@ def sparse_encode(
     W_enc: torch.Tensor,
     b_enc: torch.Tensor | None,
     idx: torch.Tensor,
+    pre: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Differentiable pre-activations of the selected latents only.
 
@@ -138,10 +138,17 @@ def sparse_encode(
         W_enc: (n, d) encoder weights, one row per latent.
         b_enc: optional (n,) encoder bias.
         idx: (B, k) selected latent indices in ``[0, n)``; not differentiated.
+        pre: optional (B, n) dense pre-activations ``x @ W_enc.T + b_enc`` that ``idx`` was
+            selected from. The forward then gathers the values from it instead of recomputing
+            B k dot products (the caller vouches that it matches ``x``, ``W_enc`` and ``b_enc``);
+            it is not differentiated.
 
     Returns:
         (B, k) pre-activations of the selected latents.
     """
     if b_enc is not None and b_enc.shape != (W_enc.shape[0],):
         raise ValueError(f"b_enc must have shape ({W_enc.shape[0]},), got {tuple(b_enc.shape)}")
-    return _SparseEncode.apply(x, W_enc, b_enc, idx)
+    if pre is not None:
+        check_code(idx)
+        check_matrix("pre", pre, (x.shape[0], W_enc.shape[0]))
+    return _SparseEncode.apply(x, W_enc, b_enc, idx, pre)

@@ -121,9 +121,13 @@ class SAE(torch.nn.Module):
             return allocators.feature_choice(pre, cfg.k, cfg.capacity, cfg.zipf_alpha)
         return allocators.mutual_choice(pre, cfg.k)
 
-    def encode_values(self, x: torch.Tensor, sel: allocators.Selection) -> torch.Tensor:
-        """relu(pre) on the selection, differentiable with a sparse backward (k rows per token)."""
-        vals = torch.relu(sparse_encode(x - self.b_dec, self.W_enc, self.b_enc, sel.idx))
+    def encode_values(self, x: torch.Tensor, sel: allocators.Selection,
+                      pre: torch.Tensor | None = None) -> torch.Tensor:
+        """relu(pre) on the selection, differentiable with a sparse backward (k rows per token).
+
+        Given the dense `pre` the selection came from, the values are gathered from it rather
+        than recomputed (B*k dot products saved); the gradient is the same either way."""
+        vals = torch.relu(sparse_encode(x - self.b_dec, self.W_enc, self.b_enc, sel.idx, pre))
         return vals if sel.mask is None else vals * sel.mask
 
     def encode(self, x: torch.Tensor, grad: torch.Tensor | None = None,

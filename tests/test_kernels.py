@@ -6,19 +6,30 @@ The reference builds the dense (B, n) code matrix ``Z`` with ``scatter_add``
 
 from __future__ import annotations
 
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
-from saelab.kernels import autograd as kernels_autograd
+from torch.testing import assert_close
+from torch.utils._python_dispatch import TorchDispatchMode
+
 from saelab.kernels import (
+    active_code,
+    backend,
     gather_dot,
     gather_weighted_sum,
     scatter_outer_add,
     sparse_decode,
     sparse_encode,
+    sparse_mlp_down,
+    topk_indices,
     torch_ops,
 )
-from torch.testing import assert_close
-from torch.utils._python_dispatch import TorchDispatchMode
+from saelab.kernels import autograd as kernels_autograd
 
 F64 = torch.float64
 LOW_PRECISION = [torch.bfloat16, torch.float16]
@@ -89,29 +100,37 @@ def run(
 OPS = ["gather_weighted_sum", "gather_dot", "scatter_outer_add"]
 
 
-@pytest.mark.parametrize("chunked", [False, True], ids=["one_chunk", "three_chunks"])
+@pytest.mark.parametrize("idx_dtype", [torch.int64, torch.int32])
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize(("B", "k", "n", "d", "kind"), CASES, ids=CASE_IDS)
-def test_primitive_matches_dense_reference(op, B, k, n, d, kind, dtype, chunked, monkeypatch):
-    if chunked:  # budget for ceil(B / 3) rows, so the last chunk is usually ragged
-        rows = (B + 2) // 3
-        monkeypatch.setattr(torch_ops, "_CHUNK_BYTES", rows * k * d * dtype.itemsize)
+def test_primitive_matches_dense_reference(op, B, k, n, d, kind, dtype, idx_dtype):
     idx, vals = make_code(B, k, n, kind, dtype=dtype)
     g, W = randn(B, d, seed=1, dtype=dtype), randn(n, d, seed=2, dtype=dtype)
-    out = run(op, idx, vals, g, W)
+    out = run(op, idx.to(idx_dtype), vals, g, W)
     assert out.dtype == dtype
     assert_close(out, reference(op, idx, vals, g, W).to(dtype))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("op", OPS)
-def test_budget_below_one_row_still_works(op, dtype, monkeypatch):
-    monkeypatch.setattr(torch_ops, "_CHUNK_BYTES", 1)
-    idx, vals = make_code(5, 3, 37, "duplicates", dtype=dtype)
-    g, W = randn(5, 4, seed=1, dtype=dtype), randn(37, 4, seed=2, dtype=dtype)
-    ref = reference(op, idx, vals, g, W).to(dtype)
-    assert_close(run(op, idx, vals, g, W), ref)
+def test_mixed_dtypes_promote(op):
+    """fp64 values with an fp32 dictionary: computed and returned in fp64."""
+    idx, vals = make_code(6, 4, 37, "duplicates")
+    g, W = randn(6, 5, seed=1), randn(37, 5, seed=2, dtype=torch.float32)
+    out = run(op, idx, vals, g, W)
+    assert out.dtype == F64
+    assert_close(out, reference(op, idx, vals, g, W))
+
+
+@pytest.mark.parametrize("budget_rows", [0, 2], ids=["below_one_row", "ragged_chunks"])
+@pytest.mark.parametrize("op", OPS)
+def test_half_precision_row_chunks(op, budget_rows, monkeypatch):
+    """Half-precision gathers upcast rows chunk by chunk; chunk edges must not show."""
+    B, k, d = 5, 3, 4
+    monkeypatch.setattr(torch_ops, "_CHUNK_BYTES", budget_rows * k * d * 4)
+    idx, vals = make_code(B, k, 37, "duplicates", dtype=torch.bfloat16)
+    g, W = randn(B, d, seed=1, dtype=torch.bfloat16), randn(37, d, seed=2, dtype=torch.bfloat16)
+    assert_close(run(op, idx, vals, g, W), reference(op, idx, vals, g, W).to(torch.bfloat16))
 
 
 @pytest.mark.parametrize("with_bias", [False, True])
@@ -209,7 +228,11 @@ def test_backward_skips_unneeded_grads(monkeypatch):
 
 
 class _LargestTensor(TorchDispatchMode):
-    """Records the largest numel among the outputs of every aten op."""
+    """Records the largest numel among the dense outputs of every aten op.
+
+    Sparse tensors (the CSR pattern of ``idx`` the torch gather-dot runs on) report their dense
+    size as numel but store only their entries, so they are not counted.
+    """
 
     def __init__(self) -> None:
         super().__init__()
@@ -218,7 +241,7 @@ class _LargestTensor(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
+            if isinstance(t, torch.Tensor) and t.layout == torch.strided:
                 self.max_numel = max(self.max_numel, t.numel())
         return out
 
@@ -329,3 +352,174 @@ def test_rejects_out_of_range_indices(op, bad):
     idx[1, 2] = bad
     with pytest.raises((IndexError, RuntimeError)):
         run(op, idx, vals, randn(4, 5, seed=1), randn(37, 5, seed=2))
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("kind", ["duplicates", "shared", "zero_vals"])
+def test_sparse_encode_reuses_dense_pre_activations(kind, with_bias):
+    """Given the dense pre-activations, values are gathered from them; gradients are unchanged."""
+    B, k, n, d = 9, 4, 37, 6
+    idx, _ = make_code(B, k, n, kind)
+    x, W_enc, b_enc = randn(B, d, seed=1), randn(n, d, seed=2), randn(n, seed=3)
+    grad_vals = randn(B, k, seed=4)
+    results = []
+    for reuse in (False, True):
+        leaves = [t.clone().requires_grad_() for t in (x, W_enc, b_enc)]
+        bias = leaves[2] if with_bias else None
+        with torch.no_grad():
+            pre = torch.addmm(b_enc if with_bias else torch.zeros(n, dtype=F64), x, W_enc.T)
+        vals = sparse_encode(leaves[0], leaves[1], bias, idx, pre if reuse else None)
+        vals.backward(grad_vals)
+        results.append([vals.detach()] + [t.grad for t in leaves])
+    for got, want in zip(results[1], results[0], strict=True):
+        assert_close(got, want)
+
+
+def test_sparse_encode_rejects_mismatched_pre():
+    idx, _ = make_code(4, 3, 37, "distinct")
+    with pytest.raises(ValueError, match="pre must have shape"):
+        sparse_encode(randn(4, 5, seed=1), randn(37, 5, seed=2), None, idx, randn(4, 36, seed=3))
+
+
+def test_sparse_mlp_down_matches_dense_mlp():
+    """A ReLU MLP whose down-projection runs on its active hidden units only."""
+    B, d_model, d_ff = 24, 16, 96
+    x = randn(B, d_model, seed=1).requires_grad_()
+    W_in, b_in = randn(d_model, d_ff, seed=2) / 4, randn(d_ff, seed=3) - 1.5  # mostly inactive
+    W_out, b_out = randn(d_ff, d_model, seed=4).requires_grad_(), randn(d_model, seed=5).requires_grad_()
+    grad_out = randn(B, d_model, seed=6)
+
+    h = torch.relu(x @ W_in + b_in)
+    assert 0.02 < (h > 0).double().mean() < 0.25  # sparse, but not trivially so
+    idx, vals = active_code(h)
+    assert idx.shape[1] == (h > 0).sum(1).max()
+    out = sparse_mlp_down(idx, vals, W_out, b_out)
+    out.backward(grad_out)
+    got = [out.detach()] + [t.grad.clone() for t in (x, W_out, b_out)]
+
+    for t in (x, W_out, b_out):
+        t.grad = None
+    ref = torch.relu(x @ W_in + b_in) @ W_out + b_out
+    ref.backward(grad_out)
+    for g, want in zip(got, [ref.detach()] + [t.grad for t in (x, W_out, b_out)], strict=True):
+        assert_close(g, want)
+
+
+def test_active_code_with_k_keeps_largest_magnitudes():
+    h = torch.tensor([[0.0, -3.0, 1.0, 2.0], [5.0, 0.0, 0.0, 0.0]])
+    idx, vals = active_code(h, k=2)
+    assert sorted(idx[0].tolist()) == [1, 3] and sorted(vals[0].tolist()) == [-3.0, 2.0]
+    assert 0 in idx[1].tolist() and sorted(vals[1].tolist()) == [0.0, 5.0]
+
+
+@pytest.mark.parametrize(
+    ("B", "n", "k", "kind"),
+    [(7, 8192, 32, "randn"), (3, 32768, 32, "randn"), (3, 8192, 256, "randn"),
+     (5, 24576, 64, "randn"), (4, 1024, 1, "randn"), (3, 37, 5, "randn"), (6, 2048, 16, "ties"),
+     (3, 1024, 8, "nan"), (2, 1024, 1024, "randn"), (3, 4096, 32, "constant")],
+)
+def test_topk_indices_selects_torch_topk_values(B, n, k, kind):
+    scores = randn(B, n, seed=0, dtype=torch.float32)
+    if kind == "ties":  # a few distinct values: which index wins a tie may differ, values may not
+        scores = (scores * 2).round()
+    if kind == "nan":
+        scores[1, [3, 500]] = float("nan")
+    if kind == "constant":  # every block ties
+        scores[:] = 1.0
+    idx = topk_indices(scores, k)
+    assert idx.shape == (B, k) and idx.dtype == torch.int64
+    assert all(len(set(row.tolist())) == k for row in idx)  # k distinct latents per row
+    want = scores.topk(k, dim=1).values
+    assert_close(scores.gather(1, idx).sort(1, descending=True).values, want, equal_nan=True)
+
+
+# ---- dispatch -------------------------------------------------------------------------------
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")  # select() looks at the type only
+
+
+@pytest.fixture
+def no_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+
+
+@pytest.mark.parametrize("value", ["", "auto", "torch", "TORCH"])
+def test_backend_is_torch_on_cpu(value, monkeypatch, no_interpreter):
+    monkeypatch.setenv(backend.ENV_VAR, value)
+    assert backend.name_for(CPU) == "torch"
+
+
+def test_backend_rejects_unknown_name(monkeypatch):
+    monkeypatch.setenv(backend.ENV_VAR, "cuda")
+    with pytest.raises(ValueError, match="SAELAB_KERNEL_BACKEND='cuda' is not one of auto, torch, triton"):
+        gather_dot(*make_code(2, 1, 5, "distinct")[:1], randn(2, 3, seed=0), randn(5, 3, seed=1))
+
+
+def test_forcing_triton_on_cpu_without_interpreter_is_an_error(monkeypatch, no_interpreter):
+    monkeypatch.setenv(backend.ENV_VAR, "triton")
+    with pytest.raises(RuntimeError, match="SAELAB_KERNEL_BACKEND=triton"):
+        backend.select(CPU)
+
+
+def test_missing_triton(monkeypatch):
+    monkeypatch.setattr(backend, "_triton_ops", lambda: "ImportError: No module named 'triton'")
+    monkeypatch.setenv(backend.ENV_VAR, "auto")
+    assert backend.name_for(CUDA) == "torch"  # auto falls back
+    monkeypatch.setenv(backend.ENV_VAR, "triton")
+    with pytest.raises(RuntimeError, match="triton cannot be imported .*No module named 'triton'"):
+        backend.select(CUDA)
+
+
+def test_auto_picks_triton_for_cuda_tensors(monkeypatch, no_interpreter):
+    pytest.importorskip("triton")
+    monkeypatch.setenv(backend.ENV_VAR, "auto")
+    assert backend.name_for(CUDA) == "triton"
+
+
+def test_kernels_import_only_torch_triton_and_stdlib():
+    """kernels sits below the rest of saelab: it must not import it (design, section 1)."""
+    allowed = {"torch", "triton", "__future__", *sys.stdlib_module_names}
+    kernels_dir = Path(sparse_decode.__code__.co_filename).parent
+    for path in kernels_dir.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            for name in names:
+                assert name.split(".")[0] in allowed, f"{path.name} imports {name}"
+                assert name.split(".")[0] != "triton" or path.name == "triton_ops.py", path.name
+
+
+BLOCK_TRITON = """
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name == "triton" or name.startswith("triton."):
+            raise ImportError("No module named 'triton' (blocked)")
+sys.meta_path.insert(0, Block())
+"""
+
+
+def test_works_where_triton_is_missing():
+    """macOS has no triton: saelab.kernels must import and run, and forcing triton must explain."""
+    script = BLOCK_TRITON + """
+import os, torch
+from saelab.kernels import backend, sparse_decode
+idx = torch.tensor([[0, 2]]); W = torch.eye(3, requires_grad=True)
+sparse_decode(idx, torch.tensor([[1.0, 2.0]]), W).sum().backward()
+assert W.grad[2].tolist() == [2.0, 2.0, 2.0]
+assert backend.name_for(torch.device("cuda")) == "torch"
+os.environ["SAELAB_KERNEL_BACKEND"] = "triton"
+try:
+    backend.select(torch.device("cuda"))
+except RuntimeError as e:
+    print(e)
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "triton cannot be imported" in done.stdout

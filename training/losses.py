@@ -66,5 +66,5 @@ def auxk_loss(sae, x: torch.Tensor, x_hat: torch.Tensor, pre: torch.Tensor,
     if k == 0:
         return x.new_zeros(())
     idx = pre.masked_fill(~pool, float("-inf")).topk(k, dim=-1, sorted=False).indices
-    e_hat = sparse_decode(idx, sae.encode_values(x, Selection(idx)), sae.W_dec)
+    e_hat = sparse_decode(idx, sae.encode_values(x, Selection(idx), pre), sae.W_dec)
     return fvu((x - x_hat).detach(), e_hat, world)

@@ -141,7 +141,7 @@ class Trainer:
             group["lr"] = self.lr * _lr_factor(self.step_count, self.steps, cfg)
         pre = sae.pre_acts(x)
         sel = sae.select(pre, grad, batch=True)
-        vals = sae.encode_values(x, sel)
+        vals = sae.encode_values(x, sel, pre)
         x_hat = sae.decode(sel.idx, vals)
         main = fvu(x, x_hat, self.world)
         dead = self.since_fired >= cfg.dead_tokens
