@@ -95,10 +95,13 @@ class SAE(torch.nn.Module):
             # per-latent inference thresholds, an EMA of the batch selection boundary (NaN: unset)
             self.register_buffer("threshold", torch.full((n,), float("nan"), device=device))
 
-    def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
-        """Dense (B, n) pre-activations, without grad: they only pick the active set."""
+    def pre_acts(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Dense (B, n) pre-activations, without grad: they only pick the active set.
+
+        `out`, a (B, n) buffer to write into, spares a training loop a fresh B x n allocation
+        (and its page faults, ~10% of the matmul on CPU) every step."""
         with torch.no_grad():
-            return torch.addmm(self.b_enc, x - self.b_dec, self.W_enc.T)
+            return torch.addmm(self.b_enc, x - self.b_dec, self.W_enc.T, out=out)
 
     def select(self, pre: torch.Tensor, grad: torch.Tensor | None = None,
                batch: bool = False) -> allocators.Selection:

@@ -130,6 +130,7 @@ class Trainer:
         self.since_fired = torch.zeros(n, dtype=torch.long, device=device)
         self.freq = torch.full((n,), sae.cfg.k / n, device=device)  # EMA of firing frequency
         self.step_count = 0
+        self._pre: torch.Tensor | None = None
 
     def step(self, x: torch.Tensor, grad: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Forward, backward, optimiser update, decoder renormalisation; returns loss tensors.
@@ -139,7 +140,9 @@ class Trainer:
         sae, cfg = self.sae, self.cfg
         for group in self.opt.param_groups:
             group["lr"] = self.lr * _lr_factor(self.step_count, self.steps, cfg)
-        pre = sae.pre_acts(x)
+        if self._pre is None or self._pre.shape[0] != x.shape[0]:
+            self._pre = x.new_empty(x.shape[0], sae.cfg.n_latents)
+        pre = sae.pre_acts(x, out=self._pre)  # reused every step; nothing keeps it past the step
         sel = sae.select(pre, grad, batch=True)
         vals = sae.encode_values(x, sel, pre)
         x_hat = sae.decode(sel.idx, vals)
