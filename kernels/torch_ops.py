@@ -7,7 +7,8 @@ page-faulted memory at B=4096, k=32, d=512):
 
 - gather-weighted-sum: ``embedding_bag`` with per-sample weights (gather and reduce fused);
 - gather-dot: ``sparse.sampled_addmm`` over the (B, n) CSR pattern of ``idx`` (an SDDMM: one dot
-  per stored entry; duplicate and unsorted columns in a row are fine, each entry is independent);
+  per stored entry; on CPU, duplicate and unsorted columns in a row are fine, each entry is
+  independent); elsewhere, and for half types, row gathers in chunks and ``bmm``;
 - scatter-outer-add: the same ``embedding_bag`` turned around: entries sorted by latent are the
   bags, the tokens' rows of ``g`` are what gets summed.
 
@@ -41,7 +42,7 @@ def latent_segments(idx: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tens
     Triton scatters, which both reduce per latent instead of racing on atomics (deterministic).
     """
     flat = idx.reshape(-1)
-    order = flat.argsort()
+    order = flat.argsort(stable=True)  # a fixed summation order within each latent
     offsets = torch.zeros(n + 1, dtype=torch.long, device=idx.device)
     torch.cumsum(torch.bincount(flat, minlength=n), 0, out=offsets[1:])
     return order, offsets
@@ -92,7 +93,8 @@ def gather_dot(
     idx: torch.Tensor, g: torch.Tensor, W: torch.Tensor, dtype: torch.dtype
 ) -> torch.Tensor:
     acc = accumulation_dtype(dtype)
-    if acc == dtype == g.dtype == W.dtype and idx.numel() > 0:
+    # CPU only: cuSPARSE's SDDMM may assume sorted, unique columns; gathers are fine on a GPU.
+    if acc == dtype == g.dtype == W.dtype and idx.numel() > 0 and idx.device.type == "cpu":
         return _sampled_dot(idx, g, W)
     out = torch.empty(idx.shape, dtype=dtype, device=g.device)
     for rows in _row_chunks(*idx.shape, W.shape[1]):

@@ -148,7 +148,7 @@ class SAE(torch.nn.Module):
         pre = self.pre_acts(x)
         sel = self.select(pre, grad, batch)
         if torch.is_grad_enabled():
-            return sel.idx, self.encode_values(x, sel)
+            return sel.idx, self.encode_values(x, sel, pre)
         vals = torch.relu(pre.gather(1, sel.idx))
         return sel.idx, vals if sel.mask is None else vals * sel.mask
 

@@ -18,7 +18,7 @@ import torch
 
 from saelab.allocators import Selection
 from saelab.distributed import World
-from saelab.kernels import sparse_decode
+from saelab.kernels import sparse_decode, topk_indices
 
 UNDERUSE_FACTOR = 0.5
 
@@ -65,6 +65,6 @@ def auxk_loss(sae, x: torch.Tensor, x_hat: torch.Tensor, pre: torch.Tensor,
     k = min(k_aux, int(pool.sum()))
     if k == 0:
         return x.new_zeros(())
-    idx = pre.masked_fill(~pool, float("-inf")).topk(k, dim=-1, sorted=False).indices
+    idx = topk_indices(pre.masked_fill(~pool, float("-inf")), k)
     e_hat = sparse_decode(idx, sae.encode_values(x, Selection(idx), pre), sae.W_dec)
     return fvu((x - x_hat).detach(), e_hat, world)
