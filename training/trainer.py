@@ -168,14 +168,15 @@ class Trainer:
         sae.normalize_decoder()
         with torch.no_grad():
             counts = torch.bincount(sel.idx[vals > 0], minlength=sae.cfg.n_latents).float()
-            tokens = self.world.all_reduce_(torch.tensor(float(x.shape[0])))
+            tokens = self.world.all_reduce_(torch.tensor(float(x.shape[0]), device=x.device))
             self.world.all_reduce_(counts)  # latent statistics over every rank's tokens
             self.since_fired += int(tokens)
             self.since_fired[counts > 0] = 0
             self.freq.lerp_(counts / tokens, 1 - cfg.ema_decay)
         self.step_count += 1
-        mean = self.world.all_reduce_  # data parallel: report the global batch's losses
-        return {"fvu": mean(main.detach().clone(), mean=True), "aux": mean(aux.detach().clone(), mean=True),
+        reduce = self.world.all_reduce_  # data parallel: report the global batch's losses
+        return {"fvu": reduce(main.detach().clone(), mean=True),
+                "aux": reduce(aux.detach().clone(), mean=True),
                 "l0": (vals > 0).sum(1).float().mean(), "dead_frac": dead.float().mean(),
                 "aux_pool_frac": pool.float().mean()}
 
