@@ -23,8 +23,6 @@ from saelab.evals.reconstruction import ReconstructionStats
 from saelab.evals.spliced import SplicedLoss, prediction_mask
 from saelab.models import HookedModel, load_model
 
-DEFAULT_CONTEXT = 128
-
 
 def _splice(keep: torch.Tensor, values: torch.Tensor | float):
     """A `HookedModel.logits` replacement: `values` at the kept positions, the rest untouched."""
@@ -74,13 +72,8 @@ def _resolve(sae_or_path, model, data, device: str):
             f"the SAE expects d_in={cfg.d_in}, but {cfg.hook} of {model.spec} has width {width}"
         )
     if data is None or isinstance(data, str):
-        context = min(model.context_length, DEFAULT_CONTEXT)
-        data = TokenData(data or BUILTIN_STDLIB, "heldout", context)
-    if data.context_length > model.context_length:
-        raise SaelabError(
-            f"context_length {data.context_length} is longer than {model.spec}'s context "
-            f"({model.context_length})"
-        )
+        data = TokenData(data or BUILTIN_STDLIB, "heldout", model.check_context(None))
+    model.check_context(data.context_length)
     if data.context_length < 3:
         raise SaelabError(
             f"context_length must be at least 3 to score predictions, got {data.context_length}"

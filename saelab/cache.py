@@ -53,8 +53,8 @@ def positions_to_keep(tokens: torch.Tensor, tokenizer) -> torch.Tensor:
 def model_activations(
     model: HookedModel, data: TokenData, hooks: list[str], batch_rows: int,
     epochs: int | None = None, with_grads: bool = False,
-) -> Iterator[tuple[dict[str, torch.Tensor], int]]:
-    """Yield ({hook: (rows, d)}, tokens_in_batch) with BOS/pad positions dropped.
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Yield {hook: (rows, d)} per token batch, with BOS/pad positions dropped.
 
     With `with_grads`, also `{hook}:grad` (see `HookedModel.activations`).
     """
@@ -62,7 +62,7 @@ def model_activations(
         tokens = tokens.to(model.device)
         acts = model.activations(tokens, hooks, with_grads)
         keep = positions_to_keep(tokens, model.tokenizer)
-        yield {h: a[keep] for h, a in acts.items()}, tokens.numel()
+        yield {h: a[keep] for h, a in acts.items()}
 
 
 @dataclass(frozen=True)
@@ -170,7 +170,7 @@ def build_cache(
 
     bar = tqdm(total=tokens, unit="tok", unit_scale=True, desc="cache", disable=not world.is_main)
     start = time.perf_counter()
-    for acts, _ in model_activations(model, data, hooks, batch_rows, with_grads=with_grads):
+    for acts in model_activations(model, data, hooks, batch_rows, with_grads=with_grads):
         n = min(next(iter(acts.values())).shape[0], tokens - rows)
         for h, a in acts.items():
             pending[h].append(a[:n].cpu())
@@ -231,9 +231,9 @@ class CacheStream:
     """Shuffled (B, d) batches of one hook (or a list of hooks) from a cache, resumable.
 
     Each epoch serves every row of the chosen shards exactly once; the last batch of an
-    epoch may be short. Memory holds at most two groups of `buffer_shards` shards. With
-    `with_grads`, batches are (x, grad) pairs shuffled together; with a list of hooks, dicts
-    {hook: batch} of the same tokens (see module docstring for the order).
+    epoch may be short (or, with `drop_last`, is skipped). Memory holds at most two groups of
+    `buffer_shards` shards. With `with_grads`, batches are (x, grad) pairs shuffled together;
+    with a list of hooks, dicts {hook: batch} of the same tokens (module docstring: the order).
     """
 
     def __init__(
@@ -245,8 +245,10 @@ class CacheStream:
         buffer_shards: int = 4,
         shards: list[int] | None = None,
         with_grads: bool = False,
+        drop_last: bool = False,
     ):
         self.directory = Path(directory)
+        self.drop_last = drop_last  # training: skip an epoch's short tail (its FVU is noisy)
         self.manifest = Manifest.read(self.directory)
         self.layout = _Layout(hook, with_grads)
         dims = [self.manifest.check_hook(h, self.directory) for h in self.layout.hooks]
@@ -306,7 +308,8 @@ class CacheStream:
             carry = rows[full:]
         if carry.shape[0]:
             self.offset += carry.shape[0]
-            yield self.layout.split(carry, self.widths)
+            if not self.drop_last:
+                yield self.layout.split(carry, self.widths)
 
 
 class ModelStream:
@@ -348,7 +351,7 @@ class ModelStream:
         buf: list[torch.Tensor] = []
         held = 0
         lay = self.layout
-        for acts, _ in model_activations(self.model, self.data, lay.hooks, self.batch_rows,
+        for acts in model_activations(self.model, self.data, lay.hooks, self.batch_rows,
                                          with_grads=lay.with_grads):
             widths = [acts[key].shape[1] for key in lay.keys]
             buf.append(torch.cat([acts[key] for key in lay.keys], dim=1))
@@ -368,7 +371,7 @@ class ModelStream:
 def heldout_activations(model: HookedModel, data: TokenData, hook: str, tokens: int) -> torch.Tensor:
     """The first `tokens` activation rows of `data` (for evaluation; not shuffled)."""
     out, held = [], 0
-    for acts, _ in model_activations(model, data, [hook], batch_rows=32, epochs=1):
+    for acts in model_activations(model, data, [hook], batch_rows=32, epochs=1):
         out.append(acts[hook])
         held += out[-1].shape[0]
         if held >= tokens:

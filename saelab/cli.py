@@ -47,7 +47,7 @@ def train(
     expansion: Annotated[int | None, Opt(help="Latents per input dimension when --n-latents is not given. [default: 16]")] = None,
     k: Annotated[int | None, Opt(help="Active latents per token. [default: 32]")] = None,
     allocator: Annotated[str | None, Opt(help="Sparsity allocator: topk, gradient_topk, feature_choice or mutual_choice. [default: topk]")] = None,
-    beta: Annotated[float | None, Opt(help="gradient_topk: weight of the gradient term in the score pre + beta*pre*|W_dec g|. [default: 1.0]")] = None,
+    beta: Annotated[float | None, Opt(help="gradient_topk: weight of the gradient term in the score pre + beta*pre*e, e = |W_dec g| over its mean across the token's latents. [default: 1.0]")] = None,
     capacity: Annotated[str | None, Opt(help="feature_choice: tokens-per-latent curve, uniform or zipf. [default: uniform]")] = None,
     zipf_alpha: Annotated[float | None, Opt(help="feature_choice: exponent of the zipf capacity curve. [default: 0.5]")] = None,
     aux: Annotated[str | None, Opt(help="Auxiliary loss: auxk (dead latents) or aux_zipf (dead and under-used latents). [default: auxk]")] = None,
@@ -117,7 +117,7 @@ def cache_cmd(
     data: Annotated[str, Opt(help="Token data: builtin:stdlib, a .txt/.jsonl file or directory, or hf:NAME.")] = "builtin:stdlib",
     split: Annotated[str, Opt(help="Data split: train or heldout.")] = "train",
     tokens: Annotated[int, Opt(help="Activation rows (token positions) to cache.")] = 1_000_000,
-    context_length: Annotated[int, Opt(help="Tokens per row, BOS included.")] = 128,
+    context_length: Annotated[int | None, Opt(help="Tokens per row, BOS included. [default: min(model context, 128)]")] = None,
     shard_rows: Annotated[int, Opt(help="Rows per shard file.")] = 65536,
     dtype: Annotated[str, Opt(help="Storage dtype: float32, float16 or bfloat16.")] = "float32",
     seed: Annotated[int, Opt(help="Seed for the document order.")] = 0,
@@ -136,11 +136,12 @@ def cache_cmd(
 
     world = init(device)  # under torchrun: each process caches its own documents and rows
     m = load_model(model, device)
-    hooks = hook or [f"blocks.{m.n_layers // 2}.hook_resid_post"]
+    hooks = hook or [m.default_hook]
     share = tokens // world.size + (world.rank < tokens % world.size)
-    data_part = TokenData(data, split, context_length, seed, world.rank, world.size)
+    data_part = TokenData(data, split, m.check_context(context_length), seed, world.rank, world.size)
     manifest = build_cache(m, data_part, hooks, out, share, shard_rows=shard_rows, dtype=dtype,
                            overwrite=overwrite, with_grads=with_grads, world=world)
+    world.close()
     if not world.is_main:
         return
     _print_summary(f"Cached {manifest.rows:,} rows -> {out}", {
@@ -210,7 +211,10 @@ def info(
 
     path = Path(target)
     if (path / CONFIG_FILE).exists():
-        typer.echo(json.dumps(json.loads((path / CONFIG_FILE).read_text()), indent=2))
+        try:
+            typer.echo(json.dumps(json.loads((path / CONFIG_FILE).read_text()), indent=2))
+        except json.JSONDecodeError as e:
+            raise SaelabError(f"{path / CONFIG_FILE} is not valid JSON ({e})") from None
     elif (path / MANIFEST).exists():
         m = Manifest.read(path)
         _print_summary(f"Activation cache {path}", {
@@ -266,9 +270,20 @@ def zoo_build(
     typer.echo((path / "zoo_card.json").read_text())
 
 
+def _check_environment() -> None:
+    """Settings read from the environment fail here, as one line, not deep inside a run."""
+    from saelab.kernels import backend
+
+    try:
+        backend.requested()
+    except ValueError as e:
+        raise SaelabError(str(e)) from None
+
+
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit code 2 (usage errors too)."""
     try:
+        _check_environment()
         app()
     except SaelabError as e:
         typer.echo(f"saelab: error: {e}", err=True)

@@ -52,21 +52,28 @@ def stdlib_texts(split: str) -> list[str]:
 
 
 def _local_texts(path: Path, split: str) -> list[str]:
+    """Documents: a .txt file's paragraphs (split at blank lines), a .jsonl file's rows.
+
+    Split keys are relative to `path`, so the same data splits alike however it is named, and
+    a single file still gives both splits.
+    """
     files = sorted(path.rglob("*")) if path.is_dir() else [path]
     files = [f for f in files if f.suffix in (".txt", ".jsonl")]
     if not files:
         raise SaelabError(f"data path {path} has no .txt or .jsonl files")
     texts = []
     for f in files:
+        rel = f.relative_to(path).as_posix() if path.is_dir() else f.name
         if f.suffix == ".txt":
-            docs = [(f"{f}", f.read_text(encoding="utf-8", errors="replace"))]
+            paragraphs = f.read_text(encoding="utf-8", errors="replace").split("\n\n")
+            docs = [(f"{rel}#{i}", p) for i, p in enumerate(paragraphs) if p.strip()]
         else:
             docs = []
             for i, line in enumerate(f.read_text(encoding="utf-8").splitlines()):
                 if not line.strip():
                     continue
                 try:
-                    docs.append((f"{f}:{i}", json.loads(line)["text"]))
+                    docs.append((f"{rel}:{i}", json.loads(line)["text"]))
                 except (json.JSONDecodeError, KeyError, TypeError):
                     raise SaelabError(
                         f"{f} line {i + 1}: expected a JSON object with a \"text\" field"

@@ -53,6 +53,11 @@ class World:
         if self.size > 1:
             dist.barrier()
 
+    def close(self) -> None:
+        """Leave the job's process group (torch warns at exit about one left open)."""
+        if self.size > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
 
 def init(device: str = "cpu") -> World:
     """Join the torchrun job if there is one (WORLD_SIZE > 1), else a world of one."""

@@ -21,6 +21,7 @@ import torch
 from saelab.errors import SaelabError
 
 TL_VERSION = version("transformer-lens")
+DEFAULT_CONTEXT = 128
 TL_MAJOR = int(TL_VERSION.split(".")[0])
 
 
@@ -110,6 +111,22 @@ class HookedModel:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @property
+    def default_hook(self) -> str:
+        """The residual stream after the middle block: saelab's default place for an SAE."""
+        return f"blocks.{self.n_layers // 2}.hook_resid_post"
+
+    def check_context(self, context_length: int | None) -> int:
+        """Rows of `context_length` tokens (default: min(model context, 128)), or a clear error."""
+        if context_length is None:
+            return min(self.context_length, DEFAULT_CONTEXT)
+        if not 2 <= context_length <= self.context_length:
+            raise SaelabError(
+                f"context length {context_length} does not fit model {self.spec} "
+                f"(2..{self.context_length} tokens)"
+            )
+        return context_length
 
     @cached_property
     def hook_names(self) -> list[str]:

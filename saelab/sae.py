@@ -2,7 +2,7 @@
 
     pre   = W_enc (x - b_dec) + b_enc          dense (B, n), used only to choose the active set
     idx   = allocate(pre)                      (B, k) latent indices per token
-    vals  = relu(pre[idx])                     recomputed sparsely so the backward is O(B k d)
+    vals  = relu(pre[idx])                     gathered; their backward is sparse, O(B k d)
     x_hat = sum_j vals_j W_dec[idx_j] + b_dec  saelab.kernels.sparse_decode
 
 Weights are stored row-per-latent: W_enc and W_dec are both (n, d). A dictionary directory holds
@@ -92,7 +92,8 @@ class SAE(torch.nn.Module):
         self.W_dec = torch.nn.Parameter(torch.empty(n, d, device=device))
         self.b_dec = torch.nn.Parameter(torch.zeros(d, device=device))
         if cfg.batch_level:
-            # per-latent inference thresholds, an EMA of the batch selection boundary (NaN: unset)
+            # per-latent inference thresholds, set after training from the batch selection
+            # boundary (`Trainer.calibrate_thresholds`); NaN until then
             self.register_buffer("threshold", torch.full((n,), float("nan"), device=device))
 
     def pre_acts(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -49,11 +49,20 @@ def test_unknown_spec_and_offline_hub_are_clear(monkeypatch):
 
 
 def test_rows_are_packed_with_bos_and_cover_the_text(tmp_path):
-    (tmp_path / "a.txt").write_text("abcdefghij" * 5)
+    (tmp_path / "a.txt").write_text("abcdefghij" * 5)  # one paragraph: one document
     data = TokenData(str(tmp_path), "train", context_length=8)
-    if not load_texts(str(tmp_path), "train"):  # the lone file hashed into heldout
+    if not load_texts(str(tmp_path), "train"):  # the lone document hashed into heldout
         data = TokenData(str(tmp_path), "heldout", context_length=8)
     rows = list(data.rows(ByteTok(), epochs=1))
     assert all(r.shape == (8,) and r[0] == 256 for r in rows)
     body = b"".join(bytes(r[1:].tolist()) for r in rows if 256 not in r[1:].tolist())
     assert body == (b"abcdefghij" * 5)[: len(body)] and len(body) == 49  # 7 rows of 7 bytes
+
+
+def test_a_single_text_file_gives_both_splits_whatever_its_path(tmp_path, monkeypatch):
+    f = tmp_path / "book.txt"
+    f.write_text("\n\n".join(f"paragraph {i}" for i in range(400)))
+    train, held = load_texts(str(f), "train"), load_texts(str(f), "heldout")
+    assert len(train) + len(held) == 400 and 5 <= len(held) <= 40
+    monkeypatch.chdir(tmp_path)
+    assert load_texts("book.txt", "heldout") == held  # relative and absolute paths agree

@@ -89,6 +89,8 @@ def test_on_the_fly_training_via_cli(tmp_path, monkeypatch, capsys):
     (["train", "--cache", "{cache}", "--model", "zoo:other"], "was built from model zoo:pystdlib-4l"),
     (["cache", "{tmp}/c", "--hook", "nope"], "unknown hook 'nope'"),
     (["info", "zoo:nope"], "zoo model 'nope' is not installed"),
+    (["train", "--context-length", "256"], "context length 256 does not fit model zoo:pystdlib-4l"),
+    (["cache", "{tmp}/c", "--context-length", "999"], "context length 999 does not fit"),
 ])
 def test_bad_input_is_one_line_exit_2(args, message, tmp_path, small_cache, monkeypatch, capsys):
     args = [a.format(tmp=tmp_path, cache=small_cache) for a in args]
@@ -147,3 +149,11 @@ def test_several_hooks_one_forward_pass(tmp_path, monkeypatch, capsys):
         assert sae.cfg.hook == hook and sae.cfg.d_in == d and sae.cfg.n_latents == 2 * d
         assert (tmp_path / "multi" / hook / "eval.json").exists()
     assert cap.out.count("Trained topk SAE") == 2
+
+
+
+def test_bad_kernel_backend_setting_is_one_line(monkeypatch, capsys):
+    monkeypatch.setenv("SAELAB_KERNEL_BACKEND", "gpu-please")
+    code, cap = run_cli(["info", "zoo:pystdlib-4l"], monkeypatch, capsys)
+    assert code == 2 and "SAELAB_KERNEL_BACKEND='gpu-please' is not one of" in cap.err
+    assert cap.err.count("\n") == 1

@@ -79,6 +79,12 @@ def test_lr_rule_and_config_validation(tmp_path):
     f.write_text("k: 8\ntokens: 1000\n")
     cfg = TrainConfig.from_file_and_flags(str(f), {"k": 16, "hook": None})
     assert cfg.k == 16 and cfg.tokens == 1000
+    f.write_text("lr: 2e-4\ntokens: 1e6\n")  # YAML 1.1 reads these as strings
+    cfg = TrainConfig.from_file_and_flags(str(f), {})
+    assert cfg.lr == 2e-4 and cfg.tokens == 1_000_000 and isinstance(cfg.tokens, int)
+    f.write_text("tokens: many\n")
+    with pytest.raises(SaelabError, match="config field tokens must be a number"):
+        TrainConfig.from_file_and_flags(str(f), {})
     f.write_text("kk: 8\n")
     with pytest.raises(SaelabError, match=r"unknown training config field\(s\) \['kk'\]"):
         TrainConfig.from_file_and_flags(str(f), {})

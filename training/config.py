@@ -133,8 +133,21 @@ class TrainConfig:
             if not isinstance(values, dict):
                 raise SaelabError(f"config file {p} must hold a mapping of field names to values")
         values.update({k: v for k, v in flags.items() if v is not None})
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(fields))
         if unknown:
-            raise SaelabError(f"unknown training config field(s) {unknown}; known: {sorted(known)}")
-        return cls(**values)
+            raise SaelabError(f"unknown training config field(s) {unknown}; known: {sorted(fields)}")
+        return cls(**{k: _coerce(k, v, str(fields[k].type)) for k, v in values.items()})
+
+
+def _coerce(name: str, value, kind: str):
+    """YAML reads `2e-4` as a string (YAML 1.1): turn numeric text into the field's number type."""
+    if not isinstance(value, str) or not ("int" in kind or "float" in kind):
+        return value
+    try:
+        number = float(value)
+    except ValueError:
+        raise SaelabError(f"config field {name} must be a number, got {value!r}") from None
+    if "float" in kind or not number.is_integer():
+        return number
+    return int(number)

@@ -67,10 +67,6 @@ def _adam(params: list[torch.nn.Parameter], lr: float, eps: float) -> torch.opti
         return torch.optim.Adam(params, lr=lr, eps=eps, foreach=True)
 
 
-def _default_hook(model: HookedModel) -> str:
-    return f"blocks.{model.n_layers // 2}.hook_resid_post"
-
-
 @dataclass
 class _Sources:
     """Where a run's data comes from: training batches, the model, and held-out text."""
@@ -97,6 +93,11 @@ def _sources(cfg: TrainConfig, world: World) -> _Sources:
                 f"cache {cfg.cache} was built from model {manifest.model}, not {cfg.model}; "
                 "drop --model or pass the matching cache"
             )
+        if manifest.data.get("split", "train") != "train":
+            raise SaelabError(
+                f"cache {cfg.cache} holds the {manifest.data['split']!r} split, which the end-of-run "
+                "eval also reads; train on a cache built with --split train"
+            )
         hooks = _hook_list(cfg.hook, next(iter(manifest.hooks)))
         dims = {h: manifest.check_hook(h, Path(cfg.cache)) for h in hooks}
         if len(manifest.shards) < world.size:
@@ -106,15 +107,15 @@ def _sources(cfg: TrainConfig, world: World) -> _Sources:
             )
         mine = list(range(world.rank, len(manifest.shards), world.size))
         stream = CacheStream(cfg.cache, hooks, cfg.batch_size, seed=cfg.seed, shards=mine,
-                             with_grads=with_grads)
+                             with_grads=with_grads, drop_last=True)
         data = TokenData(manifest.data["spec"], "heldout", manifest.data["context_length"], cfg.seed)
         model = load_model(manifest.model, cfg.device)
     else:
         model = load_model(cfg.model or DEFAULT_MODEL, cfg.device)
-        hooks = _hook_list(cfg.hook, _default_hook(model))
+        hooks = _hook_list(cfg.hook, model.default_hook)
         model.check_hooks(hooks)
         dims = model.hook_dims(hooks)
-        ctx = cfg.context_length or min(model.context_length, 128)
+        ctx = model.check_context(cfg.context_length)
         data = TokenData(cfg.data, "train", ctx, cfg.seed, world.rank, world.size)
         stream = ModelStream(model, data, hooks, cfg.batch_size, cfg.buffer_tokens, seed=cfg.seed,
                              with_grads=with_grads)
@@ -354,6 +355,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult | dict[str, Tra
             trainer.calibrate_thresholds([_unpack(b[h], cfg.device)[0] for b in calibration])
     if not world.is_main:  # rank 0 evaluates and writes; the others are done
         world.barrier()
+        world.close()
         return {}
     results = {}
     for h, path in _out_dirs(out, hooks).items():
@@ -377,6 +379,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult | dict[str, Tra
     if wb is not None:
         wb.finish()
     world.barrier()
+    world.close()
     return results[hooks[0]] if isinstance(cfg.hook, str) or cfg.hook is None else results
 
 
