@@ -28,13 +28,12 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
 from saelab.data import TokenData
 from saelab.distributed import World
 from saelab.errors import SaelabError
-from saelab.io import check_output_dir, write_json, write_safetensors
+from saelab.io import check_output_dir, read_safetensors, write_json, write_safetensors
 from saelab.models import HookedModel
 
 MANIFEST = "manifest.json"
@@ -200,11 +199,8 @@ def build_cache(
 
 def _read_shard(path: Path, keys: list[str]) -> torch.Tensor:
     """The tensors `keys` of one shard side by side: (rows, len(keys) * d), float32."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return torch.cat([f.get_tensor(key).float() for key in keys], dim=1)
-    except (SafetensorError, OSError) as e:
-        raise SaelabError(f"cache shard {path} is truncated or corrupt ({e})") from None
+    tensors, _ = read_safetensors(path, keys, what="cache shard")
+    return torch.cat([tensors[key].float() for key in keys], dim=1)
 
 
 class _Layout:

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from saelab.errors import SaelabError
@@ -45,6 +46,20 @@ def write_text(path: Path, text: str) -> None:
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+
+def read_safetensors(path: Path, keys: list[str] | None = None, what: str = "",
+                     device: str = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a safetensors file (only `keys` if given), never a pickle.
+
+    A truncated or corrupt file is one clear error naming it (`what` says what it is).
+    """
+    try:
+        with safe_open(str(path), framework="pt", device=device) as f:
+            tensors = {k: f.get_tensor(k) for k in (keys if keys is not None else f.keys())}
+            return tensors, f.metadata() or {}
+    except (SafetensorError, OSError) as e:
+        raise SaelabError(f"{what + ' ' if what else ''}{path} is truncated or corrupt ({e})") from None
 
 
 def check_output_dir(path: Path, overwrite: bool = False) -> Path:

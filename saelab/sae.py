@@ -17,12 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
 from saelab import allocators
 from saelab.errors import SaelabError
-from saelab.io import write_json, write_safetensors
+from saelab.io import read_safetensors, write_json, write_safetensors
 from saelab.kernels import sparse_decode, sparse_encode
 
 WEIGHTS_FILE = "sae.safetensors"
@@ -185,10 +183,7 @@ class SAE(torch.nn.Module):
             cfg = SAEConfig.from_dict(json.loads(cfg_path.read_text()))
         except (json.JSONDecodeError, TypeError) as e:
             raise SaelabError(f"{cfg_path} is not a valid dictionary config ({e})") from None
-        try:
-            state = load_file(str(w_path), device=str(device))
-        except (SafetensorError, OSError) as e:
-            raise SaelabError(f"{w_path} is truncated or corrupt ({e})") from None
+        state, _ = read_safetensors(w_path, device=str(device))
         sae = cls(cfg, device=device)
         expected = {k: tuple(v.shape) for k, v in sae.state_dict().items()}
         found = {k: tuple(v.shape) for k, v in state.items()}

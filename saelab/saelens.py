@@ -37,12 +37,10 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
 from saelab import __version__
 from saelab.errors import SaelabError
-from saelab.io import check_output_dir, write_json, write_safetensors
+from saelab.io import check_output_dir, read_safetensors, write_json, write_safetensors
 from saelab.sae import CONFIG_FILE, SAE, WEIGHTS_FILE, SAEConfig
 
 SAELENS_WEIGHTS_FILE = "sae_weights.safetensors"
@@ -142,10 +140,7 @@ def import_saelens(path: str | Path, device: str | torch.device = "cpu") -> SAE:
         "model": meta.get("model_name", lens.get("model_name")),
     })
 
-    try:
-        state = load_file(str(w_path))
-    except (SafetensorError, OSError) as e:
-        raise SaelabError(f"{w_path} is truncated or corrupt ({e})") from None
+    state, _ = read_safetensors(w_path)
     expected = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
     expected |= {"jumprelu": {"threshold": (d_sae,)}, "batchtopk": {"topk_threshold": ()}}.get(arch, {})
     found = {name: tuple(t.shape) for name, t in state.items()}

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
 from saelab import __version__
@@ -20,7 +19,7 @@ from saelab.data import TokenData
 from saelab.distributed import World, init
 from saelab.errors import SaelabError
 from saelab.evals import evaluate, write_report
-from saelab.io import check_output_dir, write_json, write_safetensors
+from saelab.io import check_output_dir, read_safetensors, write_json, write_safetensors
 from saelab.models import HookedModel, load_model
 from saelab.sae import SAE, SAEConfig
 from saelab.training.config import TrainConfig
@@ -249,12 +248,11 @@ def read_checkpoint(run: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     path = Path(run) / CHECKPOINT_FILE
     if not path.exists():
         raise SaelabError(f"no checkpoint to resume at {path}; was the run started with saelab train?")
+    tensors, metadata = read_safetensors(path, what="checkpoint")
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads(f.metadata()["saelab_checkpoint"])
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as e:
-        raise SaelabError(f"checkpoint {path} is truncated or corrupt ({e})") from None
+        meta = json.loads(metadata["saelab_checkpoint"])
+    except (KeyError, json.JSONDecodeError) as e:
+        raise SaelabError(f"checkpoint {path} has no valid saelab metadata ({e})") from None
     return tensors, meta
 
 
