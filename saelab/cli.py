@@ -179,22 +179,28 @@ def eval_cmd(
 
 @app.command("export")
 def export_cmd(
-    dictionary: Annotated[str, typer.Argument(help="A saelab or SAELens dictionary directory, or a hub repo id.")],
+    dictionary: Annotated[str, typer.Argument(help="A saelab, SAELens or sparsify dictionary directory, or a hub repo id.")],
     out: Annotated[Path, typer.Argument(help="Directory to write the exported dictionary into.")],
-    format: Annotated[str, Opt("--format", help="saelens (cfg.json + sae_weights.safetensors) or saelab.")] = "saelens",
+    format: Annotated[str, Opt("--format", help="saelens (cfg.json + sae_weights.safetensors), sparsify (cfg.json + sae.safetensors, TopK only) or saelab.")] = "saelens",
     context_size: Annotated[int | None, Opt(help="SAELens metadata: context size the SAE was trained with.")] = None,
     overwrite: Annotated[bool, Opt("--overwrite", help="Allow writing into a non-empty directory.")] = False,
 ) -> None:
-    """Convert a dictionary between saelab's and SAELens's on-disk formats."""
+    """Convert a dictionary between saelab's, SAELens's and sparsify's on-disk formats."""
     import saelab
     from saelab.io import check_output_dir
     from saelab.saelens import export_saelens
+    from saelab.sparsify_format import export_sparsify
 
-    if format not in ("saelens", "saelab"):
-        raise SaelabError(f"unknown export format {format!r}; use saelens or saelab")
+    if format not in ("saelens", "sparsify", "saelab"):
+        raise SaelabError(f"unknown export format {format!r}; use saelens, sparsify or saelab")
     sae = saelab.load(dictionary)
+    if isinstance(sae, dict):
+        raise SaelabError(f"{dictionary} is a run directory of {len(sae)} dictionaries; "
+                          "export one hook's subdirectory at a time")
     if format == "saelens":
         export_saelens(sae, out, context_size=context_size, overwrite=overwrite)
+    elif format == "sparsify":
+        export_sparsify(sae, out, overwrite=overwrite)
     else:
         sae.save(check_output_dir(out, overwrite))
     typer.echo(f"exported {sae.cfg.allocator} dictionary ({sae.cfg.n_latents} x {sae.cfg.d_in}) "

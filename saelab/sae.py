@@ -177,10 +177,15 @@ class SAE(torch.nn.Module):
         cfg_path, w_path = path / CONFIG_FILE, path / WEIGHTS_FILE
         if not cfg_path.exists() or not w_path.exists():
             raise SaelabError(
-                f"no saelab dictionary at {path} (expected {CONFIG_FILE} and {WEIGHTS_FILE})"
+                f"no saelab dictionary at {path} (expected {CONFIG_FILE} and {WEIGHTS_FILE}; "
+                "saelab.load also reads SAELens and sparsify dictionaries and run directories of them)"
             )
         try:
-            cfg = SAEConfig.from_dict(json.loads(cfg_path.read_text()))
+            raw = json.loads(cfg_path.read_text())
+            if "n_latents" not in raw:
+                raise SaelabError(f"{cfg_path} is not a saelab, SAELens or sparsify dictionary config "
+                                  "(it names none of n_latents, d_sae, num_latents)")
+            cfg = SAEConfig.from_dict(raw)
         except (json.JSONDecodeError, TypeError) as e:
             raise SaelabError(f"{cfg_path} is not a valid dictionary config ({e})") from None
         state, _ = read_safetensors(w_path, device=str(device))

@@ -1,0 +1,182 @@
+"""EleutherAI sparsify interop, and run directories (one dictionary per hook).
+
+A sparsify dictionary directory holds `cfg.json` (its SparseCoderConfig fields plus `d_in`) and
+`sae.safetensors` with `encoder.weight` (n, d), `encoder.bias` (n,), `W_dec` (n, d) and `b_dec`
+(d,). Its SAE is TopK: `top_k(relu(encoder(x - b_dec)))`, `x_hat = acts @ W_dec[idx] + b_dec`,
+which is saelab's topk with the same weights in the same orientation (saelab takes the top k of
+pre and keeps relu of it: the same dense code). saelab's own dictionaries use the same two file
+names, so the format is told by cfg.json's content: saelab's names `n_latents`, SAELens's
+`d_sae`, sparsify's `num_latents` / `expansion_factor` beside `d_in`.
+
+sparsify -> saelab (`import_sparsify`): topk with k; n = num_latents, or d_in * expansion_factor
+when num_latents is 0 (sparsify's rule). Refused with a one-line reason: transcoders (they
+predict another hook's output), skip connections (W_skip), groupmax activation, signed (no relu)
+SAEs of early versions. The hook comes from the directory's name, which sparsify sets to the
+hookpoint, a module path of the Hugging Face model: `layers.N` / `h.N` (a block's output) maps
+to `blocks.N.hook_resid_post`, `….mlp` to `blocks.N.hook_mlp_out`, `….attn` / `self_attn` /
+`attention` to `blocks.N.hook_attn_out`; for other names the hook is left unset.
+
+saelab -> sparsify (`export_sparsify`): topk and gradient_topk (plain topk at inference) only;
+the other allocators are not TopK and have no sparsify form (export them as SAELens). saelab's
+own config rides along in cfg.json under "saelab" (sparsify drops unknown fields when loading),
+so importing the export gives back the same dictionary.
+
+A run directory (`sparsify` and multi-hook `saelab train` both write one) has no cfg.json and one
+dictionary subdirectory per hook; `load_run` loads each (in any format `saelab.load` reads) and
+returns {hook: SAE}, keyed by saelab hook name (by subdirectory name where a dictionary has no
+hook or two share one). Subdirectories without a cfg.json (sparsify's
+`best/`, logs) are skipped; a multi-seed sparsify run nests seeds one level down, so load
+`run/HOOKPOINT`, which is itself a run directory ({seed name: SAE}).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from saelab import __version__
+from saelab.errors import SaelabError
+from saelab.io import check_output_dir, read_safetensors, write_json, write_safetensors
+from saelab.sae import CONFIG_FILE, SAE, WEIGHTS_FILE, SAEConfig
+
+EXPORTABLE = ("topk", "gradient_topk")
+# sparsify hookpoint (a module path of the HF base model) -> saelab hook name
+_HOOKPOINT = re.compile(r"^(?:h|layers)\.(\d+)(?:\.(mlp|attn|self_attn|attention))?$")
+_HOOK = re.compile(r"^blocks\.(\d+)\.hook_(resid_post|mlp_out|attn_out)$")
+_SITE = {None: "resid_post", "mlp": "mlp_out", "attn": "attn_out", "self_attn": "attn_out",
+         "attention": "attn_out"}
+
+
+def _read_cfg(path: Path) -> dict | None:
+    try:
+        cfg = json.loads((path / CONFIG_FILE).read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return cfg if isinstance(cfg, dict) else None
+
+
+def is_sparsify_dir(path: str | Path) -> bool:
+    """cfg.json names d_in and num_latents or expansion_factor, and neither saelab's nor SAELens's size."""
+    cfg = _read_cfg(Path(path))
+    return (cfg is not None and "d_in" in cfg and ("num_latents" in cfg or "expansion_factor" in cfg)
+            and "n_latents" not in cfg and "d_sae" not in cfg)
+
+
+def _dictionary_subdirs(path: Path) -> list[Path]:
+    if not path.is_dir() or (path / CONFIG_FILE).exists():
+        return []
+    return sorted(p for p in path.iterdir() if p.is_dir() and (p / CONFIG_FILE).is_file())
+
+
+def is_run_dir(path: str | Path) -> bool:
+    """No cfg.json of its own, and at least one subdirectory with one."""
+    return bool(_dictionary_subdirs(Path(path)))
+
+
+def recognises(path: str | Path) -> bool:
+    """Whether `load` reads `path`: a sparsify dictionary or a run directory."""
+    return is_sparsify_dir(path) or is_run_dir(path)
+
+
+def load(path: str | Path, device: str | torch.device = "cpu") -> SAE | dict[str, SAE]:
+    """A sparsify dictionary as an SAE, or a run directory as {hook: SAE}."""
+    return import_sparsify(path, device) if is_sparsify_dir(path) else load_run(path, device)
+
+
+def hook_from_hookpoint(name: str) -> str | None:
+    """saelab (TransformerLens) hook name of a sparsify hookpoint; None for other names."""
+    m = _HOOKPOINT.match(name)
+    return f"blocks.{m[1]}.hook_{_SITE[m[2]]}" if m else None
+
+
+def hookpoint_from_hook(hook: str) -> str:
+    """The sparsify hookpoint (`layers.N[.mlp|.self_attn]`) of a saelab hook name, for run layouts."""
+    m = _HOOK.match(hook)
+    if not m:
+        return hook
+    return f"layers.{m[1]}" + {"resid_post": "", "mlp_out": ".mlp", "attn_out": ".self_attn"}[m[2]]
+
+
+def import_sparsify(path: str | Path, device: str | torch.device = "cpu") -> SAE:
+    """Read a sparsify dictionary directory into a saelab topk SAE (mapping: module docstring)."""
+    path = Path(path)
+    cfg_path, w_path = path / CONFIG_FILE, path / WEIGHTS_FILE
+    if not w_path.is_file():
+        raise SaelabError(f"no sparsify dictionary at {path}: {WEIGHTS_FILE} is missing")
+    cfg = _read_cfg(path)
+    if cfg is None or not is_sparsify_dir(path):
+        raise SaelabError(f"{cfg_path} is not a sparsify config (expected d_in, k and num_latents)")
+    refusals = {
+        "transcode": "it is a transcoder (it predicts another hook's output), not an autoencoder",
+        "skip_connection": "it has a skip connection (W_skip), which saelab SAEs have no form for",
+        "signed": "it is signed (no relu), which saelab SAEs have no form for",
+    }
+    for key, why in refusals.items():
+        if cfg.get(key):
+            raise SaelabError(f"{path}: cannot import this sparsify dictionary: {why}")
+    if cfg.get("activation", "topk") != "topk":
+        raise SaelabError(f"{path}: sparsify activation {cfg['activation']!r} is not supported; "
+                          "saelab imports topk")
+    try:
+        d_in, k = int(cfg["d_in"]), int(cfg.get("k", 32))  # 32: sparsify's default k
+        n = int(cfg.get("num_latents") or 0) or d_in * int(cfg.get("expansion_factor", 32))
+    except (TypeError, ValueError) as e:
+        raise SaelabError(f"{cfg_path} has a non-integer size ({e})") from None
+    saved = cfg.get("saelab") if isinstance(cfg.get("saelab"), dict) else {}
+    allocator = saved.get("allocator") if saved.get("allocator") in EXPORTABLE else "topk"
+    hook = hook_from_hookpoint(path.name if not re.fullmatch(r"seed\d+", path.name) else path.parent.name)
+    sae_cfg = SAEConfig.from_dict({**saved, "d_in": d_in, "n_latents": n, "k": k, "allocator": allocator,
+                                   "hook": saved.get("hook") or hook})
+
+    state, _ = read_safetensors(w_path, what="sparsify dictionary")
+    expected = {"encoder.weight": (n, d_in), "encoder.bias": (n,), "W_dec": (n, d_in), "b_dec": (d_in,)}
+    found = {name: tuple(t.shape) for name, t in state.items()}
+    if found != expected:
+        raise SaelabError(f"{w_path} holds {found}, but {cfg_path} implies {expected}")
+    sae = SAE(sae_cfg, device=device)
+    sae.load_state_dict({"W_enc": state["encoder.weight"], "b_enc": state["encoder.bias"],
+                         "W_dec": state["W_dec"], "b_dec": state["b_dec"]})
+    return sae
+
+
+def export_sparsify(sae: SAE, out_dir: str | Path, overwrite: bool = False) -> Path:
+    """Write `sae` as a sparsify dictionary directory (loadable by `SparseCoder.load_from_disk`).
+
+    For a sparsify run layout, export each hook into `RUN/<hookpoint>` (`hookpoint_from_hook`).
+    An existing non-empty `out_dir` is only replaced with `overwrite`.
+    """
+    cfg = sae.cfg
+    if cfg.allocator not in EXPORTABLE:
+        raise SaelabError(f"a {cfg.allocator} dictionary is not TopK and has no sparsify form; "
+                          "export it with --format saelens")
+    out = check_output_dir(Path(out_dir), overwrite)
+    out.mkdir(parents=True, exist_ok=True)
+    write_safetensors(out / WEIGHTS_FILE, {  # weights first, like `SAE.save`
+        "encoder.weight": sae.W_enc, "encoder.bias": sae.b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec})
+    write_json(out / CONFIG_FILE, {
+        "activation": "topk", "expansion_factor": max(1, cfg.n_latents // cfg.d_in),
+        "normalize_decoder": True, "num_latents": cfg.n_latents, "k": cfg.k, "multi_topk": False,
+        "skip_connection": False, "transcode": False, "d_in": cfg.d_in,
+        "exported_by": f"saelab {__version__}", "saelab": dataclasses.asdict(cfg),
+    })
+    return out
+
+
+def load_run(path: str | Path, device: str | torch.device = "cpu") -> dict[str, SAE]:
+    """{hook: SAE} for every dictionary subdirectory of a run directory (module docstring)."""
+    import saelab
+
+    subs = _dictionary_subdirs(Path(path))
+    saes = [saelab.load(sub, device=device) for sub in subs]
+    hooks = [sae.cfg.hook for sae in saes]
+    if None in hooks or len(set(hooks)) < len(hooks):
+        hooks = [sub.name for sub in subs]
+    return dict(zip(hooks, saes, strict=True))
+
+
+__all__ = ["export_sparsify", "hook_from_hookpoint", "hookpoint_from_hook", "import_sparsify",
+           "is_run_dir", "is_sparsify_dir", "load", "load_run", "recognises"]
