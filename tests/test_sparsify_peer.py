@@ -1,0 +1,113 @@
+"""saelab <-> sparsify checked against EleutherAI's sparsify itself (`pip install eai-sparsify`).
+CI installs it in the transformer-lens 3.x side venv beside sae-lens and asserts it imports before
+running this (.ci/run); where it is not installed this file is skipped."""
+
+import os
+
+import pytest
+import torch
+
+import saelab
+from saelab.sparsify_format import export_sparsify
+
+# sparsify decodes with Triton whenever triton imports, which on a CPU-only machine fails; its
+# own switch selects its eager (embedding_bag) decoder instead
+if not torch.cuda.is_available():
+    os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
+sparsify = pytest.importorskip("sparsify")
+
+from test_saelens import D, K, N, dense_code, random_sae  # noqa: E402
+
+
+def sparsify_code(coder, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """sparsify's own encode as a dense code, and its decode of it."""
+    out = coder.encode(x)
+    z = torch.zeros(x.shape[0], coder.num_latents).scatter(1, out.top_indices, out.top_acts)
+    return z, coder.decode(out.top_acts, out.top_indices)
+
+
+def random_coder(seed: int, **cfg) -> "sparsify.SparseCoder":
+    """A sparsify SAE with random weights, biases included, decoder rows not unit norm."""
+    torch.manual_seed(seed)
+    coder = sparsify.SparseCoder(D, sparsify.SparseCoderConfig(**cfg))
+    with torch.no_grad():
+        for p in coder.parameters():
+            p.copy_(torch.randn_like(p))
+    return coder
+
+
+@pytest.mark.parametrize("allocator", ["topk", "gradient_topk"])
+def test_sparsify_loads_saelab_exports(tmp_path, allocator):
+    sae = random_sae(allocator)
+    coder = sparsify.SparseCoder.load_from_disk(export_sparsify(sae, tmp_path / "layers.1"))
+    assert (coder.d_in, coder.num_latents, coder.cfg.k) == (D, N, K)
+    x = torch.randn(64, D)
+    with torch.no_grad():
+        z, x_hat = sparsify_code(coder, x)
+        assert (z != 0).any()
+        torch.testing.assert_close(dense_code(sae, x), z)
+        torch.testing.assert_close(sae(x), x_hat)
+
+
+def test_saelab_imports_what_sparsify_saves(tmp_path):
+    """One dictionary sized by num_latents, one by expansion_factor, and a run directory of both
+    laid out as sparsify's trainer does (one subdirectory per hookpoint)."""
+    coders = {"h.1": random_coder(0, num_latents=N, k=K), "h.2.mlp": random_coder(1, expansion_factor=3, k=K)}
+    for hookpoint, coder in coders.items():
+        coder.save_to_disk(tmp_path / "run" / hookpoint)
+    x = torch.randn(64, D)
+    run = saelab.load(tmp_path / "run")
+    assert set(run) == {"blocks.1.hook_resid_post", "blocks.2.hook_mlp_out"}
+    with torch.no_grad():
+        for hookpoint, coder in coders.items():
+            sae = saelab.load(tmp_path / "run" / hookpoint)
+            assert (sae.cfg.allocator, sae.cfg.k, sae.cfg.n_latents) == ("topk", K, coder.num_latents)
+            z, x_hat = sparsify_code(coder, x)
+            assert (z != 0).any()
+            for s in (sae, run[sae.cfg.hook]):
+                torch.testing.assert_close(dense_code(s, x), z, msg=hookpoint)
+                torch.testing.assert_close(s(x), x_hat, msg=hookpoint)
+
+
+def test_saelab_loads_a_sparsify_training_run(tmp_path):
+    """A real (short) sparsify training run on the zoo model, at a block output and an MLP output:
+    saelab.load of the run directory gives, per hook, sparsify's own codes on the activations it
+    trained on, and the hook names point where sparsify hooked (saelab's TransformerLens-style
+    model centers the residual stream's writing weights, so its activations are sparsify's minus
+    their per-token mean)."""
+    from datasets import Dataset
+    from transformers import AutoModel
+
+    from saelab.models import load_model
+    from saelab.sparsify_format import hook_from_hookpoint
+    from saelab.zoo import DEFAULT_MODEL, model_dir
+
+    hf = AutoModel.from_pretrained(model_dir(DEFAULT_MODEL.removeprefix("zoo:"))).eval()
+    torch.manual_seed(0)
+    data = Dataset.from_dict({"input_ids": torch.randint(1, 256, (32, 16)).tolist()}).with_format("torch")
+    cfg = sparsify.TrainConfig(sparsify.SaeConfig(expansion_factor=2, k=8), batch_size=8,
+                               hookpoints=["h.1", "h.2.mlp"], log_to_wandb=False,
+                               save_dir=str(tmp_path), run_name="run")
+    sparsify.Trainer(cfg, data, hf).fit()
+    coders = sparsify.SparseCoder.load_many(str(tmp_path / "run"), local=True)
+    saes = saelab.load(tmp_path / "run")
+    assert set(saes) == {"blocks.1.hook_resid_post", "blocks.2.hook_mlp_out"}
+    assert {hook_from_hookpoint(h) for h in coders} == set(saes)
+
+    tokens = torch.randint(1, 256, (4, 16))
+    seen = {}
+    for hookpoint in coders:
+        hf.get_submodule(hookpoint).register_forward_hook(
+            lambda mod, args, out, hp=hookpoint: seen.__setitem__(hp, out[0] if isinstance(out, tuple) else out))
+    ours = load_model(DEFAULT_MODEL).activations(tokens, list(saes))
+    with torch.no_grad():
+        hf(tokens)
+        for hookpoint, coder in coders.items():
+            hook = hook_from_hookpoint(hookpoint)
+            x = seen[hookpoint].reshape(-1, coder.d_in)
+            z, x_hat = sparsify_code(coder, x)
+            assert (z != 0).any()
+            torch.testing.assert_close(dense_code(saes[hook], x), z, msg=hookpoint)
+            torch.testing.assert_close(saes[hook](x), x_hat, msg=hookpoint)
+            centered = seen[hookpoint] - seen[hookpoint].mean(-1, keepdim=True)
+            torch.testing.assert_close(ours[hook], centered, atol=1e-4, rtol=1e-4, msg=hookpoint)
