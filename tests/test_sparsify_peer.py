@@ -96,9 +96,14 @@ def test_saelab_loads_a_sparsify_training_run(tmp_path):
 
     tokens = torch.randint(1, 256, (4, 16))
     seen = {}
+
+    def capture(hookpoint):
+        def hook(module, args, out):
+            seen[hookpoint] = out[0] if isinstance(out, tuple) else out
+        return hook
+
     for hookpoint in coders:
-        hf.get_submodule(hookpoint).register_forward_hook(
-            lambda mod, args, out, hp=hookpoint: seen.__setitem__(hp, out[0] if isinstance(out, tuple) else out))
+        hf.get_submodule(hookpoint).register_forward_hook(capture(hookpoint))
     ours = load_model(DEFAULT_MODEL).activations(tokens, list(saes))
     with torch.no_grad():
         hf(tokens)
