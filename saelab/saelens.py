@@ -6,6 +6,9 @@ W_enc transposed: `pre = (x - b_dec) @ W_enc + b_enc`, `x_hat = z @ W_dec + b_de
 
 saelab -> SAELens (`export_saelens`):
 - topk -> "topk" with k.
+- relu -> "standard" (ReLU; SAELens trains it with the same L1 penalty on activation times
+  decoder-row norm).
+- jumprelu -> "jumprelu" with its thresholds.
 - gradient_topk -> "topk": at inference it is plain topk; its gradient-steered selection is a
   training rule SAELens has no form for.
 - mutual_choice -> "jumprelu" with saelab's thresholds and metadata training_architecture
@@ -18,13 +21,17 @@ same allocator and settings.
 
 SAELens -> saelab (`import_saelens`):
 - "topk" -> topk.
+- "standard" -> relu (k = 0: no budget).
 - "batchtopk" (a SAELens training checkpoint) -> mutual_choice, its scalar topk_threshold (an EMA
   of the smallest selected activation) as every latent's threshold, as SAELens's own conversion
   to JumpReLU does; never a per-token topk, which would be a different dictionary.
 - "jumprelu" whose metadata records a batch budget k (SAELens BatchTopK or Matryoshka BatchTopK,
   or a saelab export) -> mutual_choice (or the saelab allocator recorded), thresholds kept.
-  A JumpReLU trained as such has no k, which every saelab dictionary needs, so it is refused, as
-  are other architectures and normalize_activations other than "none".
+- "jumprelu" trained as such (Gemma Scope-style, no k) -> jumprelu with its thresholds; an old
+  checkpoint's `log_threshold` is exponentiated, as SAELens does when loading it. SAELens keeps
+  relu(pre) where pre > threshold, and so does saelab, also for a negative threshold.
+Other architectures (gated, matching pursuit, transcoders...) and normalize_activations other
+than "none" are refused.
 rescale_acts_by_decoder_norm is folded into the weights (as SAELens's fold_W_dec_norm does) and
 apply_b_dec_to_input=False into b_enc; both give the same codes and reconstructions (up to
 float rounding). Weights load as float32, like `SAE.load`.
@@ -47,7 +54,7 @@ SAELENS_WEIGHTS_FILE = "sae_weights.safetensors"
 SAELENS_FORMAT = "6.0.0"  # the cfg.json layout written here is SAELens >= 6.0's
 # which saelab allocators each SAELens architecture can stand for; the first is the default
 ARCHITECTURES = {"topk": ("topk", "gradient_topk"), "batchtopk": ("mutual_choice",),
-              "jumprelu": ("mutual_choice", "feature_choice")}
+                 "jumprelu": ("jumprelu", "mutual_choice", "feature_choice"), "standard": ("relu",)}
 
 
 def export_saelens(sae: SAE, out_dir: str | Path, context_size: int | None = None,
@@ -58,7 +65,7 @@ def export_saelens(sae: SAE, out_dir: str | Path, context_size: int | None = Non
     An existing non-empty `out_dir` is only replaced with `overwrite`.
     """
     cfg = sae.cfg
-    if cfg.batch_level and torch.isnan(sae.threshold).any():
+    if cfg.has_thresholds and torch.isnan(sae.threshold).any():
         raise SaelabError(f"this {cfg.allocator} SAE has no inference thresholds yet; train it first")
     out = check_output_dir(Path(out_dir), overwrite)
     out.mkdir(parents=True, exist_ok=True)
@@ -69,11 +76,13 @@ def export_saelens(sae: SAE, out_dir: str | Path, context_size: int | None = Non
         "saelab": dataclasses.asdict(cfg),
     }
     tensors = {"W_enc": sae.W_enc.T, "b_enc": sae.b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec}
-    if cfg.batch_level:
+    if cfg.has_thresholds:
         arch, extra = "jumprelu", {}
         tensors["threshold"] = sae.threshold
         if cfg.allocator == "mutual_choice":
             metadata |= {"training_architecture": "batchtopk", "training_architecture_details": {"k": cfg.k}}
+    elif cfg.allocator == "relu":
+        arch, extra = "standard", {}
     else:
         arch, extra = "topk", {"k": cfg.k, "rescale_acts_by_decoder_norm": False}
     write_safetensors(out / SAELENS_WEIGHTS_FILE, tensors)  # weights first, like `SAE.save`
@@ -122,18 +131,15 @@ def import_saelens(path: str | Path, device: str | torch.device = "cpu") -> SAE:
         )
     meta = lens.get("metadata") or {}
     saved = meta.get("saelab") or {}
-    k = lens.get("k")
+    k = lens.get("k", 0)
     if arch == "jumprelu":  # SAELens keeps a BatchTopK's k in the metadata of its JumpReLU form
-        k = saved.get("k", (meta.get("training_architecture_details") or {}).get("k"))
-        if k is None:
-            raise SaelabError(
-                f"{path}: a JumpReLU SAE trained as one has no batch budget k, which saelab dictionaries "
-                "need; only JumpReLU forms of BatchTopK or saelab dictionaries import"
-            )
+        k = saved.get("k", (meta.get("training_architecture_details") or {}).get("k")) or 0
     if not isinstance(k, (int, float)) or k != int(k):
         raise SaelabError(f"{path}: k={k!r} must be a whole number for saelab")
     choices = ARCHITECTURES[arch]
-    allocator = saved.get("allocator") if saved.get("allocator") in choices else choices[0]
+    # a JumpReLU with a batch budget k stands for a batch allocator; without one it is itself
+    default = choices[1] if arch == "jumprelu" and k else choices[0]
+    allocator = saved.get("allocator") if saved.get("allocator") in choices else default
     cfg = SAEConfig.from_dict({
         **saved, "d_in": d_in, "n_latents": d_sae, "k": int(k), "allocator": allocator,
         "hook": meta.get("hook_name", lens.get("hook_name")),
@@ -141,6 +147,8 @@ def import_saelens(path: str | Path, device: str | torch.device = "cpu") -> SAE:
     })
 
     state, _ = read_safetensors(w_path)
+    if arch == "jumprelu" and "log_threshold" in state:  # older SAELens checkpoints
+        state["threshold"] = state.pop("log_threshold").double().exp()
     expected = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
     expected |= {"jumprelu": {"threshold": (d_sae,)}, "batchtopk": {"topk_threshold": ()}}.get(arch, {})
     found = {name: tuple(t.shape) for name, t in state.items()}

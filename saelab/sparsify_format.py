@@ -14,7 +14,11 @@ predict another hook's output), skip connections (W_skip), groupmax activation, 
 SAEs of early versions. The hook comes from the directory's name, which sparsify sets to the
 hookpoint, a module path of the Hugging Face model: `layers.N` / `h.N` (a block's output) maps
 to `blocks.N.hook_resid_post`, `….mlp` to `blocks.N.hook_mlp_out`, `….attn` / `self_attn` /
-`attention` to `blocks.N.hook_attn_out`; for other names the hook is left unset.
+`attention` to `blocks.N.hook_attn_out`; for other names the hook is left unset. sparsify hooks
+the Hugging Face model itself, while saelab's models (TransformerLens, LayerNorm folded, writing
+weights centred) give those activations minus their per-token mean (tests/test_sparsify_peer.py
+checks both facts on the zoo model): a sparsify dictionary spliced into a saelab model sees
+centred inputs.
 
 saelab -> sparsify (`export_sparsify`): topk and gradient_topk (plain topk at inference) only;
 the other allocators are not TopK and have no sparsify form (export them as SAELens). saelab's
