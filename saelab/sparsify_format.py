@@ -86,9 +86,10 @@ def recognises(path: str | Path) -> bool:
     return is_sparsify_dir(path) or is_run_dir(path)
 
 
-def load(path: str | Path, device: str | torch.device = "cpu") -> SAE | dict[str, SAE]:
-    """A sparsify dictionary as an SAE, or a run directory as {hook: SAE}."""
-    return import_sparsify(path, device) if is_sparsify_dir(path) else load_run(path, device)
+def load(path: str | Path, device: str | torch.device = "cpu",
+         dtype: torch.dtype | None = None) -> SAE | dict[str, SAE]:
+    """A sparsify dictionary as an SAE, or a run directory as {hook: SAE} (eval() mode)."""
+    return (import_sparsify if is_sparsify_dir(path) else load_run)(path, device, dtype)
 
 
 def hook_from_hookpoint(name: str) -> str | None:
@@ -105,8 +106,10 @@ def hookpoint_from_hook(hook: str) -> str:
     return f"layers.{m[1]}" + {"resid_post": "", "mlp_out": ".mlp", "attn_out": ".self_attn"}[m[2]]
 
 
-def import_sparsify(path: str | Path, device: str | torch.device = "cpu") -> SAE:
-    """Read a sparsify dictionary directory into a saelab topk SAE (mapping: module docstring)."""
+def import_sparsify(path: str | Path, device: str | torch.device = "cpu",
+                    dtype: torch.dtype | None = None) -> SAE:
+    """Read a sparsify dictionary directory into a saelab topk SAE, in eval() mode (mapping:
+    module docstring). `dtype` casts the weights (default: as stored)."""
     path = Path(path)
     cfg_path, w_path = path / CONFIG_FILE, path / WEIGHTS_FILE
     if not w_path.is_file():
@@ -136,15 +139,14 @@ def import_sparsify(path: str | Path, device: str | torch.device = "cpu") -> SAE
     sae_cfg = SAEConfig.from_dict({**saved, "d_in": d_in, "n_latents": n, "k": k, "allocator": allocator,
                                    "hook": saved.get("hook") or hook})
 
-    state, _ = read_safetensors(w_path, what="sparsify dictionary")
+    state, _ = read_safetensors(w_path, what="sparsify dictionary", device=str(device))
     expected = {"encoder.weight": (n, d_in), "encoder.bias": (n,), "W_dec": (n, d_in), "b_dec": (d_in,)}
     found = {name: tuple(t.shape) for name, t in state.items()}
     if found != expected:
         raise SaelabError(f"{w_path} holds {found}, but {cfg_path} implies {expected}")
-    sae = SAE(sae_cfg, device=device)
-    sae.load_state_dict({"W_enc": state["encoder.weight"], "b_enc": state["encoder.bias"],
-                         "W_dec": state["W_dec"], "b_dec": state["b_dec"]})
-    return sae
+    state = {"W_enc": state["encoder.weight"], "b_enc": state["encoder.bias"], "W_dec": state["W_dec"],
+             "b_dec": state["b_dec"]}
+    return SAE.from_state(sae_cfg, state, str(w_path), dtype)
 
 
 def export_sparsify(sae: SAE, out_dir: str | Path, overwrite: bool = False) -> Path:
@@ -170,12 +172,13 @@ def export_sparsify(sae: SAE, out_dir: str | Path, overwrite: bool = False) -> P
     return out
 
 
-def load_run(path: str | Path, device: str | torch.device = "cpu") -> dict[str, SAE]:
+def load_run(path: str | Path, device: str | torch.device = "cpu",
+             dtype: torch.dtype | None = None) -> dict[str, SAE]:
     """{hook: SAE} for every dictionary subdirectory of a run directory (module docstring)."""
     import saelab
 
     subs = _dictionary_subdirs(Path(path))
-    saes = [saelab.load(sub, device=device) for sub in subs]
+    saes = [saelab.load(sub, device=device, dtype=dtype) for sub in subs]
     hooks = [sae.cfg.hook for sae in saes]
     if None in hooks or len(set(hooks)) < len(hooks):
         hooks = [sub.name for sub in subs]
