@@ -28,8 +28,9 @@ SAELens -> saelab (`import_saelens`):
 - "jumprelu" whose metadata records a batch budget k (SAELens BatchTopK or Matryoshka BatchTopK,
   or a saelab export) -> mutual_choice (or the saelab allocator recorded), thresholds kept.
 - "jumprelu" trained as such (Gemma Scope-style, no k) -> jumprelu with its thresholds; an old
-  checkpoint's `log_threshold` is exponentiated, as SAELens does when loading it. SAELens keeps
-  relu(pre) where pre > threshold, and so does saelab, also for a negative threshold.
+  checkpoint's `log_threshold` is exponentiated, as SAELens does when loading it. SAELens's
+  inference JumpReLU keeps relu(pre) where pre > threshold, and so does saelab, also for a
+  negative threshold (SAELens's training class keeps pre there, without the relu).
 Other architectures (gated, matching pursuit, transcoders...) and normalize_activations other
 than "none" are refused.
 rescale_acts_by_decoder_norm is folded into the weights (as SAELens's fold_W_dec_norm does) and

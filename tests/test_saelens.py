@@ -1,5 +1,5 @@
 """SAELens interop: export, import and `saelab.load` detection, checked against SAELens's maths
-written densely here from its files (sae_lens/saes/{topk,jumprelu,batchtopk}_sae.py, 6.54)."""
+written densely here from its files (sae_lens/saes/{topk,jumprelu,batchtopk,standard}_sae.py, 6.54)."""
 
 import json
 
@@ -18,17 +18,21 @@ LENS_META = {"sae_lens_version": "6.54.12", "model_name": "gpt2", "hook_name": "
 
 
 def random_sae(allocator: str = "topk", seed: int = 0) -> SAE:
-    """Random float32 weights (decoder rows not unit norm); thresholds set for batch allocators."""
+    """Random float32 weights (decoder rows not unit norm); thresholds set where the allocator has
+    them (jumprelu's include negative ones, where SAELens's relu(pre) * (pre > theta) still
+    zeroes pre in (theta, 0]). In eval() mode, as `saelab.load` returns a dictionary."""
     torch.manual_seed(seed)
-    cfg = SAEConfig(d_in=D, n_latents=N, k=K, allocator=allocator, beta=0.5, capacity="zipf",
+    k = 0 if allocator in ("relu", "jumprelu") else K  # no budget
+    cfg = SAEConfig(d_in=D, n_latents=N, k=k, allocator=allocator, beta=0.5, capacity="zipf",
                     zipf_alpha=0.7, hook=HOOK, model=MODEL, saelab_version="test")
     sae = SAE(cfg)
     with torch.no_grad():
         for p in sae.parameters():
             p.copy_(torch.randn_like(p))
-        if cfg.batch_level:  # mutual_choice's boundary is one number for every latent
-            sae.threshold.copy_(torch.full((N,), 2.0) if allocator == "mutual_choice" else 4 * torch.rand(N))
-    return sae
+        if cfg.has_thresholds:  # mutual_choice's boundary is one number for every latent
+            sae.threshold.copy_({"mutual_choice": torch.full((N,), 2.0),
+                                 "jumprelu": 4 * torch.rand(N) - 1}.get(allocator, 4 * torch.rand(N)))
+    return sae.eval()
 
 
 def dense_code(sae: SAE, x: torch.Tensor, batch: bool = False) -> torch.Tensor:
@@ -42,11 +46,16 @@ def saelens_reference(cfg: dict, w: dict, x: torch.Tensor) -> tuple[torch.Tensor
     pre = (x - w["b_dec"] * cfg.get("apply_b_dec_to_input", True)) @ w["W_enc"] + w["b_enc"]
     norm = w["W_dec"].norm(dim=-1) if cfg.get("rescale_acts_by_decoder_norm") else torch.ones(pre.shape[1])
     pre = pre * norm
-    if cfg["architecture"] == "topk":
+    if cfg["architecture"] == "standard":
+        z = pre.relu()
+    elif cfg["architecture"] == "topk":
         top = pre.topk(cfg["k"], dim=-1)
         z = torch.zeros_like(pre).scatter(-1, top.indices, top.values.relu())
     else:  # jumprelu; a batchtopk checkpoint's inference form is JumpReLU at its topk_threshold
-        threshold = w["threshold"] if "threshold" in w else w["topk_threshold"].float()
+        if "log_threshold" in w:  # older JumpReLU checkpoints
+            threshold = w["log_threshold"].exp()
+        else:
+            threshold = w["threshold"] if "threshold" in w else w["topk_threshold"].float()
         z = pre.relu() * (pre > threshold)
     return z, (z / norm) @ w["W_dec"] + w["b_dec"]
 
@@ -65,7 +74,8 @@ def write_saelens(path, architecture: str, cfg: dict | None = None, extra: dict 
     return c, w
 
 
-@pytest.mark.parametrize("allocator", ["topk", "gradient_topk", "mutual_choice", "feature_choice"])
+@pytest.mark.parametrize("allocator", ["topk", "gradient_topk", "mutual_choice", "feature_choice", "relu",
+                                       "jumprelu"])
 def test_round_trip_is_identical(tmp_path, allocator):
     sae = random_sae(allocator)
     out = export_saelens(sae, tmp_path / "lens")
@@ -82,20 +92,20 @@ def test_round_trip_is_identical(tmp_path, allocator):
         assert torch.equal(sae(x), back(x))
 
 
-@pytest.mark.parametrize("allocator", ["topk", "mutual_choice", "feature_choice"])
+@pytest.mark.parametrize("allocator", ["topk", "mutual_choice", "feature_choice", "relu", "jumprelu"])
 def test_exported_files_follow_saelens_maths(tmp_path, allocator):
     sae = random_sae(allocator)
     out = export_saelens(sae, tmp_path / "lens", context_size=128)
     cfg, w = json.loads((out / "cfg.json").read_text()), load_file(str(out / "sae_weights.safetensors"))
-    arch = "topk" if allocator == "topk" else "jumprelu"
+    arch = {"topk": "topk", "relu": "standard"}.get(allocator, "jumprelu")
     assert (cfg["architecture"], cfg["d_in"], cfg["d_sae"], cfg["dtype"]) == (arch, D, N, "float32")
     assert cfg["normalize_activations"] == "none" and cfg["apply_b_dec_to_input"] is True
     assert (cfg["metadata"]["hook_name"], cfg["metadata"]["model_name"]) == (HOOK, MODEL)
     assert cfg["metadata"]["context_size"] == 128
     assert (cfg.get("k"), cfg["metadata"].get("training_architecture")) == {
-        "topk": (K, None), "mutual_choice": (None, "batchtopk"), "feature_choice": (None, None)}[allocator]
+        "topk": (K, None), "mutual_choice": (None, "batchtopk")}.get(allocator, (None, None))
     shapes = {"W_enc": (D, N), "b_enc": (N,), "W_dec": (N, D), "b_dec": (D,)}
-    shapes |= {} if arch == "topk" else {"threshold": (N,)}
+    shapes |= {"threshold": (N,)} if arch == "jumprelu" else {}
     assert {k: tuple(v.shape) for k, v in w.items()} == shapes
     x = torch.randn(64, D)
     z, x_hat = saelens_reference(cfg, w, x)
@@ -105,6 +115,9 @@ def test_exported_files_follow_saelens_maths(tmp_path, allocator):
 
 
 @pytest.mark.parametrize(("architecture", "cfg", "extra", "allocator"), [
+    ("standard", {}, None, "relu"),
+    ("jumprelu", {}, {"threshold": 2 * torch.rand(N) - 0.5}, "jumprelu"),
+    ("jumprelu", {}, {"log_threshold": torch.randn(N)}, "jumprelu"),
     ("topk", {"k": K, "rescale_acts_by_decoder_norm": False}, None, "topk"),
     ("topk", {"k": K, "rescale_acts_by_decoder_norm": True, "apply_b_dec_to_input": False}, None, "topk"),
     ("batchtopk", {"k": float(K), "rescale_acts_by_decoder_norm": True, "topk_threshold_lr": 0.01},
@@ -112,11 +125,13 @@ def test_exported_files_follow_saelens_maths(tmp_path, allocator):
     ("jumprelu", {"metadata": LENS_META | {"training_architecture": "batchtopk",
                                            "training_architecture_details": {"k": 4.0}}},
      {"threshold": torch.full((N,), 3.0)}, "mutual_choice"),
-], ids=["topk", "topk-rescaled-no-bdec-input", "batchtopk-checkpoint", "batchtopk-as-jumprelu"])
+], ids=["standard", "jumprelu", "jumprelu-log-threshold", "topk", "topk-rescaled-no-bdec-input",
+        "batchtopk-checkpoint", "batchtopk-as-jumprelu"])
 def test_import_handwritten_saelens_dir(tmp_path, architecture, cfg, extra, allocator):
     c, w = write_saelens(tmp_path / "lens", architecture, cfg, extra)
     sae = saelab.load(str(tmp_path / "lens"))
-    assert (sae.cfg.allocator, sae.cfg.k, sae.cfg.d_in, sae.cfg.n_latents) == (allocator, K, D, N)
+    k = 0 if allocator in ("relu", "jumprelu") else K
+    assert (sae.cfg.allocator, sae.cfg.k, sae.cfg.d_in, sae.cfg.n_latents) == (allocator, k, D, N)
     assert (sae.cfg.hook, sae.cfg.model) == ("blocks.3.hook_resid_pre", "gpt2")
     x = torch.randn(32, D)
     z, x_hat = saelens_reference(c, w, x)
@@ -143,7 +158,8 @@ def test_import_errors_are_clear(tmp_path):
         saelab.load(str(tmp_path / "b"))
     cases = {
         "gated": ("gated", {}, None, "architecture 'gated' has no saelab equivalent"),
-        "plain-jumprelu": ("jumprelu", {}, {"threshold": torch.zeros(N)}, "has no batch budget k"),
+        "matching-pursuit": ("matching_pursuit", {}, None, "'matching_pursuit' has no saelab equivalent"),
+        "jumprelu-no-threshold": ("jumprelu", {}, None, r"holds .* but .* implies"),
         "normalised": ("topk", {"k": K, "normalize_activations": "expected_average_only_in"}, None,
                        "normalize_activations='expected_average_only_in' is not supported"),
         "shapes": ("topk", {"k": K, "d_sae": N + 1}, None, r"holds .* but .* implies"),

@@ -15,6 +15,7 @@ from test_saelens import D, K, N, dense_code, random_sae  # noqa: E402
 @pytest.mark.parametrize(("allocator", "lens_class"), [
     ("topk", "TopKSAE"), ("gradient_topk", "TopKSAE"),
     ("mutual_choice", "JumpReLUSAE"), ("feature_choice", "JumpReLUSAE"),
+    ("relu", "StandardSAE"), ("jumprelu", "JumpReLUSAE"),
 ])
 def test_sae_lens_loads_saelab_exports(tmp_path, allocator, lens_class):
     sae = random_sae(allocator)
@@ -38,25 +39,33 @@ def _random(lens):
 
 
 def test_saelab_imports_what_sae_lens_saves(tmp_path):
-    """TopK (rescale_acts_by_decoder_norm, SAELens's training default) and BatchTopK, both as
-    inference saves and as training checkpoints."""
+    """TopK (rescale_acts_by_decoder_norm, SAELens's training default), BatchTopK, standard (ReLU)
+    and JumpReLU (random thresholds, some negative), each as an inference save and as a training
+    checkpoint."""
     torch.manual_seed(0)
     topk = _random(sae_lens.TopKTrainingSAE(sae_lens.TopKTrainingSAEConfig(d_in=D, d_sae=N, k=K)))
     batch = _random(sae_lens.BatchTopKTrainingSAE(sae_lens.BatchTopKTrainingSAEConfig(d_in=D, d_sae=N, k=K)))
     batch.topk_threshold.fill_(2.0)
+    standard = _random(sae_lens.StandardTrainingSAE(sae_lens.StandardTrainingSAEConfig(d_in=D, d_sae=N)))
+    jump = _random(sae_lens.JumpReLUTrainingSAE(sae_lens.JumpReLUTrainingSAEConfig(d_in=D, d_sae=N)))
     assert topk.cfg.rescale_acts_by_decoder_norm and batch.cfg.rescale_acts_by_decoder_norm
-    topk.save_inference_model(tmp_path / "topk")
-    topk.save_model(tmp_path / "topk-checkpoint")
-    batch.save_inference_model(tmp_path / "batchtopk")  # SAELens saves BatchTopK as JumpReLU
-    batch.save_model(tmp_path / "batchtopk-checkpoint")
-    jumprelu = sae_lens.SAE.load_from_disk(str(tmp_path / "batchtopk"))
+    assert (jump.threshold < 0).any() and (jump.threshold > 0).any()
+    for name, lens in {"topk": topk, "batchtopk": batch, "standard": standard, "jumprelu": jump}.items():
+        lens.save_inference_model(tmp_path / name)  # SAELens saves BatchTopK as JumpReLU
+        lens.save_model(tmp_path / f"{name}-checkpoint")
+    # SAELens's inference classes, as it loads these saves; a JumpReLU's differs from its training
+    # form (pre * (pre > theta), no relu) where a threshold is negative, and saelab follows it
+    inference = {name: sae_lens.SAE.load_from_disk(str(tmp_path / name))
+                 for name in ("batchtopk", "jumprelu")}
+    assert {type(lens).__name__ for lens in inference.values()} == {"JumpReLUSAE"}
     x = torch.randn(64, D)
-    refs = {"topk": (topk, "topk"), "topk-checkpoint": (topk, "topk"),
-            "batchtopk": (jumprelu, "mutual_choice"), "batchtopk-checkpoint": (jumprelu, "mutual_choice")}
+    refs = {"topk": (topk, "topk", K), "batchtopk": (inference["batchtopk"], "mutual_choice", K),
+            "standard": (standard, "relu", 0), "jumprelu": (inference["jumprelu"], "jumprelu", 0)}
+    refs |= {f"{name}-checkpoint": ref for name, ref in refs.items()}
     with torch.no_grad():
-        for name, (lens, allocator) in refs.items():
+        for name, (lens, allocator, k) in refs.items():
             sae = saelab.load(str(tmp_path / name))
-            assert (sae.cfg.allocator, sae.cfg.k) == (allocator, K), name
+            assert (sae.cfg.allocator, sae.cfg.k) == (allocator, k), name
             z = lens.encode(x)
             assert (z != 0).any()
             torch.testing.assert_close(dense_code(sae, x), z, msg=name)
