@@ -166,6 +166,8 @@ def test_several_hooks_one_forward_pass(tmp_path, monkeypatch, capsys):
         assert sae.cfg.hook == hook and sae.cfg.d_in == d and sae.cfg.n_latents == 2 * d
         assert (tmp_path / "multi" / hook / "eval.json").exists()
     assert cap.out.count("Trained topk SAE") == 2
+    run = saelab.load(tmp_path / "multi")  # the run directory: {hook: SAE}, beside the checkpoint
+    assert {h: s.cfg.hook for h, s in run.items()} == {h: h for h in hooks}
 
 
 

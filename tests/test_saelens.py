@@ -37,8 +37,7 @@ def random_sae(allocator: str = "topk", seed: int = 0) -> SAE:
 
 def dense_code(sae: SAE, x: torch.Tensor, batch: bool = False) -> torch.Tensor:
     with torch.no_grad():
-        idx, vals = sae.encode(x, batch=batch)
-    return torch.zeros(x.shape[0], sae.cfg.n_latents).scatter_add(1, idx, vals)
+        return sae.encode_dense(x, batch=batch)
 
 
 def saelens_reference(cfg: dict, w: dict, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -88,6 +88,21 @@ def test_export_follows_sparsify_maths_and_round_trips(tmp_path, allocator):
         assert torch.equal(back.state_dict()[name], t), name
 
 
+def test_load_dtype_and_mode(tmp_path):
+    """As stored (sparsify may save bfloat16), or cast by dtype=; eval() mode like every load."""
+    c, w = write_sparsify(tmp_path / "run" / "layers.1")
+    save_file({k: v.bfloat16() for k, v in w.items()}, str(tmp_path / "run" / "layers.1" / "sae.safetensors"))
+    sae = saelab.load(tmp_path / "run" / "layers.1")
+    assert sae.dtype == torch.bfloat16 and not sae.training
+    assert torch.equal(sae.W_enc, w["encoder.weight"].bfloat16())
+    run = saelab.load(tmp_path / "run", dtype=torch.float64)
+    assert [(s.dtype, s.training) for s in run.values()] == [(torch.float64, False)]
+    x = torch.randn(8, D, dtype=torch.float64)
+    ref = {k: v.bfloat16().double() for k, v in w.items()}
+    z = sparsify_reference(c, ref, x)[0]
+    torch.testing.assert_close(dense_code(run["blocks.1.hook_resid_post"], x), z)
+
+
 def test_hookpoint_names():
     pairs = {"layers.3": "blocks.3.hook_resid_post", "h.0": "blocks.0.hook_resid_post",
              "layers.11.mlp": "blocks.11.hook_mlp_out", "h.2.attn": "blocks.2.hook_attn_out",
