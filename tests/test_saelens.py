@@ -158,6 +158,8 @@ def test_import_errors_are_clear(tmp_path):
     cases = {
         "gated": ("gated", {}, None, "architecture 'gated' has no saelab equivalent"),
         "matching-pursuit": ("matching_pursuit", {}, None, "'matching_pursuit' has no saelab equivalent"),
+        "transcoder": ("jumprelu_transcoder", {"d_out": D}, {"threshold": torch.zeros(N)},
+                       "'jumprelu_transcoder' has no saelab equivalent"),
         "jumprelu-no-threshold": ("jumprelu", {}, None, r"holds .* but .* implies"),
         "normalised": ("topk", {"k": K, "normalize_activations": "expected_average_only_in"}, None,
                        "normalize_activations='expected_average_only_in' is not supported"),
