@@ -306,8 +306,9 @@ class SAE(torch.nn.Module):
         try:
             raw = json.loads(cfg_path.read_text())
             if "n_latents" not in raw:
-                raise SaelabError(f"{cfg_path} is not a saelab, SAELens or sparsify dictionary config "
-                                  "(it names none of n_latents, d_sae, num_latents)")
+                raise SaelabError(
+                    f"{cfg_path} is not a saelab, SAELens or sparsify dictionary config (saelab's "
+                    "names n_latents, SAELens's d_sae, sparsify's d_in and num_latents)")
             cfg = SAEConfig.from_dict(raw)
         except (json.JSONDecodeError, TypeError, AttributeError) as e:
             raise SaelabError(f"{cfg_path} is not a valid dictionary config ({e})") from None

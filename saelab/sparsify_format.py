@@ -28,9 +28,9 @@ so importing the export gives back the same dictionary.
 A run directory (`sparsify` and multi-hook `saelab train` both write one) has no cfg.json and one
 dictionary subdirectory per hook; `load_run` loads each (in any format `saelab.load` reads) and
 returns {hook: SAE}, keyed by saelab hook name (by subdirectory name where a dictionary has no
-hook or two share one). Subdirectories without a cfg.json (sparsify's
-`best/`, logs) are skipped; a multi-seed sparsify run nests seeds one level down, so load
-`run/HOOKPOINT`, which is itself a run directory ({seed name: SAE}).
+hook or two share one). Subdirectories without a cfg.json (sparsify's `best/`, logs) are
+skipped; a multi-seed sparsify run nests seeds one level down, so load `run/HOOKPOINT`, which is
+itself a run directory ({seed name: SAE}).
 """
 
 from __future__ import annotations
