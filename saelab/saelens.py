@@ -27,6 +27,9 @@ SAELens -> saelab (`import_saelens`):
   to JumpReLU does; never a per-token topk, which would be a different dictionary.
 - "jumprelu" whose metadata records a batch budget k (SAELens BatchTopK or Matryoshka BatchTopK,
   or a saelab export) -> mutual_choice (or the saelab allocator recorded), thresholds kept.
+- a pre-6.0 cfg.json (no sae_lens_version >= 6) is first read as SAELens 6 reads it: no
+  architecture means "standard", activation_fn "topk" with a k means "topk", `hook_point` is the
+  hook name; an all-ones `scaling_factor` is dropped (a fine-tuned one is refused, as in SAELens 6).
 - "jumprelu" trained as such (Gemma Scope-style, no k) -> jumprelu with its thresholds; an old
   checkpoint's `log_threshold` is exponentiated, as SAELens does when loading it. SAELens's
   inference JumpReLU keeps relu(pre) where pre > threshold, and so does saelab, also for a
@@ -108,6 +111,29 @@ def is_saelens_dir(path: str | Path) -> bool:
         return False
 
 
+def _upgrade_pre_6(lens: dict) -> dict:
+    """A cfg.json written before SAELens 6.0 in the 6.0 layout, as SAELens converts it itself:
+    `hook_point` -> hook_name, no architecture -> "standard", activation_fn "topk" with a k ->
+    "topk", a boolean normalize_activations -> "none" / "expected_average_only_in"."""
+    version = lens.get("sae_lens_version") or (lens.get("metadata") or {}).get("sae_lens_version")
+    try:
+        if version and int(str(version).split(".")[0]) >= 6:
+            return lens
+    except ValueError:
+        return lens  # an unreadable version: leave the config as written
+    renames = {"hook_point": "hook_name", "hook_point_head_index": "hook_head_index",
+               "activation_fn_str": "activation_fn"}
+    lens = {renames.get(key, key): value for key, value in lens.items()}
+    lens.setdefault("architecture", "standard")
+    top_k = (lens.get("activation_fn_kwargs") or {}).get("k")
+    if lens.get("activation_fn") == "topk" and top_k is not None:
+        lens["architecture"], lens["k"] = "topk", top_k
+    norm = lens.get("normalize_activations")
+    if norm is None or isinstance(norm, bool):
+        lens["normalize_activations"] = "expected_average_only_in" if norm else "none"
+    return lens
+
+
 def import_saelens(path: str | Path, device: str | torch.device = "cpu") -> SAE:
     """Read a SAELens dictionary directory into a saelab SAE (mapping: module docstring)."""
     path = Path(path)
@@ -116,9 +142,9 @@ def import_saelens(path: str | Path, device: str | torch.device = "cpu") -> SAE:
         if not f.is_file():
             raise SaelabError(f"no SAELens dictionary at {path}: {f.name} is missing")
     try:
-        lens = json.loads(cfg_path.read_text())
+        lens = _upgrade_pre_6(json.loads(cfg_path.read_text()))
         d_in, d_sae, arch = int(lens["d_in"]), int(lens["d_sae"]), lens["architecture"]
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
         raise SaelabError(f"{cfg_path} is not a SAELens config ({type(e).__name__}: {e})") from None
     if arch not in ARCHITECTURES:
         raise SaelabError(
@@ -150,6 +176,10 @@ def import_saelens(path: str | Path, device: str | torch.device = "cpu") -> SAE:
     state, _ = read_safetensors(w_path)
     if arch == "jumprelu" and "log_threshold" in state:  # older SAELens checkpoints
         state["threshold"] = state.pop("log_threshold").double().exp()
+    scale = state.pop("scaling_factor", None)  # pre-6.0 saves; all ones unless fine-tuned
+    if scale is not None and not torch.all(scale == 1):
+        raise SaelabError(f"{w_path}: a fine-tuned scaling_factor is not supported (SAELens >= 6 "
+                          "dropped it too); only all-ones scaling factors import")
     expected = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
     expected |= {"jumprelu": {"threshold": (d_sae,)}, "batchtopk": {"topk_threshold": ()}}.get(arch, {})
     found = {name: tuple(t.shape) for name, t in state.items()}

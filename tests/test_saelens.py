@@ -59,14 +59,17 @@ def saelens_reference(cfg: dict, w: dict, x: torch.Tensor) -> tuple[torch.Tensor
     return z, (z / norm) @ w["W_dec"] + w["b_dec"]
 
 
-def write_saelens(path, architecture: str, cfg: dict | None = None, extra: dict | None = None):
-    """A hand-written SAELens dictionary directory; returns its (cfg, weights)."""
+def write_saelens(path, architecture: str | None, cfg: dict | None = None, extra: dict | None = None):
+    """A hand-written SAELens dictionary directory (architecture None: neither that key nor
+    metadata, as before SAELens 6); returns its (cfg, weights)."""
     torch.manual_seed(1)
     w = {"W_enc": torch.randn(D, N), "b_enc": 0.1 * torch.randn(N), "W_dec": torch.randn(N, D),
          "b_dec": torch.randn(D), **(extra or {})}
     c = {"architecture": architecture, "d_in": D, "d_sae": N, "dtype": "float32", "device": "cpu",
          "apply_b_dec_to_input": True, "normalize_activations": "none", "reshape_activations": "none",
          "metadata": LENS_META, **(cfg or {})}
+    if architecture is None:
+        c = {key: value for key, value in c.items() if key not in ("architecture", "metadata")}
     path.mkdir()
     save_file(w, str(path / "sae_weights.safetensors"))
     (path / "cfg.json").write_text(json.dumps(c))
@@ -146,6 +149,27 @@ def test_import_handwritten_saelens_dir(tmp_path, architecture, cfg, extra, allo
         torch.testing.assert_close(dense_code(sae, x, batch=True), z_batch)
 
 
+# a cfg.json as SAELens wrote it before 6.0: hook at the top level, a boolean normalisation flag
+PRE_6 = {"hook_point": "blocks.3.hook_resid_pre", "model_name": "gpt2", "normalize_activations": False,
+         "sae_lens_training_version": "3.13.0"}
+PRE_6_CASES = {"standard": ({}, {"architecture": "standard"}, "relu"),
+               "topk": ({"activation_fn_str": "topk", "activation_fn_kwargs": {"k": K}},
+                        {"architecture": "topk", "k": K}, "topk")}
+
+
+@pytest.mark.parametrize("case", PRE_6_CASES)
+def test_import_pre_6_saelens_dir(tmp_path, case):
+    cfg, as_6, allocator = PRE_6_CASES[case]
+    c, w = write_saelens(tmp_path / "lens", None, PRE_6 | cfg, {"scaling_factor": torch.ones(N)})
+    sae = saelab.load(tmp_path / "lens")
+    assert (sae.cfg.allocator, sae.cfg.hook, sae.cfg.model) == (allocator, "blocks.3.hook_resid_pre", "gpt2")
+    x = torch.randn(32, D)
+    z, x_hat = saelens_reference(c | as_6, w, x)
+    torch.testing.assert_close(dense_code(sae, x), z)
+    with torch.no_grad():
+        torch.testing.assert_close(sae(x), x_hat)
+
+
 def test_import_errors_are_clear(tmp_path):
     c, _ = write_saelens(tmp_path / "a", "topk", {"k": K})
     (tmp_path / "a" / "sae_weights.safetensors").unlink()
@@ -161,6 +185,10 @@ def test_import_errors_are_clear(tmp_path):
         "transcoder": ("jumprelu_transcoder", {"d_out": D}, {"threshold": torch.zeros(N)},
                        "'jumprelu_transcoder' has no saelab equivalent"),
         "jumprelu-no-threshold": ("jumprelu", {}, None, r"holds .* but .* implies"),
+        "fine-tuned-scale": (None, PRE_6, {"scaling_factor": torch.full((N,), 2.0)},
+                             "fine-tuned scaling_factor"),
+        "pre-6-normalised": (None, PRE_6 | {"normalize_activations": True}, None,
+                             "normalize_activations='expected_average_only_in' is not supported"),
         "normalised": ("topk", {"k": K, "normalize_activations": "expected_average_only_in"}, None,
                        "normalize_activations='expected_average_only_in' is not supported"),
         "shapes": ("topk", {"k": K, "d_sae": N + 1}, None, r"holds .* but .* implies"),

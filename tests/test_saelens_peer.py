@@ -9,7 +9,7 @@ from saelab.saelens import export_saelens
 
 sae_lens = pytest.importorskip("sae_lens")
 
-from test_saelens import D, K, N, dense_code, random_sae  # noqa: E402
+from test_saelens import PRE_6, PRE_6_CASES, D, K, N, dense_code, random_sae, write_saelens  # noqa: E402
 
 
 @pytest.mark.parametrize(("allocator", "lens_class"), [
@@ -75,3 +75,20 @@ def test_saelab_imports_what_sae_lens_saves(tmp_path):
         z = batch.encode(x)
         torch.testing.assert_close(dense_code(sae, x, batch=True), z)
         torch.testing.assert_close(sae.decode(*sae.encode(x, batch=True)), batch.decode(z))
+
+
+@pytest.mark.parametrize("case", PRE_6_CASES)
+def test_saelab_reads_pre_6_saves_as_sae_lens_does(tmp_path, case):
+    """sae-lens 6 converts a cfg.json written before 6.0 when it loads it; saelab reads it alike."""
+    cfg, _, allocator = PRE_6_CASES[case]
+    write_saelens(tmp_path / case, None, PRE_6 | cfg, {"scaling_factor": torch.ones(N)})
+    lens = sae_lens.SAE.load_from_disk(str(tmp_path / case))
+    sae = saelab.load(tmp_path / case)
+    assert type(lens).__name__ == {"relu": "StandardSAE", "topk": "TopKSAE"}[allocator]
+    assert (sae.cfg.allocator, sae.cfg.hook) == (allocator, lens.cfg.metadata.hook_name)
+    x = torch.randn(64, D)
+    with torch.no_grad():
+        z = lens.encode(x)
+        assert (z != 0).any()
+        torch.testing.assert_close(dense_code(sae, x), z)
+        torch.testing.assert_close(sae(x), lens.decode(z))
