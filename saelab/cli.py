@@ -208,11 +208,12 @@ def export_cmd(
 
 @app.command()
 def info(
-    target: Annotated[str, typer.Argument(help="A dictionary directory, a cache directory, or a model spec (zoo:NAME, a local HF directory, hf:NAME).")],
+    target: Annotated[str, typer.Argument(help="A dictionary directory, a run directory of them (one per hook), a cache directory, or a model spec (zoo:NAME, a local HF directory, hf:NAME).")],
 ) -> None:
-    """Describe a dictionary, an activation cache, or a model (its hook names)."""
+    """Describe a dictionary, a run directory, an activation cache, or a model (its hook names)."""
     from saelab.cache import MANIFEST, Manifest
     from saelab.sae import CONFIG_FILE
+    from saelab.sparsify_format import is_run_dir
 
     path = Path(target)
     if (path / CONFIG_FILE).exists():
@@ -220,6 +221,12 @@ def info(
             typer.echo(json.dumps(json.loads((path / CONFIG_FILE).read_text()), indent=2))
         except json.JSONDecodeError as e:
             raise SaelabError(f"{path / CONFIG_FILE} is not valid JSON ({e})") from None
+    elif is_run_dir(path):  # before the model spec: a sparsify run also holds a config.json
+        import saelab
+
+        _print_summary(f"Run directory {path}", {
+            hook: f"{s.cfg.allocator}, {s.cfg.n_latents} x {s.cfg.d_in}, k={s.cfg.k}"
+            for hook, s in saelab.load(path).items()})
     elif (path / MANIFEST).exists():
         m = Manifest.read(path)
         _print_summary(f"Activation cache {path}", {

@@ -215,3 +215,19 @@ def test_export_cli_sparsify(tmp_path, monkeypatch, capsys):
     assert run(tmp_path / "mc", tmp_path / "nope", "--format", "sparsify") == 2
     assert "has no sparsify form" in capsys.readouterr().err
     assert not (tmp_path / "nope").exists()
+
+
+def test_info_describes_a_run_directory(tmp_path, monkeypatch, capsys):
+    """sparsify writes its training config as config.json beside the hooks: still a run, not a model."""
+    from saelab.cli import main
+
+    for i, hp in enumerate(["layers.0", "layers.1.mlp"]):
+        write_sparsify(tmp_path / "run" / hp, seed=i)
+    (tmp_path / "run" / "config.json").write_text(json.dumps({"sae": {"k": K}, "batch_size": 32}))
+    monkeypatch.setattr(sys, "argv", ["saelab", "info", str(tmp_path / "run")])
+    with pytest.raises(SystemExit) as e:
+        main()
+    assert e.value.code in (0, None)
+    out = capsys.readouterr().out
+    assert f"blocks.0.hook_resid_post  topk, {N} x {D}, k={K}" in out
+    assert f"blocks.1.hook_mlp_out     topk, {N} x {D}, k={K}" in out
