@@ -25,7 +25,7 @@ from saelab.zoo import DEFAULT_MODEL
 RUNS = [
     ("topk", {}),
     ("gradient_topk", {}),
-    ("feature_choice", {}),
+    ("feature_choice", {"capacity": "uniform"}),
     ("feature_choice", {"capacity": "zipf"}),
     ("mutual_choice", {}),
 ]

@@ -7,17 +7,21 @@ latent's selection boundary, from which inference thresholds are estimated.
 
 - topk: each token keeps its k largest pre-activations (Gao et al. 2024).
 - gradient_topk (g-SAE): top-k of the score s = pre + beta * pre * e, where e_j = |W_dec[j] . g|
-  is latent j's first-order effect on the LM loss (g: the loss gradient w.r.t. the SAE input),
-  divided by its mean over the token's latents. The division is our choice: raw |W_dec g| is
-  tiny and its scale varies by orders of magnitude across models and layers (median 0.006 at
-  zoo:pystdlib-4l's layer 2), so with it a fixed beta would mean nothing; normalised, beta = 1
-  (the default) weighs the gradient like the activation itself, and beta = 0 is topk. Values
-  are still relu(pre). Without a gradient (inference) it is plain topk.
-- feature_choice (Ayonrinde 2024): latent j keeps its c_j largest tokens of the batch, with the
-  capacities summing to exactly k*B. Uniform capacities: floor(k*B/n), the remainder given one
-  each to the latents of highest demand. Zipf capacities: c_j proportional to rank_j^-alpha,
-  where rank 1 is the latent with the largest demand in this batch (demand = the column sum of
-  relu(pre)), capped at B with the excess spread over the others, rounded by largest remainder.
+  is latent j's first-order effect on the LM loss (g: the loss gradient w.r.t. the SAE input).
+  Two scores (`grad_score`): "raw", the published one, e as is with a fixed beta; and
+  "normalised" (saelab's, the default), e divided by its mean over the token's latents. Raw
+  |W_dec g| is tiny and its scale varies by orders of magnitude across models, layers and
+  tokens (median 0.006 at zoo:pystdlib-4l's layer 2), so a raw beta must be tuned per model;
+  normalised, beta = 1 weighs the gradient like the activation itself, but every token gets the
+  same steering however little its loss depends on the activation. beta = 0 is topk either way.
+  Values are still relu(pre). Without a gradient (inference) it is plain topk.
+- feature_choice (Ayonrinde 2024): latent j keeps *at most* its c_j largest tokens of the
+  batch, positive pre-activations only (a latent with fewer positive tokens leaves the rest of
+  its capacity unused), with the capacities summing to exactly k*B. Zipf capacities (the paper's
+  variant, the default): c_j proportional to rank_j^-alpha, where rank 1 is the latent with the
+  largest demand in this batch (demand = the column sum of relu(pre)), capped at B with the
+  excess spread over the others, rounded by largest remainder. Uniform capacities (an
+  ablation): floor(k*B/n), the remainder given one each to the latents of highest demand.
 - mutual_choice (Ayonrinde 2024, = BatchTopK): the k*B largest entries of the whole matrix.
 - relu (the SAELens "standard" SAE): every positive pre-activation; no budget, sparsity comes
   from the L1 penalty it is trained with (`saelab.training.losses.l1_penalty`).
@@ -27,7 +31,8 @@ latent's selection boundary, from which inference thresholds are estimated.
 Batch-level allocators depend on the batch, so a single token cannot be encoded with them. For
 inference they become a per-latent threshold (JumpReLU form: active iff pre > theta_j). theta_j
 is latent j's selection boundary, the rule the batch itself applied (for feature_choice the
-smallest pre-activation latent j selected, for mutual_choice the (k*B)-th largest entry of the
+smallest pre-activation latent j selected, or 0 when its capacity was not filled, since it
+would have taken any positive token; for mutual_choice the (k*B)-th largest entry of the
 batch, the same for every latent), averaged by the trainer over 16 training batches after the
 last step, with the final weights.
 """
@@ -45,6 +50,7 @@ BATCH_ALLOCATORS = ("feature_choice", "mutual_choice")
 BUDGET_ALLOCATORS = ("topk", "gradient_topk", *BATCH_ALLOCATORS)  # k active per token on average
 ALLOCATORS = (*BUDGET_ALLOCATORS, "relu", "jumprelu")
 CAPACITIES = ("uniform", "zipf")
+GRAD_SCORES = ("normalised", "raw")
 
 
 @dataclass
@@ -71,10 +77,13 @@ def topk(score: torch.Tensor, k: int) -> Selection:
     return Selection(topk_indices(score, k))  # exact; faster than torch.topk on CPU
 
 
-def gradient_score(pre: torch.Tensor, grad: torch.Tensor, W_dec: torch.Tensor, beta: float) -> torch.Tensor:
-    """gradient_topk's selection score (module docstring): pre * (1 + beta * e / mean(e))."""
+def gradient_score(pre: torch.Tensor, grad: torch.Tensor, W_dec: torch.Tensor, beta: float,
+                   kind: str = "normalised") -> torch.Tensor:
+    """gradient_topk's selection score (module docstring): pre * (1 + beta * e), e = |W_dec g|,
+    divided by its per-token mean when `kind` is "normalised"."""
     effect = (grad.to(pre.dtype) @ W_dec.T).abs()
-    effect = effect / effect.mean(1, keepdim=True).clamp_min(1e-30)
+    if kind == "normalised":
+        effect = effect / effect.mean(1, keepdim=True).clamp_min(1e-30)
     return pre + beta * pre * effect
 
 
@@ -117,17 +126,17 @@ def capacities(demand: torch.Tensor, budget: int, rows: int, kind: str = "unifor
     return out.to(demand.device)
 
 
-def feature_choice(pre: torch.Tensor, k: int, kind: str = "uniform", alpha: float = 0.5) -> Selection:
-    """Each latent takes its top-c_j tokens; sum(c_j) = k * B exactly."""
+def feature_choice(pre: torch.Tensor, k: int, kind: str = "zipf", alpha: float = 0.5) -> Selection:
+    """Each latent takes at most its top-c_j positive tokens; sum(c_j) = k * B."""
     rows, n = pre.shape
     cap = capacities(pre.relu().sum(0), k * rows, rows, kind, alpha)
     c_max = int(cap.max())
     top = pre.topk(c_max, dim=0, sorted=True)  # (c_max, n), rank-ordered per latent
-    take = torch.arange(c_max, device=pre.device)[:, None] < cap[None, :]
+    take = (torch.arange(c_max, device=pre.device)[:, None] < cap[None, :]) & (top.values > 0)
     chosen = torch.zeros_like(pre, dtype=torch.bool)
     chosen.scatter_(0, top.indices, take)
     last = (cap - 1).clamp_min(0)
-    boundary = top.values.gather(0, last[None, :]).squeeze(0)
+    boundary = top.values.gather(0, last[None, :]).squeeze(0).clamp_min(0)
     boundary = torch.where(cap > 0, boundary, torch.full_like(boundary, float("inf")))
     sel = _from_mask(chosen)
     sel.boundary = boundary

@@ -45,7 +45,10 @@ class SAEConfig:
         allocator: topk, gradient_topk, feature_choice, mutual_choice, relu or jumprelu
             (`saelab.allocators`).
         beta: gradient_topk's weight on the gradient term of its selection score.
-        capacity: feature_choice's tokens-per-latent curve, uniform or zipf.
+        grad_score: gradient_topk's score, "normalised" (saelab's, scale-free beta) or "raw"
+            (the published score, beta tuned per model).
+        capacity: feature_choice's tokens-per-latent curve: zipf (the paper's) or uniform (an
+            ablation).
         zipf_alpha: exponent of the zipf capacity curve.
         hook: hook name the SAE was trained on, e.g. `blocks.2.hook_resid_post`.
         model: model spec the activations came from (`zoo:NAME`, a local path, or `hf:NAME`).
@@ -62,7 +65,8 @@ class SAEConfig:
     k: int
     allocator: str = "topk"
     beta: float = 1.0
-    capacity: str = "uniform"
+    grad_score: str = "normalised"
+    capacity: str = "zipf"
     zipf_alpha: float = 0.5
     hook: str | None = None
     model: str | None = None
@@ -86,7 +90,9 @@ class SAEConfig:
                 "choose k <= n_latents"
             )
         if self.capacity not in allocators.CAPACITIES:
-            raise SaelabError(f"unknown capacity {self.capacity!r}; use uniform or zipf")
+            raise SaelabError(f"unknown capacity {self.capacity!r}; use zipf or uniform")
+        if self.grad_score not in allocators.GRAD_SCORES:
+            raise SaelabError(f"unknown grad_score {self.grad_score!r}; use normalised or raw")
 
     @property
     def batch_level(self) -> bool:
@@ -218,7 +224,8 @@ class SAE(torch.nn.Module):
             return allocators.topk(pre, cfg.k)
         if cfg.allocator == "gradient_topk":
             with torch.no_grad():
-                return allocators.topk(allocators.gradient_score(pre, grad, self.W_dec, cfg.beta), cfg.k)
+                score = allocators.gradient_score(pre, grad, self.W_dec, cfg.beta, cfg.grad_score)
+                return allocators.topk(score, cfg.k)
         if cfg.allocator == "relu":
             return allocators.threshold(pre, pre.new_zeros(()))
         if cfg.allocator == "jumprelu" or not batch:

@@ -52,8 +52,8 @@ def test_gradient_topk_trains_from_grad_cache(grad_cache, tmp_path):
 
 
 @pytest.mark.parametrize("allocator, extra", [
+    ("feature_choice", {"capacity": "uniform"}),
     ("feature_choice", {}),
-    ("feature_choice", {"capacity": "zipf"}),
     ("mutual_choice", {"aux": "aux_zipf"}),
 ])
 def test_batch_allocators_train_and_thresholds_agree(allocator, extra, small_cache, zoo_model, tmp_path):

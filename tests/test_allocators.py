@@ -1,5 +1,6 @@
 """Each allocator's defining invariant, checked against brute force."""
 
+import dataclasses
 import math
 
 import pytest
@@ -34,20 +35,34 @@ def test_topk_exactly_k_per_token(pre):
 
 
 @pytest.mark.parametrize("kind", ["uniform", "zipf"])
-def test_feature_choice_budget_and_per_latent_top_tokens(pre, kind):
+def test_feature_choice_at_most_capacity_positive_top_tokens(pre, kind):
     k = 3
     sel = allocators.feature_choice(pre, k, kind)
     z = dense(sel, pre.shape)
-    assert z.sum() == k * pre.shape[0]  # exactly the budget
-    per_latent = z.sum(0)
+    cap = allocators.capacities(pre.relu().sum(0), k * pre.shape[0], pre.shape[0], kind)
+    assert cap.sum() == k * pre.shape[0]  # the budget
+    positives = (pre > 0).sum(0)
+    assert torch.equal(z.sum(0), torch.minimum(cap, positives))  # at most c_j, positive only
+    assert (pre[z] > 0).all()
     if kind == "uniform":
-        assert per_latent.max() <= math.ceil(k * pre.shape[0] / pre.shape[1])
-    for j in range(pre.shape[1]):  # each latent holds its own top-c_j tokens
-        c = int(per_latent[j])
+        assert z.sum(0).max() <= math.ceil(k * pre.shape[0] / pre.shape[1])
+    for j in range(pre.shape[1]):  # each latent holds its own top tokens
+        c = int(z[:, j].sum())
         top = pre[:, j].argsort(descending=True)[:c]
         assert set(z[:, j].nonzero().flatten().tolist()) == set(top.tolist())
-        if c:
+        if cap[j] == 0:
+            assert sel.boundary[j] == float("inf")
+        elif c == cap[j]:
             assert sel.boundary[j] == pre[:, j].sort(descending=True).values[c - 1]
+        else:  # capacity left over: it would have taken any positive token
+            assert sel.boundary[j] == 0
+
+
+def test_feature_choice_leaves_budget_unused_rather_than_take_negatives():
+    pre = torch.tensor([[1.0, -1.0], [2.0, -2.0], [-0.5, -3.0]])
+    sel = allocators.feature_choice(pre, k=1, kind="uniform")
+    z = dense(sel, pre.shape)
+    assert torch.equal(z, torch.tensor([[True, False], [True, False], [False, False]]))
 
 
 def test_zipf_capacities_follow_demand_and_cap_at_batch():
@@ -114,8 +129,30 @@ def test_gradient_topk_hand_built_case():
         assert sorted(idx[0].tolist()) == [0, 1]
 
 
+def test_gradient_topk_raw_score_is_the_published_one():
+    sae = SAE(SAEConfig(d_in=2, n_latents=3, k=1, allocator="gradient_topk", beta=0.05,
+                        grad_score="raw"))
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.tensor([[3.0, 0.0], [2.0, 0.0], [1.0, 0.0]]))
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+        sae.W_dec.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]]))
+        x = torch.tensor([[1.0, 0.0]])
+        # pre = [3, 2, 1]; raw e = |W_dec g| = [0, g, g] for g = (0, g); s = pre * (1 + 0.05 e)
+        # g = 20: s = [3, 4, 2] -> latent 1; g = 5: s = [3, 2.5, 1.25] -> latent 0. The
+        # normalised score ignores the gradient's size (e / mean(e) = [0, 1.5, 1.5] for any g).
+        assert sae.encode(x, grad=torch.tensor([[0.0, 20.0]])).idx.item() == 1
+        assert sae.encode(x, grad=torch.tensor([[0.0, 5.0]])).idx.item() == 0
+        normalised = SAE(dataclasses.replace(sae.cfg, grad_score="normalised"))
+        normalised.load_state_dict(sae.state_dict())
+        for g in (5.0, 20.0, 1e4):  # s = [3, 2.15, 1.075] whatever the gradient's size
+            assert normalised.encode(x, grad=torch.tensor([[0.0, g]])).idx.item() == 0
+        with pytest.raises(SaelabError, match="unknown grad_score"):
+            SAEConfig(d_in=2, n_latents=3, k=1, grad_score="scaled")
+
+
 def test_batch_allocators_need_thresholds_for_inference():
-    sae = _sae("mutual_choice")
+    sae = _sae("mutual_choice").eval()  # eval() mode: inference, which needs thresholds
     with pytest.raises(SaelabError, match="no inference thresholds"):
         sae.encode(torch.randn(3, 6))
     idx, vals = sae.encode(torch.randn(3, 6), batch=True)

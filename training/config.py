@@ -32,7 +32,9 @@ class TrainConfig:
         allocator: topk, gradient_topk, feature_choice, mutual_choice or relu
             (`saelab.allocators`); jumprelu dictionaries are imported, not trained here.
         beta: gradient_topk's weight on the gradient term of its selection score.
-        capacity: feature_choice's tokens-per-latent curve, uniform or zipf.
+        grad_score: gradient_topk's score, normalised (default) or raw (`saelab.allocators`).
+        capacity: feature_choice's tokens-per-latent curve: zipf (the paper's) or uniform (an
+            ablation).
         zipf_alpha: exponent of the zipf capacity curve.
         l1_coefficient: relu's sparsity penalty weight (`training.losses.l1_penalty`).
         tokens: training tokens.
@@ -73,7 +75,8 @@ class TrainConfig:
     k: int = 32
     allocator: str = "topk"
     beta: float = 1.0
-    capacity: str = "uniform"
+    grad_score: str = "normalised"
+    capacity: str = "zipf"
     zipf_alpha: float = 0.5
     l1_coefficient: float = 1.0
     tokens: int = 4_000_000

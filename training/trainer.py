@@ -181,10 +181,13 @@ class Trainer:
             self.freq.lerp_(counts / tokens, 1 - cfg.ema_decay)
         self.step_count += 1
         reduce = self.world.all_reduce_  # data parallel: report the global batch's losses
-        return {"fvu": reduce(main.detach().clone(), mean=True),
-                "aux": reduce(aux.detach().clone(), mean=True),
-                "l0": (vals > 0).sum(1).float().mean(), "dead_frac": dead.float().mean(),
-                "aux_pool_frac": pool.float().mean()}
+        l0 = (vals > 0).sum(1).float().mean()
+        out = {"fvu": reduce(main.detach().clone(), mean=True),
+               "aux": reduce(aux.detach().clone(), mean=True),
+               "l0": l0, "dead_frac": dead.float().mean(), "aux_pool_frac": pool.float().mean()}
+        if sae.cfg.k:  # feature_choice may leave budget unused (latents short of positive tokens)
+            out["budget_used"] = l0 / sae.cfg.k
+        return out
 
     @torch.no_grad()
     def calibrate_thresholds(self, batches: list[torch.Tensor]) -> None:
@@ -290,7 +293,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult | dict[str, Tra
     for h, d_in in src.dims.items():
         sae_cfg = SAEConfig(
             d_in=d_in, n_latents=cfg.latents(d_in), k=0 if cfg.allocator == "relu" else cfg.k,
-            allocator=cfg.allocator, beta=cfg.beta, capacity=cfg.capacity,
+            allocator=cfg.allocator, beta=cfg.beta, grad_score=cfg.grad_score, capacity=cfg.capacity,
             zipf_alpha=cfg.zipf_alpha, hook=h, model=src.model.spec, data=src.heldout.spec,
             context_length=src.heldout.context_length, train_tokens=steps * cfg.batch_size * world.size,
             eval_tokens=cfg.eval_tokens, saelab_version=__version__,
