@@ -104,7 +104,8 @@ def test_saelab_loads_a_sparsify_training_run(tmp_path):
 
     for hookpoint in coders:
         hf.get_submodule(hookpoint).register_forward_hook(capture(hookpoint))
-    ours = load_model(DEFAULT_MODEL).activations(tokens, list(saes))
+    model = load_model(DEFAULT_MODEL)
+    ours = model.activations(tokens, list(saes))
     with torch.no_grad():
         hf(tokens)
         for hookpoint, coder in coders.items():
@@ -116,3 +117,10 @@ def test_saelab_loads_a_sparsify_training_run(tmp_path):
             torch.testing.assert_close(saes[hook](x), x_hat, msg=hookpoint)
             centered = seen[hookpoint] - seen[hookpoint].mean(-1, keepdim=True)
             torch.testing.assert_close(ours[hook], centered, atol=1e-4, rtol=1e-4, msg=hookpoint)
+        # the run's {hook: SAE} goes straight into the model's splicing helpers
+        latents = model.latents(tokens, saes)
+        for hook, sae in saes.items():
+            torch.testing.assert_close(latents[hook].to_dense(), sae.encode_dense(ours[hook]))
+        clean = model.logits(tokens)
+        torch.testing.assert_close(model.run_with_saes(tokens, saes, error_term=True), clean)
+        assert not torch.allclose(model.run_with_saes(tokens, saes), clean)
