@@ -270,6 +270,32 @@ def zoo_build(
     typer.echo((path / "zoo_card.json").read_text())
 
 
+@app.command("sparsity")
+def sparsity_cmd(
+    model: Annotated[str, Opt(help="Model spec: zoo:NAME, a local HF directory, or a hub name.")] = "zoo:pystdlib-4l",
+    data: Annotated[str, Opt(help="Token data whose held-out split is measured: builtin:stdlib, a .txt/.jsonl file or directory, or hf:NAME.")] = "builtin:stdlib",
+    tokens: Annotated[int, Opt(help="Held-out tokens to measure on (whole rows until at least this many).")] = 65536,
+    threshold: Annotated[float | None, Opt(help="A neuron is active when |h| > this. [default: 0 (exact zeros) for ReLU MLPs, 0.01 for GELU/SiLU]")] = None,
+    context_length: Annotated[int | None, Opt(help="Tokens per row. [default: min(model context, 128)]")] = None,
+    batch_rows: Annotated[int, Opt(help="Rows per forward pass; union-of-active groups are drawn within one pass.")] = 32,
+    out: Annotated[Path, Opt(help="Where to write sparsity.json, sparsity.md and the PNGs.")] = Path("runs/sparsity"),
+    overwrite: Annotated[bool, Opt("--overwrite", help="Allow writing into a non-empty --out directory.")] = False,
+    device: Annotated[str, Opt(help="Torch device.")] = "cpu",
+) -> None:
+    """Measure lazy-neuron MLP activation sparsity per layer: density, dead/always-on neurons, union over batches."""
+    from saelab.data import TokenData
+    from saelab.evals.sparsity import format_summary, measure, write_report
+    from saelab.io import check_output_dir
+
+    check_output_dir(out, overwrite)
+    data_arg = TokenData(data, "heldout", context_length) if context_length else data
+    report = measure(model, data=data_arg, tokens=tokens, threshold=threshold, batch_rows=batch_rows,
+                     device=device)
+    paths = write_report(report, out)
+    typer.echo(format_summary(report))
+    typer.echo(f"wrote {', '.join(p.name for p in paths)} -> {out}")
+
+
 def _check_environment() -> None:
     """Settings read from the environment fail here, as one line, not deep inside a run."""
     from saelab.kernels import backend

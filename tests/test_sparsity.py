@@ -1,0 +1,157 @@
+"""Activation sparsity: measure against an independent dense computation, hand-built cases,
+the CLI contract, and bad input."""
+
+import json
+import shutil
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from saelab.cache import positions_to_keep
+from saelab.cli import main
+from saelab.data import TokenData
+from saelab.errors import SaelabError
+from saelab.evals.evaluate import heldout_rows
+from saelab.evals.sparsity import format_summary, measure, mlp_hooks, write_report
+from saelab.evals.sparsity.measure import LayerStats
+from saelab.models import HookedModel, load_model
+from saelab.zoo import model_dir
+
+DATA = TokenData(split="heldout", context_length=64)
+TOKENS = 600
+
+
+def run_cli(args, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["saelab", *args])
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr()
+
+
+@pytest.fixture(scope="module")
+def zoo_report(zoo_model):
+    return measure(zoo_model, data=DATA, tokens=TOKENS, batch_rows=4)
+
+
+def _dense_reference(model, threshold=0.0):
+    """Per layer: (N, d_ff) activity of every non-BOS held-out position, straight from the model."""
+    rows = heldout_rows(model.tokenizer, DATA, TOKENS)
+    keep = positions_to_keep(rows, model.tokenizer)
+    hooks = [f"blocks.{i}.mlp.hook_post" for i in range(model.n_layers)]
+    acts = model.activations(rows, hooks)
+    return [acts[h][keep].abs() > threshold for h in hooks]
+
+
+def test_measure_matches_dense_reference(zoo_model, zoo_report):
+    ref = _dense_reference(zoo_model)
+    r = zoo_report
+    assert r["tokens"] == ref[0].shape[0] >= TOKENS and r["threshold"] == 0.0
+    for layer, act in zip(r["layers"], ref, strict=True):
+        counts = act.sum(1).numpy()
+        assert layer["density"] == pytest.approx(act.double().mean().item(), rel=1e-12)
+        for q in (10, 50, 90):
+            want = np.percentile(counts, q, method="inverted_cdf") / act.shape[1]
+            assert layer["density_percentiles"][f"p{q}"] == want
+        freq = act.double().mean(0)
+        assert layer["dead_neurons"] == int((freq == 0).sum())
+        assert layer["always_on_neurons"] == int((freq == 1).sum())
+        assert np.allclose(layer["firing_frequency"], freq.numpy(), atol=1e-6)
+        union = [layer["union_density"][s] for s in ("1", "8", "64")]
+        assert union[0] == pytest.approx(layer["density"], rel=1e-12)  # a batch of one token
+        assert union[0] <= union[1] <= union[2] <= 1
+    total = sum(a.sum().item() for a in ref) / sum(a.numel() for a in ref)
+    assert r["density"] == pytest.approx(total, rel=1e-12)
+    assert r["flops_fraction_sparse_down"] == pytest.approx((1 + total) / 2)
+    assert 0 < r["density"] < 0.5  # the zoo model's ReLU MLPs are lazy
+
+
+def test_union_hand_computed():
+    gen = torch.Generator().manual_seed(0)
+    # every token fires the same 5 neurons: the union is 5 whatever the batch
+    same = torch.zeros(1024, 100, dtype=torch.bool)
+    same[:, :5] = True
+    s = LayerStats(100, (1, 8, 64))
+    s.update(same, gen)
+    assert all(v == pytest.approx(0.05) for v in s.result()["union_density"].values())
+    # token i fires neuron i alone: a batch of N distinct tokens fires N neurons
+    one_hot = torch.eye(512, dtype=torch.bool)
+    s = LayerStats(512, (1, 8, 64, 512))
+    s.update(one_hot, gen)
+    res = s.result()
+    assert res["union_density"] == {"1": 1 / 512, "8": 8 / 512, "64": 64 / 512, "512": 1.0}
+    assert res["union_groups"] == {"1": 512, "8": 64, "64": 8, "512": 1}
+    assert res["dead_neurons"] == 0 and res["density_percentiles"]["p50"] == 1 / 512
+
+
+def test_report_files_and_summary(zoo_report, tmp_path):
+    paths = write_report(zoo_report, tmp_path)
+    assert json.loads((tmp_path / "sparsity.json").read_text())["density"] == zoo_report["density"]
+    assert {p.name for p in paths} >= {"sparsity.md", "density_per_layer.png", "union_vs_batch.png"}
+    assert all(p.stat().st_size > 500 for p in paths)
+    text = format_summary(zoo_report)
+    assert "union 512" in text and f"{100 * zoo_report['layers'][2]['density']:.2f}%" in text
+
+
+@pytest.fixture(scope="module")
+def gelu_model(tmp_path_factory):
+    """A tiny random GPT-2 with GELU MLPs (never exactly zero) and the zoo's byte tokenizer."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    path = tmp_path_factory.mktemp("gelu")
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=257, n_positions=64, n_embd=32, n_layer=2, n_head=2,
+                               n_inner=96, activation_function="gelu_new", bos_token_id=256,
+                               eos_token_id=256)).save_pretrained(path)
+    for f in model_dir("zoo:pystdlib-4l").glob("tokenizer*"):
+        shutil.copy(f, path)
+    return load_model(str(path))
+
+
+def test_gelu_counts_magnitudes_above_threshold(gelu_model):
+    r = measure(gelu_model, data=DATA, tokens=200, batch_rows=4)
+    assert r["activation"].startswith("gelu") and r["threshold"] == 0.01
+    ref = _dense_reference_gelu(gelu_model, 0.01)
+    assert r["layers"][1]["density"] == pytest.approx(ref.double().mean().item(), rel=1e-12)
+    exact = measure(gelu_model, data=DATA, tokens=200, batch_rows=4, threshold=0.0)
+    assert exact["density"] > 0.99 > r["density"]  # smooth activations are almost never exactly 0
+
+
+def _dense_reference_gelu(model, threshold):
+    rows = heldout_rows(model.tokenizer, DATA, 200)
+    h = model.activations(rows, ["blocks.1.mlp.hook_post"])["blocks.1.mlp.hook_post"]
+    return h[positions_to_keep(rows, model.tokenizer)].abs() > threshold
+
+
+def test_model_without_mlp_hooks_is_one_line_error():
+    attn_only = HookedModel("attn-only", SimpleNamespace(
+        cfg=SimpleNamespace(n_layers=2), hook_dict={"blocks.0.hook_resid_post": None}), None)
+    with pytest.raises(SaelabError, match="no hookable MLP hidden activation.*blocks.0.mlp.hook_post"):
+        mlp_hooks(attn_only)
+
+
+def test_cli_writes_report(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "sp"
+    code, cap = run_cli(["sparsity", "--tokens", "300", "--context-length", "64", "--out", str(out)],
+                        monkeypatch, capsys)
+    assert code == 0, cap.err
+    r = json.loads((out / "sparsity.json").read_text())
+    assert r["tokens"] >= 300 and len(r["layers"]) == 4
+    assert "union 64" in cap.out and (out / "union_vs_batch.png").exists()
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--tokens", "0"], "tokens and batch_rows must be positive"),
+    (["--threshold", "-1"], "threshold is a magnitude"),
+    (["--model", "/nonexistent/model"], "not a Hugging Face model directory"),
+])
+def test_cli_bad_input(args, message, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "sp"
+    code, cap = run_cli(["sparsity", *args, "--out", str(out)], monkeypatch, capsys)
+    assert code == 2 and message in cap.err and len(cap.err.strip().splitlines()) == 1
+    assert not out.exists()
