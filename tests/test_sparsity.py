@@ -4,6 +4,7 @@ the CLI contract, and bad input."""
 import json
 import shutil
 import sys
+from statistics import NormalDist
 from types import SimpleNamespace
 
 import numpy as np
@@ -15,8 +16,9 @@ from saelab.cli import main
 from saelab.data import TokenData
 from saelab.errors import SaelabError
 from saelab.evals.evaluate import heldout_rows
-from saelab.evals.sparsity import format_summary, measure, mlp_hooks, write_report
+from saelab.evals.sparsity import Sparsifier, format_summary, measure, mlp_hooks, run, sweep, write_report
 from saelab.evals.sparsity.measure import LayerStats
+from saelab.evals.sparsity.modes import Calibration, stat_topk_threshold
 from saelab.models import HookedModel, load_model
 from saelab.zoo import model_dir
 
@@ -137,12 +139,15 @@ def test_model_without_mlp_hooks_is_one_line_error():
 
 def test_cli_writes_report(tmp_path, monkeypatch, capsys):
     out = tmp_path / "sp"
-    code, cap = run_cli(["sparsity", "--tokens", "300", "--context-length", "64", "--out", str(out)],
-                        monkeypatch, capsys)
+    code, cap = run_cli(["sparsity", "--tokens", "300", "--context-length", "64", "--out", str(out),
+                         "--mode", "relu", "--mode", "topk", "--density", "0.05",
+                         "--sweep-tokens", "200", "--calibration-tokens", "200"], monkeypatch, capsys)
     assert code == 0, cap.err
     r = json.loads((out / "sparsity.json").read_text())
     assert r["tokens"] >= 300 and len(r["layers"]) == 4
     assert "union 64" in cap.out and (out / "union_vs_batch.png").exists()
+    assert [(m["mode"], m["target"]) for m in r["modes"]["runs"]] == [("relu", None), ("topk", 0.05)]
+    assert (out / "loss_vs_density.png").stat().st_size > 1000 and "stat_topk" not in cap.out
 
 
 @pytest.mark.parametrize(("args", "message"), [
@@ -151,6 +156,81 @@ def test_cli_writes_report(tmp_path, monkeypatch, capsys):
     (["--model", "/nonexistent/model"], "not a Hugging Face model directory"),
 ])
 def test_cli_bad_input(args, message, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "sp"
+    code, cap = run_cli(["sparsity", *args, "--out", str(out)], monkeypatch, capsys)
+    assert code == 2 and message in cap.err and len(cap.err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+# --- sparsification modes -------------------------------------------------------------------
+
+def test_topk_and_threshold_modes_hand_computed():
+    h = torch.tensor([[[0.0, 3.0, -5.0, 1.0, 2.0]]])
+    assert Sparsifier("topk", 0.4).apply(0, h).tolist() == [[[0.0, 3.0, -5.0, 0.0, 0.0]]]
+    s = Sparsifier("cats", 0.5, (1.5, 2.5))
+    assert s.apply(0, h).tolist() == [[[0.0, 3.0, -5.0, 0.0, 2.0]]]
+    assert s.apply(1, h).tolist() == [[[0.0, 3.0, -5.0, 0.0, 0.0]]]
+    assert Sparsifier("relu", None).apply(0, h) is h
+
+
+def test_calibration_quantiles_hand_computed():
+    values = torch.arange(1.0, 101.0)  # 1..100
+    calib = Calibration([values, values * 10], tokens=1)
+    assert calib.layer_threshold(0, 0.1) == 90.0  # 10 values (91..100) lie above it
+    assert calib.layer_threshold(1, 0.1) == 900.0
+    assert calib.layer_threshold(0, 1.0) == -1.0  # keep everything
+    pooled = calib.global_threshold(0.25)  # 50 of 200 pooled values above: 110..1000
+    assert sum(int((v > pooled).sum()) for v in calib.per_layer) == 50
+
+
+def test_stat_topk_threshold_matches_normal_quantile():
+    gen = torch.Generator().manual_seed(0)
+    pre = torch.randn(64, 16384, generator=gen, dtype=torch.float64) * 2 + 0.5
+    theta = stat_topk_threshold(pre, 0.1)
+    want = pre.mean(-1) + pre.std(-1, correction=0) * NormalDist().inv_cdf(0.9)
+    assert torch.allclose(theta[:, 0], want, rtol=1e-10)
+    h = pre.relu()
+    kept = Sparsifier("stat_topk", 0.1).apply(0, h, pre)
+    assert (kept != 0).double().mean().item() == pytest.approx(0.1, abs=0.005)  # Gaussian: exact
+
+
+@pytest.fixture(scope="module")
+def zoo_sweep(zoo_model):
+    return sweep(zoo_model, DATA, TokenData(split="train", context_length=64),
+                 densities=(1.0, 0.1, 0.02), tokens=TOKENS, calibration_tokens=2000, batch_rows=4)
+
+
+def test_sweep_on_zoo(zoo_sweep, zoo_report):
+    runs = {(r["mode"], r["target"]): r for r in zoo_sweep["runs"]}
+    assert zoo_sweep["calibration_tokens"] >= 2000
+    # exact zeros change nothing and reach exactly the measured density (same rows)
+    assert runs["relu", None]["delta_ce"] == 0 and runs["relu", None]["kl"] == 0
+    assert runs["relu", None]["density"] == pytest.approx(zoo_report["density"], rel=1e-12)
+    for mode in ("threshold", "cats", "topk", "stat_topk"):
+        assert runs[mode, 1.0]["delta_ce"] == 0  # a target of 1 keeps every neuron
+        assert runs[mode, 0.02]["density"] < runs[mode, 0.1]["density"] <= zoo_report["density"]
+        assert runs[mode, 0.02]["delta_ce"] > runs[mode, 0.1]["delta_ce"] - 0.01
+        assert runs[mode, 0.02]["kl"] > 0.01  # 2% of the neurons cost the model something
+    assert runs["topk", 0.02]["density"] <= 0.02  # round(0.02 * 512) = 10 per token at most
+    cats = runs["cats", 0.02]
+    assert len(set(cats["thresholds"])) == 4 and cats["density"] == pytest.approx(0.02, rel=0.5)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    (dict(modes=("relu", "magic")), "unknown sparsification mode 'magic'"),
+    (dict(densities=(0.1, 0.0)), r"target density 0.0 is outside \(0, 1\]"),
+    (dict(densities=(1.5,)), r"target density 1.5 is outside \(0, 1\]"),
+])
+def test_sweep_bad_input(kwargs, message):
+    with pytest.raises(SaelabError, match=message):  # checked before the model is even loaded
+        run("zoo:not-a-model", **kwargs)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--mode", "magic"], "unknown sparsification mode"),
+    (["--density", "-0.1"], "outside (0, 1]"),
+])
+def test_cli_sweep_bad_input(args, message, tmp_path, monkeypatch, capsys):
     out = tmp_path / "sp"
     code, cap = run_cli(["sparsity", *args, "--out", str(out)], monkeypatch, capsys)
     assert code == 2 and message in cap.err and len(cap.err.strip().splitlines()) == 1

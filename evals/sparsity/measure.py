@@ -71,6 +71,13 @@ def resolve(model: HookedModel | str, data: TokenData | str | None, split: str =
     return model, data
 
 
+def check_args(tokens: int, batch_rows: int, threshold: float | None) -> None:
+    if tokens < 1 or batch_rows < 1:
+        raise SaelabError(f"tokens and batch_rows must be positive, got {tokens} and {batch_rows}")
+    if threshold is not None and threshold < 0:
+        raise SaelabError(f"threshold is a magnitude and must be >= 0, got {threshold}")
+
+
 def _percentile(hist: torch.Tensor, q: float) -> int:
     """Smallest count c with at least q% of tokens at or below c, from a histogram of counts."""
     cum = hist.cumsum(0)
@@ -161,10 +168,7 @@ def measure(
         batch_rows: rows per forward pass; union groups are drawn within one pass.
         seed: seeds the random grouping of tokens for the union.
     """
-    if tokens < 1 or batch_rows < 1:
-        raise SaelabError(f"tokens and batch_rows must be positive, got {tokens} and {batch_rows}")
-    if threshold is not None and threshold < 0:
-        raise SaelabError(f"threshold is a magnitude and must be >= 0, got {threshold}")
+    check_args(tokens, batch_rows, threshold)
     start = time.perf_counter()
     model, data = resolve(model, data, device=device)
     hooks = mlp_hooks(model)
