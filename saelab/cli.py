@@ -283,6 +283,10 @@ def sparsity_cmd(
     no_modes: Annotated[bool, Opt("--no-modes", help="Only measure; skip the sparsification sweep.")] = False,
     sweep_tokens: Annotated[int, Opt(help="Held-out tokens per sweep point.")] = 16384,
     calibration_tokens: Annotated[int, Opt(help="Train tokens the threshold and CATS quantiles are calibrated on.")] = 16384,
+    no_predictor: Annotated[bool, Opt("--no-predictor", help="Skip training and scoring the low-rank active-set predictor.")] = False,
+    predictor_tokens: Annotated[int, Opt(help="Train tokens the active-set predictor is fit on.")] = 16384,
+    predictor_rank: Annotated[int | None, Opt(help="Rank of each layer's predictor. [default: d_model // 4]")] = None,
+    target_recall: Annotated[float, Opt(help="Share of truly active neurons the predictor's cut keeps, in (0, 1] (set on train tokens).")] = 0.95,
     out: Annotated[Path, Opt(help="Where to write sparsity.json, sparsity.md and the PNGs.")] = Path("runs/sparsity"),
     overwrite: Annotated[bool, Opt("--overwrite", help="Allow writing into a non-empty --out directory.")] = False,
     device: Annotated[str, Opt(help="Torch device.")] = "cpu",
@@ -298,7 +302,9 @@ def sparsity_cmd(
     report = run(model, data=data_arg, tokens=tokens, threshold=threshold, batch_rows=batch_rows,
                  modes=() if no_modes else tuple(mode or MODES),
                  densities=tuple(density or DEFAULT_DENSITIES), sweep_tokens=sweep_tokens,
-                 calibration_tokens=calibration_tokens, device=device)
+                 calibration_tokens=calibration_tokens, predictor=not no_predictor,
+                 predictor_tokens=predictor_tokens, predictor_rank=predictor_rank,
+                 target_recall=target_recall, device=device)
     paths = write_report(report, out)
     typer.echo(format_summary(report))
     typer.echo(f"wrote {', '.join(p.name for p in paths)} -> {out}")

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from torch.testing import assert_close
 
 from saelab.cache import positions_to_keep
 from saelab.cli import main
@@ -19,6 +20,8 @@ from saelab.evals.evaluate import heldout_rows
 from saelab.evals.sparsity import Sparsifier, format_summary, measure, mlp_hooks, run, sweep, write_report
 from saelab.evals.sparsity.measure import LayerStats
 from saelab.evals.sparsity.modes import Calibration, stat_topk_threshold
+from saelab.evals.sparsity.predictor import evaluate_predictors, mlp_weights, train_predictors
+from saelab.kernels import mask_code
 from saelab.models import HookedModel, load_model
 from saelab.zoo import model_dir
 
@@ -141,13 +144,15 @@ def test_cli_writes_report(tmp_path, monkeypatch, capsys):
     out = tmp_path / "sp"
     code, cap = run_cli(["sparsity", "--tokens", "300", "--context-length", "64", "--out", str(out),
                          "--mode", "relu", "--mode", "topk", "--density", "0.05",
-                         "--sweep-tokens", "200", "--calibration-tokens", "200"], monkeypatch, capsys)
+                         "--sweep-tokens", "200", "--calibration-tokens", "200",
+                         "--predictor-tokens", "256"], monkeypatch, capsys)
     assert code == 0, cap.err
     r = json.loads((out / "sparsity.json").read_text())
     assert r["tokens"] >= 300 and len(r["layers"]) == 4
     assert "union 64" in cap.out and (out / "union_vs_batch.png").exists()
     assert [(m["mode"], m["target"]) for m in r["modes"]["runs"]] == [("relu", None), ("topk", 0.05)]
     assert (out / "loss_vs_density.png").stat().st_size > 1000 and "stat_topk" not in cap.out
+    assert r["predictor"]["train_tokens"] >= 256 and "mass recall" in (out / "sparsity.md").read_text()
 
 
 @pytest.mark.parametrize(("args", "message"), [
@@ -220,6 +225,7 @@ def test_sweep_on_zoo(zoo_sweep, zoo_report):
     (dict(modes=("relu", "magic")), "unknown sparsification mode 'magic'"),
     (dict(densities=(0.1, 0.0)), r"target density 0.0 is outside \(0, 1\]"),
     (dict(densities=(1.5,)), r"target density 1.5 is outside \(0, 1\]"),
+    (dict(target_recall=0.0), r"target recall 0.0 is outside \(0, 1\]"),
 ])
 def test_sweep_bad_input(kwargs, message):
     with pytest.raises(SaelabError, match=message):  # checked before the model is even loaded
@@ -235,3 +241,44 @@ def test_cli_sweep_bad_input(args, message, tmp_path, monkeypatch, capsys):
     code, cap = run_cli(["sparsity", *args, "--out", str(out)], monkeypatch, capsys)
     assert code == 2 and message in cap.err and len(cap.err.strip().splitlines()) == 1
     assert not out.exists()
+
+
+# --- active-set predictor ---------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def predictors(zoo_model):
+    return train_predictors(zoo_model, TokenData(split="train", context_length=64), tokens=2048,
+                            epochs=8, batch=256, lr=1e-2, batch_rows=8)
+
+
+def test_mlp_weights_reproduce_the_models_mlp(zoo_model):
+    rows = heldout_rows(zoo_model.tokenizer, DATA, 100)
+    hooks = ["blocks.2.ln2.hook_normalized", "blocks.2.mlp.hook_post", "blocks.2.hook_mlp_out"]
+    acts = {h: a.flatten(0, 1) for h, a in zoo_model.activations(rows, hooks).items()}
+    mlp = mlp_weights(zoo_model, 2)
+    assert_close(mlp.hidden(acts[hooks[0]]), acts[hooks[1]], rtol=1e-5, atol=1e-5)
+    assert_close(mlp.sparse_down(acts[hooks[0]]), acts[hooks[2]], rtol=1e-5, atol=1e-5)
+
+
+def test_predictor_on_zoo(zoo_model, predictors):
+    preds, seen = predictors
+    assert seen >= 2048 and len(preds) == 4 and preds[0].rank == 32
+    r = evaluate_predictors(zoo_model, preds, DATA, tokens=TOKENS, batch_rows=4)
+    for layer in r["layers"]:
+        assert layer["recall"] > 0.8  # the cut was set for 95% recall on train tokens
+        assert layer["precision"] > 1.5 * layer["true_density"]  # far better than guessing
+        assert layer["true_density"] < layer["predicted_density"] < 0.8
+    assert r["tokens"] >= TOKENS and 0 < r["density"] < r["flops_fraction"] < 1
+    assert abs(r["delta_ce"]) < 0.2 and r["kl"] > 0  # some active neurons are missed
+
+
+def test_predicted_forward_is_what_the_splice_computes(zoo_model, predictors):
+    """Only the predicted neurons computed by the kernel == the MLP with the others zeroed."""
+    rows = heldout_rows(zoo_model.tokenizer, DATA, 100)
+    hooks = ["blocks.1.ln2.hook_normalized", "blocks.1.mlp.hook_post"]
+    acts = {h: a.flatten(0, 1) for h, a in zoo_model.activations(rows, hooks).items()}
+    x, h = acts[hooks[0]], acts[hooks[1]]
+    mlp, chosen = mlp_weights(zoo_model, 1), predictors[0][1].predict(x)
+    want = (h * chosen) @ mlp.W_out + mlp.b_out
+    assert_close(mlp.active(x, *mask_code(chosen)), want, rtol=1e-5, atol=1e-5)
+    assert_close(mlp.active(x[:1], *mask_code(chosen[:1])), want[:1], rtol=1e-5, atol=1e-5)

@@ -87,12 +87,15 @@ def calibrate(model: HookedModel, data: TokenData, tokens: int = 16384, batch_ro
     hooks = mlp_hooks(model)
     chunks: list[list[torch.Tensor]] = [[] for _ in hooks]
     seen = 0
+    bar = tqdm(total=tokens, unit="tok", unit_scale=True, desc="calibrate thresholds")
     for acts in model_activations(model, data, hooks, batch_rows, epochs=1):
         for layer, h in enumerate(hooks):
             chunks[layer].append(acts[h].abs().float().flatten().cpu())
         seen += acts[hooks[0]].shape[0]
+        bar.update(acts[hooks[0]].shape[0])
         if seen >= tokens:
             break
+    bar.close()
     if not seen:
         raise SaelabError(f"data {data.spec!r} has no tokens in split {data.split!r} to calibrate on")
     gen = torch.Generator().manual_seed(seed)

@@ -22,6 +22,10 @@ def _pct(v: float | None) -> str:
     return "n/a" if v is None else f"{100 * v:.2f}%"
 
 
+def _num(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.4f}"
+
+
 def _layer_table(r: dict) -> tuple[list[str], list[list[str]]]:
     sizes = list(r["layers"][0]["union_density"])
     head = ["layer", "d_ff", "active/token", "density", "p10", "p50", "p90", "p99", "dead",
@@ -44,9 +48,10 @@ def _modes_table(r: dict) -> tuple[list[str], list[list[str]]]:
 
 
 def _predictor_table(r: dict) -> tuple[list[str], list[list[str]]]:
-    head = ["layer", "rank", "recall", "precision", "predicted density", "true density"]
-    rows = [[str(p["layer"]), str(p["rank"]), f"{p['recall']:.4f}", f"{p['precision']:.4f}",
-             _pct(p["predicted_density"]), _pct(p["true_density"])] for p in r["predictor"]["layers"]]
+    head = ["layer", "rank", "recall", "precision", "|h| mass recall", "computed", "truly active"]
+    rows = [[str(p["layer"]), str(p["rank"]), _num(p["recall"]), _num(p["precision"]),
+             _num(p["mass_recall"]), _pct(p["predicted_density"]), _pct(p["true_density"])]
+            for p in r["predictor"]["layers"]]
     return head, rows
 
 
@@ -92,7 +97,8 @@ def _sections(r: dict):
         p = r["predictor"]
         yield (f"Active-set predictor (low rank, trained on {p['train_tokens']:,} train tokens, "
                f"target recall {p['target_recall']}): only predicted neurons computed -> delta CE "
-               f"{p['delta_ce']:+.4f} nats, density {_pct(p['density'])}"), _predictor_table(r)
+               f"{p['delta_ce']:+.4f} nats, KL {p['kl']:.4f}; {_pct(p['density'])} of neurons computed, "
+               f"MLP FLOPs {p['flops_fraction']:.3f} of dense with the predictor's own"), _predictor_table(r)
     if "checkpoints" in r:
         yield "Density during training (intermediate checkpoints)", _steps_table(r)
 

@@ -8,6 +8,7 @@ from saelab.data import TokenData
 from saelab.errors import SaelabError
 from saelab.evals.sparsity.measure import check_args, measure, mlp_hooks, resolve
 from saelab.evals.sparsity.modes import DEFAULT_DENSITIES, MODES, check_densities, check_modes, sweep
+from saelab.evals.sparsity.predictor import check_predictor_args, evaluate_predictors, train_predictors
 from saelab.models import HookedModel
 
 
@@ -21,12 +22,17 @@ def run(
     densities: tuple[float, ...] = DEFAULT_DENSITIES,
     sweep_tokens: int = 16384,
     calibration_tokens: int = 16384,
+    predictor: bool = True,
+    predictor_tokens: int = 16384,
+    predictor_rank: int | None = None,
+    target_recall: float = 0.95,
     device: str = "cpu",
 ) -> dict:
-    """`measure`, then (unless `modes` is empty) the sparsification sweep (`modes.sweep`).
+    """`measure`, then the sparsification sweep (`modes.sweep`, unless `modes` is empty), then
+    the active-set predictor (`predictor`, unless `predictor` is False).
 
-    `data` names the held-out text; the sweep calibrates its thresholds on the same spec's train
-    split.
+    `data` names the held-out text; thresholds are calibrated and predictors trained on the same
+    spec's train split. The sweep and the predictor are scored on `sweep_tokens` held-out tokens.
     """
     check_args(tokens, batch_rows, threshold)
     if modes:
@@ -34,13 +40,21 @@ def run(
         check_densities(densities)
     if sweep_tokens < 1 or calibration_tokens < 1:
         raise SaelabError("sweep and calibration token counts must be positive")
+    if predictor:
+        check_predictor_args(predictor_tokens, predictor_rank, target_recall)
     start = time.perf_counter()
     model, heldout = resolve(model, data, device=device)
     mlp_hooks(model)
     report = measure(model, heldout, tokens, threshold, batch_rows)
+    train = TokenData(heldout.spec, "train", heldout.context_length, heldout.seed)
     if modes:
-        train = TokenData(heldout.spec, "train", heldout.context_length, heldout.seed)
         report["modes"] = sweep(model, heldout, train, modes, densities, sweep_tokens,
                                 calibration_tokens, batch_rows)
+    if predictor:
+        preds, seen = train_predictors(model, train, predictor_tokens, predictor_rank, target_recall,
+                                       threshold, batch_rows=batch_rows)
+        report["predictor"] = {"train_tokens": seen, "target_recall": target_recall,
+                               **evaluate_predictors(model, preds, heldout, sweep_tokens, threshold,
+                                                     batch_rows)}
     report["seconds"] = round(time.perf_counter() - start, 2)
     return report
