@@ -287,6 +287,8 @@ def sparsity_cmd(
     predictor_tokens: Annotated[int, Opt(help="Train tokens the active-set predictor is fit on.")] = 16384,
     predictor_rank: Annotated[int | None, Opt(help="Rank of each layer's predictor. [default: d_model // 4]")] = None,
     target_recall: Annotated[float, Opt(help="Share of truly active neurons the predictor's cut keeps, in (0, 1] (set on train tokens).")] = 0.95,
+    checkpoints: Annotated[bool, Opt("--checkpoints", help="Also measure the model's training checkpoints (kept by `saelab zoo build` in DIR/checkpoints) and plot density against step.")] = False,
+    checkpoint_tokens: Annotated[int, Opt(help="Held-out tokens per checkpoint.")] = 8192,
     out: Annotated[Path, Opt(help="Where to write sparsity.json, sparsity.md and the PNGs.")] = Path("runs/sparsity"),
     overwrite: Annotated[bool, Opt("--overwrite", help="Allow writing into a non-empty --out directory.")] = False,
     device: Annotated[str, Opt(help="Torch device.")] = "cpu",
@@ -304,7 +306,8 @@ def sparsity_cmd(
                  densities=tuple(density or DEFAULT_DENSITIES), sweep_tokens=sweep_tokens,
                  calibration_tokens=calibration_tokens, predictor=not no_predictor,
                  predictor_tokens=predictor_tokens, predictor_rank=predictor_rank,
-                 target_recall=target_recall, device=device)
+                 target_recall=target_recall, checkpoints=checkpoints,
+                 checkpoint_tokens=checkpoint_tokens, device=device)
     paths = write_report(report, out)
     typer.echo(format_summary(report))
     typer.echo(f"wrote {', '.join(p.name for p in paths)} -> {out}")

@@ -18,12 +18,14 @@ from saelab.data import TokenData
 from saelab.errors import SaelabError
 from saelab.evals.evaluate import heldout_rows
 from saelab.evals.sparsity import Sparsifier, format_summary, measure, mlp_hooks, run, sweep, write_report
+from saelab.evals.sparsity.emergence import checkpoint_dirs
 from saelab.evals.sparsity.measure import LayerStats
 from saelab.evals.sparsity.modes import Calibration, stat_topk_threshold
 from saelab.evals.sparsity.predictor import evaluate_predictors, mlp_weights, train_predictors
 from saelab.kernels import mask_code
 from saelab.models import HookedModel, load_model
-from saelab.zoo import model_dir
+from saelab.zoo import ZooRecipe, model_dir
+from saelab.zoo.build import build, checkpoint_steps
 
 DATA = TokenData(split="heldout", context_length=64)
 TOKENS = 600
@@ -282,3 +284,46 @@ def test_predicted_forward_is_what_the_splice_computes(zoo_model, predictors):
     want = (h * chosen) @ mlp.W_out + mlp.b_out
     assert_close(mlp.active(x, *mask_code(chosen)), want, rtol=1e-5, atol=1e-5)
     assert_close(mlp.active(x[:1], *mask_code(chosen[:1])), want[:1], rtol=1e-5, atol=1e-5)
+
+
+# --- emergence: checkpoints kept by zoo builds ----------------------------------------------------
+
+def test_checkpoint_steps():
+    assert checkpoint_steps(976, 4) == [0, 61, 122, 244, 488, 976]
+    assert checkpoint_steps(3, 4) == [0, 1, 3]
+
+
+@pytest.fixture(scope="module")
+def tiny_build(tmp_path_factory):
+    recipe = ZooRecipe("tiny", n_layer=2, d_model=16, n_head=2, d_mlp=48, context_length=32,
+                       tokens=16 * 4 * 32, batch_size=4, checkpoints=2)
+    return build(recipe, tmp_path_factory.mktemp("zoo") / "tiny", heldout_rows=8)
+
+
+def test_build_keeps_loadable_checkpoints(tiny_build):
+    dirs = checkpoint_dirs(str(tiny_build))
+    assert [json.loads((d / "checkpoint.json").read_text())["step"] for d in dirs] == [0, 4, 8, 16]
+    final = load_model(str(dirs[-1]))
+    shipped = load_model(str(tiny_build))
+    rows = torch.randint(0, 256, (2, 16))
+    assert torch.equal(final.logits(rows), shipped.logits(rows))  # the last checkpoint is the model
+    assert not torch.equal(load_model(str(dirs[0])).logits(rows), final.logits(rows))
+
+
+def test_density_over_training(tiny_build, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "sp"
+    code, cap = run_cli(["sparsity", "--model", str(tiny_build), "--checkpoints", "--tokens", "200",
+                         "--context-length", "32", "--checkpoint-tokens", "200", "--no-modes",
+                         "--no-predictor", "--out", str(out)], monkeypatch, capsys)
+    assert code == 0, cap.err
+    r = json.loads((out / "sparsity.json").read_text())
+    assert [c["step"] for c in r["checkpoints"]] == [0, 4, 8, 16]
+    assert r["checkpoints"][-1]["density"] == pytest.approx(r["density"], rel=1e-12)  # same rows
+    assert (out / "density_vs_step.png").stat().st_size > 1000 and "tokens seen" in cap.out
+
+
+def test_checkpoints_missing_is_one_line_error(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "sp"
+    code, cap = run_cli(["sparsity", "--checkpoints", "--out", str(out)], monkeypatch, capsys)
+    assert code == 2 and "has no training checkpoints" in cap.err and "saelab zoo build" in cap.err
+    assert len(cap.err.strip().splitlines()) == 1 and not out.exists()

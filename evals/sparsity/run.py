@@ -6,6 +6,7 @@ import time
 
 from saelab.data import TokenData
 from saelab.errors import SaelabError
+from saelab.evals.sparsity.emergence import checkpoint_dirs, over_training
 from saelab.evals.sparsity.measure import check_args, measure, mlp_hooks, resolve
 from saelab.evals.sparsity.modes import DEFAULT_DENSITIES, MODES, check_densities, check_modes, sweep
 from saelab.evals.sparsity.predictor import check_predictor_args, evaluate_predictors, train_predictors
@@ -26,6 +27,8 @@ def run(
     predictor_tokens: int = 16384,
     predictor_rank: int | None = None,
     target_recall: float = 0.95,
+    checkpoints: bool = False,
+    checkpoint_tokens: int = 8192,
     device: str = "cpu",
 ) -> dict:
     """`measure`, then the sparsification sweep (`modes.sweep`, unless `modes` is empty), then
@@ -33,6 +36,8 @@ def run(
 
     `data` names the held-out text; thresholds are calibrated and predictors trained on the same
     spec's train split. The sweep and the predictor are scored on `sweep_tokens` held-out tokens.
+    With `checkpoints`, `model` must be a spec (zoo name or directory) whose build kept training
+    checkpoints: each is measured on `checkpoint_tokens` held-out tokens (`emergence`).
     """
     check_args(tokens, batch_rows, threshold)
     if modes:
@@ -42,6 +47,12 @@ def run(
         raise SaelabError("sweep and calibration token counts must be positive")
     if predictor:
         check_predictor_args(predictor_tokens, predictor_rank, target_recall)
+    if checkpoints:
+        if not isinstance(model, str):
+            raise SaelabError("checkpoints need the model's spec (zoo:NAME or its directory)")
+        if checkpoint_tokens < 1:
+            raise SaelabError(f"checkpoint tokens must be positive, got {checkpoint_tokens}")
+        checkpoint_dirs(model)
     start = time.perf_counter()
     model, heldout = resolve(model, data, device=device)
     mlp_hooks(model)
@@ -56,5 +67,8 @@ def run(
         report["predictor"] = {"train_tokens": seen, "target_recall": target_recall,
                                **evaluate_predictors(model, preds, heldout, sweep_tokens, threshold,
                                                      batch_rows)}
+    if checkpoints:
+        report["checkpoints"] = over_training(model.spec, heldout, checkpoint_tokens, threshold,
+                                              batch_rows, device)
     report["seconds"] = round(time.perf_counter() - start, 2)
     return report
