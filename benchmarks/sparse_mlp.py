@@ -8,6 +8,8 @@ rounds (background load hits every contender alike) the median of:
 - down dense:  ``h @ W_out + b_out`` (addmm), the reference;
 - down sparse: ``active_code(h)`` (finding the nonzeros, included) + ``sparse_mlp_down``, which
   reads only the active rows of W_out;
+- down union:  one dense product over the union of the batch's active rows (gathered once);
+  the batched alternative, identical to "down sparse" at batch 1 in what it reads;
 - MLP dense:   ``relu(x @ W_in + b_in) @ W_out + b_out``;
 - MLP + predictor: a rank-r predictor (``(x @ A) @ B + c > cut``, its cost included), then
   ``SparseMLP.active``: one gather-dot per predicted unit (up) and the gather-weighted-sum (down).
@@ -73,6 +75,11 @@ def weights(d: int, d_ff: int, dtype: torch.dtype) -> tuple[SparseMLP, torch.Ten
     return mlp, A, B
 
 
+def _union(h: torch.Tensor, W_out: torch.Tensor, b_out: torch.Tensor) -> torch.Tensor:
+    cols = (h != 0).any(0).nonzero().squeeze(1)
+    return torch.addmm(b_out, h.index_select(1, cols), W_out.index_select(0, cols))
+
+
 def contenders(d: int, d_ff: int, B: int, density: float, dtype: torch.dtype) -> tuple[dict, dict]:
     gen = torch.Generator().manual_seed(B)
     mlp, A, Bp = weights(d, d_ff, dtype)
@@ -94,12 +101,14 @@ def contenders(d: int, d_ff: int, B: int, density: float, dtype: torch.dtype) ->
     fns: dict[str, Callable[[], torch.Tensor]] = {
         "down dense": lambda: torch.addmm(b_out, h, W_out),
         "down sparse": down_sparse,
+        "down union": lambda: _union(h, W_out, b_out),
         "MLP dense": lambda: mlp.dense(x),
         "MLP+predictor": predicted,
     }
     with torch.no_grad():
         computed = float((torch.addmm(c, x @ A, Bp) > cut).float().mean())
-        torch.testing.assert_close(down_sparse().float(), fns["down dense"]().float(), rtol=2e-2, atol=2e-2)
+        for name in ("down sparse", "down union"):
+            torch.testing.assert_close(fns[name]().float(), fns["down dense"]().float(), rtol=2e-2, atol=2e-2)
     union = 1 - (1 - density) ** B
     union_pred = 1 - (1 - computed) ** B
     info = {
@@ -154,9 +163,9 @@ def main() -> None:
           f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     print("speedup = dense median / sparse median; flops = dense/sparse FLOPs; bound = dense/sparse "
           "weight bytes read (distinct rows of the batch)")
-    head = (f"{'shape':>5} {'dtype':>5} {'B':>3} {'density':>16} | {'down dense':>10} {'sparse':>9} "
-            f"{'speedup':>7} {'flops':>6} {'bound':>6} | {'MLP dense':>10} {'+pred':>9} {'speedup':>7} "
-            f"{'flops':>6} {'bound':>6} {'computed':>8}")
+    head = (f"{'shape':>5} {'dtype':>5} {'B':>3} {'density':>19} | {'down dense':>10} {'sparse':>9} "
+            f"{'speedup':>7} {'union':>9} {'speedup':>7} {'flops':>6} {'bound':>6} | {'MLP dense':>10} "
+            f"{'+pred':>9} {'speedup':>7} {'flops':>6} {'bound':>6} {'computed':>8}")
     print(head)
     print("-" * len(head))
     rows = []
@@ -171,8 +180,10 @@ def main() -> None:
                     whole = t["MLP dense"] / t["MLP+predictor"]
                     rows.append({"shape": shape, "dtype": dname, "batch": B, "density": density,
                                  **t, **info})
-                    print(f"{shape:>5} {dname:>5} {B:>3} {label:>16} | {1e3 * t['down dense']:>8.3f}ms "
-                          f"{1e3 * t['down sparse']:>7.3f}ms {down:>6.2f}x {info['down_flops']:>5.1f}x "
+                    union = t["down dense"] / t["down union"]
+                    print(f"{shape:>5} {dname:>5} {B:>3} {label:>19} | {1e3 * t['down dense']:>8.3f}ms "
+                          f"{1e3 * t['down sparse']:>7.3f}ms {down:>6.2f}x {1e3 * t['down union']:>7.3f}ms "
+                          f"{union:>6.2f}x {info['down_flops']:>5.1f}x "
                           f"{info['down_bound']:>5.1f}x | {1e3 * t['MLP dense']:>8.3f}ms "
                           f"{1e3 * t['MLP+predictor']:>7.3f}ms {whole:>6.2f}x {info['mlp_flops']:>5.1f}x "
                           f"{info['mlp_bound']:>5.1f}x {100 * info['computed']:>7.1f}%", flush=True)

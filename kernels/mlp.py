@@ -82,9 +82,10 @@ def sparse_mlp_down(
 class SparseMLP:
     """An MLP ``act(x @ W_in + b_in) @ W_out + b_out`` with activation-sparse forward passes.
 
-    Build it with `SparseMLP.of` (which lays the weights out once). Three forwards, all (B, d)
+    Build it with `SparseMLP.of` (which lays the weights out once). Four forwards, all (B, d)
     -> (B, d): `dense` (the reference), `sparse_down` (dense up-projection, down-projection over
-    the active rows of ``W_out`` only) and `active` (both projections over a given active set).
+    each token's active rows of ``W_out`` only), `union_down` (the same over the union of the
+    batch's active rows, one dense product) and `active` (both projections over a given set).
     ``act`` must map 0 to 0 (ReLU, GELU, SiLU do), so units left out contribute nothing.
 
     Fields:
@@ -122,6 +123,17 @@ class SparseMLP:
         """Dense up-projection; the down-projection reads only the rows of active units."""
         idx, vals = active_code(self.hidden(x))
         return sparse_mlp_down(idx, vals, self.W_out, self.b_out)
+
+    def union_down(self, x: torch.Tensor) -> torch.Tensor:
+        """Dense up-projection; one dense product over the rows of W_out active on any token.
+
+        The batched alternative to `sparse_down`: each row is read once for the whole batch, so
+        it wins when tokens share active units, and tends to dense as the union grows.
+        """
+        h = self.hidden(x)
+        cols = (h != 0).any(0).nonzero().squeeze(1)
+        out = h.index_select(1, cols) @ self.W_out.index_select(0, cols)
+        return out if self.b_out is None else out + self.b_out
 
     def active(self, x: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         """The MLP computed on the units ``idx`` (B, k) of each token only (``valid`` masks padding).

@@ -61,6 +61,7 @@ def test_sparse_down_matches_dense(B, d, d_ff):
     h = mlp.hidden(x)
     assert 0 < (h > 0).double().mean() < 0.4  # sparse, not trivially so
     assert_close(mlp.sparse_down(x), mlp.dense(x))
+    assert_close(mlp.union_down(x), mlp.dense(x))
 
 
 def test_sparse_down_with_an_all_zero_token():
@@ -70,6 +71,7 @@ def test_sparse_down_with_an_all_zero_token():
     assert (mlp.hidden(x)[2] == 0).all()
     assert_close(mlp.sparse_down(x), mlp.dense(x))
     assert_close(mlp.sparse_down(x[2:3]), mlp.dense(x[2:3]))
+    assert_close(mlp.union_down(x[2:3]), mlp.dense(x[2:3]))
 
 
 @pytest.mark.parametrize(("B", "d", "d_ff"), SHAPES)
