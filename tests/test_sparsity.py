@@ -140,6 +140,9 @@ def test_model_without_mlp_hooks_is_one_line_error():
         cfg=SimpleNamespace(n_layers=2), hook_dict={"blocks.0.hook_resid_post": None}), None)
     with pytest.raises(SaelabError, match="no hookable MLP hidden activation.*blocks.0.mlp.hook_post"):
         mlp_hooks(attn_only)
+    for call in (lambda: measure(attn_only), lambda: run(attn_only)):
+        with pytest.raises(SaelabError, match="no hookable MLP hidden activation"):
+            call()
 
 
 def test_cli_writes_report(tmp_path, monkeypatch, capsys):

@@ -62,9 +62,11 @@ def default_threshold(model: HookedModel) -> float:
 
 def resolve(model: HookedModel | str, data: TokenData | str | None, split: str = "heldout",
             device: str = "cpu") -> tuple[HookedModel, TokenData]:
-    """A loaded model and `data` as a TokenData on `split` (rows of min(context, 128) tokens)."""
+    """A loaded model with MLP hooks, and `data` as a TokenData on `split` (rows of min(context,
+    128) tokens)."""
     if isinstance(model, str):
         model = load_model(model, device)
+    mlp_hooks(model)
     if data is None or isinstance(data, str):
         data = TokenData(data or BUILTIN_STDLIB, split, model.check_context(None))
     model.check_context(data.context_length)

@@ -7,7 +7,7 @@ import time
 from saelab.data import TokenData
 from saelab.errors import SaelabError
 from saelab.evals.sparsity.emergence import checkpoint_dirs, over_training
-from saelab.evals.sparsity.measure import check_args, measure, mlp_hooks, resolve
+from saelab.evals.sparsity.measure import check_args, measure, resolve
 from saelab.evals.sparsity.modes import DEFAULT_DENSITIES, MODES, check_densities, check_modes, sweep
 from saelab.evals.sparsity.predictor import check_predictor_args, evaluate_predictors, train_predictors
 from saelab.models import HookedModel
@@ -55,7 +55,6 @@ def run(
         checkpoint_dirs(model)
     start = time.perf_counter()
     model, heldout = resolve(model, data, device=device)
-    mlp_hooks(model)
     report = measure(model, heldout, tokens, threshold, batch_rows)
     train = TokenData(heldout.spec, "train", heldout.context_length, heldout.seed)
     if modes:
