@@ -129,6 +129,13 @@ def test_gelu_counts_magnitudes_above_threshold(gelu_model):
     assert exact["density"] > 0.99 > r["density"]  # smooth activations are almost never exactly 0
 
 
+def test_gelu_new_mlp_weights_reproduce_the_model(gelu_model):
+    rows = heldout_rows(gelu_model.tokenizer, DATA, 50)
+    hooks = ["blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out"]
+    acts = {h: a.flatten(0, 1) for h, a in gelu_model.activations(rows, hooks).items()}
+    assert_close(mlp_weights(gelu_model, 1).dense(acts[hooks[0]]), acts[hooks[1]], rtol=1e-5, atol=1e-5)
+
+
 def _dense_reference_gelu(model, threshold):
     rows = heldout_rows(model.tokenizer, DATA, 200)
     h = model.activations(rows, ["blocks.1.mlp.hook_post"])["blocks.1.mlp.hook_post"]

@@ -15,6 +15,7 @@ Cost per token: 2 r (d + d_ff) FLOPs for the predictor, against 4 d d_ff for the
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from tqdm import tqdm
@@ -28,6 +29,15 @@ from saelab.evals.spliced import SplicedLoss, prediction_mask
 from saelab.kernels import SparseMLP
 from saelab.models import HookedModel
 
+ACTIVATIONS = {
+    "relu": torch.relu,
+    "gelu": torch.nn.functional.gelu,
+    "gelu_new": partial(torch.nn.functional.gelu, approximate="tanh"),
+    "gelu_pytorch_tanh": partial(torch.nn.functional.gelu, approximate="tanh"),
+    "silu": torch.nn.functional.silu,
+}
+"""transformer-lens `act_fn` names the sparse MLP forward can run (each maps 0 to 0)."""
+
 
 def input_hook(layer: int) -> str:
     return f"blocks.{layer}.ln2.hook_normalized"
@@ -39,9 +49,9 @@ def mlp_weights(model: HookedModel, layer: int) -> SparseMLP:
     if getattr(mlp, "W_gate", None) is not None:
         raise SaelabError(f"model {model.spec} has gated MLPs; the sparse MLP forward supports "
                           "act(x W_in + b_in) W_out + b_out only")
-    act = {"relu": torch.relu, "gelu": torch.nn.functional.gelu}.get(model.model.cfg.act_fn)
+    act = ACTIVATIONS.get(model.model.cfg.act_fn)
     if act is None:
-        raise SaelabError(f"the sparse MLP forward supports relu and gelu MLPs, not "
+        raise SaelabError(f"the sparse MLP forward supports {', '.join(ACTIVATIONS)} MLPs, not "
                           f"{model.model.cfg.act_fn!r} (model {model.spec})")
     return SparseMLP.of(mlp.W_in.detach(), mlp.b_in.detach(), mlp.W_out.detach(), mlp.b_out.detach(), act)
 
