@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import ScalarFormatter
 
 from saelab.evals.report import _md_cell, _save_png
 from saelab.io import write_json, write_text
@@ -146,6 +147,8 @@ def _union_plot(r: dict) -> Figure:
         pts = [(int(s), 100 * v) for s, v in x["union_density"].items() if v is not None]
         ax.plot(*zip(*pts, strict=True), marker="o", label=f"layer {x['layer']}")
     ax.set_xscale("log", base=2)
+    sizes = [int(s) for s in r["layers"][0]["union_density"]]
+    ax.set_xticks(sizes, [str(s) for s in sizes])
     ax.set_ylim(0, 100)
     ax.set_xlabel("tokens in the batch")
     ax.set_ylabel("union of active neurons (% of d_ff)")
@@ -162,6 +165,8 @@ def _modes_plot(r: dict) -> Figure:
         pts = sorted((100 * m["density"], m["delta_ce"]) for m in runs if m["mode"] == mode)
         ax.plot(*zip(*pts, strict=True), marker="o", label=mode)
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(ScalarFormatter())
     ax.set_yscale("symlog", linthresh=1e-3)
     ax.set_xlabel("MLP density reached (% of neurons per token)")
     ax.set_ylabel("held-out CE change (nats/token)")
