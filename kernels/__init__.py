@@ -6,14 +6,16 @@ Depends on torch only (triton optionally, imported lazily), never on the rest of
 """
 
 from .autograd import sparse_decode, sparse_encode
-from .mlp import active_code, sparse_mlp_down
+from .mlp import SparseMLP, active_code, mask_code, sparse_mlp_down
 from .primitives import gather_dot, gather_weighted_sum, scatter_outer_add
 from .select import topk_indices
 
 __all__ = [
+    "SparseMLP",
     "active_code",
     "gather_dot",
     "gather_weighted_sum",
+    "mask_code",
     "scatter_outer_add",
     "sparse_decode",
     "sparse_encode",

@@ -4,14 +4,45 @@ An MLP's output is ``h @ W_out + b_out`` with ``h = act(x @ W_in + b_in)``. When
 zero (ReLU MLPs: "The Lazy Neuron Phenomenon"), keep only each token's active units as a code
 ``(idx, vals)``; the down-projection is then the decoder's gather-weighted-sum over ``W_out``'s
 rows, costing O(B k d) instead of O(B d_ff d), with the same sparse backward.
+
+When the active set is known before the up-projection (predicted from ``x``, Deja Vu style), the
+up-projection shrinks too: each active unit's pre-activation is one dot product of ``x`` with a
+row of ``W_in.T``, the gather-dot primitive. ``SparseMLP`` holds the weights laid out once for
+both paths.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 
 from .autograd import sparse_decode
+from .primitives import check_matrix, gather_dot
 from .select import topk_indices
+
+
+def mask_code(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(idx, valid): each row's True columns of ``mask`` (B, d_ff), left-packed in column order.
+
+    k is the largest count in any row (at least 1); shorter rows are padded with index 0 and
+    ``valid`` False. Linear time (a cumulative sum and one scatter), no sort.
+    """
+    if mask.dim() != 2:
+        raise ValueError(f"mask must have shape (B, d_ff), got {tuple(mask.shape)}")
+    batch, width = mask.shape
+    counts = mask.sum(1)
+    k = max(1, int(counts.max())) if batch else 1
+    if batch == 1:  # decode: one token, no padding
+        idx = mask[0].nonzero().T
+        idx = idx if idx.numel() else idx.new_zeros(1, 1)
+        return idx, mask.new_ones(idx.shape) if counts[0] else mask.new_zeros(1, 1)
+    pos = torch.where(mask, mask.cumsum(1) - 1, k)  # inactive columns land in a spare slot
+    cols = torch.arange(width, device=mask.device).expand(batch, width)
+    idx = torch.zeros(batch, k + 1, dtype=torch.long, device=mask.device).scatter_(1, pos, cols)[:, :k]
+    valid = torch.arange(k, device=mask.device) < counts.unsqueeze(1)
+    return idx, valid
 
 
 def active_code(h: torch.Tensor, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -22,7 +53,8 @@ def active_code(h: torch.Tensor, k: int | None = None) -> tuple[torch.Tensor, to
     (statistical / top-k activation sparsity).
     """
     if k is None:
-        k = max(1, int((h != 0).sum(1).max()))
+        idx, valid = mask_code(h != 0)
+        return idx, h.gather(1, idx) * valid
     idx = topk_indices(h.abs(), k)
     return idx, h.gather(1, idx)
 
@@ -44,3 +76,74 @@ def sparse_mlp_down(
         (B, d_model), differentiable in ``vals``, ``W_out`` and ``b_out``.
     """
     return sparse_decode(idx, vals, W_out, b_out)
+
+
+@dataclass(frozen=True)
+class SparseMLP:
+    """An MLP ``act(x @ W_in + b_in) @ W_out + b_out`` with activation-sparse forward passes.
+
+    Build it with `SparseMLP.of` (which lays the weights out once). Four forwards, all (B, d)
+    -> (B, d): `dense` (the reference), `sparse_down` (dense up-projection, down-projection over
+    each token's active rows of ``W_out`` only), `union_down` (the same over the union of the
+    batch's active rows, one dense product) and `active` (both projections over a given set).
+    ``act`` must map 0 to 0 (ReLU, GELU, SiLU do), so units left out contribute nothing.
+
+    Fields:
+        W_in: (d, d_ff) for the dense up-projection.
+        W_in_rows: (d_ff, d), ``W_in.T`` contiguous: one row per unit, for the gather-dot.
+        b_in: (d_ff,) or None.
+        W_out: (d_ff, d), one row per unit.
+        b_out: (d,) or None.
+        act: the hidden activation.
+    """
+
+    W_in: torch.Tensor
+    W_in_rows: torch.Tensor
+    b_in: torch.Tensor | None
+    W_out: torch.Tensor
+    b_out: torch.Tensor | None
+    act: Callable[[torch.Tensor], torch.Tensor] = torch.relu
+
+    @classmethod
+    def of(cls, W_in: torch.Tensor, b_in: torch.Tensor | None, W_out: torch.Tensor,
+           b_out: torch.Tensor | None, act: Callable[[torch.Tensor], torch.Tensor] = torch.relu) -> SparseMLP:
+        check_matrix("W_in", W_in, (None, None))
+        check_matrix("W_out", W_out, (W_in.shape[1], W_in.shape[0]))
+        return cls(W_in, W_in.T.contiguous(), b_in, W_out.contiguous(), b_out, act)
+
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        pre = x @ self.W_in
+        return self.act(pre if self.b_in is None else pre + self.b_in)
+
+    def dense(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.hidden(x) @ self.W_out
+        return out if self.b_out is None else out + self.b_out
+
+    def sparse_down(self, x: torch.Tensor) -> torch.Tensor:
+        """Dense up-projection; the down-projection reads only the rows of active units."""
+        idx, vals = active_code(self.hidden(x))
+        return sparse_mlp_down(idx, vals, self.W_out, self.b_out)
+
+    def union_down(self, x: torch.Tensor) -> torch.Tensor:
+        """Dense up-projection; one dense product over the rows of W_out active on any token.
+
+        The batched alternative to `sparse_down`: each row is read once for the whole batch, so
+        it wins when tokens share active units, and tends to dense as the union grows.
+        """
+        h = self.hidden(x)
+        cols = (h != 0).any(0).nonzero().squeeze(1)
+        out = h.index_select(1, cols) @ self.W_out.index_select(0, cols)
+        return out if self.b_out is None else out + self.b_out
+
+    def active(self, x: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """The MLP computed on the units ``idx`` (B, k) of each token only (``valid`` masks padding).
+
+        Equals `dense` with every other unit's activation set to zero.
+        """
+        pre = gather_dot(idx, x, self.W_in_rows)
+        if self.b_in is not None:
+            pre = pre + self.b_in[idx]
+        vals = self.act(pre)
+        if valid is not None:
+            vals = vals * valid
+        return sparse_mlp_down(idx, vals, self.W_out, self.b_out)

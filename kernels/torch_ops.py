@@ -25,6 +25,9 @@ import torch.nn.functional as F
 
 _CHUNK_BYTES = 16 * 2**20
 """Budget for the per-chunk (rows, k, d) fp32 block of the half-precision gathers, in bytes."""
+_SPLIT_BYTES = 2**20
+"""Block size when a few wide rows are split along their entries (about an L2 cache)."""
+_MIN_ROWS = 8
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -48,11 +51,24 @@ def latent_segments(idx: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tens
     return order, offsets
 
 
-def _row_chunks(batch: int, k: int, d: int) -> Iterator[slice]:
-    """Row slices whose (rows, k, d) fp32 block fits in ``_CHUNK_BYTES``."""
-    rows = max(1, _CHUNK_BYTES // max(1, k * d * 4))
-    for start in range(0, batch, rows):
-        yield slice(start, min(start + rows, batch))
+def _blocks(batch: int, k: int, d: int) -> Iterator[tuple[slice, slice]]:
+    """(row, entry) slices whose (rows, entries, d) fp32 block fits in ``_CHUNK_BYTES``.
+
+    Whole rows when many fit (training batches), or when a row's block is small anyway. A few
+    wide rows (decode: one token with thousands of active units) are split along their entries
+    into blocks of ``_SPLIT_BYTES``, which stay in cache between the upcast and the product: at
+    d = 4096 and 1638 active rows that is 2.6x faster than 16 MB blocks.
+    """
+    row_bytes = max(1, k * d * 4)
+    rows = _CHUNK_BYTES // row_bytes
+    if rows >= _MIN_ROWS or (rows >= 1 and row_bytes <= _SPLIT_BYTES):
+        for start in range(0, batch, rows):
+            yield slice(start, min(start + rows, batch)), slice(None)
+        return
+    cols = max(1, min(_CHUNK_BYTES, _SPLIT_BYTES) // max(1, d * 4))
+    for row in range(batch):
+        for start in range(0, k, cols):
+            yield slice(row, row + 1), slice(start, min(start + cols, k))
 
 
 def _gather_rows(W: torch.Tensor, idx: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -68,11 +84,11 @@ def gather_weighted_sum(
         return F.embedding_bag(idx, W, per_sample_weights=vals.to(dtype), mode="sum")
     # Half types (or a W needing an upcast): upcast only the gathered rows, chunk by chunk,
     # rather than rely on how a given embedding_bag kernel accumulates half inputs.
-    out = torch.empty((idx.shape[0], W.shape[1]), dtype=dtype, device=W.device)
-    for rows in _row_chunks(*idx.shape, W.shape[1]):
-        gathered = _gather_rows(W, idx[rows], acc)
-        out[rows] = torch.bmm(vals[rows].to(acc).unsqueeze(1), gathered).squeeze(1)
-    return out
+    out = torch.zeros((idx.shape[0], W.shape[1]), dtype=acc, device=W.device)
+    for rows, cols in _blocks(*idx.shape, W.shape[1]):
+        gathered = _gather_rows(W, idx[rows, cols], acc)
+        out[rows] += torch.bmm(vals[rows, cols].to(acc).unsqueeze(1), gathered).squeeze(1)
+    return out.to(dtype)
 
 
 def _sampled_dot(idx: torch.Tensor, g: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
@@ -97,9 +113,9 @@ def gather_dot(
     if acc == dtype == g.dtype == W.dtype and idx.numel() > 0 and idx.device.type == "cpu":
         return _sampled_dot(idx, g, W)
     out = torch.empty(idx.shape, dtype=dtype, device=g.device)
-    for rows in _row_chunks(*idx.shape, W.shape[1]):
-        gathered = _gather_rows(W, idx[rows], acc)
-        out[rows] = torch.bmm(gathered, g[rows].to(acc).unsqueeze(2)).squeeze(2)
+    for rows, cols in _blocks(*idx.shape, W.shape[1]):
+        gathered = _gather_rows(W, idx[rows, cols], acc)
+        out[rows, cols] = torch.bmm(gathered, g[rows].to(acc).unsqueeze(2)).squeeze(2)
     return out
 
 

@@ -283,6 +283,49 @@ def zoo_build(
     typer.echo((path / "zoo_card.json").read_text())
 
 
+@app.command("sparsity")
+def sparsity_cmd(
+    model: Annotated[str, Opt(help="Model spec: zoo:NAME, a local HF directory, or a hub name.")] = "zoo:pystdlib-4l",
+    data: Annotated[str, Opt(help="Token data whose held-out split is measured: builtin:stdlib, a .txt/.jsonl file or directory, or hf:NAME.")] = "builtin:stdlib",
+    tokens: Annotated[int, Opt(help="Held-out tokens to measure on (whole rows until at least this many).")] = 65536,
+    threshold: Annotated[float | None, Opt(help="A neuron is active when |h| > this. [default: 0 (exact zeros) for ReLU MLPs, 0.01 for GELU/SiLU]")] = None,
+    context_length: Annotated[int | None, Opt(help="Tokens per row. [default: min(model context, 128)]")] = None,
+    batch_rows: Annotated[int, Opt(help="Rows per forward pass; union-of-active groups are drawn within one pass.")] = 32,
+    mode: Annotated[list[str] | None, Opt(help="Sparsification mode to sweep; repeat for several: relu, threshold, cats, topk, stat_topk. [default: all]")] = None,
+    density: Annotated[list[float] | None, Opt(help="Target density in (0, 1] for the sweep; repeat for several. [default: 0.5 0.25 0.1 0.05 0.02]")] = None,
+    no_modes: Annotated[bool, Opt("--no-modes", help="Only measure; skip the sparsification sweep.")] = False,
+    sweep_tokens: Annotated[int, Opt(help="Held-out tokens per sweep point.")] = 16384,
+    calibration_tokens: Annotated[int, Opt(help="Train tokens the threshold and CATS quantiles are calibrated on.")] = 16384,
+    no_predictor: Annotated[bool, Opt("--no-predictor", help="Skip training and scoring the low-rank active-set predictor.")] = False,
+    predictor_tokens: Annotated[int, Opt(help="Train tokens the active-set predictor is fit on.")] = 16384,
+    predictor_rank: Annotated[int | None, Opt(help="Rank of each layer's predictor. [default: d_model // 4]")] = None,
+    target_recall: Annotated[float, Opt(help="Share of truly active neurons the predictor's cut keeps, in (0, 1] (set on train tokens).")] = 0.95,
+    checkpoints: Annotated[bool, Opt("--checkpoints", help="Also measure the model's training checkpoints (kept by `saelab zoo build` in DIR/checkpoints) and plot density against step.")] = False,
+    checkpoint_tokens: Annotated[int, Opt(help="Held-out tokens per checkpoint.")] = 8192,
+    out: Annotated[Path, Opt(help="Where to write sparsity.json, sparsity.md and the PNGs.")] = Path("runs/sparsity"),
+    overwrite: Annotated[bool, Opt("--overwrite", help="Allow writing into a non-empty --out directory.")] = False,
+    device: Annotated[str, Opt(help="Torch device.")] = "cpu",
+) -> None:
+    """Measure lazy-neuron MLP activation sparsity per layer (density, dead/always-on neurons, union over batches) and the loss of sparsifying it further."""
+    from saelab.data import TokenData
+    from saelab.evals.sparsity import format_summary, run, write_report
+    from saelab.evals.sparsity.modes import DEFAULT_DENSITIES, MODES
+    from saelab.io import check_output_dir
+
+    check_output_dir(out, overwrite)
+    data_arg = TokenData(data, "heldout", context_length) if context_length else data
+    report = run(model, data=data_arg, tokens=tokens, threshold=threshold, batch_rows=batch_rows,
+                 modes=() if no_modes else tuple(mode or MODES),
+                 densities=tuple(density or DEFAULT_DENSITIES), sweep_tokens=sweep_tokens,
+                 calibration_tokens=calibration_tokens, predictor=not no_predictor,
+                 predictor_tokens=predictor_tokens, predictor_rank=predictor_rank,
+                 target_recall=target_recall, checkpoints=checkpoints,
+                 checkpoint_tokens=checkpoint_tokens, device=device)
+    paths = write_report(report, out)
+    typer.echo(format_summary(report))
+    typer.echo(f"wrote {', '.join(p.name for p in paths)} -> {out}")
+
+
 def _check_environment() -> None:
     """Settings read from the environment fail here, as one line, not deep inside a run."""
     from saelab.kernels import backend

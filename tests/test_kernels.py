@@ -122,12 +122,12 @@ def test_mixed_dtypes_promote(op):
     assert_close(out, reference(op, idx, vals, g, W))
 
 
-@pytest.mark.parametrize("budget_rows", [0, 2], ids=["below_one_row", "ragged_chunks"])
+@pytest.mark.parametrize("budget_rows", [0, 2 / 3, 2], ids=["one_entry", "ragged_entries", "ragged_rows"])
 @pytest.mark.parametrize("op", OPS)
 def test_half_precision_row_chunks(op, budget_rows, monkeypatch):
     """Half-precision gathers upcast rows chunk by chunk; chunk edges must not show."""
     B, k, d = 5, 3, 4
-    monkeypatch.setattr(torch_ops, "_CHUNK_BYTES", budget_rows * k * d * 4)
+    monkeypatch.setattr(torch_ops, "_CHUNK_BYTES", int(budget_rows * k * d * 4))
     idx, vals = make_code(B, k, 37, "duplicates", dtype=torch.bfloat16)
     g, W = randn(B, d, seed=1, dtype=torch.bfloat16), randn(37, d, seed=2, dtype=torch.bfloat16)
     assert_close(run(op, idx, vals, g, W), reference(op, idx, vals, g, W).to(torch.bfloat16))

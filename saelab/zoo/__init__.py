@@ -28,6 +28,10 @@ class ZooRecipe:
         batch_size: rows per step.
         lr: peak AdamW learning rate (linear warmup for 5% of steps, cosine decay to 10%).
         seed: seeds initialisation and data order; the build is reproducible on one interpreter.
+        checkpoints: intermediate checkpoints kept in `checkpoints/step-N/` beside the model (HF
+            directories, not shipped in the package): the initial model, this many at steps
+            S/2^n .. S/2 (S = total steps; early steps are where sparsity emerges), and the
+            final one. `saelab sparsity --checkpoints` plots density against step from them.
     """
 
     name: str
@@ -40,6 +44,7 @@ class ZooRecipe:
     batch_size: int = 32
     lr: float = 2e-3
     seed: int = 0
+    checkpoints: int = 4
 
 
 RECIPES = {r.name: r for r in [ZooRecipe("pystdlib-4l")]}

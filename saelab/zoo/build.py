@@ -59,6 +59,24 @@ def byte_tokenizer(directory: Path):
     return fast
 
 
+CHECKPOINTS_DIR = "checkpoints"
+
+
+def checkpoint_steps(steps: int, n: int) -> list[int]:
+    """Steps whose model `build` keeps: 0, steps / 2^n, ..., steps / 2, and steps."""
+    return sorted({0, steps, *(steps >> i for i in range(1, n + 1))})
+
+
+def _save_checkpoint(model, built: Path, step: int, tokens_seen: int) -> None:
+    """`built/checkpoints/step-N`: a loadable HF directory (weights + the tokenizer's files)."""
+    path = built / CHECKPOINTS_DIR / f"step-{step:07d}"
+    model.save_pretrained(str(path))
+    for f in built.glob("*.json"):
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(f, path)
+    write_json(path / "checkpoint.json", {"step": step, "tokens_seen": tokens_seen})
+
+
 def _lr_at(step: int, steps: int, peak: float) -> float:
     warm = max(1, steps // 20)
     if step < warm:
@@ -111,7 +129,10 @@ def build(recipe: ZooRecipe, out_dir: Path | None = None, heldout_rows: int = 51
         bar = tqdm(total=steps * recipe.batch_size * recipe.context_length, unit="tok",
                    unit_scale=True, desc=f"zoo {recipe.name}")
         batches = train.batches(tokenizer, recipe.batch_size)
+        keep = checkpoint_steps(steps, recipe.checkpoints) if recipe.checkpoints else []
         for step in range(steps):
+            if step in keep:
+                _save_checkpoint(model, tmp, step, step * recipe.batch_size * recipe.context_length)
             batch = next(batches)
             counts += torch.bincount(batch[:, 1:].flatten(), minlength=EOT_ID + 1)
             for group in opt.param_groups:
@@ -125,6 +146,8 @@ def build(recipe: ZooRecipe, out_dir: Path | None = None, heldout_rows: int = 51
             if step % 20 == 0:
                 bar.set_postfix(loss=f"{loss.item():.3f}")
         bar.close()
+        if keep:
+            _save_checkpoint(model, tmp, steps, steps * recipe.batch_size * recipe.context_length)
         seconds = time.perf_counter() - start
         held = TokenData(BUILTIN_STDLIB, "heldout", recipe.context_length, recipe.seed)
         pairs = zip(held.rows(tokenizer, epochs=1), range(heldout_rows), strict=False)
@@ -144,8 +167,8 @@ def build(recipe: ZooRecipe, out_dir: Path | None = None, heldout_rows: int = 51
         if out_dir.exists():
             shutil.rmtree(out_dir)
         tmp.chmod(0o755)  # mkdtemp and some writers use owner-only modes; this ships as data
-        for f in tmp.iterdir():
-            f.chmod(0o644)
+        for f in tmp.rglob("*"):
+            f.chmod(0o755 if f.is_dir() else 0o644)
         tmp.rename(out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
