@@ -57,6 +57,7 @@ def train(
     batch_size: Annotated[int | None, Opt(help="Tokens per optimiser step. [default: 4096]")] = None,
     lr: Annotated[float | None, Opt(help="Adam learning rate. [default: 2e-4 / sqrt(n_latents / 2^14)]")] = None,
     warmup_steps: Annotated[int | None, Opt(help="Linear lr warmup steps. [default: 50]")] = None,
+    topk_warmup_steps: Annotated[int | None, Opt(help="feature_choice / mutual_choice: select per token (topk) for this many first steps, so batch selection starts from learned directions. [default: 50]")] = None,
     decay_fraction: Annotated[float | None, Opt(help="Final fraction of steps with linear lr decay to 0. [default: 0.2]")] = None,
     dead_tokens: Annotated[int | None, Opt(help="Tokens without firing after which a latent is dead (AuxK). [default: 10000000]")] = None,
     k_aux: Annotated[int | None, Opt(help="Latents used by the auxiliary loss. [default: d_in / 2]")] = None,

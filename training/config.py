@@ -42,6 +42,10 @@ class TrainConfig:
             batch_size times the number of processes).
         lr: Adam learning rate; default 2e-4 / sqrt(n_latents / 2^14) (Gao et al.).
         warmup_steps: linear learning-rate warmup.
+        topk_warmup_steps: feature_choice and mutual_choice select per token (topk) for this
+            many first steps. From the tied init (W_enc = W_dec, b_enc = 0) batch selection
+            piles latents onto the highest-norm tokens (step-0 FVU ~2-4x topk's); a short topk
+            start gives the encoder directions first.
         decay_fraction: final fraction of steps over which the lr decays linearly to 0.
         adam_eps: Adam epsilon (Gao et al. use 6.25e-10).
         dead_tokens: a latent not active for this many tokens counts as dead for AuxK.
@@ -83,6 +87,7 @@ class TrainConfig:
     batch_size: int = 4096
     lr: float | None = None
     warmup_steps: int = 50
+    topk_warmup_steps: int = 50
     decay_fraction: float = 0.2
     adam_eps: float = 6.25e-10
     dead_tokens: int = 10_000_000
@@ -115,6 +120,8 @@ class TrainConfig:
                 "saelab does not train jumprelu SAEs (it imports them); train relu, topk, "
                 "gradient_topk, feature_choice or mutual_choice"
             )
+        if self.topk_warmup_steps < 0:
+            raise SaelabError(f"topk_warmup_steps must be >= 0, got {self.topk_warmup_steps}")
         if self.l1_coefficient < 0:
             raise SaelabError(f"l1_coefficient must be >= 0, got {self.l1_coefficient}")
         if self.aux not in ("auxk", "aux_zipf"):

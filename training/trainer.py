@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from saelab import __version__
+from saelab import __version__, allocators
 from saelab.cache import CacheStream, Manifest, ModelStream
 from saelab.data import TokenData
 from saelab.distributed import World, init
@@ -155,7 +155,10 @@ class Trainer:
         if self._pre is None or self._pre.shape[0] != x.shape[0]:
             self._pre = x.new_empty(x.shape[0], sae.cfg.n_latents)
         pre = sae.pre_acts(x, out=self._pre)  # reused every step; nothing keeps it past the step
-        sel = sae.select(pre, grad, batch=True)
+        if sae.cfg.batch_level and self.step_count < cfg.topk_warmup_steps:
+            sel = allocators.topk(pre, sae.cfg.k)  # see TrainConfig.topk_warmup_steps
+        else:
+            sel = sae.select(pre, grad, batch=True)
         vals = sae.encode_values(x, sel, pre)
         x_hat = sae.decode(sel.idx, vals)
         main = fvu(x, x_hat, self.world)
