@@ -62,6 +62,14 @@ def lock_holder(directory: Path):
         proc.wait()
 
 
+@pytest.fixture(scope="module")
+def text_data(tmp_path_factory) -> TokenData:
+    """A small local text (this file): caching from it skips reading the whole stdlib."""
+    f = tmp_path_factory.mktemp("text") / "code.txt"
+    f.write_text(Path(__file__).read_text().replace("\n\n", "\n") * 3)
+    return TokenData(str(f), context_length=64)
+
+
 def _copy_cache(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns(LOCK_FILE))
     return dst
@@ -103,14 +111,14 @@ def test_lock_is_reentrant_in_one_process_and_a_refused_body_leaves_no_trace(tmp
 
 
 def test_second_train_and_cache_into_one_directory_get_one_line(tmp_path, small_cache, capsys,
-                                                                zoo_model):
+                                                                zoo_model, text_data):
     run = tmp_path / "run"
     with lock_holder(run) as proc:
         code, err = _cli(["train", "--cache", str(small_cache), "--out", str(run), "--n-latents", "64",
                           "--k", "4", "--tokens", "2000", "--batch-size", "500"], capsys)
         assert code == 2 and f"pid {proc.pid}" in err
         with pytest.raises(SaelabError, match=f"pid {proc.pid}"):
-            build_cache(zoo_model, TokenData(context_length=64), [HOOK], run, tokens=100)
+            build_cache(zoo_model, text_data, [HOOK], run, tokens=100)
     assert [p.name for p in run.iterdir()] == [LOCK_FILE]  # neither wrote anything
 
 
@@ -188,7 +196,7 @@ def test_nan_shard_is_refused_when_read_naming_the_file(small_cache, tmp_path):
         _stream_all(c)
 
 
-def test_nan_activations_are_refused_at_cache_time(zoo_model, tmp_path, monkeypatch):
+def test_nan_activations_are_refused_at_cache_time(zoo_model, text_data, tmp_path, monkeypatch):
     import saelab.cache as cache
 
     real = cache.model_activations
@@ -201,9 +209,9 @@ def test_nan_activations_are_refused_at_cache_time(zoo_model, tmp_path, monkeypa
 
     monkeypatch.setattr(cache, "model_activations", poisoned)
     out = tmp_path / "c"
-    with pytest.raises(SaelabError, match=rf"{HOOK} for cache shard {out}/shard_0000\d.safetensors.*NaN or Inf"):
-        build_cache(zoo_model, TokenData(context_length=64), [HOOK], out, tokens=3000, batch_rows=8,
-                    shard_rows=400)
+    shard = rf"{out}/shard_0000\d.safetensors"
+    with pytest.raises(SaelabError, match=rf"{HOOK} for cache shard {shard}.*NaN or Inf"):
+        build_cache(zoo_model, text_data, [HOOK], out, tokens=3000, batch_rows=8, shard_rows=400)
     assert not (out / MANIFEST).exists()  # never looks complete
 
 
@@ -221,7 +229,7 @@ def test_old_manifest_without_hashes_is_read_with_a_warning(small_cache, tmp_pat
 
 @pytest.mark.parametrize("edit, match", [
     (lambda m: m.pop("shards"), r"missing \['shards'\]"),
-    (lambda m: m["hooks"].update({HOOK: 64}), r"holds blocks.1.hook_resid_post of shape \(1500, 128\).*\(1500, 64\)"),
+    (lambda m: m["hooks"].update({HOOK: 64}), rf"holds {HOOK} of shape \(1500, 128\).*\(1500, 64\)"),
     (lambda m: m["shards"][0].update(rows="many"), "each shard needs a file name, rows and bytes"),
     (lambda m: m.update(rows=1), "not the sum of its shards' rows"),
 ])
@@ -281,7 +289,8 @@ def test_full_disk_keeps_the_old_file_and_says_so(small_disk, tmp_path, monkeypa
     else:
         write_safetensors(disk / "w.safetensors", {"w": torch.ones(10)})
     before = (disk / "w.safetensors").read_bytes()
-    with pytest.raises(SaelabError, match=r"no space left .*/w.safetensors; the previous w.safetensors is intact"):
+    kept = r"no space left .*/w.safetensors; the previous w.safetensors is intact"
+    with pytest.raises(SaelabError, match=kept):
         write_safetensors(disk / "w.safetensors", {"w": torch.ones(1_000_000)})  # 4 MB
     assert (disk / "w.safetensors").read_bytes() == before
     assert [p.name for p in disk.iterdir()] == ["w.safetensors"]  # no temp file left behind
@@ -290,14 +299,14 @@ def test_full_disk_keeps_the_old_file_and_says_so(small_disk, tmp_path, monkeypa
             write_json(disk / "big.json", list(range(100_000)))
 
 
-def test_full_disk_during_cache_is_one_line(small_disk, zoo_model, tmp_path, monkeypatch):
+def test_full_disk_during_cache_is_one_line(small_disk, zoo_model, text_data, tmp_path, monkeypatch):
     out = (small_disk or tmp_path) / "c"
     if small_disk is None:
         def full(self, data):
             raise OSError(errno.ENOSPC, "No space left on device")
         monkeypatch.setattr(Path, "write_bytes", full)
     with pytest.raises(SaelabError, match="no space left on the device while writing .*shard_00000"):
-        build_cache(zoo_model, TokenData(context_length=64), [HOOK], out, tokens=2000, batch_rows=8)
+        build_cache(zoo_model, text_data, [HOOK], out, tokens=2000, batch_rows=8)
 
 
 # --- the command line ---------------------------------------------------------------------
