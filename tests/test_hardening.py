@@ -263,6 +263,18 @@ def test_data_too_short_for_one_row_is_an_error_not_a_hang(zoo_model, tmp_path):
     assert not (tmp_path / "c").exists()
 
 
+def test_empty_heldout_split_is_refused_before_training(tmp_path, capsys):
+    from saelab.data import _in_split
+
+    f = tmp_path / "train0.txt"  # one paragraph, which falls in the train split
+    assert _in_split(f"{f.name}#0", "train")
+    f.write_text("x = 1\n" * 2000)
+    code, err = _cli(["train", "--data", str(f), "--out", str(tmp_path / "run"), "--tokens", "4096",
+                      "--batch-size", "1024"], capsys)
+    assert code == 2 and "no documents in split 'heldout'" in _one_line(err)
+    assert not (tmp_path / "run").exists()  # found before any step, nothing left behind
+
+
 # --- full disks ---------------------------------------------------------------------------
 
 @pytest.fixture
