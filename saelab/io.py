@@ -133,8 +133,8 @@ def _read_verified(path: Path, keys: list[str] | None, what: str, device: str,
         raise SaelabError(f"{name}{path} cannot be read ({e.strerror})") from None
     algorithm, want = expect
     if hashlib.new(algorithm, data).hexdigest() != want:
-        raise SaelabError(f"{name}{path} does not match its {algorithm} in the manifest: its contents "
-                          "changed or it was swapped; rebuild it")
+        raise SaelabError(f"{name}{path} does not match its {algorithm} recorded when it was written: "
+                          "its contents changed or it was swapped; rebuild it")
     try:
         tensors = load_bytes(data)
         header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
