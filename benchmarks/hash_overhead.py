@@ -5,7 +5,7 @@ Two places pay for it:
   against writing it straight to its file with no hash (`digest=None`);
 - training from a cache: each shard is read whole, hashed and checked before use, against the
   same cache with the hashes removed from its manifest (how caches built before hashing are
-  read: memory-mapped, no content check).
+  read: the same whole-file read, no content check).
 
 Contenders run in interleaved rounds (so background load hits both alike) and the median time of
 each is reported with the ratio hashed / unhashed, both as process CPU time (all threads; the

@@ -291,7 +291,7 @@ def _read_shard(directory: Path, shard: dict, keys: list[str], widths: list[int]
     (when the manifest has one), shapes and finiteness checked as it is loaded."""
     path = shard_path(directory, shard["file"])
     expect = (DIGEST, shard[DIGEST]) if DIGEST in shard else None
-    tensors, _ = read_safetensors(path, keys, what="cache shard", expect=expect)
+    tensors, _ = read_safetensors(path, keys, what="cache shard", expect=expect, whole=True)
     for key, width in zip(keys, widths, strict=True):
         t = tensors[key]
         if tuple(t.shape) != (shard["rows"], width):

@@ -106,16 +106,17 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
 
 
 def read_safetensors(path: Path, keys: list[str] | None = None, what: str = "",
-                     device: str = "cpu", expect: tuple[str, str] | None = None,
+                     device: str = "cpu", expect: tuple[str, str] | None = None, whole: bool = False,
                      ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(tensors, metadata) of a safetensors file (only `keys` if given), never a pickle.
 
     A truncated or corrupt file is one clear error naming it (`what` says what it is). With
-    `expect` = (hashlib name, hex digest), the file is read once into memory, hashed, and
-    refused unless it matches.
+    `whole` the file is read into memory with one read() rather than memory-mapped (cheaper for
+    a file used end to end once, such as a cache shard); with `expect` = (hashlib name, hex
+    digest) it is also hashed and refused unless it matches.
     """
-    if expect is not None:
-        return _read_verified(Path(path), keys, what, device, expect)
+    if whole or expect is not None:
+        return _read_whole(Path(path), keys, what, device, expect)
     try:
         with safe_open(str(path), framework="pt", device=device) as f:
             tensors = {k: f.get_tensor(k) for k in (keys if keys is not None else f.keys())}
@@ -124,16 +125,15 @@ def read_safetensors(path: Path, keys: list[str] | None = None, what: str = "",
         raise SaelabError(f"{what + ' ' if what else ''}{path} is truncated or corrupt ({e})") from None
 
 
-def _read_verified(path: Path, keys: list[str] | None, what: str, device: str,
-                   expect: tuple[str, str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _read_whole(path: Path, keys: list[str] | None, what: str, device: str,
+                expect: tuple[str, str] | None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     name = what + " " if what else ""
     try:
         data = path.read_bytes()
     except OSError as e:
         raise SaelabError(f"{name}{path} cannot be read ({e.strerror})") from None
-    algorithm, want = expect
-    if hashlib.new(algorithm, data).hexdigest() != want:
-        raise SaelabError(f"{name}{path} does not match its {algorithm} recorded when it was written: "
+    if expect is not None and hashlib.new(expect[0], data).hexdigest() != expect[1]:
+        raise SaelabError(f"{name}{path} does not match its {expect[0]} recorded when it was written: "
                           "its contents changed or it was swapped; rebuild it")
     try:
         tensors = load_bytes(data)
