@@ -21,7 +21,7 @@ batches, as `saelab train --cache` does, on the default dictionary of the zoo mo
 (16 x d_in latents, k=32, batch 4096); a larger dictionary (more compute per row, same bytes
 per row) makes the ratio smaller, a wider hook with a small dictionary makes it larger.
 
-    python benchmarks/hash_overhead.py [--tokens 65536] [--shard-rows 16384] [--rounds 3]
+    python benchmarks/hash_overhead.py [--tokens 65536] [--shard-rows 16384] [--rounds 7] [--epochs 3]
 """
 
 from __future__ import annotations
@@ -80,6 +80,29 @@ def train_from(cache: Path, hook: str, steps: int, batch: int, n: int, k: int) -
     return clock.times
 
 
+def shard_io_times(cache: Path, hook: str, scratch: Path, rounds: int) -> dict[str, float]:
+    """Median CPU seconds to write and to read one shard, with and without its hash: the
+    steps hashing changes, timed apart from the model and the SAE (whose noise on a shared
+    machine is larger than the hash)."""
+    from saelab.io import read_safetensors, write_safetensors
+
+    src = sorted(cache.glob("shard_*.safetensors"))[0]
+    tensors, _ = read_safetensors(src)
+    want = hashlib.sha256(src.read_bytes()).hexdigest()
+    scratch.mkdir()
+    out: dict[str, list[float]] = {}
+    for r in range(rounds):
+        for digest in (("sha256", None) if r % 2 == 0 else (None, "sha256")):
+            with Clock() as clock:
+                write_safetensors(scratch / "s.safetensors", tensors, digest=digest)
+            out.setdefault(f"write {digest or 'none'}", []).append(clock.times[0])
+            expect = ("sha256", want) if digest else None
+            with Clock() as clock:
+                read_safetensors(src, [hook], expect=expect, whole=True)
+            out.setdefault(f"read {digest or 'none'}", []).append(clock.times[0])
+    return {key: statistics.median(v) for key, v in out.items()}
+
+
 def strip_hashes(src: Path, dst: Path) -> None:
     from saelab.cache import DIGEST, MANIFEST
 
@@ -95,7 +118,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=65536, help="rows cached per build")
     ap.add_argument("--shard-rows", type=int, default=16384)
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--epochs", type=int, default=3, help="epochs over the cache per training run "
+                    "(every epoch reads and checks every shard again)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier CPU times)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -121,6 +146,7 @@ def main() -> None:
         hashed = tmp / "c-sha256"
         strip_hashes(hashed, tmp / "c-stripped")
         blobs = [f.read_bytes() for f in sorted(hashed.glob("shard_*.safetensors"))]
+        shard_io = shard_io_times(hashed, hook, tmp / "io", args.rounds)
         for _ in range(args.rounds):
             with Clock() as clock:
                 for b in blobs:
@@ -128,7 +154,7 @@ def main() -> None:
             times.setdefault("sha256 alone", []).append(clock.times)
         d_in = model.hook_dims([hook])[hook]
         n = 16 * d_in
-        steps = args.tokens // batch - 1  # one epoch, after the init batch
+        steps = args.epochs * (args.tokens // batch) - 1  # after the init batch
         train_from(hashed, hook, 2, batch, n, k)  # warm-up
         for r in range(args.rounds):
             order = (hashed, tmp / "c-stripped") if r % 2 == 0 else (tmp / "c-stripped", hashed)
@@ -146,18 +172,31 @@ def main() -> None:
 
     def row(what: str) -> str:
         h, u = med[f"{what} sha256"], med[f"{what} none"]
+        paired = statistics.median(a[0] / b[0] for a, b in zip(times[f"{what} sha256"],
+                                                               times[f"{what} none"], strict=True))
         return (f"  hashed {h[0]:.2f} | {h[1]:.2f} s   unhashed {u[0]:.2f} | {u[1]:.2f} s   "
-                f"ratio CPU {h[0] / u[0]:.3f}   wall {h[1] / u[1]:.3f}")
+                f"ratio CPU {h[0] / u[0]:.3f} (median of per-round ratios {paired:.3f})   "
+                f"wall {h[1] / u[1]:.3f}")
 
     print(f"saelab cache: {args.tokens} rows of {hook} (d={d_in}, float32, {mb:.0f} MiB) in shards of "
           f"{args.shard_rows} rows")
     print(row("cache"))
-    print(f"train from cache: {steps} steps of {batch} rows, TopK n={n} k={k}")
+    print(f"train from cache: {steps} steps of {batch} rows ({args.epochs} epochs), TopK n={n} k={k}")
     print(row("train"))
     alone = med["sha256 alone"][0]
     print(f"sha256 alone over the {len(blobs)} shard files: {alone:.3f} s CPU "
           f"({sum(map(len, blobs)) / alone / 1e9:.2f} GB/s) = {alone / med['cache none'][0]:.1%} of the "
-          f"unhashed cache build, {alone / med['train none'][0]:.1%} of the unhashed training")
+          f"unhashed cache build, {args.epochs * alone / med['train none'][0]:.1%} of the unhashed "
+          f"training ({args.epochs} reads of each shard)")
+    io = shard_io
+    n_shards = len(blobs)
+    print(f"one shard ({args.shard_rows} rows), CPU ms: write hashed {io['write sha256'] * 1e3:.1f} vs "
+          f"{io['write none'] * 1e3:.1f}, read hashed {io['read sha256'] * 1e3:.1f} vs "
+          f"{io['read none'] * 1e3:.1f}")
+    extra_cache = n_shards * (io["write sha256"] - io["write none"])
+    extra_train = args.epochs * n_shards * (io["read sha256"] - io["read none"])
+    print(f"  so hashing adds {extra_cache:.3f} s = {extra_cache / med['cache none'][0]:.1%} to the cache "
+          f"build and {extra_train:.3f} s = {extra_train / med['train none'][0]:.1%} to the training above")
     print("all rounds (CPU, wall):", {key: [(round(c, 2), round(w, 2)) for c, w in v]
                                       for key, v in times.items()})
 
