@@ -8,7 +8,15 @@ On disk a cache is a directory:
 
 BOS and pad positions are dropped when caching (their activations are outliers that no SAE
 should spend capacity on). Every file is written atomically and the manifest last, so a cache
-whose manifest exists is complete.
+whose manifest exists is complete. One process writes a cache at a time (`saelab.lock`).
+
+Integrity: each shard's entry in the manifest holds its byte size and the SHA-256 of its bytes,
+hashed from the buffer as it is written (no second pass). A reader checks the size when it opens
+the manifest and the hash as it loads each shard (the one read that loads it, so no pass over
+the data before training), and refuses shard names that leave the cache directory (absolute,
+`..`, symlinks pointing out) and NaN/Inf activations, naming the file; the builder refuses
+NaN/Inf too. Manifests written before hashes existed are read without the content check (a
+warning says to rebuild for it).
 
 Two streams yield shuffled (B, d) batches for training:
 - `CacheStream` reads a cache with bounded memory. The order of epoch e is fixed by
@@ -23,8 +31,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+import warnings
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, fields
+from contextlib import nullcontext
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -34,11 +44,13 @@ from saelab.data import TokenData
 from saelab.distributed import World
 from saelab.errors import SaelabError
 from saelab.io import check_output_dir, read_safetensors, write_json, write_safetensors
+from saelab.lock import hold
 from saelab.models import HookedModel
 
 MANIFEST = "manifest.json"
 FORMAT = "saelab-activation-cache/1"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DIGEST = "sha256"  # hashlib name of the per-shard content hash; the manifest key too
 
 
 def positions_to_keep(tokens: torch.Tensor, tokenizer) -> torch.Tensor:
@@ -80,6 +92,7 @@ class Manifest:
 
     @classmethod
     def read(cls, directory: Path) -> Manifest:
+        """The manifest of cache `directory`, checked against what is on disk (sizes, paths)."""
         path = Path(directory) / MANIFEST
         if not path.exists():
             raise SaelabError(
@@ -88,13 +101,19 @@ class Manifest:
             )
         try:
             raw = json.loads(path.read_text())
-            manifest = cls(**{f.name: raw[f.name] for f in fields(cls) if f.name in raw})
-        except (json.JSONDecodeError, TypeError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise SaelabError(f"{path} is not a valid cache manifest ({e})") from None
+        if not isinstance(raw, dict):
+            raise SaelabError(f"{path} is not a valid cache manifest (not a JSON object)")
+        missing = [f.name for f in fields(cls) if f.default is MISSING and f.name not in raw]
+        if missing:
+            raise SaelabError(f"{path} is not a valid cache manifest (missing {missing}); rebuild the cache")
+        manifest = cls(**{f.name: raw[f.name] for f in fields(cls) if f.name in raw})
         if manifest.format != FORMAT:
             raise SaelabError(f"{path} has format {manifest.format!r}; this saelab reads {FORMAT}")
+        manifest._check_fields(path)
         for shard in manifest.shards:
-            f = Path(directory) / shard["file"]
+            f = shard_path(Path(directory), shard["file"])
             if not f.exists():
                 raise SaelabError(f"cache shard {f} listed in {path} is missing")
             if f.stat().st_size != shard["bytes"]:
@@ -104,6 +123,36 @@ class Manifest:
                 )
         return manifest
 
+    def _check_fields(self, path: Path) -> None:
+        """Types and consistency of what streams and the trainer read, as one clear error."""
+        def bad(what: str) -> SaelabError:
+            return SaelabError(f"{path} is not a valid cache manifest ({what}); rebuild the cache")
+
+        def count(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+        if not isinstance(self.hooks, dict) or not self.hooks or not all(
+            isinstance(h, str) and count(d) and d > 0 for h, d in self.hooks.items()
+        ):
+            raise bad("hooks must map hook names to positive widths")
+        if self.dtype not in DTYPES:
+            raise bad(f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if not isinstance(self.data, dict) or not isinstance(self.data.get("spec"), str) \
+                or not count(self.data.get("context_length")):
+            raise bad("data must record its spec and context_length")
+        if not isinstance(self.shards, list) or not all(
+            isinstance(s, dict) and isinstance(s.get("file"), str) and count(s.get("rows"))
+            and count(s.get("bytes")) and isinstance(s.get(DIGEST, ""), str) for s in self.shards
+        ):
+            raise bad("each shard needs a file name, rows and bytes")
+        if not count(self.rows) or self.rows != sum(s["rows"] for s in self.shards):
+            raise bad(f"rows={self.rows!r} is not the sum of its shards' rows")
+
+    @property
+    def hashed(self) -> bool:
+        """Whether every shard carries a content hash (caches built before hashes do not)."""
+        return all(DIGEST in s for s in self.shards)
+
     def check_hook(self, hook: str, directory: Path) -> int:
         """Width of `hook` in this cache, or a clear error when the cache lacks it."""
         if hook not in self.hooks:
@@ -111,6 +160,27 @@ class Manifest:
                 f"cache {directory} holds hooks {sorted(self.hooks)}, not {hook!r}"
             )
         return self.hooks[hook]
+
+
+def shard_path(directory: Path, name: str) -> Path:
+    """`directory / name` for a shard listed in a manifest, refusing any path that leaves the
+    cache directory (absolute, `..`, or a symlink pointing elsewhere)."""
+    rel = Path(name)
+    target = directory / rel
+    if rel.is_absolute() or ".." in rel.parts or not rel.parts or \
+            not target.resolve().is_relative_to(directory.resolve()):
+        raise SaelabError(
+            f"{directory / MANIFEST} lists shard {name!r}, which is not inside the cache directory; "
+            "shards must be files of that directory (rebuild the cache)"
+        )
+    return target
+
+
+def check_finite(t: torch.Tensor, where: str) -> None:
+    """Refuse NaN/Inf values. One sum is the fast test; a non-finite sum (which a huge but
+    finite tensor could also give) is confirmed element-wise before refusing."""
+    if not torch.isfinite(t.float().sum()) and not torch.isfinite(t).all():
+        raise SaelabError(f"{where} holds NaN or Inf values")
 
 
 def grad_key(hook: str) -> str:
@@ -130,26 +200,42 @@ def build_cache(
     overwrite: bool = False,
     with_grads: bool = False,
     world: World | None = None,
+    digest: str | None = DIGEST,
 ) -> Manifest:
     """Run `model` over `data`, capturing every hook in one forward pass, into shards.
 
     Data parallel (`world` of several processes, each given its own slice of `data` and
     `tokens` rows to write), every process writes its own shards and rank 0 the manifest.
 
-    `with_grads` also stores, per hook, the gradient of the model's next-token loss w.r.t.
+    `with_grads` also stores, per hook, the gradient of the next-token loss w.r.t.
     the activation (key `{hook}:grad`), which gradient-TopK training needs.
+    `digest=None` records no shard hashes (only for measuring what hashing costs).
     """
     if dtype not in DTYPES:
         raise SaelabError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    if min(tokens, batch_rows, shard_rows) < 1:
+        raise SaelabError(f"tokens, batch_rows and shard_rows must be positive, got "
+                          f"{tokens}, {batch_rows}, {shard_rows}")
     model.check_hooks(hooks)
-    dims = model.hook_dims(hooks)
     world = world or World()
     out_dir = Path(out_dir)
     if world.is_main:
         check_output_dir(out_dir, overwrite)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / MANIFEST).unlink(missing_ok=True)  # an incomplete rebuild must not look complete
-    world.barrier()
+    data.require_rows(model.tokenizer)  # too little text is an error now, not an endless loop
+    with hold(out_dir) if world.is_main else nullcontext():
+        if world.is_main:
+            check_output_dir(out_dir, overwrite)  # again under the lock: nobody slipped in
+            (out_dir / MANIFEST).unlink(missing_ok=True)  # an incomplete rebuild must not look complete
+        world.barrier()
+        return _write_cache(model, data, hooks, out_dir, tokens, batch_rows, shard_rows, dtype,
+                            with_grads, world, digest)
+
+
+def _write_cache(model: HookedModel, data: TokenData, hooks: list[str], out_dir: Path, tokens: int,
+                 batch_rows: int, shard_rows: int, dtype: str, with_grads: bool, world: World,
+                 digest: str | None) -> Manifest:
+    """`build_cache`'s work once its input is checked and its directory locked."""
+    dims = model.hook_dims(hooks)
     prefix = "shard_" if world.size == 1 else f"shard_r{world.rank:03d}_"
     shards: list[dict] = []
     keys = hooks + [grad_key(h) for h in hooks] * with_grads
@@ -161,8 +247,11 @@ def build_cache(
         joined = {h: torch.cat(v) for h, v in pending.items()}
         chunk = {h: t[:n].to(DTYPES[dtype]) for h, t in joined.items()}
         name = f"{prefix}{len(shards):05d}.safetensors"
-        write_safetensors(out_dir / name, chunk)
-        shards.append({"file": name, "rows": n, "bytes": (out_dir / name).stat().st_size})
+        for h, t in chunk.items():
+            check_finite(t, f"{h} for cache shard {out_dir / name} (as {dtype})")
+        hashed = write_safetensors(out_dir / name, chunk, digest=digest)
+        entry = {"file": name, "rows": n, "bytes": (out_dir / name).stat().st_size}
+        shards.append(entry if hashed is None else {**entry, digest: hashed})
         for h, t in joined.items():
             pending[h] = [t[n:]] if t.shape[0] > n else []
         pending_rows -= n
@@ -197,9 +286,18 @@ def build_cache(
     return manifest
 
 
-def _read_shard(path: Path, keys: list[str]) -> torch.Tensor:
-    """The tensors `keys` of one shard side by side: (rows, len(keys) * d), float32."""
-    tensors, _ = read_safetensors(path, keys, what="cache shard")
+def _read_shard(directory: Path, shard: dict, keys: list[str], widths: list[int]) -> torch.Tensor:
+    """The tensors `keys` of one shard side by side: (rows, sum(widths)), float32; its hash
+    (when the manifest has one), shapes and finiteness checked as it is loaded."""
+    path = shard_path(directory, shard["file"])
+    expect = (DIGEST, shard[DIGEST]) if DIGEST in shard else None
+    tensors, _ = read_safetensors(path, keys, what="cache shard", expect=expect, whole=True)
+    for key, width in zip(keys, widths, strict=True):
+        t = tensors[key]
+        if tuple(t.shape) != (shard["rows"], width):
+            raise SaelabError(f"cache shard {path} holds {key} of shape {tuple(t.shape)}, the manifest "
+                              f"says ({shard['rows']}, {width}); rebuild the cache")
+        check_finite(t, f"cache shard {path} ({key})")
     return torch.cat([tensors[key].float() for key in keys], dim=1)
 
 
@@ -260,6 +358,16 @@ class CacheStream:
         self.rows = sum(s["rows"] for s in self.shards)
         if self.rows == 0:
             raise SaelabError(f"cache {self.directory} has no rows to stream")
+        if drop_last and batch_size > self.rows:  # every epoch would be one dropped short tail
+            raise SaelabError(
+                f"batch size {batch_size} is larger than the {self.rows} rows of cache "
+                f"{self.directory}{' this process reads' if shards is not None else ''}; use a "
+                "smaller batch or a bigger cache"
+            )
+        if not self.manifest.hashed:
+            warnings.warn(f"cache {self.directory} was built before shard hashes: its shards' contents "
+                          "are not checked; rebuild it with `saelab cache` to have them checked",
+                          stacklevel=2)
         self.epoch, self.offset = 0, 0
 
     def state_dict(self) -> dict:
@@ -274,7 +382,7 @@ class CacheStream:
         return [order[i : i + self.buffer_shards] for i in range(0, len(order), self.buffer_shards)]
 
     def _group_rows(self, epoch: int, gi: int, group: list[int]) -> torch.Tensor:
-        x = torch.cat([_read_shard(self.directory / self.shards[i]["file"], self.layout.keys)
+        x = torch.cat([_read_shard(self.directory, self.shards[i], self.layout.keys, self.widths)
                        for i in group])
         g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) * 7919 + gi)
         return x[torch.randperm(x.shape[0], generator=g)]

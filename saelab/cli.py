@@ -129,12 +129,21 @@ def cache_cmd(
     overwrite: Annotated[bool, Opt("--overwrite", help="Allow writing into a non-empty directory.")] = False,
 ) -> None:
     """Cache activations of one or more hooks to disk (safetensors shards + JSON manifest)."""
-    from saelab.cache import build_cache
-    from saelab.data import TokenData
+    from saelab.cache import DTYPES, build_cache
+    from saelab.checks import check_device, check_number
+    from saelab.data import SPLITS, TokenData
+    from saelab.io import check_output_dir
     from saelab.models import load_model
 
-    if tokens < 1 or shard_rows < 1:
-        raise SaelabError("--tokens and --shard-rows must be positive")
+    for name, value, low in (("--tokens", tokens, 1), ("--shard-rows", shard_rows, 1),
+                             ("--context-length", context_length, 2), ("--seed", seed, 0)):
+        check_number(name, value, low)
+    if split not in SPLITS:
+        raise SaelabError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
+    if dtype not in DTYPES:
+        raise SaelabError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    check_device(device)
+    check_output_dir(out, overwrite)
     from saelab.distributed import init
 
     world = init(device)  # under torchrun: each process caches its own documents and rows
@@ -168,11 +177,18 @@ def eval_cmd(
     device: Annotated[str, Opt(help="Torch device.")] = "cpu",
 ) -> None:
     """Evaluate a dictionary: FVU, L0, dead/dense latents, spliced CE loss, KL; JSON + markdown + PNGs."""
+    from saelab.checks import check_device, check_number
     from saelab.evals import evaluate, format_summary, write_report
 
+    for name, value, low in (("--tokens", tokens, 1), ("--batch-rows", batch_rows, 1),
+                             ("--context-length", context_length, 2)):
+        check_number(name, value, low)
+    check_device(device)
+    target = out or dictionary
+    if target.exists() and not target.is_dir():
+        raise SaelabError(f"--out {target} exists and is not a directory; pass a directory for the report")
     report = evaluate(str(dictionary), tokens=tokens, model=model, data=data,
                       context_length=context_length, batch_rows=batch_rows, device=device)
-    target = out or dictionary
     paths = write_report(report, target)
     typer.echo(format_summary(report))
     typer.echo(f"wrote {', '.join(p.name for p in paths)} -> {target}")
@@ -188,12 +204,15 @@ def export_cmd(
 ) -> None:
     """Convert a dictionary between saelab's, SAELens's and sparsify's on-disk formats."""
     import saelab
+    from saelab.checks import check_number
     from saelab.io import check_output_dir
     from saelab.saelens import export_saelens
     from saelab.sparsify_format import export_sparsify
 
     if format not in ("saelens", "sparsify", "saelab"):
         raise SaelabError(f"unknown export format {format!r}; use saelens, sparsify or saelab")
+    check_number("--context-size", context_size, 1)
+    check_output_dir(out, overwrite)
     sae = saelab.load(dictionary)
     if isinstance(sae, dict):
         raise SaelabError(f"{dictionary} is a run directory of {len(sae)} dictionaries; "
@@ -273,10 +292,12 @@ def zoo_build(
     import dataclasses
 
     from saelab import zoo
+    from saelab.checks import check_number
     from saelab.zoo.build import build
 
     if name not in zoo.RECIPES:
         raise SaelabError(f"unknown zoo recipe {name!r}; available: {', '.join(zoo.RECIPES)}")
+    check_number("--tokens", tokens, 1)
     recipe = zoo.RECIPES[name]
     if tokens is not None:
         recipe = dataclasses.replace(recipe, tokens=tokens)
@@ -337,11 +358,29 @@ def _check_environment() -> None:
         raise SaelabError(str(e)) from None
 
 
-def main() -> None:
+def _usage_line(e: Exception) -> str:
+    """Click's usage error as one line, naming the command so `--help` is easy to find."""
+    ctx = getattr(e, "ctx", None)
+    where = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+    return " ".join(e.format_message().split()) + where
+
+
+def main(args: list[str] | None = None) -> None:
     """Entry point: user errors become one line on stderr and exit code 2 (usage errors too)."""
     try:
+        from typer._click.exceptions import NoArgsIsHelpError, UsageError  # typer >= 0.26 vendors click
+    except ImportError:
+        from click.exceptions import NoArgsIsHelpError, UsageError
+    try:
         _check_environment()
-        app()
+        code = app(args=args, prog_name="saelab", standalone_mode=False)
+    except NoArgsIsHelpError as e:  # a bare `saelab` or group: the help text, as before
+        typer.echo(e.format_message(), err=True)
+        sys.exit(2)
+    except UsageError as e:
+        typer.echo(f"saelab: error: {_usage_line(e)}", err=True)
+        sys.exit(2)
     except SaelabError as e:
         typer.echo(f"saelab: error: {e}", err=True)
         sys.exit(2)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -70,15 +70,24 @@ def _local_texts(path: Path, split: str) -> list[str]:
             docs = [(f"{rel}#{i}", p) for i, p in enumerate(paragraphs) if p.strip()]
         else:
             docs = []
-            for i, line in enumerate(f.read_text(encoding="utf-8").splitlines()):
+            try:
+                lines = f.read_text(encoding="utf-8").splitlines()
+            except UnicodeDecodeError:
+                raise SaelabError(
+                    f"{f} is not UTF-8 text; a .jsonl file holds one JSON object per line"
+                ) from None
+            for i, line in enumerate(lines):
                 if not line.strip():
                     continue
                 try:
-                    docs.append((f"{rel}:{i}", json.loads(line)["text"]))
+                    text = json.loads(line)["text"]
                 except (json.JSONDecodeError, KeyError, TypeError):
+                    text = None
+                if not isinstance(text, str):
                     raise SaelabError(
-                        f"{f} line {i + 1}: expected a JSON object with a \"text\" field"
-                    ) from None
+                        f"{f} line {i + 1}: expected a JSON object with a \"text\" field holding a string"
+                    )
+                docs.append((f"{rel}:{i}", text))
         texts += [t for key, t in docs if _in_split(key, split)]
     return texts
 
@@ -151,6 +160,7 @@ class TokenData:
             order = list(range(len(texts)))
             random.Random(f"{self.seed}:{epoch}").shuffle(order)
             stream: list[int] = []
+            served = 0
             for i in order:  # tokenised lazily, so the first batch comes at once
                 stream += tokenizer(texts[i], add_special_tokens=False)["input_ids"]
                 if eos is not None:
@@ -159,9 +169,21 @@ class TokenData:
                 while len(stream) - start >= body:
                     row = stream[start : start + body]
                     start += body
+                    served += 1
                     yield torch.tensor(([bos] if bos is not None else []) + row)
                 del stream[:start]
+            if not served:  # every later epoch would come up empty too: stop instead of spinning
+                raise SaelabError(
+                    f"data {self.spec!r} (split {self.split!r}) has {len(stream)} tokens, fewer than "
+                    f"one row of context_length {self.context_length}; use more text or a shorter "
+                    "--context-length"
+                )
             epoch += 1
+
+    def require_rows(self, tokenizer) -> None:
+        """Fail now, before any work, if this data cannot fill one row (too little text, no
+        documents in the split); reads only until the first row is packed."""
+        next(self.rows(tokenizer, epochs=1))
 
     def batches(self, tokenizer, batch_size: int, epochs: int | None = None):
         """Yield (batch_size, context_length) token batches (the last may be smaller)."""

@@ -11,6 +11,7 @@ or `hf:NAME` on the hub.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -263,8 +264,32 @@ class HookedModel:
         return next(iter(codes.values())) if single else codes
 
 
+def check_model_dir(path: Path) -> None:
+    """A local directory given as a model must look like a Hugging Face causal LM saved with
+    safetensors weights, else one clear line (an empty directory, a cache or dictionary
+    directory, pickled `pytorch_model.bin` weights, which saelab never unpickles)."""
+    config = path / "config.json"
+    try:
+        ok = isinstance(json.loads(config.read_text()).get("model_type"), str)
+    except (OSError, ValueError, AttributeError):
+        ok = False
+    if not ok:
+        raise SaelabError(f"{path} is not a Hugging Face model directory (no config.json with a "
+                          "model_type); pass a model directory or zoo:NAME")
+    if not any((path / f).exists() for f in ("model.safetensors", "model.safetensors.index.json")):
+        pickled = [f for f in ("pytorch_model.bin", "pytorch_model.bin.index.json") if (path / f).exists()]
+        why = f"it holds only {pickled[0]} (pickle, which saelab does not load); convert it to safetensors" \
+            if pickled else "no model.safetensors"
+        raise SaelabError(f"model directory {path} has no safetensors weights: {why}")
+
+
 def load_model(spec: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> HookedModel:
     """Load a model spec (`zoo:NAME`, a local HF directory, or `hf:NAME`) with hooks."""
+    from saelab.checks import check_device
+
+    check_device(device)
+    if Path(spec).expanduser().is_dir():
+        check_model_dir(Path(spec).expanduser())
     name, hf, tokenizer = _load_hf(spec, device, dtype)
     loader = _load_tl4 if TL_MAJOR >= 4 else _load_tl3
     model = loader(name, hf, tokenizer, device)

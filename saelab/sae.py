@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from saelab import allocators
+from saelab.checks import check_field_types
 from saelab.errors import SaelabError
 from saelab.io import read_safetensors, write_json, write_safetensors
 from saelab.kernels import sparse_decode, sparse_encode
@@ -77,6 +78,7 @@ class SAEConfig:
     saelab_version: str = ""
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         allocators.check(self.allocator)
         budget = self.allocator in allocators.BUDGET_ALLOCATORS
         if min(self.d_in, self.n_latents) < 1 or self.k < (1 if budget else 0):
@@ -106,6 +108,8 @@ class SAEConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> SAEConfig:
+        if not isinstance(d, dict):
+            raise SaelabError(f"a dictionary config must be a JSON object, got {type(d).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
 
@@ -331,7 +335,17 @@ class SAE(torch.nn.Module):
         found = {k: tuple(v.shape) for k, v in state.items()}
         if expected != found:
             raise SaelabError(f"{source} holds {found}, but its config implies {expected}")
+        check_weights(state, source)
         sae.load_state_dict(state, assign=True)
         if dtype is not None:
             sae.to(dtype)
         return sae.eval()
+
+
+def check_weights(state: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Refuse NaN/Inf weights (a diverged or corrupted dictionary) with the file named; the
+    thresholds of batch-level SAEs may be inf (never selected) or NaN (not calibrated yet)."""
+    for name, t in state.items():
+        if name != "threshold" and not torch.isfinite(t).all():
+            raise SaelabError(f"{path} holds NaN or Inf values in {name}; the dictionary is corrupt "
+                              "or its training diverged")

@@ -76,9 +76,9 @@ def test_lr_rule_and_config_validation(tmp_path):
     with pytest.raises(SaelabError, match="k=64 is larger"):
         TrainConfig(n_latents=32, k=64)
     f = tmp_path / "c.yaml"
-    f.write_text("k: 8\ntokens: 1000\n")
+    f.write_text("k: 8\ntokens: 10000\n")
     cfg = TrainConfig.from_file_and_flags(str(f), {"k": 16, "hook": None})
-    assert cfg.k == 16 and cfg.tokens == 1000
+    assert cfg.k == 16 and cfg.tokens == 10000
     f.write_text("lr: 2e-4\ntokens: 1e6\n")  # YAML 1.1 reads these as strings
     cfg = TrainConfig.from_file_and_flags(str(f), {})
     assert cfg.lr == 2e-4 and cfg.tokens == 1_000_000 and isinstance(cfg.tokens, int)

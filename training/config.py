@@ -10,6 +10,8 @@ from pathlib import Path
 
 import yaml
 
+from saelab import allocators
+from saelab.checks import check_device, check_field_types, check_number
 from saelab.data import BUILTIN_STDLIB
 from saelab.errors import SaelabError
 
@@ -107,9 +109,25 @@ class TrainConfig:
     overwrite: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("expansion", "k", "tokens", "batch_size", "eval_tokens", "log_every"):
-            if getattr(self, name) < 1:
-                raise SaelabError(f"{name} must be positive, got {getattr(self, name)}")
+        check_field_types(self)
+        for name in ("expansion", "k", "tokens", "batch_size", "eval_tokens", "log_every",
+                     "dead_tokens", "buffer_tokens", "n_latents", "k_aux"):
+            check_number(name, getattr(self, name), 1)
+        for name in ("warmup_steps", "topk_warmup_steps", "checkpoint_every", "seed", "beta",
+                     "zipf_alpha", "auxk_coef", "l1_coefficient"):
+            check_number(name, getattr(self, name), 0)
+        check_number("context_length", self.context_length, 2)
+        check_number("lr", self.lr, 0, strict_minimum=True)
+        check_number("adam_eps", self.adam_eps, 0, strict_minimum=True)
+        if self.tokens < self.batch_size:
+            raise SaelabError(f"tokens={self.tokens} is less than one batch (batch_size={self.batch_size}); "
+                              "raise tokens or lower batch_size")
+        allocators.check(self.allocator)
+        if self.capacity not in allocators.CAPACITIES:
+            raise SaelabError(f"unknown capacity {self.capacity!r}; use {' or '.join(allocators.CAPACITIES)}")
+        if self.grad_score not in allocators.GRAD_SCORES:
+            raise SaelabError(f"unknown grad_score {self.grad_score!r}; use normalised or raw")
+        check_device(self.device)
         if self.n_latents is not None and self.k > self.n_latents:
             raise SaelabError(
                 f"k={self.k} is larger than the dictionary (n_latents={self.n_latents}); "
@@ -120,10 +138,6 @@ class TrainConfig:
                 "saelab does not train jumprelu SAEs (it imports them); train relu, topk, "
                 "gradient_topk, feature_choice or mutual_choice"
             )
-        if self.topk_warmup_steps < 0:
-            raise SaelabError(f"topk_warmup_steps must be >= 0, got {self.topk_warmup_steps}")
-        if self.l1_coefficient < 0:
-            raise SaelabError(f"l1_coefficient must be >= 0, got {self.l1_coefficient}")
         if self.aux not in ("auxk", "aux_zipf"):
             raise SaelabError(f"unknown auxiliary loss {self.aux!r}; use auxk or aux_zipf")
         if not 0 <= self.ema_decay < 1:
@@ -133,6 +147,15 @@ class TrainConfig:
 
     def latents(self, d_in: int) -> int:
         return self.n_latents if self.n_latents is not None else self.expansion * d_in
+
+    def check_latents(self, d_in: int) -> None:
+        """k and k_aux fit the dictionary this config gives a `d_in`-wide hook (known once the
+        model or cache is open, before any training)."""
+        n = self.latents(d_in)
+        for name in ("k", "k_aux"):
+            if (getattr(self, name) or 0) > n:
+                raise SaelabError(f"{name}={getattr(self, name)} is larger than the dictionary "
+                                  f"({n} latents for d_in={d_in}); choose {name} <= {n}")
 
     def learning_rate(self, n_latents: int) -> float:
         return self.lr if self.lr is not None else 2e-4 / math.sqrt(n_latents / 2**14)

@@ -7,6 +7,7 @@ import itertools
 import json
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from saelab.distributed import World, init
 from saelab.errors import SaelabError
 from saelab.evals import evaluate, write_report
 from saelab.io import check_output_dir, read_safetensors, write_json, write_safetensors
+from saelab.lock import hold
 from saelab.models import HookedModel, load_model
 from saelab.sae import SAE, SAEConfig
 from saelab.training.config import TrainConfig
@@ -119,6 +121,7 @@ def _sources(cfg: TrainConfig, world: World) -> _Sources:
         stream = ModelStream(model, data, hooks, cfg.batch_size, cfg.buffer_tokens, seed=cfg.seed,
                              with_grads=with_grads)
         data = dataclasses.replace(data, split="heldout", rank=0, world=1)
+    data.require_rows(model.tokenizer)  # the end-of-run eval reads it: fail now, not after training
     return _Sources(stream, model, dims, data)
 
 
@@ -284,12 +287,20 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult | dict[str, Tra
     equal an uninterrupted run's). `resume_config(run)` gives the run's own config.
     """
     world = init(cfg.device)
+    with hold(cfg.out) if world.is_main else nullcontext():  # one writer per run directory
+        return _train(cfg, resume, world)
+
+
+def _train(cfg: TrainConfig, resume: bool, world: World) -> TrainResult | dict[str, TrainResult]:
+    """`train` with the run directory locked."""
     out = Path(cfg.out)
     if not resume and world.is_main:
         check_output_dir(out, cfg.overwrite)
     saved = read_checkpoint(out) if resume else None
     torch.manual_seed(cfg.seed)
     src = _sources(cfg, world)
+    for d_in in src.dims.values():
+        cfg.check_latents(d_in)
     hooks = list(src.dims)
     steps = max(1, cfg.tokens // (cfg.batch_size * world.size))
     trainers = {}
@@ -420,4 +431,9 @@ def _wandb_finish(run, summary: dict, report: dict, prefix: str) -> None:
 def resume_config(run: str | Path) -> TrainConfig:
     """The config a run was started with (from its checkpoint), pointed at that run."""
     _, meta = read_checkpoint(run)
-    return dataclasses.replace(TrainConfig(**meta["config"]), out=str(run))
+    config = meta.get("config") if isinstance(meta, dict) else None
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    if not isinstance(config, dict) or not set(config) <= known:
+        raise SaelabError(f"checkpoint {Path(run) / CHECKPOINT_FILE} holds no valid training config; "
+                          "it cannot be resumed (start a new run)")
+    return dataclasses.replace(TrainConfig(**config), out=str(run))

@@ -1,0 +1,107 @@
+"""One writer per output directory: an advisory lock held while a run or a cache build writes.
+
+The lock is `fcntl.flock` on `LOCK_FILE` inside the directory. The kernel releases it when the
+holding process exits for any reason (SIGKILL included), so a killed run can be resumed at
+once and nothing stale ever has to be cleaned by hand. The file itself stays behind (deleting
+a lock file races with a process about to take it); it holds the holder's pid, host and
+command, which a second writer quotes in its one-line error.
+
+Within one process the lock is re-entrant (a notebook may train into a directory, then resume
+it), and each `hold` releases it when its outermost holder is done.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from saelab.errors import SaelabError
+from saelab.io import remove_stale_temps
+
+LOCK_FILE = ".saelab.lock"
+
+_held: dict[Path, tuple[int, int]] = {}  # resolved directory -> (fd, depth)
+
+
+def holder(directory: Path) -> str:
+    """Who holds (or last held) the lock of `directory`, as written in its lock file."""
+    try:
+        text = (Path(directory) / LOCK_FILE).read_text().strip()
+    except OSError:
+        text = ""
+    return text or "another process (it has not written its name yet)"
+
+
+def _acquire(directory: Path) -> int:
+    path = directory / LOCK_FILE
+    while True:
+        directory.mkdir(parents=True, exist_ok=True)  # a failed holder may have just removed it
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise SaelabError(
+                f"{directory} is being written by {holder(directory)}; wait for it to finish or "
+                "pick another path"
+            ) from None
+        except OSError as e:  # a filesystem without flock support
+            os.close(fd)
+            raise SaelabError(f"cannot lock {path} ({e.strerror})") from None
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # the holder removed the file as we opened it (see `hold`): take the new one
+    command = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv and sys.argv[0] else "python"
+    note = (f"pid {os.getpid()} on {socket.gethostname()} since "
+            f"{time.strftime('%Y-%m-%d %H:%M:%S')} ({command})\n")
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, note.encode(), 0)
+    return fd
+
+
+@contextmanager
+def hold(directory: str | Path) -> Iterator[Path]:
+    """Hold the write lock of `directory` (created if missing) for the body, or fail at once
+    with a one-line error naming the holder. Temp files left by a killed writer are removed
+    once the lock is ours (nobody else can be writing them).
+
+    If the body fails while the directory holds nothing but the lock file (bad input found
+    before anything was written), the lock file goes, and the directory too if `hold` made it:
+    a refused command leaves no trace."""
+    directory = Path(directory)
+    created = not directory.exists()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SaelabError(f"cannot create output directory {directory} ({e.strerror})") from None
+    key = directory.resolve()
+    if key in _held:
+        fd, depth = _held[key]
+        _held[key] = (fd, depth + 1)
+    else:
+        _held[key] = (_acquire(directory), 1)
+        remove_stale_temps(directory)
+    failed = True
+    try:
+        yield directory
+        failed = False
+    finally:
+        fd, depth = _held[key]
+        if depth > 1:
+            _held[key] = (fd, depth - 1)
+        else:
+            del _held[key]
+            if failed and [p.name for p in directory.iterdir()] == [LOCK_FILE]:
+                (directory / LOCK_FILE).unlink()  # still ours: nobody else can lock it meanwhile
+                if created:
+                    directory.rmdir()
+            os.close(fd)  # closing the only descriptor releases the flock
