@@ -51,7 +51,7 @@ def train(
     grad_score: Annotated[str | None, Opt(help="gradient_topk: normalised (e over its per-token mean; beta scale-free) or raw (the published score; tune beta per model). [default: normalised]")] = None,
     capacity: Annotated[str | None, Opt(help="feature_choice: tokens-per-latent curve, zipf (the paper's) or uniform (an ablation). [default: zipf]")] = None,
     zipf_alpha: Annotated[float | None, Opt(help="feature_choice: exponent of the zipf capacity curve. [default: 0.5]")] = None,
-    l1_coefficient: Annotated[float | None, Opt(help="relu: weight of the L1 penalty sum_j z_j ||W_dec[j]|| (divided by the batch's RMS distance to its mean, so scale-free). [default: 1.0]")] = None,
+    l1_coefficient: Annotated[float | None, Opt(help="relu: weight of the L1 penalty sum_j z_j ||W_dec[j]|| (divided by the batch's RMS distance to its mean, so scale-free). [default: 0.1]")] = None,
     aux: Annotated[str | None, Opt(help="Auxiliary loss: auxk (dead latents) or aux_zipf (dead and under-used latents). [default: auxk]")] = None,
     tokens: Annotated[int | None, Opt(help="Training tokens. [default: 4000000]")] = None,
     batch_size: Annotated[int | None, Opt(help="Tokens per optimiser step. [default: 4096]")] = None,

@@ -147,3 +147,14 @@ def test_gradient_topk_training_refuses_a_batch_without_gradient():
 def test_jumprelu_training_is_refused_clearly():
     with pytest.raises(SaelabError, match="does not train jumprelu"):
         TrainConfig(allocator="jumprelu")
+
+
+def test_relu_init_starts_at_the_requested_l0():
+    torch.manual_seed(0)
+    x = torch.randn(2000, 16) @ torch.randn(16, 16)
+    sae = SAE(SAEConfig(d_in=16, n_latents=200, k=0, allocator="relu"))
+    init_sae(sae, x, seed=0)
+    assert sae.encode(x).l0.float().mean() > 60  # tied init: about half the latents fire
+    init_sae(sae, x, seed=0, l0=10)
+    per_latent = (sae.encode_dense(x) > 0).float().mean(0)
+    torch.testing.assert_close(per_latent, torch.full((200,), 10 / 200), atol=1e-3, rtol=0)

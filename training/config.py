@@ -30,7 +30,8 @@ class TrainConfig:
         out: output directory for the dictionary (`sae.safetensors`, `cfg.json`) and logs.
         n_latents: dictionary size; default `expansion * d_in`.
         expansion: latents per input dimension when `n_latents` is not given.
-        k: active latents per token (ignored by relu, whose sparsity comes from l1_coefficient).
+        k: active latents per token; for relu, whose sparsity comes from l1_coefficient, the
+            L0 it starts training from (`training.init.init_sae`).
         allocator: topk, gradient_topk, feature_choice, mutual_choice or relu
             (`saelab.allocators`); jumprelu dictionaries are imported, not trained here.
         beta: gradient_topk's weight on the gradient term of its selection score.
@@ -84,7 +85,7 @@ class TrainConfig:
     grad_score: str = "normalised"
     capacity: str = "zipf"
     zipf_alpha: float = 0.5
-    l1_coefficient: float = 1.0
+    l1_coefficient: float = 0.1
     tokens: int = 4_000_000
     batch_size: int = 4096
     lr: float | None = None

@@ -336,7 +336,8 @@ def _train(cfg: TrainConfig, resume: bool, world: World) -> TrainResult | dict[s
         batches = iter(stream)
         first = next(batches)
         for h, trainer in trainers.items():
-            init_sae(trainer.sae, _unpack(first[h], cfg.device)[0], cfg.seed)
+            init_sae(trainer.sae, _unpack(first[h], cfg.device)[0], cfg.seed,
+                     l0=cfg.k if cfg.allocator == "relu" else None)
             for t in trainer.sae.state_dict().values():  # every rank starts from rank 0's init
                 world.broadcast_(t)
         batches = itertools.chain([first], batches)
