@@ -1,0 +1,229 @@
+"""Per-latent statistics in one streaming pass with bounded memory.
+
+What a feature page needs, gathered batch by batch from sparse codes (idx, vals), never holding
+all activations:
+
+- count (firing tokens), sum and max of the nonzero activations;
+- a histogram of the nonzero activations on fixed geometric bins (`BINS_PER_OCTAVE` bins per
+  factor of 2 between 2^MIN_EXP and 2^MAX_EXP; values outside fall into the end bins), exact
+  counts whatever the latent's scale;
+- the `top_k` entries of largest activation (ties: the earlier position), each with its context
+  window: `before` tokens, the token itself and `after` tokens of the same row, and the latent's
+  activation at every one of them;
+- a uniform random sample of `samples` entries (bottom-k sampling: the entries with the smallest
+  `sample_key(position, latent)`, a fixed hash, so the same data gives the same sample; each
+  batch merges exactly like a reservoir), with context windows too. Pages split it at its own
+  quantiles (`quantile_bands`), so a reader sees the whole range of activations, not only the top.
+
+Memory: O(n_latents * (top_k + samples) * window) for the contexts plus O(n_latents * bins) for
+the histograms, independent of the number of tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+BINS_PER_OCTAVE = 8
+MIN_EXP, MAX_EXP = -20, 16
+N_BINS = (MAX_EXP - MIN_EXP) * BINS_PER_OCTAVE
+_P = 2**31 - 1  # keys live in [0, _P); every product below stays under 2^62
+_CHUNK = 4096  # entries whose windows are gathered at once (bounds the (chunk, window, k) temp)
+
+
+def hist_edges() -> torch.Tensor:
+    """The N_BINS + 1 edges of the activation histogram (float64)."""
+    e = torch.arange(MIN_EXP * BINS_PER_OCTAVE, MAX_EXP * BINS_PER_OCTAVE + 1, dtype=torch.float64)
+    return torch.exp2(e / BINS_PER_OCTAVE)
+
+
+def hist_bin(vals: torch.Tensor) -> torch.Tensor:
+    """Histogram bin of each positive value; below/above the range: the first/last bin."""
+    b = torch.floor(torch.log2(vals.double()) * BINS_PER_OCTAVE).long() - MIN_EXP * BINS_PER_OCTAVE
+    return b.clamp_(0, N_BINS - 1)
+
+
+def sample_key(pos: torch.Tensor, lat: torch.Tensor) -> torch.Tensor:
+    """A fixed pseudo-random key in [0, 2^31 - 1) per (position, latent): the sample keeps the
+    smallest keys. Integer mixing only (no overflow), so it is the same on every machine."""
+    h = ((pos % _P) * 48271 + (lat % _P) * 69621 + 12345) % _P
+    for mult in (1103515245, 16807, 2147483629):
+        h = h ^ (h >> 13)
+        h = (h * (mult % _P) + 2891336453) % _P
+    return h
+
+
+@dataclass(frozen=True)
+class StatsConfig:
+    """What is kept per latent.
+
+    Fields:
+        top_k: top-activating contexts kept.
+        samples: size of the uniform sample of activations (shown split at its quantiles).
+        before, after: tokens of context kept before and after the activating token.
+    """
+
+    top_k: int = 12
+    samples: int = 16
+    before: int = 15
+    after: int = 4
+
+    @property
+    def width(self) -> int:
+        return self.before + 1 + self.after
+
+
+@dataclass
+class Contexts:
+    """Per latent, `size` kept entries, best first; empty slots have pos == -1.
+
+    Fields (L latents tracked, S slots, W window):
+        score: (L, S) float64, what is maximised (activation, or minus the sample key).
+        pos: (L, S) global position (row * context_length + column) of the entry.
+        act: (L, S) the latent's activation there.
+        tokens: (L, S, W) token ids of the window (-1 beyond the row).
+        acts: (L, S, W) the latent's activation at each window token.
+    """
+
+    score: torch.Tensor
+    pos: torch.Tensor
+    act: torch.Tensor
+    tokens: torch.Tensor
+    acts: torch.Tensor
+
+    @classmethod
+    def empty(cls, n: int, size: int, width: int) -> Contexts:
+        return cls(torch.full((n, size), -torch.inf, dtype=torch.float64),
+                   torch.full((n, size), -1, dtype=torch.long), torch.zeros(n, size),
+                   torch.full((n, size, width), -1, dtype=torch.int32), torch.zeros(n, size, width))
+
+    def offer(self, slot: torch.Tensor, score: torch.Tensor, batch: _Batch, entry: torch.Tensor) -> None:
+        """Merge a batch's candidate entries (latent slot, score, entry index into `batch`)."""
+        size = self.score.shape[1]
+        better = score > self.score[slot, -1]  # ties keep the earlier position already held
+        slot, score, entry = slot[better], score[better], entry[better]
+        if slot.numel() == 0:
+            return
+        # group by slot, best score first, earlier entry first on ties (both sorts are stable)
+        order = torch.sort(score, descending=True, stable=True).indices
+        order = order[torch.sort(slot[order], stable=True).indices]
+        slot, score, entry = slot[order], score[order], entry[order]
+        rows, counts = torch.unique_consecutive(slot, return_counts=True)
+        starts = torch.cumsum(counts, 0) - counts
+        group = torch.repeat_interleave(torch.arange(rows.numel()), counts)
+        rank = torch.arange(slot.numel()) - starts[group]
+        first = rank < size
+        group, rank, score, entry = group[first], rank[first], score[first], entry[first]
+        lat = batch.lat[entry]
+        tok, acts = batch.windows(entry, lat)
+
+        new = Contexts.empty(rows.numel(), size, self.tokens.shape[2])
+        new.score[group, rank] = score
+        new.pos[group, rank] = batch.pos[entry]
+        new.act[group, rank] = batch.act[entry]
+        new.tokens[group, rank] = tok
+        new.acts[group, rank] = acts
+        both = [torch.cat([getattr(self, f)[rows], getattr(new, f)], 1) for f in _FIELDS]
+        keep = torch.sort(both[0], dim=1, descending=True, stable=True).indices[:, :size]
+        for f, t in zip(_FIELDS, both, strict=True):
+            ix = keep if t.dim() == 2 else keep.unsqueeze(2).expand(-1, -1, t.shape[2])
+            getattr(self, f)[rows] = t.gather(1, ix)
+
+
+_FIELDS = ("score", "pos", "act", "tokens", "acts")
+
+
+class _Batch:
+    """One batch's active entries (latent, activation, position) and what windows need."""
+
+    def __init__(self, tokens: torch.Tensor, keep: torch.Tensor, idx: torch.Tensor, vals: torch.Tensor,
+                 row0: int, cfg: StatsConfig):
+        R, T = tokens.shape
+        self.tokens, self.idx, self.vals, self.cfg = tokens, idx, vals, cfg
+        where = keep.nonzero()  # (N, 2): row, column of each encoded position, row-major
+        self.code_of = torch.full((R, T), -1, dtype=torch.long)  # position -> row of idx/vals
+        self.code_of[where[:, 0], where[:, 1]] = torch.arange(where.shape[0])
+        on = vals > 0
+        code = torch.arange(idx.shape[0]).unsqueeze(1).expand_as(idx)[on]
+        self.lat, self.act = idx[on], vals[on]
+        self.row, self.col = where[code, 0], where[code, 1]
+        self.pos = (self.row + row0) * T + self.col
+
+    def windows(self, entry: torch.Tensor, lat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids (E, W) around each entry and latent `lat`'s activation (E, W) at each."""
+        cfg, T = self.cfg, self.tokens.shape[1]
+        offsets = torch.arange(-cfg.before, cfg.after + 1)
+        toks, acts = [], []
+        for e, j in zip(entry.split(_CHUNK), lat.split(_CHUNK), strict=True):
+            r = self.row[e].unsqueeze(1).expand(-1, offsets.numel())
+            c = self.col[e].unsqueeze(1) + offsets
+            inside = (c >= 0) & (c < T)
+            c = c.clamp(0, T - 1)
+            toks.append(torch.where(inside, self.tokens[r, c], -1).to(torch.int32))
+            code = torch.where(inside, self.code_of[r, c], -1)
+            has = code >= 0
+            code = code.clamp_min(0)
+            match = self.idx[code] == j.view(-1, 1, 1)  # (e, W, k)
+            a = (self.vals[code] * match).sum(2)
+            acts.append(torch.where(has, a, 0.0))
+        return torch.cat(toks), torch.cat(acts)
+
+
+class FeatureStats:
+    """Accumulates `StatsConfig`'s statistics for `latents` (default: all n) batch by batch."""
+
+    def __init__(self, n_latents: int, cfg: StatsConfig = StatsConfig(),
+                 latents: list[int] | None = None):
+        self.cfg = cfg
+        self.latents = list(range(n_latents)) if latents is None else list(latents)
+        L = len(self.latents)
+        self.slot_of = torch.full((n_latents,), -1, dtype=torch.long)
+        self.slot_of[torch.tensor(self.latents, dtype=torch.long)] = torch.arange(L)
+        self.tokens = 0
+        self.rows = 0
+        self.count = torch.zeros(L, dtype=torch.long)
+        self.sum = torch.zeros(L, dtype=torch.float64)
+        self.hist = torch.zeros(L * N_BINS, dtype=torch.long)
+        self.top = Contexts.empty(L, cfg.top_k, cfg.width)
+        self.sample = Contexts.empty(L, cfg.samples, cfg.width)
+
+    @torch.no_grad()
+    def update(self, tokens: torch.Tensor, keep: torch.Tensor, idx: torch.Tensor, vals: torch.Tensor) -> None:
+        """Add one batch: `tokens` (R, T) rows, `keep` (R, T) the positions that were encoded
+        (row-major order), `idx`/`vals` (N, k) their codes (vals == 0: unused slot)."""
+        tokens, keep, idx, vals = tokens.cpu(), keep.cpu(), idx.cpu(), vals.detach().float().cpu()
+        b = _Batch(tokens, keep, idx, vals, self.rows, self.cfg)
+        self.rows += tokens.shape[0]
+        self.tokens += idx.shape[0]
+        slot = self.slot_of[b.lat]
+        entry = (slot >= 0).nonzero().squeeze(1)
+        slot = slot[entry]
+        act = b.act[entry]
+        L = len(self.latents)
+        self.count += torch.bincount(slot, minlength=L)
+        self.sum.index_add_(0, slot, act.double())
+        self.hist.index_add_(0, slot * N_BINS + hist_bin(act), torch.ones_like(slot))
+        self.top.offer(slot, act.double(), b, entry)
+        self.sample.offer(slot, -sample_key(b.pos[entry], b.lat[entry]).double(), b, entry)
+
+    @property
+    def max(self) -> torch.Tensor:
+        """Largest activation per tracked latent (0 for a latent that never fired)."""
+        return torch.where(self.count > 0, self.top.act[:, 0], 0.0)
+
+    @property
+    def density(self) -> torch.Tensor:
+        return self.count.double() / max(self.tokens, 1)
+
+    def histogram(self, slot: int) -> torch.Tensor:
+        """Counts of latent slot `slot`'s nonzero activations per `hist_edges()` bin."""
+        return self.hist[slot * N_BINS:(slot + 1) * N_BINS]
+
+
+def quantile_bands(acts: list[float], bands: int) -> list[list[int]]:
+    """Indices of a sample's entries split into `bands` groups of rising activation
+    (its quantile ranges 0..1/bands, ...); groups differ in size by at most one."""
+    order = sorted(range(len(acts)), key=lambda i: acts[i])
+    n = len(order)
+    return [order[b * n // bands:(b + 1) * n // bands] for b in range(bands)]
