@@ -29,7 +29,7 @@ BINS_PER_OCTAVE = 8
 MIN_EXP, MAX_EXP = -20, 16
 N_BINS = (MAX_EXP - MIN_EXP) * BINS_PER_OCTAVE
 _P = 2**31 - 1  # keys live in [0, _P); every product below stays under 2^62
-_CHUNK = 4096  # entries whose windows are gathered at once (bounds the (chunk, window, k) temp)
+_CHUNK = 65536  # entries whose windows are read at once (bounds the (chunk, window) temps)
 
 
 def hist_edges() -> torch.Tensor:
@@ -115,23 +115,26 @@ class Contexts:
         rank = torch.arange(slot.numel()) - starts[group]
         first = rank < size
         group, rank, score, entry = group[first], rank[first], score[first], entry[first]
-        lat = batch.lat[entry]
-        tok, acts = batch.windows(entry, lat)
 
-        new = Contexts.empty(rows.numel(), size, self.tokens.shape[2])
-        new.score[group, rank] = score
-        new.pos[group, rank] = batch.pos[entry]
-        new.act[group, rank] = batch.act[entry]
-        new.tokens[group, rank] = tok
-        new.acts[group, rank] = acts
-        both = [torch.cat([getattr(self, f)[rows], getattr(new, f)], 1) for f in _FIELDS]
-        keep = torch.sort(both[0], dim=1, descending=True, stable=True).indices[:, :size]
-        for f, t in zip(_FIELDS, both, strict=True):
-            ix = keep if t.dim() == 2 else keep.unsqueeze(2).expand(-1, -1, t.shape[2])
-            getattr(self, f)[rows] = t.gather(1, ix)
-
-
-_FIELDS = ("score", "pos", "act", "tokens", "acts")
+        # merge by score first (the held entries before the batch's on ties); windows are looked
+        # up only for the entries that get in
+        cand = torch.full((rows.numel(), size), -torch.inf, dtype=torch.float64)
+        cand[group, rank] = score
+        src = torch.zeros((rows.numel(), size), dtype=torch.long)
+        src[group, rank] = entry
+        scores = torch.cat([self.score[rows], cand], 1)
+        pick = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :size]
+        is_new = pick >= size
+        held = pick.clamp(max=size - 1)
+        u, s = is_new.nonzero(as_tuple=True)
+        e = src[u, pick[u, s] - size]
+        tok, acts = batch.windows(e, rows[u])
+        for f, fresh in (("pos", batch.pos[e]), ("act", batch.act[e]), ("tokens", tok), ("acts", acts)):
+            t = getattr(self, f)[rows]
+            t = t.gather(1, held if t.dim() == 2 else held.unsqueeze(2).expand(-1, -1, t.shape[2]))
+            t[u, s] = fresh.to(t.dtype)
+            getattr(self, f)[rows] = t
+        self.score[rows] = scores.gather(1, pick)
 
 
 class _Batch:
@@ -140,33 +143,32 @@ class _Batch:
     def __init__(self, tokens: torch.Tensor, keep: torch.Tensor, idx: torch.Tensor, vals: torch.Tensor,
                  row0: int, cfg: StatsConfig):
         R, T = tokens.shape
-        self.tokens, self.idx, self.vals, self.cfg = tokens, idx, vals, cfg
+        self.tokens, self.cfg = tokens, cfg
+        self.dense: torch.Tensor | None = None  # (codes, tracked latents), set by FeatureStats
         where = keep.nonzero()  # (N, 2): row, column of each encoded position, row-major
         self.code_of = torch.full((R, T), -1, dtype=torch.long)  # position -> row of idx/vals
         self.code_of[where[:, 0], where[:, 1]] = torch.arange(where.shape[0])
         on = vals > 0
         code = torch.arange(idx.shape[0]).unsqueeze(1).expand_as(idx)[on]
-        self.lat, self.act = idx[on], vals[on]
+        self.code, self.lat, self.act = code, idx[on], vals[on]
         self.row, self.col = where[code, 0], where[code, 1]
         self.pos = (self.row + row0) * T + self.col
 
-    def windows(self, entry: torch.Tensor, lat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token ids (E, W) around each entry and latent `lat`'s activation (E, W) at each."""
+    def windows(self, entry: torch.Tensor, slot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids (E, W) around each entry and the activation (E, W) of the latent tracked in
+        `slot` at each, read from the batch's dense code map."""
         cfg, T = self.cfg, self.tokens.shape[1]
         offsets = torch.arange(-cfg.before, cfg.after + 1)
         toks, acts = [], []
-        for e, j in zip(entry.split(_CHUNK), lat.split(_CHUNK), strict=True):
+        for e, j in zip(entry.split(_CHUNK), slot.split(_CHUNK), strict=True):
             r = self.row[e].unsqueeze(1).expand(-1, offsets.numel())
             c = self.col[e].unsqueeze(1) + offsets
             inside = (c >= 0) & (c < T)
             c = c.clamp(0, T - 1)
             toks.append(torch.where(inside, self.tokens[r, c], -1).to(torch.int32))
             code = torch.where(inside, self.code_of[r, c], -1)
-            has = code >= 0
-            code = code.clamp_min(0)
-            match = self.idx[code] == j.view(-1, 1, 1)  # (e, W, k)
-            a = (self.vals[code] * match).sum(2)
-            acts.append(torch.where(has, a, 0.0))
+            a = self.dense[code.clamp_min(0), j.unsqueeze(1)]
+            acts.append(torch.where(code >= 0, a, 0.0))
         return torch.cat(toks), torch.cat(acts)
 
 
@@ -187,6 +189,7 @@ class FeatureStats:
         self.hist = torch.zeros(L * N_BINS, dtype=torch.long)
         self.top = Contexts.empty(L, cfg.top_k, cfg.width)
         self.sample = Contexts.empty(L, cfg.samples, cfg.width)
+        self._dense: torch.Tensor | None = None
 
     @torch.no_grad()
     def update(self, tokens: torch.Tensor, keep: torch.Tensor, idx: torch.Tensor, vals: torch.Tensor) -> None:
@@ -200,12 +203,22 @@ class FeatureStats:
         entry = (slot >= 0).nonzero().squeeze(1)
         slot = slot[entry]
         act = b.act[entry]
+        b.dense = self._dense_map(idx.shape[0])
+        b.dense[b.code[entry], slot] = act
         L = len(self.latents)
         self.count += torch.bincount(slot, minlength=L)
         self.sum.index_add_(0, slot, act.double())
         self.hist.index_add_(0, slot * N_BINS + hist_bin(act), torch.ones_like(slot))
         self.top.offer(slot, act.double(), b, entry)
         self.sample.offer(slot, -sample_key(b.pos[entry], b.lat[entry]).double(), b, entry)
+        b.dense[b.code[entry], slot] = 0.0  # cleared where written: no full memset per batch
+
+    def _dense_map(self, codes: int) -> torch.Tensor:
+        """A zero (codes, tracked latents) buffer, kept across batches (window look-ups read
+        any latent's activation at any position in O(1)); its size is the largest batch's."""
+        if self._dense is None or self._dense.shape[0] < codes:
+            self._dense = torch.zeros(codes, len(self.latents))
+        return self._dense
 
     @property
     def max(self) -> torch.Tensor:
