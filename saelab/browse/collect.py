@@ -77,15 +77,18 @@ def load_dictionaries(saes: list, latents: list[int] | None, cfg: StatsConfig,
     `latents` must exist in every dictionary; None means all. Bad input fails here, before any
     pass over the data.
     """
+    loaded = [(saelab.load(s, device=device), str(s)) if isinstance(s, (str, Path)) else (s, None)
+              for s in saes]
+    for sae, path in loaded:  # checks that need no model come first
+        if latents and max(latents) >= sae.cfg.n_latents:
+            raise SaelabError(f"latent {max(latents)} does not exist: {path or 'the dictionary'} "
+                              f"has {sae.cfg.n_latents} latents (0..{sae.cfg.n_latents - 1})")
     out = []
-    for s in saes:
-        sae, path, model, data = _resolve(s, model, data, device)
+    for sae, path in loaded:
+        sae, _, model, data = _resolve(sae, model, data, device)
         if sae.cfg.model not in (None, model.spec):
             raise SaelabError(f"{path or 'a dictionary'} was trained on {sae.cfg.model}, not on "
                               f"{model.spec}; browse dictionaries of one model together")
-        if latents is not None and latents and max(latents) >= sae.cfg.n_latents:
-            raise SaelabError(f"latent {max(latents)} does not exist: {path or 'the dictionary'} "
-                              f"has {sae.cfg.n_latents} latents (0..{sae.cfg.n_latents - 1})")
         name = sae.cfg.hook or Path(path).name
         out.append(Dictionary(name, sae.eval(), FeatureStats(sae.cfg.n_latents, cfg, latents)))
     if len({d.name for d in out}) != len(out):

@@ -60,7 +60,8 @@ function sortBy(th){
   body.append(...rows);
 }
 document.addEventListener('DOMContentLoaded',()=>{
-  for(const id of ['q','show','mind'])document.getElementById(id).addEventListener('input',applyFilter);
+  for(const id of ['q','show','mind'])for(const ev of ['input','change'])
+    document.getElementById(id).addEventListener(ev,applyFilter);
   for(const th of document.querySelectorAll('table.lat th'))th.addEventListener('click',()=>sortBy(th));
   applyFilter();
 });
@@ -176,9 +177,10 @@ def latent_page(card: LatentCard, index_href: str, link: Callable[[int], str | N
 def index_row(card: LatentCard, href: str) -> str:
     tops = ", ".join(f"{quoted(t)}×{n}" for t, n in card.top_tokens())
     snippet = card.top[0].snippet() if card.top else ""
+    # what the search box matches: top tokens and top-context snippets, as displayed
     search = " ".join([t for t, _ in card.top_tokens(20)] + [c.snippet() for c in card.top]).lower()
     return (f'<tr class="lat{" dead" if card.dead else ""}" data-id="{card.latent}" '
-            f'data-density="{card.density!r}" data-tokens="{esc(search)}">'
+            f'data-density="{card.density!r}" data-tokens="{show_token(search)}">'
             f'<td data-v="{card.latent}"><a href="{esc(href)}">{card.latent}</a></td>'
             f'<td class="n" data-v="{card.density!r}">{"dead" if card.dead else f"{card.density:.3%}"}</td>'
             f'<td class="n" data-v="{card.max!r}">{fmt(card.max)}</td>'
