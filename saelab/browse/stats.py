@@ -28,7 +28,7 @@ import torch
 BINS_PER_OCTAVE = 8
 MIN_EXP, MAX_EXP = -20, 16
 N_BINS = (MAX_EXP - MIN_EXP) * BINS_PER_OCTAVE
-_P = 2**31 - 1  # keys live in [0, _P); every product below stays under 2^62
+_MASK = 2**31 - 1  # keys are 31-bit
 _CHUNK = 65536  # entries whose windows are read at once (bounds the (chunk, window) temps)
 
 
@@ -45,13 +45,14 @@ def hist_bin(vals: torch.Tensor) -> torch.Tensor:
 
 
 def sample_key(pos: torch.Tensor, lat: torch.Tensor) -> torch.Tensor:
-    """A fixed pseudo-random key in [0, 2^31 - 1) per (position, latent): the sample keeps the
-    smallest keys. Integer mixing only (no overflow), so it is the same on every machine."""
-    h = ((pos % _P) * 48271 + (lat % _P) * 69621 + 12345) % _P
-    for mult in (1103515245, 16807, 2147483629):
-        h = h ^ (h >> 13)
-        h = (h * (mult % _P) + 2891336453) % _P
-    return h
+    """A fixed pseudo-random key in [0, 2^31) per (position, latent): the sample keeps the
+    smallest keys. Multiply-xorshift rounds on 31-bit values, every product below 2^63 (no
+    overflow), so it is the same on every machine."""
+    h = ((pos & _MASK) * 1103515245 + (lat & _MASK) * 40503 + 12345) & _MASK
+    for mult in (2654435761, 1540483477):
+        h ^= h >> 15
+        h = (h * mult) & _MASK
+    return h ^ (h >> 13)
 
 
 @dataclass(frozen=True)
@@ -101,7 +102,8 @@ class Contexts:
     def offer(self, slot: torch.Tensor, score: torch.Tensor, batch: _Batch, entry: torch.Tensor) -> None:
         """Merge a batch's candidate entries (latent slot, score, entry index into `batch`)."""
         size = self.score.shape[1]
-        better = score > self.score[slot, -1]  # ties keep the earlier position already held
+        last = self.score[:, -1].contiguous()
+        better = score > last[slot]  # ties keep the earlier position already held
         slot, score, entry = slot[better], score[better], entry[better]
         if slot.numel() == 0:
             return
@@ -149,8 +151,12 @@ class _Batch:
         self.code_of = torch.full((R, T), -1, dtype=torch.long)  # position -> row of idx/vals
         self.code_of[where[:, 0], where[:, 1]] = torch.arange(where.shape[0])
         on = vals > 0
-        code = torch.arange(idx.shape[0]).unsqueeze(1).expand_as(idx)[on]
-        self.code, self.lat, self.act = code, idx[on], vals[on]
+        if bool(on.all()):  # topk codes: no unused slot, and masking is the slow part
+            code = torch.arange(idx.shape[0]).repeat_interleave(idx.shape[1])
+            self.code, self.lat, self.act = code, idx.flatten(), vals.flatten()
+        else:
+            code = torch.arange(idx.shape[0]).unsqueeze(1).expand_as(idx)[on]
+            self.code, self.lat, self.act = code, idx[on], vals[on]
         self.row, self.col = where[code, 0], where[code, 1]
         self.pos = (self.row + row0) * T + self.col
 
@@ -167,7 +173,7 @@ class _Batch:
             c = c.clamp(0, T - 1)
             toks.append(torch.where(inside, self.tokens[r, c], -1).to(torch.int32))
             code = torch.where(inside, self.code_of[r, c], -1)
-            a = self.dense[code.clamp_min(0), j.unsqueeze(1)]
+            a = self.dense.view(-1)[code.clamp_min(0) * self.dense.shape[1] + j.unsqueeze(1)]
             acts.append(torch.where(code >= 0, a, 0.0))
         return torch.cat(toks), torch.cat(acts)
 
@@ -182,6 +188,7 @@ class FeatureStats:
         L = len(self.latents)
         self.slot_of = torch.full((n_latents,), -1, dtype=torch.long)
         self.slot_of[torch.tensor(self.latents, dtype=torch.long)] = torch.arange(L)
+        self.all_latents = self.latents == list(range(n_latents))
         self.tokens = 0
         self.rows = 0
         self.count = torch.zeros(L, dtype=torch.long)
@@ -199,19 +206,22 @@ class FeatureStats:
         b = _Batch(tokens, keep, idx, vals, self.rows, self.cfg)
         self.rows += tokens.shape[0]
         self.tokens += idx.shape[0]
-        slot = self.slot_of[b.lat]
-        entry = (slot >= 0).nonzero().squeeze(1)
-        slot = slot[entry]
-        act = b.act[entry]
+        if self.all_latents:
+            slot, entry, act = b.lat, torch.arange(b.lat.numel()), b.act
+        else:
+            slot = self.slot_of[b.lat]
+            entry = (slot >= 0).nonzero().squeeze(1)
+            slot, act = slot[entry], b.act[entry]
         b.dense = self._dense_map(idx.shape[0])
-        b.dense[b.code[entry], slot] = act
+        flat = b.code[entry] * len(self.latents) + slot
+        b.dense.view(-1)[flat] = act
         L = len(self.latents)
         self.count += torch.bincount(slot, minlength=L)
         self.sum.index_add_(0, slot, act.double())
         self.hist.index_add_(0, slot * N_BINS + hist_bin(act), torch.ones_like(slot))
         self.top.offer(slot, act.double(), b, entry)
         self.sample.offer(slot, -sample_key(b.pos[entry], b.lat[entry]).double(), b, entry)
-        b.dense[b.code[entry], slot] = 0.0  # cleared where written: no full memset per batch
+        b.dense.view(-1)[flat] = 0.0  # cleared where written: no full memset per batch
 
     def _dense_map(self, codes: int) -> torch.Tensor:
         """A zero (codes, tracked latents) buffer, kept across batches (window look-ups read
