@@ -90,7 +90,7 @@ def main() -> None:
     for n in a.latents:
         cmd = [sys.executable, __file__, "--one", str(n), "--tokens", str(a.tokens),
                "--batch-rows", str(a.batch_rows)]
-        r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+        r = json.loads(subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout)
         print(f"{n:>8} {r['tokens']:>9,} {r['bare_tok_s']:>11,.0f} {r['browse_tok_s']:>13,.0f} "
               f"{r['browse_tok_s'] / r['bare_tok_s']:>6.2f} {r['bare_cpu_tok_s']:>15,.0f} "
               f"{r['browse_cpu_tok_s']:>17,.0f} {r['peak_rss_mb']:>12,.0f} "
