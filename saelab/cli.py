@@ -275,7 +275,7 @@ def browse(
     tokens: Annotated[int, Opt(help="Held-out tokens to gather contexts from (whole rows until at least this many).")] = 262_144,
     latents: Annotated[str | None, Opt(help="Latents to include, e.g. 0-99,512. [default: all]")] = None,
     out: Annotated[Path | None, Opt(help="Output directory for the site. [default: DICTIONARY/browse]")] = None,
-    data: Annotated[str, Opt(help="Token data whose held-out split is read: builtin:stdlib, a .txt/.jsonl file or directory, or hf:NAME.")] = "builtin:stdlib",
+    data: Annotated[str | None, Opt(help="Token data whose held-out split is read: builtin:stdlib, a .txt/.jsonl file or directory, or hf:NAME. [default: the dictionary's training data]")] = None,
     model: Annotated[str | None, Opt(help="Model spec. [default: the one cfg.json names]")] = None,
     top_k: Annotated[int, Opt(help="Top-activating contexts per latent.")] = 12,
     samples: Annotated[int, Opt(help="Sampled activations per latent, shown split at their quantiles.")] = 16,

@@ -205,10 +205,11 @@ def test_index_in_browser(site, reference, browser, tmp_path):
     box.send_keys("\b")
     assert len(_visible_ids(browser)) == sae.cfg.n_latents
 
-    # by token text: the end of a latent's top context (as displayed) finds it, and every row
-    # shown contains it
+    # by token text: a piece of a latent's top context (as displayed) finds it, and every row
+    # shown contains it (a digits-only query would be a latent id)
     snippet = browser.find_element("css selector", 'tr.lat[data-id="7"] td.snip').get_attribute("textContent")
-    token = snippet[-3:]
+    token = next(snippet[i - 3:i] for i in range(len(snippet), 2, -1)
+                 if not snippet[i - 3:i].strip().lstrip("#").isdigit() and snippet[i - 3:i].strip())
     box.send_keys(token)
     shown = _visible_ids(browser)
     assert 7 in shown

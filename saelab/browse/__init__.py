@@ -28,7 +28,8 @@ def top_contexts(sae, latent: int, tokens: int = 65_536, n: int = 12, samples: i
     `card.table`), a sample across its activations, histogram, logit effects and neighbours.
 
     `sae`: an SAE or a dictionary directory; `model`: a loaded `HookedModel` (saves reloading)
-    or a spec (default: the one cfg.json names); `data`: default builtin:stdlib's held-out split.
+    or a spec (default: the one cfg.json names); `data`: default the held-out split of the data
+    cfg.json names (else builtin:stdlib).
     """
     sae = str(sae) if isinstance(sae, Path) else sae
     cfg = StatsConfig(top_k=n, samples=samples)

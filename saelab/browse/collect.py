@@ -85,7 +85,7 @@ def load_dictionaries(saes: list, latents: list[int] | None, cfg: StatsConfig,
                               f"has {sae.cfg.n_latents} latents (0..{sae.cfg.n_latents - 1})")
     out = []
     for sae, path in loaded:
-        sae, _, model, data = _resolve(sae, model, data, device)
+        sae, _, model, data = _resolve(sae, model, data, None, device)
         if sae.cfg.model not in (None, model.spec):
             raise SaelabError(f"{path or 'a dictionary'} was trained on {sae.cfg.model}, not on "
                               f"{model.spec}; browse dictionaries of one model together")

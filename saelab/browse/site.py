@@ -60,7 +60,8 @@ def build_site(
 
     Args:
         latents: which latents get statistics and pages: a spec ('0-99,512') or a list; None: all.
-        data: data spec or `TokenData` whose held-out split is read (default builtin:stdlib).
+        data: data spec or `TokenData` whose held-out split is read (default: the one cfg.json
+            names, else builtin:stdlib; rows of its context length).
         model: model spec (default: the one the dictionaries' cfg.json names).
         cfg: contexts kept per latent (default `StatsConfig()`).
     """
