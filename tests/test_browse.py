@@ -257,3 +257,27 @@ def test_latent_page_in_browser(site, reference, browser, tmp_path):
     browser.back()
     browser.save_screenshot(str(tmp_path / "latent.png"))
     assert (tmp_path / "latent.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("allocator", ["feature_choice", "mutual_choice", "relu", "jumprelu"])
+def test_threshold_allocators(allocator, zoo_model):
+    """Codes of the threshold-style allocators (variable width, unused slots) give the top
+    context and firing count of the dense code over the same rows (topk and gradient_topk,
+    which is topk at inference, are covered by the site tests above)."""
+    torch.manual_seed(0)
+    sae = SAE(SAEConfig(d_in=128, n_latents=64, k=4, allocator=allocator, hook=HOOK,
+                        model="zoo:pystdlib-4l")).eval()
+    if sae.cfg.has_thresholds:
+        sae.threshold.fill_(0.5)
+    tok = zoo_model.tokenizer
+    rows = heldout_rows(tok, TokenData(split="heldout", context_length=128), 512)
+    keep = positions_to_keep(rows, tok)
+    with torch.no_grad():
+        z = torch.zeros(*rows.shape, 64)
+        z[keep] = sae.encode_dense(zoo_model.activations(rows, [HOOK])[HOOK][keep])
+    flat = z.flatten(0, 1)
+    j = int((flat > 0).sum(0).argmax())
+    card = top_contexts(sae, j, tokens=512, n=3, model=zoo_model, progress=False)
+    assert card.count == int((flat[:, j] > 0).sum()) > 0
+    assert card.top[0].activation == pytest.approx(flat[:, j].max().item(), rel=1e-5)
+    assert card.top[0].position == int(flat[:, j].argmax())
