@@ -125,3 +125,20 @@ def test_quantile_bands():
     bands = quantile_bands(acts, 3)
     assert [sorted(acts[i] for i in b) for b in bands] == [[0.5, 1.0], [2.0, 3.0], [4.0, 5.0, 6.0]]
     assert quantile_bands([], 2) == [[], []]
+
+
+def test_linear_histogram_against_numpy():
+    """Bars re-binned from the geometric histogram keep the total, and each is within the
+    counts of values lying in geometric bins that straddle its edges."""
+    from saelab.browse.card import linear_histogram
+    from saelab.browse.stats import N_BINS, hist_bin
+
+    vals = torch.rand(20_000, generator=torch.Generator().manual_seed(1)).pow(2) * 7 + 0.01
+    fine = torch.bincount(hist_bin(vals), minlength=N_BINS)
+    bars = linear_histogram(fine, vals.max().item(), bars=10)
+    counts = [c for _, _, c in bars]
+    assert sum(counts) == vals.numel() and min(counts) > 0
+    exact = np.histogram(vals.numpy(), np.linspace(0, vals.max().item(), 11))[0]
+    for (lo, hi, c), e in zip(bars, exact, strict=True):
+        near = ((vals > lo / 1.1) & (vals < lo * 1.1)) | ((vals > hi / 1.1) & (vals < hi * 1.1))
+        assert abs(c - e) <= int(near.sum()) + 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from saelab.browse import collect
@@ -48,8 +49,8 @@ class LatentCard:
         count: tokens on which it was active (value > 0).
         max, mean: largest and mean nonzero activation (0 if dead).
         histogram: (low, high, count) bars of its nonzero activations over (0, max]. Counts
-            come from geometric bins 9% wide, each placed by its centre, so a count can be off
-            only for values within 9% of a bar's edge.
+            come from geometric bins 9% wide, spread uniformly within each (`linear_histogram`),
+            so a bar can be off only by values within 9% of its edges.
         top: its top-activating contexts, highest first.
         bands: (label, contexts): a uniform sample of its activations split at the sample's
             quantiles, lowest band first.
@@ -103,15 +104,19 @@ class LatentCard:
 
 def linear_histogram(fine: torch.Tensor, vmax: float,
                      bars: int = HIST_BARS) -> list[tuple[float, float, int]]:
-    """Re-bin the geometric histogram into `bars` equal bars over (0, vmax]."""
+    """Re-bin the geometric histogram into `bars` equal bars over (0, vmax]: each geometric
+    bin's count is spread uniformly over its range (a piecewise-linear CDF), so no bar is left
+    empty where geometric bins are wider than bars. Counts are rounded; the total is kept."""
     if vmax <= 0:
         return []
-    edges = hist_edges()
-    centre = (edges[:-1] * edges[1:]).sqrt()
-    width = vmax / bars
-    bar = torch.floor(centre / width).long().clamp_(0, bars - 1)
-    counts = torch.zeros(bars, dtype=torch.long).index_add_(0, bar, fine)
-    return [(i * width, (i + 1) * width, int(c)) for i, c in enumerate(counts)]
+    edges = hist_edges().numpy()
+    cdf = np.concatenate([[0.0], np.cumsum(fine.numpy())])
+    bar_edges = np.linspace(0.0, vmax, bars + 1)
+    at = np.interp(bar_edges, edges, cdf)
+    at[-1] = cdf[-1]  # vmax lies inside its geometric bin: the rest of that bin is the top bar's
+    counts = np.diff(np.round(at)).astype(int)
+    pairs = zip(bar_edges[:-1], bar_edges[1:], counts, strict=True)
+    return [(float(lo), float(hi), int(c)) for lo, hi, c in pairs]
 
 
 def _contexts(part: Contexts, slot: int, before: int, text: dict[int, str]) -> list[Context]:
