@@ -83,8 +83,9 @@ def build_site(
         cards = build_cards(d.stats, d.sae, hooked)
         present = set(d.stats.latents)
 
-        def href(j: int, prefix: str = "", folder: str = folder, present: set = present) -> str | None:
-            return f"{prefix}{j}.html" if j in present else None
+        def href(j: int, present: set = present) -> str | None:
+            """A neighbour's page, beside this one, when the site has it."""
+            return f"{j}.html" if j in present else None
 
         for card in cards:
             write_text(out / folder / f"{card.latent}.html",
