@@ -348,6 +348,36 @@ def sparsity_cmd(
     typer.echo(f"wrote {', '.join(p.name for p in paths)} -> {out}")
 
 
+@app.command()
+def browse(
+    dictionary: Annotated[Path, typer.Argument(help="A dictionary directory, or a run directory with one dictionary per hook (one site, a section per hook).")],
+    tokens: Annotated[int, Opt(help="Held-out tokens to gather contexts from (whole rows until at least this many).")] = 262_144,
+    latents: Annotated[str | None, Opt(help="Latents to include, e.g. 0-99,512. [default: all]")] = None,
+    out: Annotated[Path | None, Opt(help="Output directory for the site. [default: DICTIONARY/browse]")] = None,
+    data: Annotated[str | None, Opt(help="Token data whose held-out split is read: builtin:stdlib, a .txt/.jsonl file or directory, or hf:NAME. [default: the dictionary's training data]")] = None,
+    model: Annotated[str | None, Opt(help="Model spec. [default: the one cfg.json names]")] = None,
+    top_k: Annotated[int, Opt(help="Top-activating contexts per latent.")] = 12,
+    samples: Annotated[int, Opt(help="Sampled activations per latent, shown split at their quantiles.")] = 16,
+    batch_rows: Annotated[int, Opt(help="Rows per forward pass.")] = 32,
+    device: Annotated[str, Opt(help="Torch device.")] = "cpu",
+    overwrite: Annotated[bool, Opt("--overwrite", help="Allow writing into a non-empty --out directory.")] = False,
+) -> None:
+    """Build a static feature browser (open index.html from disk): per latent its density, histogram, top and sampled contexts, next-token effects and nearest latents."""
+    from saelab.browse import StatsConfig, build_site
+
+    if top_k < 1 or samples < 1:
+        raise SaelabError(f"--top-k and --samples must be positive, got {top_k} and {samples}")
+    s = build_site(dictionary, out or dictionary / "browse", tokens=tokens, latents=latents, data=data,
+                   model=model, cfg=StatsConfig(top_k=top_k, samples=samples), batch_rows=batch_rows,
+                   device=device, overwrite=overwrite)
+    _print_summary(f"Feature browser -> {s['site']}", {
+        "dictionaries": ", ".join(s["dictionaries"]),
+        "tokens": f"{s['tokens']:,} in {s['pass_seconds']:.1f} s ({s['tokens_per_s']:,} tok/s)",
+        "latent pages": f"{s['pages']:,}",
+        "open": f"file://{Path(s['site']).resolve()}",
+    })
+
+
 def _check_environment() -> None:
     """Settings read from the environment fail here, as one line, not deep inside a run."""
     from saelab.kernels import backend

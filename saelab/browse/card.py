@@ -1,0 +1,166 @@
+"""A latent's card: everything its page shows, as plain data (and inline HTML in a notebook)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from saelab.browse import collect
+from saelab.browse.stats import Contexts, FeatureStats, hist_edges, quantile_bands
+
+HIST_BARS = 30
+SNIPPET_BEFORE = 8  # tokens of left context in a one-line summary
+
+
+@dataclass(frozen=True)
+class Context:
+    """One context window of a latent.
+
+    Fields:
+        tokens: display text of each token (decoded; see `collect.token_text`).
+        acts: the latent's activation at each token.
+        center: index of the token the context was chosen for.
+        activation: the latent's activation there.
+        position: row * context_length + column of that token in the held-out rows.
+    """
+
+    tokens: list[str]
+    acts: list[float]
+    center: int
+    activation: float
+    position: int
+
+    def snippet(self, before: int = SNIPPET_BEFORE) -> str:
+        """The text up to and including the centre token."""
+        return "".join(self.tokens[max(0, self.center - before):self.center + 1])
+
+
+@dataclass(frozen=True)
+class LatentCard:
+    """One latent over a window of held-out tokens.
+
+    Fields:
+        latent: its index in the dictionary.
+        hook: the dictionary's hook.
+        window: held-out tokens the statistics cover.
+        count: tokens on which it was active (value > 0).
+        max, mean: largest and mean nonzero activation (0 if dead).
+        histogram: (low, high, count) bars of its nonzero activations over (0, max]. Counts
+            come from geometric bins 9% wide, spread uniformly within each (`linear_histogram`),
+            so a bar can be off only by values within 9% of its edges.
+        top: its top-activating contexts, highest first.
+        bands: (label, contexts): a uniform sample of its activations split at the sample's
+            quantiles, lowest band first.
+        promoted, suppressed: (token, logit effect) of the next tokens its decoder direction
+            raises / lowers most, or None when the hook has no linear path to the logits.
+        effect_note: how those were computed (or why there are none).
+        neighbours: (latent, cosine) of the nearest decoder directions.
+    """
+
+    latent: int
+    hook: str
+    window: int
+    count: int
+    max: float
+    mean: float
+    histogram: list[tuple[float, float, int]]
+    top: list[Context]
+    bands: list[tuple[str, list[Context]]]
+    promoted: list[tuple[str, float]] | None
+    suppressed: list[tuple[str, float]] | None
+    effect_note: str
+    neighbours: list[tuple[int, float]]
+
+    @property
+    def density(self) -> float:
+        return self.count / max(self.window, 1)
+
+    @property
+    def dead(self) -> bool:
+        return self.count == 0
+
+    def top_tokens(self, n: int = 5) -> list[tuple[str, int]]:
+        """The most frequent tokens at the top contexts' activating positions."""
+        return Counter(c.tokens[c.center] for c in self.top).most_common(n)
+
+    @property
+    def table(self) -> list[dict]:
+        """Its contexts as rows (kind, rank, activation, position, tokens, acts, center), top
+        contexts first, then the quantile samples: `pandas.DataFrame(card.table)` works."""
+        rows = [("top", i, c) for i, c in enumerate(self.top)]
+        rows += [(label, i, c) for label, cs in self.bands for i, c in enumerate(cs)]
+        return [{"kind": kind, "rank": i, "activation": c.activation, "position": c.position,
+                 "text": "".join(c.tokens), "tokens": c.tokens, "acts": c.acts, "center": c.center}
+                for kind, i, c in rows]
+
+    def _repr_html_(self) -> str:
+        from saelab.browse.html import card_html, notebook_html
+
+        return notebook_html(card_html(self))
+
+
+def linear_histogram(fine: torch.Tensor, vmax: float,
+                     bars: int = HIST_BARS) -> list[tuple[float, float, int]]:
+    """Re-bin the geometric histogram into `bars` equal bars over (0, vmax]: each geometric
+    bin's count is spread uniformly over its range (a piecewise-linear CDF), so no bar is left
+    empty where geometric bins are wider than bars. Counts are rounded; the total is kept."""
+    if vmax <= 0:
+        return []
+    edges = hist_edges().numpy()
+    cdf = np.concatenate([[0.0], np.cumsum(fine.numpy())])
+    bar_edges = np.linspace(0.0, vmax, bars + 1)
+    at = np.interp(bar_edges, edges, cdf)
+    at[-1] = cdf[-1]  # vmax lies inside its geometric bin: the rest of that bin is the top bar's
+    counts = np.diff(np.round(at)).astype(int)
+    pairs = zip(bar_edges[:-1], bar_edges[1:], counts, strict=True)
+    return [(float(lo), float(hi), int(c)) for lo, hi, c in pairs]
+
+
+def _contexts(part: Contexts, slot: int, before: int, text: dict[int, str]) -> list[Context]:
+    """The filled slots of one latent as `Context`s, padding beyond the row trimmed."""
+    out = []
+    for s in range(part.pos.shape[1]):
+        if part.pos[slot, s] < 0:
+            break
+        toks, acts = part.tokens[slot, s].tolist(), part.acts[slot, s].tolist()
+        real = [i for i, t in enumerate(toks) if t >= 0]
+        lo, hi = real[0], real[-1] + 1
+        out.append(Context([text[t] for t in toks[lo:hi]], acts[lo:hi], before - lo,
+                           float(part.act[slot, s]), int(part.pos[slot, s])))
+    return out
+
+
+def build_cards(stats: FeatureStats, sae, model, bands: int = 4, effects: int = 10,
+                neighbours: int = 8) -> list[LatentCard]:
+    """Cards of every latent `stats` tracked, in its order."""
+    hook, latents = sae.cfg.hook, stats.latents
+    W_dec = sae.W_dec.detach().cpu()
+    eff = collect.logit_effects(model, hook, W_dec, latents, effects)
+    nb_ids, nb_cos = collect.decoder_neighbours(W_dec, latents, neighbours)
+    ids = torch.cat([stats.top.tokens.flatten(), stats.sample.tokens.flatten()]).unique()
+    if eff is not None:
+        ids = torch.cat([ids, eff[0].flatten(), eff[2].flatten()]).unique()
+    text = collect.token_text(model.tokenizer, ids.tolist())
+    cards = []
+    for slot, j in enumerate(latents):
+        count, vmax = int(stats.count[slot]), float(stats.max[slot])
+        sample = _contexts(stats.sample, slot, stats.cfg.before, text)
+        split = quantile_bands([c.activation for c in sample], bands)
+        band_list = [(f"quantile {100 * b // bands}-{100 * (b + 1) // bands}%", [sample[i] for i in grp])
+                     for b, grp in enumerate(split)]
+        promoted = suppressed = None
+        if eff is not None:
+            promoted = [(text[int(t)], float(v)) for t, v in zip(eff[0][slot], eff[1][slot], strict=True)]
+            suppressed = [(text[int(t)], float(v)) for t, v in zip(eff[2][slot], eff[3][slot], strict=True)]
+        cards.append(LatentCard(
+            latent=j, hook=hook, window=stats.tokens, count=count, max=vmax,
+            mean=float(stats.sum[slot]) / count if count else 0.0,
+            histogram=linear_histogram(stats.histogram(slot), vmax),
+            top=_contexts(stats.top, slot, stats.cfg.before, text), bands=band_list,
+            promoted=promoted, suppressed=suppressed, effect_note=collect.effect_note(hook),
+            neighbours=[(int(i), float(c)) for i, c in zip(nb_ids[slot], nb_cos[slot], strict=True)],
+        ))
+    return cards

@@ -1,0 +1,104 @@
+"""`build_site`: the static feature browser of one dictionary or one run of several.
+
+Layout of the output directory (open index.html from disk; nothing is fetched):
+
+    index.html               every latent of every dictionary, a section per hook
+    HOOK/LATENT.html         one page per latent
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+from saelab import __version__
+from saelab.browse import html
+from saelab.browse.card import build_cards
+from saelab.browse.collect import collect, find_dictionaries, load_dictionaries
+from saelab.browse.stats import StatsConfig
+from saelab.data import TokenData
+from saelab.errors import SaelabError
+from saelab.io import check_output_dir, write_text
+
+INDEX = "index.html"
+
+
+def parse_latents(spec: str | None) -> list[int] | None:
+    """'0-99,512' -> [0..99, 512] (sorted, unique); None or 'all' -> None (every latent)."""
+    if spec is None or spec.strip() == "all":
+        return None
+    out: set[int] = set()
+    for part in spec.split(","):
+        m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        if not m or (m[2] is not None and int(m[2]) < int(m[1])):
+            raise SaelabError(f"bad latent spec {spec!r}: use ids and ranges like 0-99,512 (or all)")
+        out.update(range(int(m[1]), int(m[2] or m[1]) + 1))
+    return sorted(out)
+
+
+def section_dir(name: str) -> str:
+    """A file-system-safe directory name for a dictionary's section."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+
+
+def build_site(
+    dictionary: str | Path,
+    out: str | Path,
+    tokens: int = 262_144,
+    latents: str | list[int] | None = None,
+    data: TokenData | str | None = None,
+    model: str | None = None,
+    cfg: StatsConfig | None = None,
+    batch_rows: int = 32,
+    device: str = "cpu",
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Write the browser for `dictionary` (a dictionary directory, or a run directory with one
+    per hook) into `out`, from `tokens` held-out tokens; returns a summary.
+
+    Args:
+        latents: which latents get statistics and pages: a spec ('0-99,512') or a list; None: all.
+        data: data spec or `TokenData` whose held-out split is read (default: the one cfg.json
+            names, else builtin:stdlib; rows of its context length).
+        model: model spec (default: the one the dictionaries' cfg.json names).
+        cfg: contexts kept per latent (default `StatsConfig()`).
+    """
+    if tokens < 1 or batch_rows < 1:
+        raise SaelabError(f"tokens and batch_rows must be positive, got {tokens} and {batch_rows}")
+    wanted = parse_latents(latents) if isinstance(latents, str) or latents is None else sorted(set(latents))
+    paths = find_dictionaries(dictionary)
+    out = check_output_dir(Path(out), overwrite)
+    start = time.perf_counter()
+    dicts, hooked, token_data = load_dictionaries([str(p) for p in paths], wanted, cfg or StatsConfig(),
+                                                  model, data, device)
+    seen = collect(dicts, hooked, token_data, tokens, batch_rows, progress)
+    seconds = time.perf_counter() - start
+
+    sections, pages = [], 0
+    for d in dicts:
+        folder = section_dir(d.name)
+        (out / folder).mkdir(parents=True, exist_ok=True)
+        cards = build_cards(d.stats, d.sae, hooked)
+        present = set(d.stats.latents)
+
+        def href(j: int, present: set = present) -> str | None:
+            """A neighbour's page, beside this one, when the site has it."""
+            return f"{j}.html" if j in present else None
+
+        for card in cards:
+            write_text(out / folder / f"{card.latent}.html",
+                       html.latent_page(card, f"../{INDEX}", href))
+            pages += 1
+        c = d.sae.cfg
+        meta = {"allocator": c.allocator, "latents": f"{c.n_latents:,}", "k": c.k, "d_in": c.d_in,
+                "shown": f"{len(cards):,}", "dead": sum(card.dead for card in cards)}
+        sections.append(html.index_section(d.name, cards, lambda j, f=folder: f"{f}/{j}.html", meta))
+    meta = {"model": hooked.spec, "data": f"{token_data.spec} ({token_data.split})",
+            "tokens": f"{seen:,}", "dictionary": str(dictionary), "saelab": __version__}
+    write_text(out / INDEX, html.index_page("saelab feature browser", sections, meta))
+    return {"site": str(out / INDEX), "dictionaries": [d.name for d in dicts], "tokens": seen,
+            "pages": pages, "pass_seconds": round(seconds, 2),
+            "tokens_per_s": round(seen / max(seconds, 1e-9)),
+            "total_seconds": round(time.perf_counter() - start, 2)}
