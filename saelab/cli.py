@@ -329,11 +329,22 @@ def sparsity_cmd(
     device: Annotated[str, Opt(help="Torch device.")] = "cpu",
 ) -> None:
     """Measure lazy-neuron MLP activation sparsity per layer (density, dead/always-on neurons, union over batches) and the loss of sparsifying it further."""
+    from saelab.checks import check_device, check_number
     from saelab.data import TokenData
     from saelab.evals.sparsity import format_summary, run, write_report
     from saelab.evals.sparsity.modes import DEFAULT_DENSITIES, MODES
     from saelab.io import check_output_dir
 
+    for name, value in (("--tokens", tokens), ("--batch-rows", batch_rows), ("--sweep-tokens", sweep_tokens),
+                        ("--calibration-tokens", calibration_tokens), ("--predictor-tokens", predictor_tokens),
+                        ("--predictor-rank", predictor_rank), ("--checkpoint-tokens", checkpoint_tokens)):
+        check_number(name, value, 1)
+    check_number("--context-length", context_length, 2)
+    check_number("--threshold", threshold, 0)
+    check_number("--target-recall", target_recall, 0, 1, strict_minimum=True)
+    for d in density or ():
+        check_number("--density", d, 0, 1, strict_minimum=True)
+    check_device(device)
     check_output_dir(out, overwrite)
     data_arg = TokenData(data, "heldout", context_length) if context_length else data
     report = run(model, data=data_arg, tokens=tokens, threshold=threshold, batch_rows=batch_rows,
@@ -364,9 +375,12 @@ def browse(
 ) -> None:
     """Build a static feature browser (open index.html from disk): per latent its density, histogram, top and sampled contexts, next-token effects and nearest latents."""
     from saelab.browse import StatsConfig, build_site
+    from saelab.checks import check_device, check_number
 
-    if top_k < 1 or samples < 1:
-        raise SaelabError(f"--top-k and --samples must be positive, got {top_k} and {samples}")
+    for name, value in (("--tokens", tokens), ("--top-k", top_k), ("--samples", samples),
+                        ("--batch-rows", batch_rows)):
+        check_number(name, value, 1)
+    check_device(device)
     s = build_site(dictionary, out or dictionary / "browse", tokens=tokens, latents=latents, data=data,
                    model=model, cfg=StatsConfig(top_k=top_k, samples=samples), batch_rows=batch_rows,
                    device=device, overwrite=overwrite)

@@ -316,6 +316,8 @@ class SAE(torch.nn.Module):
             )
         try:
             raw = json.loads(cfg_path.read_text())
+            if not isinstance(raw, dict):
+                raise SaelabError(f"{cfg_path} must be a JSON object, got {type(raw).__name__}")
             if "n_latents" not in raw:
                 raise SaelabError(
                     f"{cfg_path} is not a saelab, SAELens or sparsify dictionary config (saelab's "

@@ -96,6 +96,7 @@ def test_every_option_refuses_bad_values_in_one_line(path, name, probe, tmp_path
 
     for module in LOADERS:  # every module that binds load_model at import
         monkeypatch.setattr(module, "load_model", no_model)
+    monkeypatch.setattr(LOADERS[0], "_load_hf", no_model)  # where every model load ends up
     monkeypatch.chdir(tmp_path)
     cmd = dict(_commands())[path]
     code, line = run([*path, *_required_args(cmd, tmp_path), *probe], capsys)
