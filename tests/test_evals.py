@@ -218,7 +218,7 @@ def test_bad_input_is_a_clear_error(zoo_model, tmp_path):
         evaluate(_sae("blocks.1.mlp.hook_post"), model=zoo_model)
     with pytest.raises(SaelabError, match="tokens and batch_rows must be positive"):
         evaluate(_sae(RESID), tokens=0, model=zoo_model)
-    with pytest.raises(SaelabError, match="no saelab dictionary"):
+    with pytest.raises(SaelabError, match="no dictionary directory"):
         evaluate(str(tmp_path / "nothing"))
 
 

@@ -168,8 +168,8 @@ def test_cli_writes_report(tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["--tokens", "0"], "tokens and batch_rows must be positive"),
-    (["--threshold", "-1"], "threshold is a magnitude"),
+    (["--tokens", "0"], "--tokens must be >= 1"),
+    (["--threshold", "-1"], "--threshold must be >= 0"),
     (["--model", "/nonexistent/model"], "not a Hugging Face model directory"),
 ])
 def test_cli_bad_input(args, message, tmp_path, monkeypatch, capsys):
@@ -246,7 +246,7 @@ def test_sweep_bad_input(kwargs, message):
 
 @pytest.mark.parametrize(("args", "message"), [
     (["--mode", "magic"], "unknown sparsification mode"),
-    (["--density", "-0.1"], "outside (0, 1]"),
+    (["--density", "-0.1"], "--density must be > 0 and <= 1"),
 ])
 def test_cli_sweep_bad_input(args, message, tmp_path, monkeypatch, capsys):
     out = tmp_path / "sp"
