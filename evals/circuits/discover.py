@@ -25,7 +25,7 @@ from saelab.tasks import Task, generate, load_task_file, tokenize
 
 from . import published, scoring
 from .codes import SAE_KINDS, codes, head_outputs, train_sae
-from .patching import GroundTruth, edge_mask, ground_truth, head_shape
+from .patching import ABLATIONS, GroundTruth, edge_mask, ground_truth, head_shape
 
 DEFAULT_SAE = "topk"
 TRUTH_SEED = 999_983  # ground-truth prompts: a seed no trial uses
@@ -45,6 +45,10 @@ class DiscoverConfig:
         epochs, lr: full-batch Adam steps and learning rate (500 and 1e-3, as O'Neill & Bui).
         truth_prompts: prompts patched for the ground truth (generated tasks only).
         edges: also path-patch edges for the ground truth and score edges.
+        ablation: ground truth by counterfactual patching or mean ablation.
+        center: subtract each head's mean output over the training prompts (positive and
+            counterfactual) before the SAE, so its latents split what varies within a head
+            rather than which head it is (a saelab option; O'Neill & Bui do not centre).
         seed: base seed of prompts and SAEs.
     """
 
@@ -58,6 +62,8 @@ class DiscoverConfig:
     lr: float = 1e-3
     truth_prompts: int = 64
     edges: bool = True
+    ablation: str = "counterfactual"
+    center: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -65,6 +71,8 @@ class DiscoverConfig:
             raise SaelabError("train_prompts, prompts, trials and truth_prompts must be positive")
         if self.sae not in SAE_KINDS:
             raise SaelabError(f"unknown circuit SAE {self.sae!r}; use {' or '.join(SAE_KINDS)}")
+        if self.ablation not in ABLATIONS:
+            raise SaelabError(f"unknown ablation {self.ablation!r}; use {' or '.join(ABLATIONS)}")
 
 
 @dataclass
@@ -189,7 +197,7 @@ def discover(model: str | HookedModel, task: str | Task = "ioi", *, task_file: s
     if truth is None:
         gt_task = fixed if fixed is not None else generate(name, cfg.truth_prompts, seed=TRUTH_SEED)
         truth = ground_truth(m, tokenize(gt_task, m.tokenizer, m.context_length),
-                             edges=cfg.edges, progress=progress)
+                             ablation=cfg.ablation, edges=cfg.edges, progress=progress)
     if (truth.n_layers, truth.n_heads) != (n_layers, n_heads):
         raise SaelabError("the ground truth's head grid does not match the model")
     pub = published.lookup(m.spec, name)
@@ -205,6 +213,9 @@ def discover(model: str | HookedModel, task: str | Task = "ioi", *, task_file: s
         out_cf = head_outputs(m, tok.cf, tok.cf_len, n_layers, n_heads)
         tr = slice(0, cfg.train_prompts)
         ev = slice(cfg.train_prompts, need)
+        if cfg.center:
+            mean = torch.cat([out_pos[tr], out_cf[tr]]).mean(0)  # (heads, d), training prompts only
+            out_pos, out_cf = out_pos - mean, out_cf - mean
         x = torch.cat([out_pos[tr], out_cf[tr]]).reshape(-1, out_pos.shape[-1])
         sae = train_sae(x, cfg.sae, cfg.n_latents, cfg.l1, cfg.epochs, cfg.lr,
                         seed=cfg.seed * 1000 + trial)

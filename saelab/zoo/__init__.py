@@ -28,6 +28,9 @@ class ZooRecipe:
         batch_size: rows per step.
         lr: peak AdamW learning rate (linear warmup for 5% of steps, cosine decay to 10%).
         seed: seeds initialisation and data order; the build is reproducible on one interpreter.
+        corpus: "stdlib" (byte tokenizer, standard-library source) or "tasks" (word-level
+            tokenizer, synthetic circuit-task text mixed with stdlib source: `saelab.zoo.tasks`).
+        stdlib_fraction: for the tasks corpus, the share of each batch's rows that is stdlib.
     """
 
     name: str
@@ -40,9 +43,15 @@ class ZooRecipe:
     batch_size: int = 32
     lr: float = 2e-3
     seed: int = 0
+    corpus: str = "stdlib"
+    stdlib_fraction: float = 0.25
 
 
-RECIPES = {r.name: r for r in [ZooRecipe("pystdlib-4l")]}
+RECIPES = {r.name: r for r in [
+    ZooRecipe("pystdlib-4l"),
+    ZooRecipe("tasks-4l", n_head=8, context_length=96, tokens=3_200_000, batch_size=8,
+              lr=1e-3, corpus="tasks", stdlib_fraction=0.125),
+]}
 
 
 def model_dir(name: str) -> Path:
