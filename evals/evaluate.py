@@ -23,6 +23,8 @@ from saelab.evals.reconstruction import ReconstructionStats
 from saelab.evals.spliced import SplicedLoss, prediction_mask
 from saelab.models import HookedModel, load_model
 
+DEFAULT_TOKENS = 2**15  # the end-of-run eval's default window (`TrainConfig.eval_tokens`)
+
 
 def _splice(keep: torch.Tensor, values: torch.Tensor | float):
     """A `HookedModel.logits` replacement: `values` at the kept positions, the rest untouched."""
@@ -51,7 +53,7 @@ def heldout_rows(tokenizer, data: TokenData, tokens: int) -> torch.Tensor:
     return torch.stack(rows)
 
 
-def _resolve(sae_or_path, model, data, device: str):
+def _resolve(sae_or_path, model, data, context_length: int | None, device: str):
     """(sae, dictionary path or None, model, data) with the defaults filled in from cfg.json."""
     path = None
     if isinstance(sae_or_path, (str, Path)):
@@ -72,7 +74,10 @@ def _resolve(sae_or_path, model, data, device: str):
             f"the SAE expects d_in={cfg.d_in}, but {cfg.hook} of {model.spec} has width {width}"
         )
     if data is None or isinstance(data, str):
-        data = TokenData(data or BUILTIN_STDLIB, "heldout", model.check_context(None))
+        if context_length is None and data is None:
+            context_length = getattr(cfg, "context_length", None)
+        spec = data or getattr(cfg, "data", None) or BUILTIN_STDLIB
+        data = TokenData(spec, "heldout", model.check_context(context_length))
     model.check_context(data.context_length)
     if data.context_length < 3:
         raise SaelabError(
@@ -84,9 +89,10 @@ def _resolve(sae_or_path, model, data, device: str):
 @torch.no_grad()
 def evaluate(
     sae_or_path,
-    tokens: int = 65536,
+    tokens: int | None = None,
     model: HookedModel | str | None = None,
     data: TokenData | str | None = None,
+    context_length: int | None = None,
     batch_rows: int = 32,
     device: str = "cpu",
 ) -> dict:
@@ -96,10 +102,15 @@ def evaluate(
         sae_or_path: a dictionary directory, or an object with `cfg` (an `SAEConfig`),
             `encode(x) -> (idx, vals)` and `decode(idx, vals) -> x_hat`, such as an `SAE`.
         tokens: eval window: whole rows are taken until at least this many non-BOS/pad
-            positions are in; the report's `tokens` is the exact count (and the dead-latent window).
+            positions are in; the report's `tokens` is the exact count (and the dead-latent
+            window). Default: the window of the SAE's end-of-run eval (cfg `eval_tokens`),
+            else 32768.
         model: a loaded `HookedModel` or a model spec; default: the one cfg.json names.
         data: a data spec (its "heldout" split, rows of min(model context, 128) tokens) or a
-            `TokenData` used as given; default builtin:stdlib.
+            `TokenData` used as given; default: the held-out split of the data the SAE was
+            trained on, at its context length (cfg `data`, `context_length`), else builtin:stdlib.
+        context_length: tokens per row when `data` is a spec; default: the SAE's training
+            context for its own data, else min(model context, 128).
         batch_rows: rows per forward pass.
         device: where the model and a dictionary loaded from a path live.
 
@@ -109,10 +120,24 @@ def evaluate(
     runs replace the hook's activation at non-BOS/pad positions only, with the reconstruction
     (ce_sae), zeros (ce_zero) or the eval set's mean activation (ce_mean).
     """
+    start = time.perf_counter()
+    sae, path, model, data = _resolve(sae_or_path, model, data, context_length, device)
+    if tokens is None:
+        tokens = getattr(sae.cfg, "eval_tokens", None) or DEFAULT_TOKENS
     if tokens < 1 or batch_rows < 1:
         raise SaelabError(f"tokens and batch_rows must be positive, got {tokens} and {batch_rows}")
-    start = time.perf_counter()
-    sae, path, model, data = _resolve(sae_or_path, model, data, device)
+    was_training = getattr(sae, "training", False)
+    if was_training:
+        sae.eval()  # inference selection (thresholds for batch-level allocators)
+    try:
+        return _evaluate(sae, path, model, data, tokens, batch_rows, start)
+    finally:
+        if was_training:
+            sae.train()
+
+
+def _evaluate(sae, path, model: HookedModel, data: TokenData, tokens: int, batch_rows: int,
+              start: float) -> dict:
     hook, cfg, tok = sae.cfg.hook, sae.cfg, model.tokenizer
     batches = heldout_rows(tok, data, tokens).split(batch_rows)
     recon, latents, loss = ReconstructionStats(), LatentStats(cfg.n_latents), SplicedLoss()

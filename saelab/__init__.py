@@ -2,13 +2,16 @@
 
     import saelab
     sae = saelab.load("runs/sae")       # a dictionary directory written by `saelab train`,
-                                        # a SAELens directory, or a hub repo id
-    idx, vals = sae.encode(x)            # (B, k) latent indices and values
+                                        # a SAELens directory, or hf:OWNER/NAME on the hub
+    idx, vals = sae.encode(x)            # (..., k) latent indices and values (a SparseCode)
+    z = sae.encode_dense(x)              # (..., n_latents)
     x_hat = sae.decode(idx, vals)
 """
 
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+
+import torch
 
 try:
     __version__ = version("saelab")
@@ -16,22 +19,26 @@ except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0+source"
 
 from saelab.errors import SaelabError  # noqa: E402
-from saelab.sae import SAE, SAEConfig  # noqa: E402
+from saelab.sae import SAE, SAEConfig, SparseCode  # noqa: E402
+from saelab.specs import hub_name  # noqa: E402
 
 
-def load(path_or_repo_id: str | Path, device: str = "cpu") -> SAE:
-    """Load a dictionary: a saelab directory (`sae.safetensors` + `cfg.json`), a SAELens one
-    (`sae_weights.safetensors` + `cfg.json`), or a Hugging Face hub repo `owner/name[/folder]`
-    holding either; a path that does not exist locally and is not absolute or ./-relative is
-    tried as a repo id."""
+def load(path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None) -> SAE:
+    """Load a dictionary, in eval() mode: a saelab directory (`sae.safetensors` + `cfg.json`),
+    a SAELens one (`sae_weights.safetensors` + `cfg.json`), or `hf:OWNER/NAME[/FOLDER]`, a
+    Hugging Face hub repo holding either. `dtype` casts the weights (default: as stored)."""
     from saelab import saelens
 
-    path, spec = Path(path_or_repo_id), str(path_or_repo_id)
-    if not path.exists() and "/" in spec and not spec.startswith((".", "/", "~")):
-        path = saelens.hub_snapshot(spec)
-    if saelens.is_saelens_dir(path):
-        return saelens.import_saelens(path, device=device)
-    return SAE.load(path, device=device)
+    spec = str(path)
+    repo = hub_name(spec)
+    path = saelens.hub_snapshot(repo) if repo is not None else Path(path)
+    if not path.is_dir():
+        raise SaelabError(
+            f"no dictionary directory {spec!r}; for the Hugging Face hub write hf:OWNER/NAME[/FOLDER]"
+        )
+    sae = saelens.import_saelens(path, device=device) if saelens.is_saelens_dir(path) \
+        else SAE.load(path, device=device)
+    return sae.to(dtype).eval() if dtype is not None else sae.eval()
 
 
-__all__ = ["SAE", "SAEConfig", "SaelabError", "load", "__version__"]
+__all__ = ["SAE", "SAEConfig", "SparseCode", "SaelabError", "load", "__version__"]

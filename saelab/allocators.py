@@ -19,6 +19,10 @@ latent's selection boundary, from which inference thresholds are estimated.
   where rank 1 is the latent with the largest demand in this batch (demand = the column sum of
   relu(pre)), capped at B with the excess spread over the others, rounded by largest remainder.
 - mutual_choice (Ayonrinde 2024, = BatchTopK): the k*B largest entries of the whole matrix.
+- relu (the SAELens "standard" SAE): every positive pre-activation; no budget, sparsity comes
+  from the L1 penalty it is trained with (`saelab.training.losses.l1_penalty`).
+- jumprelu (Rajamanoharan et al. 2024; Gemma Scope): latent j is active iff pre_j > theta_j,
+  with per-latent thresholds stored in the dictionary (imported; saelab does not train them).
 
 Batch-level allocators depend on the batch, so a single token cannot be encoded with them. For
 inference they become a per-latent threshold (JumpReLU form: active iff pre > theta_j). theta_j
@@ -38,7 +42,8 @@ from saelab.errors import SaelabError
 from saelab.kernels import topk_indices
 
 BATCH_ALLOCATORS = ("feature_choice", "mutual_choice")
-ALLOCATORS = ("topk", "gradient_topk", *BATCH_ALLOCATORS)
+BUDGET_ALLOCATORS = ("topk", "gradient_topk", *BATCH_ALLOCATORS)  # k active per token on average
+ALLOCATORS = (*BUDGET_ALLOCATORS, "relu", "jumprelu")
 CAPACITIES = ("uniform", "zipf")
 
 
@@ -141,5 +146,6 @@ def mutual_choice(pre: torch.Tensor, k: int) -> Selection:
 
 
 def threshold(pre: torch.Tensor, theta: torch.Tensor) -> Selection:
-    """Inference form of the batch allocators: latent j is active iff pre_j > theta_j."""
+    """Latent j is active iff pre_j > theta_j: jumprelu, and the batch allocators' inference form.
+    theta = 0 everywhere is the relu allocator."""
     return _from_mask(pre > theta)

@@ -38,7 +38,7 @@ def _print_summary(title: str, rows: dict) -> None:
 @app.command()
 def train(
     config: Annotated[Path | None, Opt(help="YAML/JSON file of training fields; flags override it.")] = None,
-    model: Annotated[str | None, Opt(help="Model spec: zoo:NAME, a local HF directory, or a hub name. [default: zoo:pystdlib-4l]")] = None,
+    model: Annotated[str | None, Opt(help="Model spec: zoo:NAME, a local HF directory, or hf:NAME on the Hugging Face hub. [default: zoo:pystdlib-4l]")] = None,
     hook: Annotated[list[str] | None, Opt(help="Hook to train on; repeat it to train one SAE per hook from one forward pass (written to OUT/HOOK). [default: blocks.{n_layers//2}.hook_resid_post]")] = None,
     data: Annotated[str | None, Opt(help="Token data: builtin:stdlib, a .txt/.jsonl file or directory, or hf:NAME.")] = None,
     cache: Annotated[Path | None, Opt(help="Train from this activation cache (from `saelab cache`) instead of running the model.")] = None,
@@ -46,10 +46,11 @@ def train(
     n_latents: Annotated[int | None, Opt(help="Dictionary size. [default: expansion * d_in]")] = None,
     expansion: Annotated[int | None, Opt(help="Latents per input dimension when --n-latents is not given. [default: 16]")] = None,
     k: Annotated[int | None, Opt(help="Active latents per token. [default: 32]")] = None,
-    allocator: Annotated[str | None, Opt(help="Sparsity allocator: topk, gradient_topk, feature_choice or mutual_choice. [default: topk]")] = None,
+    allocator: Annotated[str | None, Opt(help="Sparsity allocator: topk, gradient_topk, feature_choice, mutual_choice or relu (L1-trained, see --l1-coefficient). [default: topk]")] = None,
     beta: Annotated[float | None, Opt(help="gradient_topk: weight of the gradient term in the score pre + beta*pre*e, e = |W_dec g| over its mean across the token's latents. [default: 1.0]")] = None,
     capacity: Annotated[str | None, Opt(help="feature_choice: tokens-per-latent curve, uniform or zipf. [default: uniform]")] = None,
     zipf_alpha: Annotated[float | None, Opt(help="feature_choice: exponent of the zipf capacity curve. [default: 0.5]")] = None,
+    l1_coefficient: Annotated[float | None, Opt(help="relu: weight of the L1 penalty sum_j z_j ||W_dec[j]|| (divided by the batch's RMS distance to its mean, so scale-free). [default: 1.0]")] = None,
     aux: Annotated[str | None, Opt(help="Auxiliary loss: auxk (dead latents) or aux_zipf (dead and under-used latents). [default: auxk]")] = None,
     tokens: Annotated[int | None, Opt(help="Training tokens. [default: 4000000]")] = None,
     batch_size: Annotated[int | None, Opt(help="Tokens per optimiser step. [default: 4096]")] = None,
@@ -112,7 +113,7 @@ def _print_train_summary(s: dict) -> None:
 @app.command("cache")
 def cache_cmd(
     out: Annotated[Path, typer.Argument(help="Directory to write shards and manifest.json into.")],
-    model: Annotated[str, Opt(help="Model spec: zoo:NAME, a local HF directory, or a hub name.")] = "zoo:pystdlib-4l",
+    model: Annotated[str, Opt(help="Model spec: zoo:NAME, a local HF directory, or hf:NAME on the hub.")] = "zoo:pystdlib-4l",
     hook: Annotated[list[str] | None, Opt(help="Hook to capture; repeat for several (one forward pass). [default: blocks.{n_layers//2}.hook_resid_post]")] = None,
     data: Annotated[str, Opt(help="Token data: builtin:stdlib, a .txt/.jsonl file or directory, or hf:NAME.")] = "builtin:stdlib",
     split: Annotated[str, Opt(help="Data split: train or heldout.")] = "train",
@@ -156,21 +157,19 @@ def cache_cmd(
 @app.command("eval")
 def eval_cmd(
     dictionary: Annotated[Path, typer.Argument(help="A dictionary directory (sae.safetensors + cfg.json).")],
-    tokens: Annotated[int, Opt(help="Held-out tokens to evaluate on (whole rows until at least this many).")] = 65536,
-    data: Annotated[str, Opt(help="Token data whose held-out split is used: builtin:stdlib, a .txt/.jsonl file or directory, or hf:NAME.")] = "builtin:stdlib",
-    context_length: Annotated[int | None, Opt(help="Tokens per row. [default: min(model context, 128)]")] = None,
+    tokens: Annotated[int | None, Opt(help="Held-out tokens to evaluate on (whole rows until at least this many); also the dead-latent window. [default: the end-of-run eval's window in cfg.json, else 32768]")] = None,
+    data: Annotated[str | None, Opt(help="Token data whose held-out split is used: builtin:stdlib, a .txt/.jsonl file or directory, or hf:NAME. [default: the data cfg.json says the SAE was trained on]")] = None,
+    context_length: Annotated[int | None, Opt(help="Tokens per row. [default: the SAE's training context from cfg.json, else min(model context, 128)]")] = None,
     model: Annotated[str | None, Opt(help="Model spec to evaluate in. [default: the one cfg.json names]")] = None,
     batch_rows: Annotated[int, Opt(help="Rows per forward pass.")] = 32,
     out: Annotated[Path | None, Opt(help="Where to write eval.json, eval.md and the PNGs. [default: the dictionary directory]")] = None,
     device: Annotated[str, Opt(help="Torch device.")] = "cpu",
 ) -> None:
     """Evaluate a dictionary: FVU, L0, dead/dense latents, spliced CE loss, KL; JSON + markdown + PNGs."""
-    from saelab.data import TokenData
     from saelab.evals import evaluate, format_summary, write_report
 
-    data_arg = TokenData(data, "heldout", context_length) if context_length else data
-    report = evaluate(str(dictionary), tokens=tokens, model=model, data=data_arg,
-                      batch_rows=batch_rows, device=device)
+    report = evaluate(str(dictionary), tokens=tokens, model=model, data=data,
+                      context_length=context_length, batch_rows=batch_rows, device=device)
     target = out or dictionary
     paths = write_report(report, target)
     typer.echo(format_summary(report))
@@ -179,7 +178,7 @@ def eval_cmd(
 
 @app.command("export")
 def export_cmd(
-    dictionary: Annotated[str, typer.Argument(help="A saelab or SAELens dictionary directory, or a hub repo id.")],
+    dictionary: Annotated[str, typer.Argument(help="A saelab or SAELens dictionary directory, or hf:OWNER/NAME[/FOLDER] on the hub.")],
     out: Annotated[Path, typer.Argument(help="Directory to write the exported dictionary into.")],
     format: Annotated[str, Opt("--format", help="saelens (cfg.json + sae_weights.safetensors) or saelab.")] = "saelens",
     context_size: Annotated[int | None, Opt(help="SAELens metadata: context size the SAE was trained with.")] = None,
@@ -203,7 +202,7 @@ def export_cmd(
 
 @app.command()
 def info(
-    target: Annotated[str, typer.Argument(help="A dictionary directory, a cache directory, or a model spec.")],
+    target: Annotated[str, typer.Argument(help="A dictionary directory, a cache directory, or a model spec (zoo:NAME, a local HF directory, hf:NAME).")],
 ) -> None:
     """Describe a dictionary, an activation cache, or a model (its hook names)."""
     from saelab.cache import MANIFEST, Manifest

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from saelab.errors import SaelabError
+from saelab.specs import hub_name
 
 BUILTIN_STDLIB = "builtin:stdlib"
 SPLITS = ("train", "heldout")
@@ -105,8 +106,8 @@ def load_texts(spec: str, split: str = "train") -> list[str]:
     """Documents of a data spec (see module docstring) for one split."""
     if spec == BUILTIN_STDLIB:
         return stdlib_texts(split)
-    if spec.startswith("hf:"):
-        return _hf_texts(spec[3:], split)
+    if hub_name(spec) is not None:
+        return _hf_texts(hub_name(spec), split)
     path = Path(spec)
     if path.exists():
         return _local_texts(path, split)

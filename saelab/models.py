@@ -5,33 +5,54 @@ Everything else in saelab speaks classic hook names (`blocks.3.hook_resid_post`,
 transformer-lens line is installed only matters here. Both lines load with HookedTransformer's
 weight processing (folded LayerNorm, centred writing weights), so activations agree across them.
 
-Model specs: `zoo:NAME` (shipped with saelab), a local Hugging Face directory, or a hub name.
+Model specs (`saelab.specs`): `zoo:NAME` (shipped with saelab), a local Hugging Face directory,
+or `hf:NAME` on the hub.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from importlib.metadata import version
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from saelab.errors import SaelabError
+from saelab.specs import ZOO, hub_name
+
+if TYPE_CHECKING:
+    from saelab.sae import SparseCode
 
 TL_VERSION = version("transformer-lens")
+Splice = Callable[[torch.Tensor], torch.Tensor]  # an SAE, or any function of the activation
 DEFAULT_CONTEXT = 128
 TL_MAJOR = int(TL_VERSION.split(".")[0])
 
 
 def resolve_spec(spec: str) -> str:
-    """The path or hub name transformers should load for a model spec."""
-    if spec.startswith("zoo:"):
+    """What transformers should load for a model spec: a local directory or a hub name.
+
+    Checked before any loading: a bare name that is no local directory fails at once."""
+    repo = hub_name(spec)
+    if repo is not None:
+        return repo
+    if spec.startswith(ZOO):
         from saelab.zoo import model_dir
 
         return str(model_dir(spec))
-    return spec
+    path = Path(spec).expanduser()
+    if not path.is_dir():
+        raise SaelabError(
+            f"{spec!r} is not a Hugging Face model directory: no such directory; for the Hugging "
+            f"Face hub write hf:{spec}, for a shipped model zoo:NAME (`saelab zoo list`)"
+        )
+    if not (path / "config.json").exists():
+        raise SaelabError(f"{spec} is not a Hugging Face model directory (it has no config.json)")
+    return str(path)
 
 
 def _load_hf(spec: str, device: str, dtype: torch.dtype):
@@ -39,15 +60,12 @@ def _load_hf(spec: str, device: str, dtype: torch.dtype):
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # saelab shows its own progress; a load bar is noise
-    name = resolve_spec(spec)
-    local = Path(name).is_dir()
-    if not local and (name.startswith((".", "/", "~")) or Path(name).exists()):
-        raise SaelabError(f"model path {name} is not a Hugging Face model directory")
+    name, from_hub = resolve_spec(spec), hub_name(spec) is not None
     try:
         hf = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, attn_implementation="eager")
         tokenizer = AutoTokenizer.from_pretrained(name)
     except OSError as e:
-        if local:
+        if not from_hub:
             raise SaelabError(f"could not load model directory {name}: {e}") from None
         raise SaelabError(
             f"could not load model {spec!r} from the Hugging Face hub (offline or unknown name); "
@@ -194,31 +212,59 @@ class HookedModel:
         return {h: a.flatten(2) for h, a in acts.items()}
 
 
-    def logits(
-        self, tokens: torch.Tensor, replace: dict[str, Callable[[torch.Tensor], torch.Tensor]] | None = None
-    ) -> torch.Tensor:
-        """Logits (B, T, vocab) of one forward pass, each hook in `replace` spliced by its function.
+    @contextmanager
+    def spliced(self, replace: Mapping[str, Splice], error_term: bool = False) -> Iterator[HookedModel]:
+        """Within the block, every forward pass runs with each hook's activation replaced.
 
-        A function gets the activation as `activations` returns it, (B, T, d) with per-head
-        dims flattened, and returns its replacement of the same shape, reshaped back here
-        before the model reads it; returning its input unchanged makes it a probe. This is how
-        an SAE's reconstruction is spliced into the model (`saelab.evals`).
+        `replace` maps hook names to SAEs or functions: either gets the activation as
+        `activations` returns it, (B, T, d) with per-head dims flattened, and returns its
+        replacement (an SAE: its reconstruction). With `error_term`, the SAE's error
+        x - x_hat is added back as a constant: the forward pass is the clean one (to float
+        rounding) while gradients flow through the SAE's latents, as attribution needs.
         """
-        replace = replace or {}
         self.check_hooks(list(replace))
 
-        def splice(fn: Callable[[torch.Tensor], torch.Tensor]):
+        def splice(fn: Splice):
             def hook_fn(x: torch.Tensor, hook) -> torch.Tensor:
-                return fn(x.flatten(2)).reshape(x.shape).to(x.dtype)
+                flat = x.flatten(2)
+                out = fn(flat).to(x.dtype)
+                if error_term:
+                    out = out + (flat - out).detach()
+                return out.reshape(x.shape)
 
             return hook_fn
 
-        fwd = [(h, splice(fn)) for h, fn in replace.items()]
-        return self.model.run_with_hooks(tokens, fwd_hooks=fwd, return_type="logits")
+        with self.model.hooks(fwd_hooks=[(h, splice(fn)) for h, fn in replace.items()]):
+            yield self
+
+    def logits(self, tokens: torch.Tensor, replace: Mapping[str, Splice] | None = None,
+               error_term: bool = False) -> torch.Tensor:
+        """Logits (B, T, vocab) of one forward pass, spliced as `spliced(replace, error_term)`.
+
+        A function that returns its input unchanged is a probe: that is how evals read an
+        activation and score the same pass."""
+        with self.spliced(replace or {}, error_term):
+            return self.model(tokens, return_type="logits")
+
+    def run_with_saes(self, tokens: torch.Tensor, saes: Mapping[str, Splice],
+                      error_term: bool = False) -> torch.Tensor:
+        """Logits with SAEs spliced in at their hooks (SAELens's name for `logits`)."""
+        return self.logits(tokens, saes, error_term)
+
+    @torch.no_grad()
+    def latents(self, tokens: torch.Tensor, saes) -> SparseCode | dict[str, SparseCode]:
+        """Latent activations per token: an SAE gives its `SparseCode` (B, T, k_max); a mapping
+        {hook: SAE} gives one per hook. Activations are read from this forward pass, so
+        inside `spliced(...)` a later hook sees the upstream reconstructions."""
+        single = not isinstance(saes, Mapping)
+        saes = {saes.cfg.hook: saes} if single else dict(saes)
+        acts = self.activations(tokens, list(saes))
+        codes = {h: sae.encode(acts[h]) for h, sae in saes.items()}
+        return next(iter(codes.values())) if single else codes
 
 
 def load_model(spec: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> HookedModel:
-    """Load a model spec (`zoo:NAME`, a local HF directory, or a hub name) with hooks."""
+    """Load a model spec (`zoo:NAME`, a local HF directory, or `hf:NAME`) with hooks."""
     name, hf, tokenizer = _load_hf(spec, device, dtype)
     loader = _load_tl4 if TL_MAJOR >= 4 else _load_tl3
     model = loader(name, hf, tokenizer, device)

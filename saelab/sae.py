@@ -1,4 +1,4 @@
-"""The sparse autoencoder, its config, and its on-disk form.
+"""The sparse autoencoder, its config, its sparse codes, and its on-disk form.
 
     pre   = W_enc (x - b_dec) + b_enc          dense (B, n), used only to choose the active set
     idx   = allocate(pre)                      (B, k) latent indices per token
@@ -7,12 +7,17 @@
 
 Weights are stored row-per-latent: W_enc and W_dec are both (n, d). A dictionary directory holds
 `sae.safetensors` (weights, no pickle) and `cfg.json` (this config).
+
+Like torch's BatchNorm (and SAELens's BatchTopK), the batch-level allocators (feature_choice,
+mutual_choice) allocate over the batch in train() mode and use their learned per-latent
+thresholds in eval() mode; `saelab.load` returns a dictionary in eval() mode.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,18 +34,26 @@ CONFIG_FILE = "cfg.json"
 
 @dataclass(frozen=True)
 class SAEConfig:
-    """What a dictionary is: enough to rebuild it and to know where it reads activations.
+    """What a dictionary is: enough to rebuild it, to know where it reads activations, and
+    where its training data came from (so an eval can default to that data's held-out split).
 
     Fields:
         d_in: width of the hooked activation.
         n_latents: dictionary size n.
-        k: active latents per token (the budget k*B for batch-level allocators).
-        allocator: topk, gradient_topk, feature_choice or mutual_choice (`saelab.allocators`).
+        k: active latents per token (the budget k*B for batch-level allocators); 0 for relu
+            and jumprelu, which have no budget.
+        allocator: topk, gradient_topk, feature_choice, mutual_choice, relu or jumprelu
+            (`saelab.allocators`).
         beta: gradient_topk's weight on the gradient term of its selection score.
         capacity: feature_choice's tokens-per-latent curve, uniform or zipf.
         zipf_alpha: exponent of the zipf capacity curve.
         hook: hook name the SAE was trained on, e.g. `blocks.2.hook_resid_post`.
-        model: model spec the activations came from (`zoo:NAME`, a path, or a hub name).
+        model: model spec the activations came from (`zoo:NAME`, a local path, or `hf:NAME`).
+        data: data spec of the training text; evals default to its held-out split.
+        context_length: tokens per row (BOS included) the activations were computed with.
+        train_tokens: activation vectors the SAE was trained on.
+        eval_tokens: held-out tokens of the end-of-run eval, which is also the window over
+            which dead latents are counted; `saelab eval` uses the same window by default.
         saelab_version: version that wrote the dictionary.
     """
 
@@ -53,17 +66,25 @@ class SAEConfig:
     zipf_alpha: float = 0.5
     hook: str | None = None
     model: str | None = None
+    data: str | None = None
+    context_length: int | None = None
+    train_tokens: int | None = None
+    eval_tokens: int | None = None
     saelab_version: str = ""
 
     def __post_init__(self) -> None:
-        if min(self.d_in, self.n_latents, self.k) < 1:
-            raise SaelabError(f"d_in, n_latents and k must be positive, got {self}")
+        allocators.check(self.allocator)
+        budget = self.allocator in allocators.BUDGET_ALLOCATORS
+        if min(self.d_in, self.n_latents) < 1 or self.k < (1 if budget else 0):
+            raise SaelabError(
+                f"d_in and n_latents must be positive and k {'positive' if budget else '>= 0'} "
+                f"for {self.allocator}, got d_in={self.d_in}, n_latents={self.n_latents}, k={self.k}"
+            )
         if self.k > self.n_latents:
             raise SaelabError(
                 f"k={self.k} is larger than the dictionary (n_latents={self.n_latents}); "
                 "choose k <= n_latents"
             )
-        allocators.check(self.allocator)
         if self.capacity not in allocators.CAPACITIES:
             raise SaelabError(f"unknown capacity {self.capacity!r}; use uniform or zipf")
 
@@ -72,27 +93,113 @@ class SAEConfig:
         """Whether selection depends on the batch (then inference uses learned thresholds)."""
         return self.allocator in allocators.BATCH_ALLOCATORS
 
+    @property
+    def has_thresholds(self) -> bool:
+        """Whether the dictionary carries per-latent thresholds (a `threshold` buffer)."""
+        return self.batch_level or self.allocator == "jumprelu"
+
     @classmethod
     def from_dict(cls, d: dict) -> SAEConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
-class SAE(torch.nn.Module):
-    """A TopK-family sparse autoencoder; `encode` returns (indices, values), not a dense code."""
+@dataclass(frozen=True)
+class SparseCode:
+    """Active latents per token: `idx` and `vals`, each (..., k_max); unused slots hold vals 0.
 
-    def __init__(self, cfg: SAEConfig, device: str | torch.device = "cpu"):
+    Behaves as the pair `(idx, vals)` (unpacking, `code[0]`). k_max varies with the batch for
+    allocators without a fixed budget (thresholds, relu), so codes are joined with
+    `SparseCode.cat`, which pads."""
+
+    idx: torch.Tensor
+    vals: torch.Tensor
+    n_latents: int
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return iter((self.idx, self.vals))
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return (self.idx, self.vals)[i]
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.idx.shape
+
+    @property
+    def l0(self) -> torch.Tensor:
+        """Active latents per token, (...)."""
+        return (self.vals > 0).sum(-1)
+
+    def to_dense(self) -> torch.Tensor:
+        """The dense code (..., n_latents)."""
+        dense = self.vals.new_zeros(*self.vals.shape[:-1], self.n_latents)
+        return dense.scatter_add_(-1, self.idx, self.vals)
+
+    def pad(self, k_max: int) -> SparseCode:
+        """The same code with `k_max` slots (extra slots: latent 0, value 0)."""
+        extra = k_max - self.idx.shape[-1]
+        if extra < 0:
+            raise SaelabError(f"cannot pad a code of {self.idx.shape[-1]} slots to {k_max}")
+        pad = torch.nn.functional.pad
+        return SparseCode(pad(self.idx, (0, extra)), pad(self.vals, (0, extra)), self.n_latents)
+
+    @staticmethod
+    def cat(codes: Sequence[SparseCode], dim: int = 0) -> SparseCode:
+        """Concatenate codes along a token dimension, padding each to the widest."""
+        if not codes or len({c.n_latents for c in codes}) != 1:
+            raise SaelabError("SparseCode.cat needs at least one code, all of one dictionary size")
+        k_max = max(c.idx.shape[-1] for c in codes)
+        padded = [c.pad(k_max) for c in codes]
+        return SparseCode(torch.cat([c.idx for c in padded], dim),
+                          torch.cat([c.vals for c in padded], dim), codes[0].n_latents)
+
+
+class SAE(torch.nn.Module):
+    """A sparse autoencoder; `encode` returns a `SparseCode` (indices, values), not a dense code.
+
+    A new SAE is usable at once: unit-norm random decoder rows and W_enc = W_dec (training
+    re-initialises from data, `saelab.training.init`)."""
+
+    def __init__(self, cfg: SAEConfig, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32):
         super().__init__()
         self.cfg = cfg
         n, d = cfg.n_latents, cfg.d_in
-        self.W_enc = torch.nn.Parameter(torch.empty(n, d, device=device))
-        self.b_enc = torch.nn.Parameter(torch.zeros(n, device=device))
-        self.W_dec = torch.nn.Parameter(torch.empty(n, d, device=device))
-        self.b_dec = torch.nn.Parameter(torch.zeros(d, device=device))
-        if cfg.batch_level:
-            # per-latent inference thresholds, set after training from the batch selection
-            # boundary (`Trainer.calibrate_thresholds`); NaN until then
-            self.register_buffer("threshold", torch.full((n,), float("nan"), device=device))
+        like = {"device": device, "dtype": dtype}
+        self.W_enc = torch.nn.Parameter(torch.empty(n, d, **like))
+        self.b_enc = torch.nn.Parameter(torch.zeros(n, **like))
+        self.W_dec = torch.nn.Parameter(torch.empty(n, d, **like))
+        self.b_dec = torch.nn.Parameter(torch.zeros(d, **like))
+        if cfg.has_thresholds:
+            # jumprelu: active iff pre > threshold (0 until loaded: a relu SAE). Batch-level
+            # allocators: inference thresholds set after training from the batch selection
+            # boundary (`Trainer.calibrate_thresholds`), NaN until then.
+            fill = 0.0 if cfg.allocator == "jumprelu" else float("nan")
+            self.register_buffer("threshold", torch.full((n,), fill, **like))
+        if torch.device(device).type != "meta":
+            self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Random unit-norm decoder rows, W_enc = W_dec, zero biases (Gao et al.'s init)."""
+        w = torch.randn(self.W_dec.shape, generator=generator, dtype=torch.float32)
+        w /= w.norm(dim=1, keepdim=True)
+        self.W_dec.copy_(w)
+        self.W_enc.copy_(w)
+        self.b_enc.zero_()
+        self.b_dec.zero_()
+
+    @property
+    def device(self) -> torch.device:
+        return self.W_dec.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.W_dec.dtype
 
     def pre_acts(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """Dense (B, n) pre-activations, without grad: they only pick the active set.
@@ -112,11 +219,13 @@ class SAE(torch.nn.Module):
         if cfg.allocator == "gradient_topk":
             with torch.no_grad():
                 return allocators.topk(allocators.gradient_score(pre, grad, self.W_dec, cfg.beta), cfg.k)
-        if not batch:
+        if cfg.allocator == "relu":
+            return allocators.threshold(pre, pre.new_zeros(()))
+        if cfg.allocator == "jumprelu" or not batch:
             if torch.isnan(self.threshold).any():
                 raise SaelabError(
-                    f"this {cfg.allocator} SAE has no inference thresholds yet; encode with "
-                    "batch=True or train it first"
+                    f"this {cfg.allocator} SAE has no inference thresholds yet; encode it in "
+                    "train() mode (or with batch=True), or train it first"
                 )
             return allocators.threshold(pre, self.threshold)
         if cfg.allocator == "feature_choice":
@@ -133,31 +242,43 @@ class SAE(torch.nn.Module):
         return vals if sel.mask is None else vals * sel.mask
 
     def encode(self, x: torch.Tensor, grad: torch.Tensor | None = None,
-               batch: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """(idx, vals), each (B, k_max); slots a token does not use have vals == 0.
+               batch: bool | None = None) -> SparseCode:
+        """The sparse code of x (..., d_in): `SparseCode` with idx and vals (..., k_max).
 
         `grad`: gradient of the LM loss w.r.t. x, for gradient_topk (without it: plain topk).
-        `batch`: feature/mutual choice allocate over this batch rather than use thresholds.
+        `batch`: whether feature/mutual choice allocate over these tokens (as in training) or
+        use their thresholds; default: allocate in train() mode, thresholds in eval() mode.
         """
         if x.shape[-1] != self.cfg.d_in:
             raise SaelabError(
                 f"input width {x.shape[-1]} does not match the SAE's d_in={self.cfg.d_in}"
             )
-        x = x.to(self.W_enc.dtype)
+        lead = x.shape[:-1]
+        x = x.reshape(-1, x.shape[-1]).to(self.dtype)
+        if grad is not None:
+            grad = grad.reshape(x.shape)
         pre = self.pre_acts(x)
-        sel = self.select(pre, grad, batch)
+        sel = self.select(pre, grad, self.training if batch is None else batch)
         if torch.is_grad_enabled():
-            return sel.idx, self.encode_values(x, sel, pre)
-        vals = torch.relu(pre.gather(1, sel.idx))
-        return sel.idx, vals if sel.mask is None else vals * sel.mask
+            vals = self.encode_values(x, sel, pre)
+        else:
+            vals = torch.relu(pre.gather(1, sel.idx))
+            vals = vals if sel.mask is None else vals * sel.mask
+        k_max = sel.idx.shape[1]
+        return SparseCode(sel.idx.reshape(*lead, k_max), vals.reshape(*lead, k_max), self.cfg.n_latents)
+
+    def encode_dense(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
+        """The dense code (..., n_latents) of x (..., d_in); `encode`'s arguments apply."""
+        return self.encode(x, **kwargs).to_dense()
 
     def decode(self, idx: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:
-        return sparse_decode(idx, vals, self.W_dec, self.b_dec)
+        """x_hat (..., d_in) from idx and vals (..., k), without building the dense code."""
+        lead, k = idx.shape[:-1], idx.shape[-1]
+        x_hat = sparse_decode(idx.reshape(-1, k), vals.reshape(-1, k), self.W_dec, self.b_dec)
+        return x_hat.reshape(*lead, self.cfg.d_in)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x_hat = self.decode(*self.encode(x.reshape(-1, shape[-1])))
-        return x_hat.reshape(shape)
+        return self.decode(*self.encode(x))
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:
@@ -172,7 +293,9 @@ class SAE(torch.nn.Module):
         return path
 
     @classmethod
-    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> SAE:
+    def load(cls, path: str | Path, device: str | torch.device = "cpu",
+             dtype: torch.dtype | None = None) -> SAE:
+        """A saelab dictionary directory, in eval() mode; `dtype` casts (default: as stored)."""
         path = Path(path)
         cfg_path, w_path = path / CONFIG_FILE, path / WEIGHTS_FILE
         if not cfg_path.exists() or not w_path.exists():
@@ -181,13 +304,21 @@ class SAE(torch.nn.Module):
             )
         try:
             cfg = SAEConfig.from_dict(json.loads(cfg_path.read_text()))
-        except (json.JSONDecodeError, TypeError) as e:
+        except (json.JSONDecodeError, TypeError, AttributeError) as e:
             raise SaelabError(f"{cfg_path} is not a valid dictionary config ({e})") from None
         state, _ = read_safetensors(w_path, device=str(device))
-        sae = cls(cfg, device=device)
+        return cls.from_state(cfg, state, str(w_path), dtype)
+
+    @classmethod
+    def from_state(cls, cfg: SAEConfig, state: dict[str, torch.Tensor], source: str,
+                   dtype: torch.dtype | None = None) -> SAE:
+        """An SAE (eval() mode) holding `state`, whose names and shapes must match `cfg`."""
+        sae = cls(cfg, device="meta")
         expected = {k: tuple(v.shape) for k, v in sae.state_dict().items()}
         found = {k: tuple(v.shape) for k, v in state.items()}
         if expected != found:
-            raise SaelabError(f"{w_path} holds {found}, but {cfg_path} implies {expected}")
-        sae.load_state_dict(state)
-        return sae
+            raise SaelabError(f"{source} holds {found}, but its config implies {expected}")
+        sae.load_state_dict(state, assign=True)
+        if dtype is not None:
+            sae.to(dtype)
+        return sae.eval()

@@ -52,6 +52,20 @@ def test_training_from_cache_learns(trained):
     assert log[-1]["fvu"] < log[0]["fvu"]
 
 
+def test_dictionary_records_provenance_and_eval_defaults_to_it(trained):
+    from saelab.evals import evaluate
+
+    cfg = saelab.load(str(trained.out)).cfg
+    assert (cfg.data, cfg.context_length, cfg.eval_tokens) == ("builtin:stdlib", 64, 4096)
+    assert cfg.train_tokens == 30_000 // 1024 * 1024 and cfg.saelab_version == saelab.__version__
+    report = evaluate(str(trained.out))  # no data, window or context given: the run's own
+    s = trained.summary
+    assert (report["data"], report["split"], report["context_length"]) == ("builtin:stdlib", "heldout", 64)
+    assert report["tokens"] == s["heldout_tokens"]  # the same dead-latent window
+    assert report["fvu"] == pytest.approx(s["heldout_fvu"], rel=1e-6)
+    assert report["dead_frac"] == s["heldout_dead_frac"]
+
+
 def test_notebook_reload_reproduces_summary_fvu(trained, zoo_model):
     sae = saelab.load(str(trained.out))
     assert sae.cfg.hook == "blocks.1.hook_resid_post" and sae.cfg.model == "zoo:pystdlib-4l"
@@ -89,6 +103,9 @@ def test_on_the_fly_training_via_cli(tmp_path, monkeypatch, capsys):
     (["train", "--cache", "{cache}", "--model", "zoo:other"], "was built from model zoo:pystdlib-4l"),
     (["cache", "{tmp}/c", "--hook", "nope"], "unknown hook 'nope'"),
     (["info", "zoo:nope"], "zoo model 'nope' is not installed"),
+    (["info", "runs/sea"], "no such directory; for the Hugging Face hub write hf:runs/sea"),
+    (["train", "--model", "gpt2"], "no such directory; for the Hugging Face hub write hf:gpt2"),
+    (["eval", "runs/sea"], "no dictionary directory 'runs/sea'"),
     (["train", "--context-length", "256"], "context length 256 does not fit model zoo:pystdlib-4l"),
     (["cache", "{tmp}/c", "--context-length", "999"], "context length 999 does not fit"),
 ])

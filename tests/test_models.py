@@ -62,7 +62,18 @@ def test_unknown_hook_is_a_clear_error(zoo_model):
 def test_hub_name_offline_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(SaelabError, match="pass its local directory"):
-        load_model("nobody/no-such-model-xyz")
+        load_model("hf:nobody/no-such-model-xyz")
+
+
+def test_bare_name_is_an_instant_error_without_network(monkeypatch):
+    import socket
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("a bare model name must not reach the network")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    with pytest.raises(SaelabError, match="no such directory; for the Hugging Face hub write hf:gpt2"):
+        load_model("gpt2")
 
 
 def test_missing_zoo_model_and_bad_path(tmp_path):

@@ -180,8 +180,11 @@ def test_offline_hub_id_is_a_one_line_error(tmp_path, monkeypatch):
     monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path))
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SaelabError, match="pass a local dictionary directory") as e:
-        saelab.load("someone/sae-release/layer_3")
+        saelab.load("hf:someone/sae-release/layer_3")
     assert "'someone/sae-release/layer_3'" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(SaelabError, match="no dictionary directory 'someone/sae-release'; for the "
+                       "Hugging Face hub write hf:"):
+        saelab.load("someone/sae-release")
 
 
 def test_export_cli_roundtrip(tmp_path, monkeypatch, capsys):

@@ -88,3 +88,62 @@ def test_lr_rule_and_config_validation(tmp_path):
     f.write_text("kk: 8\n")
     with pytest.raises(SaelabError, match=r"unknown training config field\(s\) \['kk'\]"):
         TrainConfig.from_file_and_flags(str(f), {})
+
+
+def test_l1_penalty_by_hand():
+    from saelab.training.losses import l1_penalty
+
+    sae = SAE(SAEConfig(d_in=2, n_latents=3, k=0, allocator="relu"))
+    with torch.no_grad():
+        sae.W_dec.copy_(torch.tensor([[3.0, 4.0], [1.0, 0.0], [0.0, 2.0]]))  # norms 5, 1, 2
+    x = torch.tensor([[1.0, 0.0], [-1.0, 0.0]])  # mean 0, mean squared norm 1
+    idx = torch.tensor([[0, 2], [1, 1]])
+    vals = torch.tensor([[1.0, 0.5], [2.0, 0.0]])
+    # (1*5 + 0.5*2 + 2*1) / 2 tokens / sqrt(1)
+    assert l1_penalty(sae, x, idx, vals).item() == pytest.approx(4.0)
+    assert l1_penalty(sae, 10 * x, idx, 10 * vals).item() == pytest.approx(4.0)  # scale-free
+
+
+def sparse_data(n_atoms: int = 24, d: int = 12, rows: int = 2048, seed: int = 0) -> torch.Tensor:
+    """Rows made of 3 random atoms each with positive weights: a relu SAE can find them."""
+    g = torch.Generator().manual_seed(seed)
+    atoms = torch.randn(n_atoms, d, generator=g)
+    which = torch.rand(rows, n_atoms, generator=g).argsort(1)[:, :3]
+    weights = torch.zeros(rows, n_atoms).scatter_(1, which, torch.rand(rows, 3, generator=g) + 0.5)
+    return weights @ atoms
+
+
+def test_relu_sae_trains_and_l1_controls_sparsity():
+    from saelab.training.trainer import Trainer
+
+    x = sparse_data()
+    results = {}
+    for c in (0.03, 0.3):
+        torch.manual_seed(0)
+        sae = SAE(SAEConfig(d_in=12, n_latents=48, k=0, allocator="relu"))
+        init_sae(sae, x, seed=0)
+        cfg = TrainConfig(allocator="relu", l1_coefficient=c, lr=3e-3, warmup_steps=5, batch_size=256)
+        trainer = Trainer(sae, cfg, steps=300)
+        for step in range(300):
+            out = trainer.step(x[(step % 8) * 256:(step % 8 + 1) * 256])
+        results[c] = (out["fvu"].item(), out["l0"].item())
+    (fvu_lo, l0_lo), (fvu_hi, l0_hi) = results[0.03], results[0.3]
+    assert l0_hi < l0_lo  # a larger penalty buys sparsity...
+    assert fvu_hi >= fvu_lo - 1e-3  # ...with reconstruction
+    assert fvu_lo < 0.1 and l0_lo < 24  # it learned something, and sparsely (init fires ~half)
+
+
+def test_gradient_topk_training_refuses_a_batch_without_gradient():
+    from saelab.training.trainer import Trainer
+
+    sae = SAE(SAEConfig(d_in=6, n_latents=20, k=2, allocator="gradient_topk"))
+    trainer = Trainer(sae, TrainConfig(allocator="gradient_topk"), steps=10)
+    x = torch.randn(32, 6)
+    trainer.step(x, torch.randn(32, 6))  # with a gradient: a step
+    with pytest.raises(SaelabError, match="gradient_topk training got no loss gradient"):
+        trainer.step(x)
+
+
+def test_jumprelu_training_is_refused_clearly():
+    with pytest.raises(SaelabError, match="does not train jumprelu"):
+        TrainConfig(allocator="jumprelu")

@@ -19,7 +19,7 @@ class TrainConfig:
     """Everything a training run needs. Defaults train a TopK SAE on the shipped zoo model.
 
     Fields:
-        model: model spec (`zoo:NAME`, local HF directory, hub name); default the shipped zoo
+        model: model spec (`zoo:NAME`, local HF directory, `hf:NAME`); default the shipped zoo
             model. With `cache` it may be omitted (the manifest names the model).
         hook: hook to train on, or a list of hooks (one SAE each, all fed by one forward pass);
             default `blocks.{n_layers // 2}.hook_resid_post`.
@@ -28,11 +28,13 @@ class TrainConfig:
         out: output directory for the dictionary (`sae.safetensors`, `cfg.json`) and logs.
         n_latents: dictionary size; default `expansion * d_in`.
         expansion: latents per input dimension when `n_latents` is not given.
-        k: active latents per token.
-        allocator: topk, gradient_topk, feature_choice or mutual_choice (`saelab.allocators`).
+        k: active latents per token (ignored by relu, whose sparsity comes from l1_coefficient).
+        allocator: topk, gradient_topk, feature_choice, mutual_choice or relu
+            (`saelab.allocators`); jumprelu dictionaries are imported, not trained here.
         beta: gradient_topk's weight on the gradient term of its selection score.
         capacity: feature_choice's tokens-per-latent curve, uniform or zipf.
         zipf_alpha: exponent of the zipf capacity curve.
+        l1_coefficient: relu's sparsity penalty weight (`training.losses.l1_penalty`).
         tokens: training tokens.
         batch_size: tokens per optimiser step and process (data parallel: the global batch is
             batch_size times the number of processes).
@@ -73,6 +75,7 @@ class TrainConfig:
     beta: float = 1.0
     capacity: str = "uniform"
     zipf_alpha: float = 0.5
+    l1_coefficient: float = 1.0
     tokens: int = 4_000_000
     batch_size: int = 4096
     lr: float | None = None
@@ -104,6 +107,13 @@ class TrainConfig:
                 f"k={self.k} is larger than the dictionary (n_latents={self.n_latents}); "
                 "choose k <= n_latents"
             )
+        if self.allocator == "jumprelu":
+            raise SaelabError(
+                "saelab does not train jumprelu SAEs (it imports them); train relu, topk, "
+                "gradient_topk, feature_choice or mutual_choice"
+            )
+        if self.l1_coefficient < 0:
+            raise SaelabError(f"l1_coefficient must be >= 0, got {self.l1_coefficient}")
         if self.aux not in ("auxk", "aux_zipf"):
             raise SaelabError(f"unknown auxiliary loss {self.aux!r}; use auxk or aux_zipf")
         if not 0 <= self.ema_decay < 1:

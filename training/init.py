@@ -22,10 +22,5 @@ def geometric_median(x: torch.Tensor, iters: int = 100, tol: float = 1e-6) -> to
 
 @torch.no_grad()
 def init_sae(sae, sample: torch.Tensor, seed: int) -> None:
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    w = torch.randn(sae.W_dec.shape, generator=g)
-    w /= w.norm(dim=1, keepdim=True)
-    sae.W_dec.copy_(w)
-    sae.W_enc.copy_(w)
-    sae.b_enc.zero_()
+    sae.reset_parameters(torch.Generator(device="cpu").manual_seed(seed))
     sae.b_dec.copy_(geometric_median(sample).to(sae.b_dec.dtype))

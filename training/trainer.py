@@ -24,7 +24,7 @@ from saelab.models import HookedModel, load_model
 from saelab.sae import SAE, SAEConfig
 from saelab.training.config import TrainConfig
 from saelab.training.init import init_sae
-from saelab.training.losses import auxk_loss, fvu, underused
+from saelab.training.losses import auxk_loss, fvu, l1_penalty, underused
 from saelab.zoo import DEFAULT_MODEL
 
 METRICS_FILE = "metrics.json"
@@ -143,9 +143,13 @@ class Trainer:
     def step(self, x: torch.Tensor, grad: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Forward, backward, optimiser update, decoder renormalisation; returns loss tensors.
 
-        `grad` (B, d_in) is the LM-loss gradient w.r.t. x, used by gradient_topk's selection.
+        `grad` (B, d_in) is the LM-loss gradient w.r.t. x, used by gradient_topk's selection;
+        it must be given for gradient_topk (silently training plain topk would hide broken wiring).
         """
         sae, cfg = self.sae, self.cfg
+        if grad is None and sae.cfg.allocator == "gradient_topk":
+            raise SaelabError("gradient_topk training got no loss gradient for its batch; train "
+                              "from a cache built with --with-grads, or on the fly")
         for group in self.opt.param_groups:
             group["lr"] = self.lr * _lr_factor(self.step_count, self.steps, cfg)
         if self._pre is None or self._pre.shape[0] != x.shape[0]:
@@ -159,6 +163,8 @@ class Trainer:
         pool = underused(self.freq, dead) if cfg.aux == "aux_zipf" else dead
         aux = auxk_loss(sae, x, x_hat, pre, pool, self.k_aux, self.world)
         loss = main + cfg.auxk_coef * aux
+        if sae.cfg.allocator == "relu":
+            loss = loss + cfg.l1_coefficient * l1_penalty(sae, x, sel.idx, vals, self.world)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         for p in sae.parameters():  # data parallel: every rank takes the mean gradient's step
@@ -283,11 +289,15 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult | dict[str, Tra
     trainers = {}
     for h, d_in in src.dims.items():
         sae_cfg = SAEConfig(
-            d_in=d_in, n_latents=cfg.latents(d_in), k=cfg.k, allocator=cfg.allocator, beta=cfg.beta,
-            capacity=cfg.capacity, zipf_alpha=cfg.zipf_alpha, hook=h, model=src.model.spec,
-            saelab_version=__version__,
+            d_in=d_in, n_latents=cfg.latents(d_in), k=0 if cfg.allocator == "relu" else cfg.k,
+            allocator=cfg.allocator, beta=cfg.beta, capacity=cfg.capacity,
+            zipf_alpha=cfg.zipf_alpha, hook=h, model=src.model.spec, data=src.heldout.spec,
+            context_length=src.heldout.context_length, train_tokens=steps * cfg.batch_size * world.size,
+            eval_tokens=cfg.eval_tokens, saelab_version=__version__,
         )
-        trainers[h] = Trainer(SAE(sae_cfg, device=cfg.device), cfg, steps, world)
+        with torch.random.fork_rng(devices=[]):  # the random init is replaced by `init_sae`
+            sae = SAE(sae_cfg, device=cfg.device)
+        trainers[h] = Trainer(sae, cfg, steps, world)
     stream = src.stream
     log: list[dict] = []
     seen = 0
@@ -357,7 +367,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult | dict[str, Tra
         return {}
     results = {}
     for h, path in _out_dirs(out, hooks).items():
-        sae = trainers[h].sae
+        sae = trainers[h].sae.eval()  # inference from here on: thresholds, not the batch
         sae.save(path)
         report = evaluate(sae, tokens=cfg.eval_tokens, model=src.model, data=src.heldout)
         report["dictionary"] = str(path)
