@@ -6,8 +6,9 @@ on these vectors from a few prompts (positive and counterfactual), and every (pr
 then reduced to one integer: the SAE's argmax latent. Two SAEs are offered:
 - topk: saelab's TopK SAE with k = 1, trained on reconstruction (MSE); its single active latent
   is exactly the argmax code;
-- relu: the L1 ReLU SAE of O'Neill & Bui (every positive latent active, loss = MSE + l1 *
-  sum_j z_j ||W_dec[j]||); its code is the argmax of relu(pre), which is the argmax of pre.
+- relu: the L1 ReLU SAE of O'Neill & Bui (saelab's relu allocator: every positive latent
+  active, loss = MSE + l1 * `saelab.training.losses.l1_penalty`); its code is the argmax of
+  relu(pre), which is the argmax of pre.
 Both are trained full-batch with Adam, decoder rows renormalised after each step, on inputs
 divided by their root mean squared norm over the training rows (kept as `sae.input_scale` and
 applied again by `codes`), so one l1 coefficient means the same for every model.
@@ -21,6 +22,7 @@ from saelab.errors import SaelabError
 from saelab.models import HookedModel
 from saelab.sae import SAE, SAEConfig
 from saelab.training.init import init_sae
+from saelab.training.losses import l1_penalty
 
 from .patching import result_hook
 
@@ -43,13 +45,6 @@ def head_outputs(model: HookedModel, tokens: torch.Tensor, lengths: torch.Tensor
     return torch.cat(out)
 
 
-def _relu_forward(sae: SAE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x_hat, l1 term) of a ReLU SAE, dense (a few hundred latents)."""
-    z = torch.relu((x - sae.b_dec) @ sae.W_enc.T + sae.b_enc)
-    x_hat = z @ sae.W_dec + sae.b_dec
-    return x_hat, (z * sae.W_dec.norm(dim=1)).sum(1).mean()
-
-
 def train_sae(x: torch.Tensor, kind: str = "topk", n_latents: int = 200, l1: float = 0.02,
               epochs: int = 500, lr: float = 1e-3, seed: int = 0) -> SAE:
     """Train the shared SAE on rows x (M, d) full-batch; see the module docstring."""
@@ -57,16 +52,17 @@ def train_sae(x: torch.Tensor, kind: str = "topk", n_latents: int = 200, l1: flo
         raise SaelabError(f"unknown circuit SAE {kind!r}; use {' or '.join(SAE_KINDS)}")
     if min(n_latents, epochs) < 1 or lr <= 0 or l1 < 0:
         raise SaelabError("n_latents and epochs must be positive, lr > 0 and l1 >= 0")
-    sae = SAE(SAEConfig(d_in=x.shape[1], n_latents=n_latents, k=1, allocator="topk"))
+    cfg = SAEConfig(d_in=x.shape[1], n_latents=n_latents, k=1 if kind == "topk" else 0,
+                    allocator=kind)
+    sae = SAE(cfg)
     sae.input_scale = float(x.pow(2).sum(1).mean().sqrt().clamp_min(1e-12))
     x = x / sae.input_scale
     init_sae(sae, x, seed)
     opt = torch.optim.Adam(sae.parameters(), lr=lr)
     for _ in range(epochs):
-        if kind == "topk":
-            x_hat, penalty = sae(x), 0.0
-        else:
-            x_hat, penalty = _relu_forward(sae, x)
+        idx, vals = sae.encode(x)
+        x_hat = sae.decode(idx, vals)
+        penalty = l1_penalty(sae, x, idx, vals) if kind == "relu" else 0.0
         loss = (x - x_hat).pow(2).sum(1).mean() + l1 * penalty
         opt.zero_grad(set_to_none=True)
         loss.backward()
