@@ -273,10 +273,13 @@ def zoo_list() -> None:
         c = zoo.card(name)
         r = c.get("recipe", {})
         typer.echo(
-            f"zoo:{name}  {r.get('n_layer')} layers, d_model {r.get('d_model')}, "
+            f"zoo:{name}  {r.get('n_layer')} layers x {r.get('n_head')} heads, d_model {r.get('d_model')}, "
             f"held-out loss {c.get('heldout_loss_nats')} nats/token "
             f"(unigram baseline {c.get('unigram_loss_nats')})"
         )
+        for task, t in c.get("tasks", {}).items():
+            typer.echo(f"    task {task}: accuracy {t['accuracy']:.1%}, mean logit diff "
+                       f"{t['logit_diff']:.2f} (counterfactual {t['counterfactual_logit_diff']:.2f})")
     buildable = sorted(set(zoo.RECIPES) - set(zoo.shipped_models()))
     if buildable:
         typer.echo("buildable with `saelab zoo build NAME`: " + ", ".join(buildable))
@@ -390,6 +393,43 @@ def browse(
         "latent pages": f"{s['pages']:,}",
         "open": f"file://{Path(s['site']).resolve()}",
     })
+
+
+
+
+@app.command()
+def circuits(
+    model: Annotated[str, Opt(help="Model spec: zoo:NAME, a local HF directory, or a hub name.")] = "zoo:tasks-4l",
+    task: Annotated[str, Opt(help="Task: ioi, greater-than, docstring or induction (ignored with --task-file).")] = "ioi",
+    task_file: Annotated[Path | None, Opt(help='Your own task: JSONL, one {"prompt", "counterfactual", "answer", "wrong"} object a line.')] = None,
+    train_prompts: Annotated[int, Opt(help="Prompts (each with its counterfactual) the shared SAE trains on per trial.")] = 10,
+    prompts: Annotated[int, Opt(help="Held-out prompts (each with its counterfactual) scored per trial, disjoint from the training prompts.")] = 100,
+    trials: Annotated[int, Opt(help="Independent trials (fresh prompts and SAE seed); AUCs are reported as mean +- std.")] = 10,
+    sae: Annotated[str, Opt(help="Shared SAE: topk (k=1, the argmax code) or relu (L1, as O'Neill & Bui).")] = "topk",
+    n_latents: Annotated[int, Opt(help="Latents of the shared SAE.")] = 200,
+    l1: Annotated[float, Opt(help="L1 coefficient of the relu SAE.")] = 0.02,
+    epochs: Annotated[int, Opt(help="Full-batch Adam steps of the SAE.")] = 500,
+    truth_prompts: Annotated[int, Opt(help="Prompts patched for the ground truth (generated tasks).")] = 64,
+    ablation: Annotated[str, Opt(help="Ground truth by counterfactual patching or mean ablation.")] = "counterfactual",
+    no_edges: Annotated[bool, Opt("--no-edges", help="Skip edge path patching and edge scores.")] = False,
+    out: Annotated[Path, Opt(help="Directory for circuits.json, circuits.md and the PNGs.")] = Path("runs/circuits"),
+    overwrite: Annotated[bool, Opt("--overwrite", help="Allow writing into a non-empty --out directory.")] = False,
+    seed: Annotated[int, Opt(help="Seed of prompts and SAEs.")] = 0,
+    device: Annotated[str, Opt(help="Torch device.")] = "cpu",
+) -> None:
+    """Find a task's circuit from SAE codes of per-head outputs and score it against patching."""
+    from saelab.evals.circuits import DiscoverConfig, discover, format_summary, write_report
+    from saelab.io import check_output_dir
+
+    cfg = DiscoverConfig(train_prompts=train_prompts, prompts=prompts, trials=trials, sae=sae,
+                         n_latents=n_latents, l1=l1, epochs=epochs, truth_prompts=truth_prompts,
+                         edges=not no_edges, ablation=ablation, seed=seed)
+    check_output_dir(out, overwrite)
+    result = discover(model, task, task_file=str(task_file) if task_file else None, config=cfg,
+                      device=device)
+    paths = write_report(result, out)
+    typer.echo(format_summary(result))
+    typer.echo(f"wrote {', '.join(p.name for p in paths)} -> {out}")
 
 
 def _check_environment() -> None:

@@ -32,6 +32,9 @@ class ZooRecipe:
             directories, not shipped in the package): the initial model, this many at steps
             S/2^n .. S/2 (S = total steps; early steps are where sparsity emerges), and the
             final one. `saelab sparsity --checkpoints` plots density against step from them.
+        corpus: "stdlib" (byte tokenizer, standard-library source) or "tasks" (word-level
+            tokenizer, synthetic circuit-task text mixed with stdlib source: `saelab.zoo.tasks`).
+        stdlib_fraction: for the tasks corpus, the share of each batch's rows that is stdlib.
     """
 
     name: str
@@ -45,9 +48,15 @@ class ZooRecipe:
     lr: float = 2e-3
     seed: int = 0
     checkpoints: int = 4
+    corpus: str = "stdlib"
+    stdlib_fraction: float = 0.25
 
 
-RECIPES = {r.name: r for r in [ZooRecipe("pystdlib-4l")]}
+RECIPES = {r.name: r for r in [
+    ZooRecipe("pystdlib-4l"),
+    ZooRecipe("tasks-4l", n_head=8, context_length=96, tokens=3_200_000, batch_size=8,
+              lr=1e-3, corpus="tasks", stdlib_fraction=0.125),
+]}
 
 
 def model_dir(name: str) -> Path:

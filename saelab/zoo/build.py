@@ -21,6 +21,7 @@ from tqdm import tqdm
 from saelab.data import BUILTIN_STDLIB, TokenData
 from saelab.io import write_json
 from saelab.zoo import MODELS_DIR, ZooRecipe
+from saelab.zoo import tasks as task_corpus
 
 EOT = "<|endoftext|>"
 EOT_ID = 256
@@ -112,29 +113,35 @@ def build(recipe: ZooRecipe, out_dir: Path | None = None, heldout_rows: int = 51
     try:
         torch.manual_seed(recipe.seed)
         torch.set_flush_denormal(True)  # denormal weights/grads slow CPU training several-fold
-        tokenizer = byte_tokenizer(tmp)
+        if recipe.corpus == "tasks":
+            tokenizer = task_corpus.word_tokenizer(tmp)
+            batches = task_corpus.batches(tokenizer, recipe.batch_size, recipe.context_length,
+                                          recipe.seed, recipe.stdlib_fraction)
+        else:
+            tokenizer = byte_tokenizer(tmp)
+            batches = TokenData(BUILTIN_STDLIB, "train", recipe.context_length,
+                                recipe.seed).batches(tokenizer, recipe.batch_size)
+        vocab_size, eot = len(tokenizer), tokenizer.eos_token_id
         config = GPT2Config(
-            vocab_size=EOT_ID + 1, n_positions=recipe.context_length, n_embd=recipe.d_model,
+            vocab_size=vocab_size, n_positions=recipe.context_length, n_embd=recipe.d_model,
             n_layer=recipe.n_layer, n_head=recipe.n_head, n_inner=recipe.d_mlp,
             n_ctx=recipe.context_length,  # transformer-lens 3.x reads n_ctx, not n_positions
-            activation_function="relu", bos_token_id=EOT_ID, eos_token_id=EOT_ID,
-            pad_token_id=EOT_ID, tie_word_embeddings=True,
+            activation_function="relu", bos_token_id=eot, eos_token_id=eot,
+            pad_token_id=eot, tie_word_embeddings=True,
         )
         model = GPT2LMHeadModel(config)
         opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.1, betas=(0.9, 0.95))
-        train = TokenData(BUILTIN_STDLIB, "train", recipe.context_length, recipe.seed)
         steps = recipe.tokens // (recipe.batch_size * recipe.context_length)
-        counts = torch.ones(EOT_ID + 1, dtype=torch.float64)  # add-one smoothed unigram
+        counts = torch.ones(vocab_size, dtype=torch.float64)  # add-one smoothed unigram
         start = time.perf_counter()
         bar = tqdm(total=steps * recipe.batch_size * recipe.context_length, unit="tok",
                    unit_scale=True, desc=f"zoo {recipe.name}")
-        batches = train.batches(tokenizer, recipe.batch_size)
         keep = checkpoint_steps(steps, recipe.checkpoints) if recipe.checkpoints else []
         for step in range(steps):
             if step in keep:
                 _save_checkpoint(model, tmp, step, step * recipe.batch_size * recipe.context_length)
             batch = next(batches)
-            counts += torch.bincount(batch[:, 1:].flatten(), minlength=EOT_ID + 1)
+            counts += torch.bincount(batch[:, 1:].flatten(), minlength=vocab_size)
             for group in opt.param_groups:
                 group["lr"] = _lr_at(step, steps, recipe.lr)
             loss = model(batch, labels=batch).loss
@@ -157,12 +164,15 @@ def build(recipe: ZooRecipe, out_dir: Path | None = None, heldout_rows: int = 51
         write_json(tmp / "zoo_card.json", {
             "name": recipe.name,
             "recipe": dataclasses.asdict(recipe),
-            "data": f"{BUILTIN_STDLIB} (train split), Python {platform.python_version()}",
+            "data": ("synthetic circuit tasks (saelab.zoo.tasks) + " if recipe.corpus == "tasks"
+                     else "") + f"{BUILTIN_STDLIB} (train split), Python {platform.python_version()}",
             "heldout_tokens": int(rows[:, 1:].numel()),
             "heldout_loss_nats": round(model_loss, 4),
             "unigram_loss_nats": round(unigram_loss, 4),
             "train_seconds": round(seconds, 1),
             "torch": torch.__version__,
+            **({"tasks": task_corpus.task_scores(model.eval(), tokenizer)}
+               if recipe.corpus == "tasks" else {}),
         })
         if out_dir.exists():
             shutil.rmtree(out_dir)

@@ -1,0 +1,14 @@
+"""Circuit-identification evals: patching ground truth and SAE-code circuit discovery.
+
+    from saelab.evals.circuits import discover, DiscoverConfig
+    result = discover("zoo:tasks-4l", "ioi", config=DiscoverConfig(train_prompts=10, trials=10))
+    result.summary()["node_roc_auc"]              # {"mean": ..., "std": ...} on held-out prompts
+    write_report(result, "runs/circuits")         # circuits.json, circuits.md, PNGs
+"""
+
+from saelab.evals.circuits.discover import DEFAULT_SAE, CircuitResult, DiscoverConfig, discover
+from saelab.evals.circuits.patching import GroundTruth, ground_truth
+from saelab.evals.circuits.report import format_summary, write_report
+
+__all__ = ["DEFAULT_SAE", "CircuitResult", "DiscoverConfig", "GroundTruth", "discover",
+           "format_summary", "ground_truth", "write_report"]

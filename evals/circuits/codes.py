@@ -1,0 +1,78 @@
+"""Per-head outputs and their discrete SAE codes.
+
+Each head's output (`hook_result`, in d_model space) is averaged over the prompt's real
+positions, giving one vector per (prompt, head). One small SAE, shared by all heads, is trained
+on these vectors from a few prompts (positive and counterfactual), and every (prompt, head) is
+then reduced to one integer: the SAE's argmax latent. Two SAEs are offered:
+- topk: saelab's TopK SAE with k = 1, trained on reconstruction (MSE); its single active latent
+  is exactly the argmax code;
+- relu: the L1 ReLU SAE of O'Neill & Bui (saelab's relu allocator: every positive latent
+  active, loss = MSE + l1 * `saelab.training.losses.l1_penalty`); its code is the argmax of
+  relu(pre), which is the argmax of pre.
+Both are trained full-batch with Adam, decoder rows renormalised after each step, on inputs
+divided by their root mean squared norm over the training rows (kept as `sae.input_scale` and
+applied again by `codes`), so one l1 coefficient means the same for every model.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from saelab.errors import SaelabError
+from saelab.models import HookedModel
+from saelab.sae import SAE, SAEConfig
+from saelab.training.init import init_sae
+from saelab.training.losses import l1_penalty
+
+from .patching import result_hook
+
+SAE_KINDS = ("topk", "relu")
+
+
+def head_outputs(model: HookedModel, tokens: torch.Tensor, lengths: torch.Tensor,
+                 n_layers: int, n_heads: int, batch: int = 64) -> torch.Tensor:
+    """(P, L*H, d_model): each head's output averaged over each prompt's real positions."""
+    hooks = [result_hook(layer) for layer in range(n_layers)]
+    out = []
+    for rows, lens in zip(tokens.split(batch), lengths.split(batch), strict=True):
+        acts = model.activations(rows.to(model.device), hooks)
+        real = (torch.arange(rows.shape[1])[None, :] < lens[:, None]).to(torch.float32)
+        per_layer = []
+        for h in hooks:
+            a = acts[h].cpu().float().reshape(*rows.shape, n_heads, -1)  # (B, T, H, d)
+            per_layer.append((a * real[:, :, None, None]).sum(1) / lens[:, None, None])
+        out.append(torch.cat(per_layer, 1))
+    return torch.cat(out)
+
+
+def train_sae(x: torch.Tensor, kind: str = "topk", n_latents: int = 200, l1: float = 0.02,
+              epochs: int = 500, lr: float = 1e-3, seed: int = 0) -> SAE:
+    """Train the shared SAE on rows x (M, d) full-batch; see the module docstring."""
+    if kind not in SAE_KINDS:
+        raise SaelabError(f"unknown circuit SAE {kind!r}; use {' or '.join(SAE_KINDS)}")
+    if min(n_latents, epochs) < 1 or lr <= 0 or l1 < 0:
+        raise SaelabError("n_latents and epochs must be positive, lr > 0 and l1 >= 0")
+    cfg = SAEConfig(d_in=x.shape[1], n_latents=n_latents, k=1 if kind == "topk" else 0,
+                    allocator=kind)
+    sae = SAE(cfg)
+    sae.input_scale = float(x.pow(2).sum(1).mean().sqrt().clamp_min(1e-12))
+    x = x / sae.input_scale
+    init_sae(sae, x, seed)
+    opt = torch.optim.Adam(sae.parameters(), lr=lr)
+    for _ in range(epochs):
+        idx, vals = sae.encode(x)
+        x_hat = sae.decode(idx, vals)
+        penalty = l1_penalty(sae, x, idx, vals) if kind == "relu" else 0.0
+        loss = (x - x_hat).pow(2).sum(1).mean() + l1 * penalty
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sae.normalize_decoder()
+    return sae
+
+
+@torch.no_grad()
+def codes(sae: SAE, outputs: torch.Tensor) -> torch.Tensor:
+    """(P, N) argmax latent of each (prompt, head) output (P, N, d)."""
+    flat = outputs.reshape(-1, outputs.shape[-1]) / sae.input_scale
+    return sae.pre_acts(flat.to(sae.W_enc.dtype)).argmax(1).reshape(outputs.shape[:2])

@@ -1,0 +1,242 @@
+"""SAE-code circuit discovery (after O'Neill & Bui 2024), scored honestly.
+
+Per trial: draw `train_prompts + prompts` task prompts; the shared SAE trains on the per-head
+outputs of the first `train_prompts` (positive and counterfactual), and node and edge scores
+come only from the codes of the other `prompts`, which the SAE never saw. Scores are compared
+with the patching ground truth (ROC AUC, and precision / recall / F1 of the predicted circuit)
+and, where the model has one, with the published head set. Every trial counts its own forward
+passes (per prompt) and wall time, the numbers set beside the patching baseline's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tqdm import tqdm
+
+from saelab.errors import SaelabError
+from saelab.models import HookedModel, load_model
+from saelab.tasks import Task, generate, load_task_file, tokenize
+
+from . import published, scoring
+from .codes import SAE_KINDS, codes, head_outputs, train_sae
+from .patching import ABLATIONS, GroundTruth, edge_mask, ground_truth, head_shape
+
+# topk (k = 1) is the default because its one active latent is exactly the argmax code; which
+# SAE recovers circuits better is not yet measured on a model that does the tasks (see
+# benchmarks/circuits.py, which chooses on a development seed).
+DEFAULT_SAE = "topk"
+TRUTH_SEED = 999_983  # ground-truth prompts: a seed no trial uses
+
+
+@dataclass(frozen=True)
+class DiscoverConfig:
+    """How discovery runs.
+
+    Fields:
+        train_prompts: prompts (each with its counterfactual) the SAE trains on per trial.
+        prompts: held-out prompts (each with its counterfactual) scored per trial.
+        trials: independent trials (fresh prompts, fresh SAE seed).
+        sae: topk (k = 1) or relu (L1), see `codes`.
+        n_latents: SAE size (200, as O'Neill & Bui).
+        l1: relu SAE's L1 coefficient (0.02, as O'Neill & Bui for IOI / greater-than).
+        epochs, lr: full-batch Adam steps and learning rate (500 and 1e-3, as O'Neill & Bui).
+        truth_prompts: prompts patched for the ground truth (generated tasks only).
+        edges: also path-patch edges for the ground truth and score edges.
+        ablation: ground truth by counterfactual patching or mean ablation.
+        center: subtract each head's mean output over the training prompts (positive and
+            counterfactual) before the SAE, so its latents split what varies within a head
+            rather than which head it is (a saelab option; O'Neill & Bui do not centre).
+        seed: base seed of prompts and SAEs.
+    """
+
+    train_prompts: int = 10
+    prompts: int = 100
+    trials: int = 10
+    sae: str = DEFAULT_SAE
+    n_latents: int = 200
+    l1: float = 0.02
+    epochs: int = 500
+    lr: float = 1e-3
+    truth_prompts: int = 64
+    edges: bool = True
+    ablation: str = "counterfactual"
+    center: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if min(self.train_prompts, self.prompts, self.trials, self.truth_prompts) < 1:
+            raise SaelabError("train_prompts, prompts, trials and truth_prompts must be positive")
+        if self.sae not in SAE_KINDS:
+            raise SaelabError(f"unknown circuit SAE {self.sae!r}; use {' or '.join(SAE_KINDS)}")
+        if self.ablation not in ABLATIONS:
+            raise SaelabError(f"unknown ablation {self.ablation!r}; use {' or '.join(ABLATIONS)}")
+
+
+@dataclass
+class CircuitResult:
+    """Discovery over several trials, the ground truth it is judged by, and the costs.
+
+    Fields:
+        model, task: what was evaluated.
+        config: the DiscoverConfig.
+        truth: the patching ground truth.
+        node_counts: (trials, L*H) codes unique to positives per head.
+        edge_counts: (trials, L*H, L*H) code pairs unique to positives per edge (NaN: no edge).
+        node_auc, edge_auc: per-trial ROC AUC against the patching truth.
+        node_prf, edge_prf: per-trial precision / recall / F1 of the predicted circuit.
+        published_auc: per-trial node AUC against the published head set, if the model has one.
+        published_entry: that published circuit (heads, source).
+        seconds, passes: per-trial wall time and forward passes (per prompt) of the method.
+    """
+
+    model: str
+    task: str
+    config: DiscoverConfig
+    truth: GroundTruth
+    node_counts: torch.Tensor
+    edge_counts: torch.Tensor
+    node_auc: list[float]
+    edge_auc: list[float]
+    node_prf: list[dict]
+    edge_prf: list[dict]
+    seconds: list[float]
+    passes: list[int]
+    published_auc: list[float] = field(default_factory=list)
+    published_entry: dict | None = None
+
+    @property
+    def n_layers(self) -> int:
+        return self.truth.n_layers
+
+    @property
+    def n_heads(self) -> int:
+        return self.truth.n_heads
+
+    @property
+    def node_scores(self) -> torch.Tensor:
+        """(trials, L*H) softmax of the counts over heads."""
+        return torch.stack([scoring.softmax_scores(c) for c in self.node_counts])
+
+    def recovered_heads(self) -> list[str]:
+        """Heads predicted in the circuit by the first trial."""
+        pred = scoring.predicted(self.node_counts[0])
+        return [self.head_name(i) for i in pred.nonzero().flatten().tolist()]
+
+    def head_name(self, i: int) -> str:
+        return f"{i // self.n_heads}.{i % self.n_heads}"
+
+    def summary(self) -> dict:
+        """Means and spreads (population std over trials) of every reported number."""
+        def ms(values):
+            vals = [v for v in values if not math.isnan(v)]
+            if not vals:
+                return {"mean": None, "std": None}
+            return {"mean": statistics.fmean(vals), "std": statistics.pstdev(vals)}
+
+        truth = self.truth
+        out = {
+            "model": self.model, "task": self.task, "config": dataclasses.asdict(self.config),
+            "trials": len(self.node_auc),
+            "node_roc_auc": ms(self.node_auc),
+            "edge_roc_auc": ms(self.edge_auc) if truth.has_edges else {"mean": None, "std": None},
+            "node_precision_recall_f1": {k: ms([p[k] for p in self.node_prf]) for k in self.node_prf[0]},
+            "edge_precision_recall_f1": (
+                {k: ms([p[k] for p in self.edge_prf]) for k in self.edge_prf[0]}
+                if truth.has_edges else None),
+            "threshold": "predicted circuit: heads (edges) with a count above the mean count",
+            "recovered_heads_trial0": self.recovered_heads(),
+            "ground_truth": truth.to_dict(),
+            "method_seconds_per_trial": ms(self.seconds),
+            "method_forward_passes_per_trial": self.passes[0],
+            "patching_node_forward_passes": truth.node_passes,
+            "patching_edge_forward_passes": truth.node_passes + truth.edge_passes,
+            "patching_node_seconds": truth.node_seconds,
+            "patching_edge_seconds": truth.node_seconds + truth.edge_seconds,
+            "per_trial": {"node_roc_auc": self.node_auc, "edge_roc_auc": self.edge_auc,
+                          "seconds": self.seconds},
+        }
+        if self.published_entry is not None:
+            out["published"] = {**self.published_entry, "node_roc_auc": ms(self.published_auc)}
+        return out
+
+
+def _resolve_task(task: str | Task, task_file: str | None) -> tuple[str, Task | None]:
+    if task_file is not None:
+        t = load_task_file(task_file)
+        return t.name, t
+    if isinstance(task, Task):
+        return task.name, task
+    generate(task, 1)  # unknown names fail here, before any work
+    return task, None
+
+
+def _trial_task(name: str, fixed: Task | None, n: int, trial: int, seed: int) -> Task:
+    if fixed is None:
+        return generate(name, n, seed=seed * 1000 + trial + 1)
+    g = torch.Generator().manual_seed(seed * 1000 + trial + 1)
+    return fixed.subset(torch.randperm(len(fixed), generator=g)[:n].tolist())
+
+
+def discover(model: str | HookedModel, task: str | Task = "ioi", *, task_file: str | None = None,
+             config: DiscoverConfig | None = None, truth: GroundTruth | None = None,
+             device: str = "cpu", progress: bool = True) -> CircuitResult:
+    """Run SAE-code circuit discovery; see the module docstring."""
+    cfg = config or DiscoverConfig()
+    name, fixed = _resolve_task(task, task_file)
+    need = cfg.train_prompts + cfg.prompts
+    if fixed is not None and need > len(fixed):
+        raise SaelabError(
+            f"task {name!r} has {len(fixed)} prompts; train_prompts + prompts = {need} must not "
+            "exceed it (held-out prompts are disjoint from training prompts)"
+        )
+    m = load_model(model, device) if isinstance(model, str) else model
+    n_layers, n_heads = head_shape(m)
+    if truth is None:
+        gt_task = fixed if fixed is not None else generate(name, cfg.truth_prompts, seed=TRUTH_SEED)
+        truth = ground_truth(m, tokenize(gt_task, m.tokenizer, m.context_length),
+                             ablation=cfg.ablation, edges=cfg.edges, progress=progress)
+    if (truth.n_layers, truth.n_heads) != (n_layers, n_heads):
+        raise SaelabError("the ground truth's head grid does not match the model")
+    pub = published.lookup(m.spec, name)
+    pub_mask = published.head_mask(pub, n_layers, n_heads) if pub else None
+    emask = edge_mask(n_layers, n_heads)
+    result = CircuitResult(m.spec, name, cfg, truth, torch.empty(0), torch.empty(0),
+                           [], [], [], [], [], [], published_entry=pub)
+    nodes, edges = [], []
+    for trial in tqdm(range(cfg.trials), desc=f"circuits {name}", disable=not progress):
+        start = time.perf_counter()
+        tok = tokenize(_trial_task(name, fixed, need, trial, cfg.seed), m.tokenizer, m.context_length)
+        out_pos = head_outputs(m, tok.pos, tok.pos_len, n_layers, n_heads)
+        out_cf = head_outputs(m, tok.cf, tok.cf_len, n_layers, n_heads)
+        tr = slice(0, cfg.train_prompts)
+        ev = slice(cfg.train_prompts, need)
+        if cfg.center:
+            mean = torch.cat([out_pos[tr], out_cf[tr]]).mean(0)  # (heads, d), training prompts only
+            out_pos, out_cf = out_pos - mean, out_cf - mean
+        x = torch.cat([out_pos[tr], out_cf[tr]]).reshape(-1, out_pos.shape[-1])
+        sae = train_sae(x, cfg.sae, cfg.n_latents, cfg.l1, cfg.epochs, cfg.lr,
+                        seed=cfg.seed * 1000 + trial)
+        pos_codes, neg_codes = codes(sae, out_pos[ev]), codes(sae, out_cf[ev])
+        node = scoring.node_counts(pos_codes, neg_codes)
+        edge = scoring.edge_counts(pos_codes, neg_codes, emask, cfg.n_latents) if cfg.edges else \
+            torch.full(emask.shape, float("nan"))
+        result.seconds.append(time.perf_counter() - start)
+        result.passes.append(2 * need)
+        nodes.append(node)
+        edges.append(edge)
+        result.node_auc.append(scoring.roc_auc(node, truth.nodes))
+        result.node_prf.append(scoring.precision_recall_f1(scoring.predicted(node), truth.nodes))
+        if truth.has_edges and cfg.edges:
+            result.edge_auc.append(scoring.roc_auc(edge[emask], truth.edges[emask]))
+            result.edge_prf.append(scoring.precision_recall_f1(
+                scoring.predicted(edge[emask]), truth.edges[emask]))
+        if pub_mask is not None:
+            result.published_auc.append(scoring.roc_auc(node, pub_mask))
+    result.node_counts, result.edge_counts = torch.stack(nodes), torch.stack(edges)
+    return result

@@ -1,0 +1,253 @@
+"""Ground-truth circuits by activation patching: the slow baseline circuit discovery is judged by.
+
+Nodes (heads): head h's output (its `hook_z` slice, which fixes its `hook_result`) is replaced
+in the positive run by its value on the counterfactual prompt (or, with `ablation="mean"`, by
+its mean over the positive prompts' real positions); the effect is the drop in the task's logit
+difference, averaged over prompts and divided by the drop a full counterfactual run causes.
+
+Edges (sender s -> receiver r, s in an earlier layer): path patching of the direct path. The
+receiver layer's input (`blocks.Lr.hook_resid_pre`) gets s's output change (counterfactual or
+mean minus positive `hook_result` of s) added, everything else clean; r's `hook_z` from that run
+is then spliced into an otherwise clean run, and the drop in logit difference is the edge's effect.
+
+A head (edge) is in the circuit when its |effect| is more than `share` of the summed |effects|
+of all heads (edges); the default share, 1 / count, means "more than an equal share".
+
+Forward passes are counted per prompt (a batched pass over P prompts counts P), as are the SAE
+method's, so the two are compared on the same footing.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from tqdm import tqdm
+
+from saelab.errors import SaelabError
+from saelab.models import HookedModel
+from saelab.tasks import TaskTokens, last_logits, logit_diff
+
+ABLATIONS = ("counterfactual", "mean")
+
+
+def z_hook(layer: int) -> str:
+    return f"blocks.{layer}.attn.hook_z"
+
+
+def result_hook(layer: int) -> str:
+    return f"blocks.{layer}.attn.hook_result"
+
+
+def head_shape(model: HookedModel) -> tuple[int, int]:
+    """(layers, heads per layer), or a clear error for a model without per-head hooks."""
+    n_layers = model.n_layers
+    n_heads = getattr(model.model.cfg, "n_heads", None)
+    hooks = [h for layer in range(n_layers) for h in (z_hook(layer), result_hook(layer))]
+    missing = [h for h in hooks if h not in model.model.hook_dict]
+    if not n_heads or missing:
+        raise SaelabError(
+            f"model {model.spec} has no per-head attention hooks ({missing[0] if missing else 'n_heads'} "
+            "is missing); circuit evals need blocks.L.attn.hook_z and blocks.L.attn.hook_result"
+        )
+    model.check_hooks(hooks)  # turns on per-head results
+    return n_layers, n_heads
+
+
+@dataclass
+class GroundTruth:
+    """A circuit found by patching, with what it cost.
+
+    Fields:
+        n_layers, n_heads: the head grid; head index = layer * n_heads + head.
+        node_effect: (L*H,) normalised drop in logit difference when the head is patched.
+        edge_effect: (L*H, L*H) same for edge (sender, receiver); NaN where no edge exists or
+            edges were not computed.
+        share: the inclusion rule's share of the summed |effect|.
+        ablation: counterfactual or mean.
+        prompts: prompts patched.
+        node_passes, edge_passes: forward passes (per prompt) of the node and edge stages.
+        node_seconds, edge_seconds: their wall time.
+        clean_logit_diff, counterfactual_logit_diff: mean logit differences of the two runs.
+    """
+
+    n_layers: int
+    n_heads: int
+    node_effect: torch.Tensor
+    edge_effect: torch.Tensor
+    share: float | None
+    ablation: str
+    prompts: int
+    node_passes: int
+    edge_passes: int
+    node_seconds: float
+    edge_seconds: float
+    clean_logit_diff: float
+    counterfactual_logit_diff: float
+    source: str = field(default="activation patching")
+
+    @property
+    def nodes(self) -> torch.Tensor:
+        """(L*H,) bool: heads in the circuit."""
+        return _above_share(self.node_effect, self.share)
+
+    @property
+    def edge_mask(self) -> torch.Tensor:
+        """(L*H, L*H) bool: pairs that are edges (sender in an earlier layer)."""
+        return edge_mask(self.n_layers, self.n_heads)
+
+    @property
+    def has_edges(self) -> bool:
+        return bool(torch.isfinite(self.edge_effect[self.edge_mask]).all())
+
+    @property
+    def edges(self) -> torch.Tensor:
+        """(L*H, L*H) bool: edges in the circuit (all False without edge effects)."""
+        out = torch.zeros_like(self.edge_mask)
+        if self.has_edges:
+            out[self.edge_mask] = _above_share(self.edge_effect[self.edge_mask], self.share)
+        return out
+
+    def to_dict(self) -> dict:
+        n = self.n_heads
+        heads = [f"{i // n}.{i % n}" for i in range(self.n_layers * n)]
+        return {
+            "source": self.source, "ablation": self.ablation, "prompts": self.prompts,
+            "share": self.share if self.share is not None else 1 / len(heads),
+            "heads": [h for h, keep in zip(heads, self.nodes.tolist(), strict=True) if keep],
+            "node_effect": {h: round(e, 5) for h, e in zip(heads, self.node_effect.tolist(), strict=True)},
+            "edges": [f"{heads[s]}->{heads[r]}" for s, r in self.edges.nonzero().tolist()],
+            "node_forward_passes": self.node_passes, "edge_forward_passes": self.edge_passes,
+            "node_seconds": round(self.node_seconds, 3), "edge_seconds": round(self.edge_seconds, 3),
+            "clean_logit_diff": round(self.clean_logit_diff, 4),
+            "counterfactual_logit_diff": round(self.counterfactual_logit_diff, 4),
+        }
+
+
+def edge_mask(n_layers: int, n_heads: int) -> torch.Tensor:
+    layer = torch.arange(n_layers).repeat_interleave(n_heads)
+    return layer[:, None] < layer[None, :]
+
+
+def _above_share(effect: torch.Tensor, share: float | None) -> torch.Tensor:
+    mag = effect.abs()
+    share = 1 / mag.numel() if share is None else share
+    return mag > share * mag.sum()
+
+
+class _Runner:
+    """Batched forward passes over a task's positive prompts, counted per prompt."""
+
+    def __init__(self, model: HookedModel, tokens: TaskTokens):
+        self.model, self.tokens, self.passes = model, tokens, 0
+        self.device = model.device
+
+    def run(self, tokens: torch.Tensor, replace: dict[str, Callable] | None = None,
+            lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-prompt logit difference of one batched pass."""
+        self.passes += tokens.shape[0]
+        with torch.no_grad():
+            logits = self.model.logits(tokens.to(self.device), replace)
+        lengths = self.tokens.pos_len if lengths is None else lengths
+        return logit_diff(last_logits(logits, lengths).cpu(), self.tokens)
+
+    def capture(self, tokens: torch.Tensor, hooks: list[str], lengths: torch.Tensor,
+                replace: dict[str, Callable] | None = None):
+        """(logit difference, {hook: activation}) of one pass, `replace` spliced in first."""
+        acts, replace = {}, replace or {}
+
+        def keep(name):
+            def fn(x):
+                x = replace[name](x) if name in replace else x
+                acts[name] = x.detach().clone()
+                return x
+            return fn
+
+        ld = self.run(tokens, {**replace, **{h: keep(h) for h in hooks}}, lengths)
+        return ld, acts
+
+
+def _set_head(head: int, d_head: int, value: torch.Tensor) -> Callable:
+    """A splice function writing `value`'s slice of one head into the (B, T, H*d) activation."""
+    sl = slice(head * d_head, (head + 1) * d_head)
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        x = x.clone()
+        x[..., sl] = value[..., sl].to(x.dtype)
+        return x
+    return fn
+
+
+def _masked_mean(acts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Mean over the real positions of every prompt, broadcast back to (P, T, d)."""
+    real = (torch.arange(acts.shape[1], device=acts.device)[None, :] < lengths[:, None].to(acts.device))
+    mean = (acts * real[..., None]).sum((0, 1)) / real.sum()
+    return mean.expand_as(acts)
+
+
+def ground_truth(model: HookedModel, tokens: TaskTokens, *, ablation: str = "counterfactual",
+                 edges: bool = True, share: float | None = None, progress: bool = True) -> GroundTruth:
+    """Patch every head (and, with `edges`, every head-to-head direct path); see module doc."""
+    if ablation not in ABLATIONS:
+        raise SaelabError(f"unknown ablation {ablation!r}; use counterfactual or mean")
+    if share is not None and not 0 < share < 1:
+        raise SaelabError(f"share must be in (0, 1), got {share}")
+    if ablation == "counterfactual" and not torch.equal(tokens.pos_len, tokens.cf_len):
+        bad = int((tokens.pos_len != tokens.cf_len).nonzero()[0])
+        raise SaelabError(
+            f"prompt {bad} and its counterfactual differ in length ({int(tokens.pos_len[bad])} vs "
+            f"{int(tokens.cf_len[bad])} tokens); patching needs equal lengths (or ablation='mean')"
+        )
+    n_layers, n_heads = head_shape(model)
+    d_head = model.model.cfg.d_head
+    d_model = model.model.cfg.d_model
+    run = _Runner(model, tokens)
+    start = time.perf_counter()
+    hooks = [h for layer in range(n_layers) for h in (z_hook(layer), result_hook(layer))]
+    ld_clean, clean = run.capture(tokens.pos, hooks, tokens.pos_len)
+    if ablation == "counterfactual":
+        ld_cf, source = run.capture(tokens.cf, hooks, tokens.cf_len)
+    else:
+        source = {h: _masked_mean(a, tokens.pos_len) for h, a in clean.items()}
+        ld_cf = run.run(tokens.pos, {h: (lambda x, v=v: v) for h, v in source.items()
+                                     if h.endswith("hook_z")})
+    total = (ld_clean - ld_cf).mean().item()
+    if abs(total) < 1e-6:
+        raise SaelabError(
+            f"the {ablation} run does not change the logit difference (clean "
+            f"{ld_clean.mean():.4f}, patched {ld_cf.mean():.4f}); the model does not do this task"
+        )
+    n = n_layers * n_heads
+    node = torch.zeros(n)
+    bar = tqdm(total=n, desc="patching heads", disable=not progress)
+    for i in range(n):
+        layer, head = divmod(i, n_heads)
+        ld = run.run(tokens.pos, {z_hook(layer): _set_head(head, d_head, source[z_hook(layer)])})
+        node[i] = (ld_clean - ld).mean() / total
+        bar.update()
+    bar.close()
+    node_passes, node_seconds = run.passes, time.perf_counter() - start
+    edge = torch.full((n, n), float("nan"))
+    if edges:
+        start = time.perf_counter()
+        pairs = [(s, lr) for s in range(n) for lr in range(s // n_heads + 1, n_layers)]
+        bar = tqdm(total=len(pairs) * n_heads, desc="path patching edges", disable=not progress)
+        for s, lr in pairs:
+            ls, hs = divmod(s, n_heads)
+            shape = (*clean[result_hook(ls)].shape[:2], n_heads, d_model)
+            delta = (source[result_hook(ls)] - clean[result_hook(ls)]).reshape(shape)[:, :, hs]
+            add = {f"blocks.{lr}.hook_resid_pre": lambda x, d=delta: x + d.to(x.dtype)}
+            _, acts = run.capture(tokens.pos, [z_hook(lr)], tokens.pos_len, add)
+            for hr in range(n_heads):
+                ld = run.run(tokens.pos, {z_hook(lr): _set_head(hr, d_head, acts[z_hook(lr)])})
+                edge[s, lr * n_heads + hr] = (ld_clean - ld).mean() / total
+                bar.update()
+        bar.close()
+        edge_passes, edge_seconds = run.passes - node_passes, time.perf_counter() - start
+    else:
+        edge_passes, edge_seconds = 0, 0.0
+    return GroundTruth(n_layers, n_heads, node, edge, share, ablation, len(tokens), node_passes,
+                       edge_passes, node_seconds, edge_seconds, ld_clean.mean().item(),
+                       ld_cf.mean().item())

@@ -1,0 +1,139 @@
+"""The task corpus and word-level tokenizer of the zoo's circuit-task models.
+
+A task model learns IOI, greater-than, docstring and induction from synthetic text mixed with
+ordinary text (the standard library's source), so that circuit evals have a model with known
+behaviour and enough heads to rank. Its tokenizer is word-level: every name, two-digit year
+group, argument name and Python word is one token (as names and years are in GPT-2), pieces
+are cut by `PIECE` (words, two-digit groups, newlines, indentation runs, single punctuation
+marks; single spaces dropped), and words outside the vocabulary become [UNK].
+
+Synthetic documents (one per draw, the task chosen uniformly):
+- ioi: an IOI prompt completed with its indirect object and a full stop;
+- greater-than: a year-range sentence completed with an end year after the start year;
+- docstring: a def with 4-6 arguments and a docstring documenting each, in order;
+- induction: 5-20 words drawn from the whole vocabulary, then the same words again.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from saelab import tasks
+from saelab.data import BUILTIN_STDLIB, TokenData, stdlib_texts
+
+EOT, UNK = "<|endoftext|>", "[UNK]"
+PIECE = r"\d\d|\d|[A-Za-z_]+|\n| {2,}|[^\sA-Za-z_\d]"
+STDLIB_WORDS = 1000  # most frequent standard-library pieces kept in the vocabulary
+EVAL_SEED = 1_000_003  # seed of the prompts the card's accuracies are measured on
+EVAL_PROMPTS = 200
+
+
+def _doc_ioi(rng: random.Random) -> str:
+    t = tasks.ioi(1, rng.randrange(2**31))
+    return t.prompts[0] + t.answers[0][0] + "."
+
+
+def _doc_greater_than(rng: random.Random) -> str:
+    t = tasks.greater_than(1, rng.randrange(2**31))
+    return t.prompts[0] + rng.choice(t.answers[0]) + "."
+
+
+def _doc_docstring(rng: random.Random) -> str:
+    n = rng.randint(4, 6)
+    words = rng.sample(tasks.WORDS, n + 3)
+    args, doc = words[:n], words[n:]
+    params = [(a, " ".join(rng.sample(tasks.WORDS, 2))) for a in args]
+    return tasks.docstring_text(rng.choice(tasks.FUNC_NAMES), args, doc, params, open_line=False)
+
+
+def _doc_induction(rng: random.Random, vocab: list[str]) -> str:
+    seq = rng.sample(vocab, rng.randint(5, 20))
+    return " ".join(seq + seq)
+
+
+def documents(seed: int, vocab: list[str]) -> Iterator[str]:
+    """An endless seeded stream of synthetic task documents; `vocab` feeds induction."""
+    rng = random.Random(seed)
+    makers = [_doc_ioi, _doc_greater_than, _doc_docstring,
+              lambda r: _doc_induction(r, vocab)]
+    while True:
+        yield rng.choice(makers)(rng)
+
+
+def word_tokenizer(directory: Path):
+    """Write and return the word-level tokenizer: task words, then frequent stdlib pieces."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    piece = re.compile(PIECE)
+    task_words: dict[str, None] = {}
+    for doc, _ in zip(documents(0, list(tasks.WORDS)), range(4000), strict=False):
+        task_words.update(dict.fromkeys(piece.findall(doc)))
+    for w in (*tasks.NAMES, *tasks.YEARS, *tasks.WORDS, *tasks.FUNC_NAMES, *tasks.GT_NOUNS):
+        task_words[w] = None
+    counts = Counter(p for text in stdlib_texts("train") for p in piece.findall(text))
+    common = [w for w, _ in counts.most_common() if w not in task_words][:STDLIB_WORDS]
+    vocab = {w: i for i, w in enumerate([EOT, UNK, *task_words, *common])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(PIECE), behavior="removed", invert=True)
+    tok.save(str(directory / "tokenizer.json"))
+    fast = PreTrainedTokenizerFast(tokenizer_file=str(directory / "tokenizer.json"),
+                                   bos_token=EOT, eos_token=EOT, pad_token=EOT, unk_token=UNK)
+    fast.save_pretrained(str(directory))
+    return fast
+
+
+def _task_rows(tokenizer, context_length: int, seed: int) -> Iterator[list[int]]:
+    """BOS-led rows of whole synthetic documents separated by EOT, padded with EOT.
+
+    A document is never cut across rows (one longer than a row is dropped), so every row shows
+    complete IOI sentences and complete docstrings, as the task prompts do."""
+    vocab = [w for w in tokenizer.get_vocab() if w not in (EOT, UNK) and w.strip()]
+    vocab.sort(key=tokenizer.get_vocab().get)
+    eot, row = tokenizer.eos_token_id, [tokenizer.eos_token_id]
+    for doc in documents(seed, vocab):
+        ids = tokenizer(doc, add_special_tokens=False)["input_ids"] + [eot]
+        if len(ids) >= context_length:
+            continue
+        if len(row) + len(ids) > context_length:
+            yield row + [eot] * (context_length - len(row))
+            row = [eot]
+        row += ids
+
+
+def batches(tokenizer, batch_size: int, context_length: int, seed: int,
+            stdlib_fraction: float) -> Iterator[torch.Tensor]:
+    """Endless (batch_size, context_length) batches: task rows mixed with stdlib rows.
+
+    round(stdlib_fraction * batch_size) rows of each batch are standard-library source."""
+    n_std = round(stdlib_fraction * batch_size)
+    std = TokenData(BUILTIN_STDLIB, "train", context_length, seed).rows(tokenizer)
+    task = _task_rows(tokenizer, context_length, seed)
+    while True:
+        rows = [torch.tensor(next(task)) for _ in range(batch_size - n_std)]
+        rows += [next(std) for _ in range(n_std)]
+        yield torch.stack(rows)
+
+
+@torch.no_grad()
+def task_scores(model, tokenizer, n: int = EVAL_PROMPTS, seed: int = EVAL_SEED) -> dict[str, dict]:
+    """Accuracy and mean logit difference (positive and counterfactual) of a Hugging Face
+    causal LM on `n` fresh prompts of each task."""
+    out = {}
+    for name in tasks.GENERATORS:
+        tok = tasks.tokenize(tasks.generate(name, n, seed), tokenizer)
+        pos = tasks.last_logits(model(tok.pos).logits, tok.pos_len)
+        cf = tasks.last_logits(model(tok.cf).logits, tok.cf_len)
+        out[name] = {
+            "accuracy": round(tasks.correct(pos, tok).float().mean().item(), 4),
+            "logit_diff": round(tasks.logit_diff(pos, tok).mean().item(), 4),
+            "counterfactual_logit_diff": round(tasks.logit_diff(cf, tok).mean().item(), 4),
+            "prompts": n,
+        }
+    return out

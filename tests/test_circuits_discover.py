@@ -1,0 +1,137 @@
+"""SAE-code circuit discovery: scoring on hand-built codes, ROC AUC against a direct pairwise
+count, the end-to-end run and report on a tiny model, published head sets, and bad input."""
+
+import json
+import math
+
+import pytest
+import torch
+from test_circuits_patching import tiny_model
+
+from saelab.errors import SaelabError
+from saelab.evals.circuits import DiscoverConfig, discover, published, scoring, write_report
+from saelab.evals.circuits.codes import codes, train_sae
+from saelab.evals.circuits.patching import edge_mask
+
+
+def test_node_counts_hand_built():
+    # 3 heads; head 1 takes codes on positives never seen on negatives, head 0 shares them all,
+    # head 2 has one unique code
+    pos = torch.tensor([[1, 5, 7], [2, 6, 7], [1, 8, 9]])
+    neg = torch.tensor([[1, 0, 7], [2, 0, 8], [3, 0, 7]])
+    counts = scoring.node_counts(pos, neg)
+    assert counts.tolist() == [0, 3, 1]
+    assert counts.argmax() == 1
+    s = scoring.softmax_scores(counts)
+    assert torch.allclose(s.sum(), torch.tensor(1.0)) and s.argmax() == 1
+    assert scoring.predicted(counts).tolist() == [False, True, False]  # mean count 4/3
+
+
+def test_edge_counts_are_pairs_not_heads():
+    # heads 0 (layer 0) and 1, 2 (layer 1), one head per layer slot: grid 2 layers x ... use
+    # a mask by hand. Each head alone has the same codes on positives and negatives, but the
+    # pair (0, 1) combines them differently on positives: an edge score a node score cannot see.
+    pos = torch.tensor([[1, 2, 4], [3, 5, 4]])
+    neg = torch.tensor([[1, 5, 4], [3, 2, 4]])
+    assert scoring.node_counts(pos, neg).tolist() == [0, 0, 0]
+    mask = torch.tensor([[False, True, True], [False, False, False], [False, False, False]])
+    e = scoring.edge_counts(pos, neg, mask, n_codes=10)
+    assert e[0, 1] == 2 and e[0, 2] == 0
+    assert torch.isnan(e[~mask]).all()
+
+
+def _pairwise_auc(scores, labels):
+    p, n = scores[labels], scores[~labels]
+    wins = (p[:, None] > n[None, :]).double() + 0.5 * (p[:, None] == n[None, :]).double()
+    return wins.mean().item()
+
+
+def test_roc_auc_matches_direct_pairwise_count():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        scores = torch.randint(0, 6, (40,), generator=g).float()  # many ties
+        labels = torch.rand(40, generator=g) < 0.3
+        assert scoring.roc_auc(scores, labels) == pytest.approx(_pairwise_auc(scores, labels))
+    assert scoring.roc_auc(torch.tensor([3.0, 2.0, 1.0]), torch.tensor([True, False, False])) == 1.0
+    assert math.isnan(scoring.roc_auc(torch.ones(3), torch.ones(3, dtype=torch.bool)))
+    fpr, tpr = scoring.roc_curve(torch.tensor([3.0, 2.0, 1.0]), torch.tensor([True, False, True]))
+    assert (fpr[0], tpr[0], fpr[-1], tpr[-1]) == (0.0, 0.0, 1.0, 1.0)
+    # the curve's trapezoid area is the AUC
+    area = sum((fpr[i + 1] - fpr[i]) * (tpr[i + 1] + tpr[i]) / 2 for i in range(len(fpr) - 1))
+    assert area == pytest.approx(scoring.roc_auc(torch.tensor([3.0, 2.0, 1.0]),
+                                                 torch.tensor([True, False, True])))
+
+
+def test_precision_recall_f1_is_true_f1():
+    pred = torch.tensor([True, True, False, False, True])
+    truth = torch.tensor([True, False, True, False, False])
+    prf = scoring.precision_recall_f1(pred, truth)
+    assert prf["precision"] == pytest.approx(1 / 3) and prf["recall"] == pytest.approx(1 / 2)
+    assert prf["f1"] == pytest.approx(2 * (1 / 3) * (1 / 2) / (1 / 3 + 1 / 2))
+
+
+def test_topk_sae_code_is_argmax_and_separates_clusters():
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(4, 8, generator=g) * 3
+    x = centers.repeat_interleave(10, 0) + 0.05 * torch.randn(40, 8, generator=g)
+    for kind in ("topk", "relu"):
+        sae = train_sae(x, kind, n_latents=16, epochs=300, lr=1e-2, seed=0)
+        c = codes(sae, x.reshape(40, 1, 8)).flatten()
+        assert torch.equal(c, sae.pre_acts(x / sae.input_scale).argmax(1))
+        groups = [set(c[i * 10:(i + 1) * 10].tolist()) for i in range(4)]
+        # each cluster gets codes no other cluster uses
+        for i in range(4):
+            assert not groups[i] & set().union(*(groups[j] for j in range(4) if j != i))
+
+
+PROMPTS = [f"{a}bcd" for a in "aeimquy"]
+COUNTERFACTUALS = [f"{a}bcd" for a in "fjnrvzo"]
+
+
+def test_discover_end_to_end(tmp_path):
+    model = tiny_model(tmp_path / "m", live={(0, 1), (1, 0)}, seed=1)
+    tokens = [{"prompt": p, "counterfactual": c, "answer": "e", "wrong": "f"}
+              for p, c in zip(PROMPTS, COUNTERFACTUALS, strict=True)]
+    f = tmp_path / "copy.jsonl"
+    f.write_text("\n".join(json.dumps(t) for t in tokens))
+    cfg = DiscoverConfig(train_prompts=3, prompts=4, trials=3, n_latents=8, epochs=50)
+    r = discover(model, task_file=str(f), config=cfg, progress=False)
+    assert r.task == "copy" and r.node_counts.shape == (3, 4) and r.edge_counts.shape == (3, 4, 4)
+    assert not r.truth.nodes[[0, 3]].any() and r.truth.nodes[[1, 2]].any()  # dead heads out
+    assert len(r.node_auc) == 3 and all(0 <= a <= 1 for a in r.node_auc)
+    assert r.passes == [2 * 7] * 3  # every trial's prompts and counterfactuals, nothing else
+    s = r.summary()
+    assert set(s) >= {"node_roc_auc", "edge_roc_auc", "node_precision_recall_f1",
+                      "patching_edge_forward_passes", "method_forward_passes_per_trial"}
+    paths = write_report(r, tmp_path / "out")
+    data = json.loads(paths[0].read_text())
+    assert data["node_roc_auc"]["mean"] == pytest.approx(sum(r.node_auc) / 3)
+    assert all(p.stat().st_size > 0 for p in paths)
+    assert paths[2].read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(SaelabError, match="has 7 prompts; train_prompts \\+ prompts = 11"):
+        discover(model, task_file=str(f), config=DiscoverConfig(train_prompts=3, prompts=8),
+                 progress=False)
+
+
+def test_bad_input():
+    with pytest.raises(SaelabError, match="unknown task 'nope'"):
+        discover("zoo:does-not-matter", "nope")
+    with pytest.raises(SaelabError, match="unknown circuit SAE 'gated'"):
+        DiscoverConfig(sae="gated")
+    with pytest.raises(SaelabError, match="must be positive"):
+        DiscoverConfig(trials=0)
+
+
+def test_published_head_sets():
+    c = published.circuits()
+    assert {k: len(v["heads"]) for k, v in c.items()} == {
+        "gpt2/ioi": 26, "gpt2/greater-than": 9, "attn-only-4l/docstring": 6}
+    for v in c.values():
+        assert v["source"] and v["differences"]
+        mask = published.head_mask(v, v["n_layers"], v["n_heads"])
+        assert mask.sum() == len(set(v["heads"]))
+    assert published.lookup("gpt2", "ioi")["task"] == "ioi"
+    assert published.lookup("zoo:tasks-4l", "ioi") is None
+    with pytest.raises(SaelabError, match="12x12 head grid"):
+        published.head_mask(c["gpt2/ioi"], 4, 8)
+    assert edge_mask(2, 2).sum() == 4

@@ -1,0 +1,163 @@
+"""Circuit tasks: generators (text level and with the zoo task model's tokenizer), the task-file
+loader's line-by-line errors, and the logit-difference metric against a hand computation."""
+
+import json
+import re
+
+import pytest
+import torch
+
+from saelab import tasks
+from saelab.errors import SaelabError
+
+TASK_MODEL = "zoo:tasks-4l"
+
+
+def _word_diffs(a: str, b: str) -> list[tuple[str, str]]:
+    wa, wb = re.findall(r"\w+|[^\w\s]", a), re.findall(r"\w+|[^\w\s]", b)
+    assert len(wa) == len(wb), (a, b)
+    return [(x, y) for x, y in zip(wa, wb, strict=True) if x != y]
+
+
+def test_ioi_text():
+    t = tasks.generate("ioi", 50, seed=3)
+    assert len(t) == 50
+    for p, c, (a,), (w,) in zip(t.prompts, t.counterfactuals, t.answers, t.wrongs, strict=True):
+        io, s = a.strip(), w.strip()
+        assert a.startswith(" ") and io in tasks.NAMES and s in tasks.NAMES and io != s
+        assert p.count(s) == 2 and p.count(io) == 1  # S repeated, IO once
+        (old, new), = _word_diffs(p, c)  # exactly one word differs: S2 -> a third name
+        assert old == s and new in tasks.NAMES and new not in (io, s)
+        assert c.count(s) == 1
+
+
+def test_greater_than_text():
+    t = tasks.generate("greater-than", 40, seed=1)
+    for p, c, ans, wrong in zip(t.prompts, t.counterfactuals, t.answers, t.wrongs, strict=True):
+        start = re.search(r"year (\d\d)(\d\d) to the year (\d\d)$", p)
+        assert start and start.group(1) == start.group(3)
+        yy = int(start.group(2))
+        assert sorted(ans + wrong) == list(tasks.YEARS)  # a partition of 00..99
+        assert all(int(a) > yy for a in ans) and all(int(w) <= yy for w in wrong)
+        assert c == p.replace(f"year {start.group(1)}{start.group(2)} ", f"year {start.group(1)}01 ")
+        assert c != p
+
+
+def test_docstring_text():
+    t = tasks.generate("docstring", 30, seed=2)
+    for p, c, (a,), wrong in zip(t.prompts, t.counterfactuals, t.answers, t.wrongs, strict=True):
+        args = re.match(r"def \w+\(self, ([^)]*)\):", p).group(1).split(", ")
+        documented = re.findall(r":param (\w+):", p)
+        assert args[:len(documented)] == documented and p.endswith(":param")
+        assert a.strip() == args[len(documented)]
+        assert {w.strip() for w in wrong} == set(args) - {a.strip()}
+        # only the def line differs, and there only the argument names
+        assert p.splitlines()[1:] == c.splitlines()[1:]
+        diffs = _word_diffs(p.splitlines()[0], c.splitlines()[0])
+        assert {old for old, _ in diffs} == set(args) and not set(args) & {new for _, new in diffs}
+
+
+def test_induction_text():
+    t = tasks.generate("induction", 30, seed=4)
+    for p, c, (a,), (w,) in zip(t.prompts, t.counterfactuals, t.answers, t.wrongs, strict=True):
+        words = p.split()
+        (old, new), = _word_diffs(p, c)
+        assert old == a.strip() and new == w.strip()
+        # the prompt's last word occurred before, followed by the answer
+        last = words[-1]
+        first = words.index(last)
+        assert words[first + 1] == a.strip()
+
+
+def test_generators_seeded_and_unknown_task():
+    assert tasks.generate("ioi", 5, seed=7) == tasks.generate("ioi", 5, seed=7)
+    assert tasks.generate("ioi", 5, seed=7) != tasks.generate("ioi", 5, seed=8)
+    with pytest.raises(SaelabError, match="unknown task 'ioj'.*ioi, greater-than"):
+        tasks.generate("ioj", 5)
+    with pytest.raises(SaelabError, match="positive"):
+        tasks.generate("ioi", 0)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    from saelab.zoo import model_dir
+
+    return AutoTokenizer.from_pretrained(str(model_dir(TASK_MODEL)))
+
+
+@pytest.mark.parametrize("name", list(tasks.GENERATORS))
+def test_single_tokens_for_the_task_model(tokenizer, name):
+    t = tasks.generate(name, 100, seed=5)
+    tok = tasks.tokenize(t, tokenizer)  # raises if an answer is not a single token
+    assert tok.answer_mask.sum() == sum(len(a) for a in t.answers)
+    unk = tokenizer.unk_token_id
+    assert not (tok.pos == unk).any() and not (tok.cf == unk).any()
+    # counterfactuals differ minimally: same length, few differing tokens
+    assert torch.equal(tok.pos_len, tok.cf_len)
+    differ = (tok.pos != tok.cf).sum(1)
+    assert differ.min() >= 1
+    assert differ.max() <= (6 if name == "docstring" else 1)
+
+
+def test_tokenize_rejects_multi_token_answers(tokenizer):
+    t = tasks.Task("mine", ("a b",), ("a c",), ((" Mary John",),), ((" b",),))
+    with pytest.raises(SaelabError, match="prompt 0: answer ' Mary John' is 2 tokens"):
+        tasks.tokenize(t, tokenizer)
+
+
+def test_logit_diff_and_correct_by_hand():
+    t = tasks.Task("x", ("p", "q"), ("p", "q"), (("a",), ("a", "b")), (("b", "c"), ("c",)))
+    tok = tasks.TaskTokens(
+        pos=torch.zeros(2, 3, dtype=torch.long), cf=torch.zeros(2, 3, dtype=torch.long),
+        pos_len=torch.tensor([3, 2]), cf_len=torch.tensor([3, 2]),
+        answer=torch.tensor([[0, 0], [0, 1]]), wrong=torch.tensor([[1, 2], [2, 2]]),
+        answer_mask=torch.tensor([[True, False], [True, True]]),
+        wrong_mask=torch.tensor([[True, True], [True, False]]),
+    )
+    assert len(t) == 2
+    logits = torch.randn(2, 3, 3)
+    last = tasks.last_logits(logits, tok.pos_len)
+    assert torch.equal(last, torch.stack([logits[0, 2], logits[1, 1]]))
+    ld = tasks.logit_diff(last, tok)
+    expect0 = last[0, 0] - (last[0, 1] + last[0, 2]) / 2
+    expect1 = (last[1, 0] + last[1, 1]) / 2 - last[1, 2]
+    assert torch.allclose(ld, torch.stack([expect0, expect1]))
+    ok = tasks.correct(last, tok)
+    assert ok[0] == (last[0, 0] > last[0, 1:].max()) and ok[1] == (last[1, :2].max() > last[1, 2])
+
+
+def test_task_file(tmp_path):
+    good = tmp_path / "mine.jsonl"
+    rows = [{"prompt": "a b a", "counterfactual": "a c a", "answer": " b", "wrong": [" c", " d"]},
+            {"prompt": "x y x", "counterfactual": "x z x", "answer": [" y"], "wrong": " z"}]
+    good.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    t = tasks.load_task_file(good)
+    assert t.name == "mine" and t.prompts == ("a b a", "x y x")
+    assert t.answers == ((" b",), (" y",)) and t.wrongs == ((" c", " d"), (" z",))
+
+
+@pytest.mark.parametrize("line,message", [
+    ("{not json", "line 2 is not valid JSON"),
+    ('["a"]', "line 2: expected an object"),
+    ('{"prompt": "a", "counterfactual": "b", "answer": " c"}', "line 2: missing wrong"),
+    ('{"prompt": "", "counterfactual": "b", "answer": " c", "wrong": " d"}', "line 2: prompt must"),
+    ('{"prompt": "a", "counterfactual": "b", "answer": [], "wrong": " d"}', "line 2: answer must"),
+    ('{"prompt": "a", "counterfactual": "b", "answer": " c", "wrong": [" c"]}', "wrong share"),
+])
+def test_task_file_bad_line(tmp_path, line, message):
+    f = tmp_path / "bad.jsonl"
+    ok = '{"prompt": "a", "counterfactual": "b", "answer": " c", "wrong": " d"}'
+    f.write_text(ok + "\n" + line + "\n" + ok + "\n")
+    with pytest.raises(SaelabError, match=message) as e:
+        tasks.load_task_file(f)
+    assert "\n" not in str(e.value)
+
+
+def test_task_file_missing_or_empty(tmp_path):
+    with pytest.raises(SaelabError, match="does not exist"):
+        tasks.load_task_file(tmp_path / "nope.jsonl")
+    (tmp_path / "e.jsonl").write_text("\n")
+    with pytest.raises(SaelabError, match="has no tasks"):
+        tasks.load_task_file(tmp_path / "e.jsonl")
