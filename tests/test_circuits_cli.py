@@ -3,11 +3,13 @@ as one line with exit code 2 before anything is written."""
 
 import json
 
+import pytest
 from test_end_to_end import run_cli
 
 from saelab import zoo
 
 
+@pytest.mark.slow  # path-patches every head pair for its ground truth: minutes on 2 cores
 def test_circuits_cli_small_run(tmp_path, monkeypatch, capsys):
     out = tmp_path / "c"
     code, cap = run_cli(["circuits", "--task", "induction", "--trials", "2", "--train-prompts", "5",
