@@ -418,9 +418,16 @@ def circuits(
     device: Annotated[str, Opt(help="Torch device.")] = "cpu",
 ) -> None:
     """Find a task's circuit from SAE codes of per-head outputs and score it against patching."""
+    from saelab.checks import check_device, check_number
     from saelab.evals.circuits import DiscoverConfig, discover, format_summary, write_report
     from saelab.io import check_output_dir
 
+    for name, value in (("--train-prompts", train_prompts), ("--prompts", prompts), ("--trials", trials),
+                        ("--n-latents", n_latents), ("--epochs", epochs), ("--truth-prompts", truth_prompts)):
+        check_number(name, value, 1)
+    check_number("--l1", l1, 0)
+    check_number("--seed", seed, 0)
+    check_device(device)
     cfg = DiscoverConfig(train_prompts=train_prompts, prompts=prompts, trials=trials, sae=sae,
                          n_latents=n_latents, l1=l1, epochs=epochs, truth_prompts=truth_prompts,
                          edges=not no_edges, ablation=ablation, seed=seed)
