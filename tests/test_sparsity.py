@@ -3,17 +3,16 @@ the CLI contract, and bad input."""
 
 import json
 import shutil
-import sys
 from statistics import NormalDist
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from test_end_to_end import run_cli
 from torch.testing import assert_close
 
 from saelab.cache import positions_to_keep
-from saelab.cli import main
 from saelab.data import TokenData
 from saelab.errors import SaelabError
 from saelab.evals.evaluate import heldout_rows
@@ -29,16 +28,6 @@ from saelab.zoo.build import build, checkpoint_steps
 
 DATA = TokenData(split="heldout", context_length=64)
 TOKENS = 600
-
-
-def run_cli(args, monkeypatch, capsys):
-    monkeypatch.setattr(sys, "argv", ["saelab", *args])
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    return code, capsys.readouterr()
 
 
 @pytest.fixture(scope="module")
