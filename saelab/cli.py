@@ -77,8 +77,8 @@ def train(
     flags = dict(locals())
     flags.pop("config")
     flags.pop("resume")
+    from saelab.pipeline import train as run
     from saelab.training import TrainConfig, resume_config
-    from saelab.training import train as run
 
     flags = {k: (str(v) if isinstance(v, Path) else v) for k, v in flags.items()}
     flags["overwrite"] = overwrite or None
@@ -91,7 +91,9 @@ def train(
         result = run(resume_config(resume), resume=True)
     else:
         result = run(TrainConfig.from_file_and_flags(str(config) if config else None, flags))
-    for one in result.values() if isinstance(result, dict) else [result]:
+    from saelab.distributed import is_main_process
+
+    for one in result.values() if is_main_process() else []:  # rank 0 evaluated and prints
         _print_train_summary(one.summary)
 
 

@@ -59,6 +59,11 @@ class World:
             dist.destroy_process_group()
 
 
+def is_main_process() -> bool:
+    """Rank 0 of a torchrun job, or a plain process: the one that prints and writes."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def init(device: str = "cpu") -> World:
     """Join the torchrun job if there is one (WORLD_SIZE > 1), else a world of one."""
     size = int(os.environ.get("WORLD_SIZE", "1"))

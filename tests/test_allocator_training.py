@@ -10,7 +10,8 @@ import saelab
 from saelab.cache import CacheStream, build_cache, heldout_activations
 from saelab.data import TokenData
 from saelab.errors import SaelabError
-from saelab.training import TrainConfig, train
+from saelab.pipeline import train
+from saelab.training import TrainConfig
 
 HOOK = "blocks.1.hook_resid_post"
 SMALL = dict(hook=HOOK, n_latents=256, k=8, tokens=40_000, batch_size=1024, eval_tokens=4096,
@@ -45,8 +46,8 @@ def test_gradient_training_needs_a_gradient_cache(small_cache, tmp_path):
 
 
 def test_gradient_topk_trains_from_grad_cache(grad_cache, tmp_path):
-    r = train(TrainConfig(cache=str(grad_cache), out=str(tmp_path / "g"), allocator="gradient_topk",
-                          **{**SMALL, "tokens": 12_000}))
+    (r,) = train(TrainConfig(cache=str(grad_cache), out=str(tmp_path / "g"), allocator="gradient_topk",
+                             **{**SMALL, "tokens": 12_000})).values()
     assert r.summary["heldout_fvu"] < 0.9
     assert saelab.load(str(tmp_path / "g")).cfg.allocator == "gradient_topk"
 
@@ -57,8 +58,8 @@ def test_gradient_topk_trains_from_grad_cache(grad_cache, tmp_path):
     ("mutual_choice", {"aux": "aux_zipf"}),
 ])
 def test_batch_allocators_train_and_thresholds_agree(allocator, extra, small_cache, zoo_model, tmp_path):
-    r = train(TrainConfig(cache=str(small_cache), out=str(tmp_path / "d"), allocator=allocator,
-                          **SMALL, **extra))
+    (r,) = train(TrainConfig(cache=str(small_cache), out=str(tmp_path / "d"), allocator=allocator,
+                             **SMALL, **extra)).values()
     sae = saelab.load(str(tmp_path / "d"))
     assert sae.cfg.allocator == allocator and torch.isfinite(sae.threshold).all()
     assert r.summary["heldout_fvu"] < 0.6, r.summary

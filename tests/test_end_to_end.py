@@ -11,7 +11,8 @@ from saelab.cli import main
 from saelab.data import TokenData
 from saelab.evals import reconstruction_stats
 from saelab.evals.evaluate import heldout_rows
-from saelab.training import TrainConfig, train
+from saelab.pipeline import train
+from saelab.training import TrainConfig
 
 SMALL = dict(n_latents=256, k=8, tokens=30_000, batch_size=1024, eval_tokens=4096, warmup_steps=5)
 
@@ -40,8 +41,9 @@ def run_cli(args, monkeypatch, capsys):
 @pytest.fixture(scope="module")
 def trained(small_cache, tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "sae"
-    return train(TrainConfig(cache=str(small_cache), hook="blocks.1.hook_resid_post",
-                             out=str(out), **SMALL))
+    (result,) = train(TrainConfig(cache=str(small_cache), hook="blocks.1.hook_resid_post",
+                                  out=str(out), **SMALL)).values()
+    return result
 
 
 def test_training_from_cache_learns(trained):

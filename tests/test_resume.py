@@ -12,8 +12,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from saelab.errors import SaelabError
-from saelab.training import TrainConfig, resume_config, train
-from saelab.training.trainer import CHECKPOINT_FILE
+from saelab.pipeline import train
+from saelab.training import TrainConfig, resume_config
+from saelab.training.checkpoint import CHECKPOINT_FILE
 
 HOOK = "blocks.1.hook_resid_post"
 RUN = dict(hook=HOOK, n_latents=256, k=8, tokens=150 * 512, batch_size=512, eval_tokens=1024,
@@ -30,7 +31,8 @@ def _steps_done(path):
 @pytest.mark.slow
 @pytest.mark.parametrize("allocator", ["topk", "mutual_choice"])
 def test_sigkill_then_resume_is_bitwise_identical(allocator, small_cache, tmp_path):
-    ref = train(TrainConfig(cache=str(small_cache), out=str(tmp_path / "ref"), allocator=allocator, **RUN))
+    (ref,) = train(TrainConfig(cache=str(small_cache), out=str(tmp_path / "ref"), allocator=allocator,
+                             **RUN)).values()
     killed = tmp_path / "killed"
     args = [sys.executable, "-m", "saelab", "train", "--cache", str(small_cache), "--out", str(killed),
             "--allocator", allocator]
@@ -48,7 +50,7 @@ def test_sigkill_then_resume_is_bitwise_identical(allocator, small_cache, tmp_pa
     assert 0 < done < 150, done  # killed mid-run, after a checkpoint
     assert not (killed / "sae.safetensors").exists()
 
-    resumed = train(resume_config(killed), resume=True)
+    (resumed,) = train(resume_config(killed), resume=True).values()
     a, b = load_file(str(ref.out / "sae.safetensors")), load_file(str(resumed.out / "sae.safetensors"))
     assert a.keys() == b.keys()
     for name in a:

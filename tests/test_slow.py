@@ -5,7 +5,8 @@ import dataclasses
 import pytest
 from safetensors.torch import load_file
 
-from saelab.training import TrainConfig, train
+from saelab.pipeline import train
+from saelab.training import TrainConfig
 from saelab.zoo import RECIPES
 from saelab.zoo.build import build
 
@@ -14,7 +15,7 @@ pytestmark = pytest.mark.slow
 
 def test_default_training_run(tmp_path):
     """`saelab train` with no flags: the shipped zoo model, offline, a good dictionary."""
-    result = train(TrainConfig(out=str(tmp_path / "sae")))
+    (result,) = train(TrainConfig(out=str(tmp_path / "sae"))).values()
     s = result.summary
     assert s["model"] == "zoo:pystdlib-4l" and s["hook"] == "blocks.2.hook_resid_post"
     assert s["heldout_fvu"] < 0.25, s

@@ -3,7 +3,8 @@
 import glob
 import time
 
-from saelab.training import TrainConfig, train
+from saelab.pipeline import train
+from saelab.training import TrainConfig
 
 
 def test_offline_wandb_run_records_metrics(small_cache, tmp_path, monkeypatch):

@@ -1,6 +1,9 @@
-"""SAE training: `train(TrainConfig(...))` runs the loop and writes a dictionary directory."""
+"""SAE training: `train(TrainConfig(...))` runs the loop and writes a dictionary directory per
+hook; `saelab.pipeline.train` adds the end-of-run evaluation."""
 
+from saelab.training.checkpoint import resume_config
 from saelab.training.config import TrainConfig
-from saelab.training.trainer import Trainer, TrainResult, resume_config, train
+from saelab.training.run import Run, TrainResult, train
+from saelab.training.trainer import Trainer
 
-__all__ = ["TrainConfig", "TrainResult", "Trainer", "resume_config", "train"]
+__all__ = ["Run", "TrainConfig", "TrainResult", "Trainer", "resume_config", "train"]

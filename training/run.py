@@ -1,0 +1,206 @@
+"""A training run: set up (data, SAEs, resume or init, sinks), fit (the step loop with logs and
+checkpoints), finish (save each dictionary, hand it to an optional evaluation, tell the sinks).
+
+`train(cfg)` drives one. Evaluation lives above training (`saelab.pipeline` composes the
+end-of-run eval); it comes in through `finish(evaluate=...)`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from saelab import __version__
+from saelab.distributed import World, init
+from saelab.io import check_output_dir
+from saelab.lock import hold
+from saelab.sae import SAE, SAEConfig
+from saelab.training.checkpoint import CHECKPOINT_FILE, read_checkpoint, restore, save_checkpoint
+from saelab.training.config import TrainConfig
+from saelab.training.init import init_sae
+from saelab.training.sinks import JsonLog, Sink, WandbSink
+from saelab.training.sources import Sources, open_sources, unpack
+from saelab.training.trainer import Trainer
+
+CALIBRATION_BATCHES = 16
+
+
+@dataclass
+class TrainResult:
+    """What a run produced for one hook: the SAE, where it lives, and its summary numbers."""
+
+    sae: SAE
+    out: Path
+    summary: dict
+
+
+Evaluate = Callable[[SAE, Path, Sources], tuple[dict, dict]]
+"""(sae, its directory, the run's sources) -> (entries for the summary, the full report)."""
+
+
+class Run:
+    """One training run of one SAE per hook, all fed by one stream of activations."""
+
+    def __init__(self, cfg: TrainConfig, resume: bool, world: World):
+        self.cfg, self.world, self.out = cfg, world, Path(cfg.out)
+        if not resume and world.is_main:
+            check_output_dir(self.out, cfg.overwrite)
+        saved = read_checkpoint(self.out) if resume else None
+        torch.manual_seed(cfg.seed)
+        self.src = open_sources(cfg, world)
+        for d_in in self.src.dims.values():
+            cfg.check_latents(d_in)
+        self.hooks = list(self.src.dims)
+        self.steps = max(1, cfg.tokens // (cfg.batch_size * world.size))
+        self.trainers = {h: Trainer(self._new_sae(h, d_in), cfg, self.steps, world)
+                         for h, d_in in self.src.dims.items()}
+        self.seen, records = 0, []
+        if saved is None:
+            self.batches = self._init_from_first_batch()
+        else:
+            self.seen, records = restore(saved, self.trainers, self.src.stream, world, self.out)
+            self.batches = iter(self.src.stream)
+        if world.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        self.json = JsonLog(cfg, records)
+        self.sinks: list[Sink] = [self.json]
+        if cfg.wandb and world.is_main:
+            self.sinks.append(WandbSink(cfg, self.out))
+        self.seconds, self.seen_at_start = 0.0, self.seen
+
+    def _new_sae(self, hook: str, d_in: int) -> SAE:
+        cfg, src = self.cfg, self.src
+        sae_cfg = SAEConfig(
+            d_in=d_in, n_latents=cfg.latents(d_in), k=0 if cfg.allocator == "relu" else cfg.k,
+            allocator=cfg.allocator, beta=cfg.beta, grad_score=cfg.grad_score, capacity=cfg.capacity,
+            zipf_alpha=cfg.zipf_alpha, hook=hook, model=src.model.spec, data=src.heldout.spec,
+            context_length=src.heldout.context_length,
+            train_tokens=self.steps * cfg.batch_size * self.world.size,
+            eval_tokens=cfg.eval_tokens, saelab_version=__version__,
+        )
+        with torch.random.fork_rng(devices=[]):  # the random init is replaced by `init_sae`
+            return SAE(sae_cfg, device=cfg.device)
+
+    def _init_from_first_batch(self) -> Iterator:
+        """Initialise every SAE from the first batch (rank 0's init, broadcast); the batch is
+        then trained on like any other."""
+        batches = iter(self.src.stream)
+        first = next(batches)
+        for h, trainer in self.trainers.items():
+            init_sae(trainer.sae, unpack(first[h], self.cfg.device)[0], self.cfg.seed,
+                     l0=self.cfg.k if self.cfg.allocator == "relu" else None)
+            for t in trainer.sae.state_dict().values():
+                self.world.broadcast_(t)
+        return itertools.chain([first], batches)
+
+    def fit(self) -> None:
+        """Train to `steps`, logging every `log_every` steps and checkpointing; then calibrate
+        batch-level SAEs' inference thresholds."""
+        cfg, world = self.cfg, self.world
+        desc = f"train {self.hooks[0]}" if len(self.hooks) == 1 else f"train {len(self.hooks)} hooks"
+        bar = tqdm(total=self.steps * cfg.batch_size * world.size, initial=self.seen, unit="tok",
+                   unit_scale=True, desc=desc, disable=not world.is_main)
+        start, self.seen_at_start = time.perf_counter(), self.seen
+        for step in range(next(iter(self.trainers.values())).step_count, self.steps):
+            batch = next(self.batches)
+            losses = {}
+            for h, trainer in self.trainers.items():
+                x, grad = unpack(batch[h], cfg.device)
+                losses[h] = trainer.step(x, grad)
+            self.seen += x.shape[0] * world.size
+            bar.update(x.shape[0] * world.size)
+            if step % cfg.log_every == 0 or step == self.steps - 1:
+                self._record(step, losses, start, bar)
+            if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
+                self._checkpoint()
+        bar.close()
+        self.seconds = time.perf_counter() - start
+        self._checkpoint()
+        if next(iter(self.trainers.values())).sae.cfg.batch_level:
+            calibration = [next(self.batches) for _ in range(CALIBRATION_BATCHES)]
+            for h, trainer in self.trainers.items():
+                trainer.calibrate_thresholds([unpack(b[h], cfg.device)[0] for b in calibration])
+
+    def _prefix(self, hook: str) -> str:
+        return "" if len(self.hooks) == 1 else f"{hook}/"
+
+    def _record(self, step: int, losses: dict[str, dict[str, torch.Tensor]], start: float,
+                bar: tqdm) -> None:
+        rec = {"step": step, "tokens": self.seen,
+               "lr": self.trainers[self.hooks[0]].opt.param_groups[0]["lr"],
+               "tokens_per_s": (self.seen - self.seen_at_start) / (time.perf_counter() - start)}
+        for h, vals in losses.items():
+            rec.update({self._prefix(h) + k: v.item() for k, v in vals.items()})
+        for sink in self.sinks:
+            sink.log(rec, step)
+        bar.set_postfix_str("  ".join(
+            f"{'' if len(self.hooks) == 1 else h + ' '}fvu {v['fvu'].item():.3f} l0 {v['l0'].item():.1f} "
+            f"dead {v['dead_frac'].item():.1%}" for h, v in losses.items()))
+
+    def _checkpoint(self) -> None:
+        save_checkpoint(self.out / CHECKPOINT_FILE, self.trainers, self.src.stream, self.cfg,
+                        self.seen, self.json.records, self.world)
+
+    def dirs(self) -> dict[str, Path]:
+        """One dictionary directory per hook: `out` itself for one hook, `out/HOOK` for several."""
+        if len(self.hooks) == 1:
+            return {self.hooks[0]: self.out}
+        return {h: self.out / h for h in self.hooks}
+
+    def finish(self, evaluate: Evaluate | None = None) -> dict[str, TrainResult]:
+        """Put every SAE in eval() mode; rank 0 saves each, evaluates it if asked, and hands
+        the summary to the sinks. Every rank returns {hook: TrainResult} (the SAEs are equal
+        across ranks; only rank 0's summaries carry an evaluation)."""
+        results = {}
+        for h, path in self.dirs().items():
+            sae = self.trainers[h].sae.eval()  # inference from here on: thresholds, not the batch
+            summary = self._summary(h, path)
+            if self.world.is_main:
+                sae.save(path)
+                extra, report = evaluate(sae, path, self.src) if evaluate else ({}, None)
+                summary.update(extra)
+                for sink in self.sinks:
+                    sink.result(path, summary, report, self._prefix(h))
+            results[h] = TrainResult(sae, path, summary)
+        if self.world.is_main:
+            for sink in self.sinks:
+                sink.close()
+        self.world.barrier()
+        self.world.close()
+        return results
+
+    def _summary(self, hook: str, path: Path) -> dict:
+        sae = self.trainers[hook].sae
+        return {
+            "dictionary": str(path), "model": self.src.model.spec, "hook": hook, "d_in": sae.cfg.d_in,
+            "n_latents": sae.cfg.n_latents, "k": sae.cfg.k, "allocator": sae.cfg.allocator,
+            "train_tokens": self.seen, "train_seconds": round(self.seconds, 2),
+            "tokens_per_s": round((self.seen - self.seen_at_start) / self.seconds, 1),
+            "lr": self.trainers[hook].lr,
+        }
+
+
+def train(cfg: TrainConfig, resume: bool = False,
+          evaluate: Evaluate | None = None) -> dict[str, TrainResult]:
+    """Train one SAE per hook of `cfg` from one stream of activations (one forward pass).
+
+    Writes each dictionary directory (`sae.safetensors`, `cfg.json`, `metrics.json`):
+    `cfg.out` for a single hook, `cfg.out/HOOK` for a list of hooks, and returns
+    {hook: TrainResult}. A checkpoint (`cfg.out/checkpoint.safetensors`) is written every
+    `cfg.checkpoint_every` steps and at the end; with `resume`, training continues from it
+    exactly where it stopped (same batches, same optimiser state: the final weights equal an
+    uninterrupted run's). `resume_config(run)` gives the run's own config. `evaluate` (see
+    `saelab.pipeline`) adds an evaluation of each dictionary to its summary.
+    """
+    world = init(cfg.device)
+    with hold(cfg.out) if world.is_main else nullcontext():  # one writer per run directory
+        run = Run(cfg, resume, world)
+        run.fit()
+        return run.finish(evaluate)

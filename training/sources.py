@@ -1,0 +1,88 @@
+"""Where a run's data comes from: training batches (a cache or the model on the fly), the model
+and the held-out text the end-of-run evaluation reads."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from saelab.cache import CacheStream, Manifest, ModelStream
+from saelab.data import TokenData
+from saelab.distributed import World
+from saelab.errors import SaelabError
+from saelab.models import HookedModel, load_model
+from saelab.training.config import TrainConfig
+from saelab.zoo import DEFAULT_MODEL
+
+
+@dataclass
+class Sources:
+    """Training batches, the model, and held-out text."""
+
+    stream: CacheStream | ModelStream  # {hook: x} or {hook: (x, grad)} for gradient_topk
+    model: HookedModel
+    dims: dict[str, int]  # hook -> d_in, in the order given
+    heldout: TokenData
+
+
+def hook_list(hook: str | list[str] | None, default: str) -> list[str]:
+    """The hooks a config names (one or several, distinct), else `default`."""
+    hooks = [hook] if isinstance(hook, str) else list(hook or [default])
+    if len(set(hooks)) != len(hooks):
+        raise SaelabError(f"hooks must be distinct, got {hooks}")
+    return hooks
+
+
+def open_sources(cfg: TrainConfig, world: World) -> Sources:
+    """This process's share of the training data, from `cfg.cache` or the model on the fly."""
+    src = _from_cache(cfg, world) if cfg.cache is not None else _on_the_fly(cfg, world)
+    src.heldout.require_rows(src.model.tokenizer)  # the end-of-run eval reads it: fail now
+    return src
+
+
+def _from_cache(cfg: TrainConfig, world: World) -> Sources:
+    manifest = Manifest.read(Path(cfg.cache))
+    if cfg.model is not None and cfg.model != manifest.model:
+        raise SaelabError(
+            f"cache {cfg.cache} was built from model {manifest.model}, not {cfg.model}; "
+            "drop --model or pass the matching cache"
+        )
+    if manifest.data.get("split", "train") != "train":
+        raise SaelabError(
+            f"cache {cfg.cache} holds the {manifest.data['split']!r} split, which the end-of-run "
+            "eval also reads; train on a cache built with --split train"
+        )
+    hooks = hook_list(cfg.hook, next(iter(manifest.hooks)))
+    dims = {h: manifest.check_hook(h, Path(cfg.cache)) for h in hooks}
+    if len(manifest.shards) < world.size:
+        raise SaelabError(
+            f"cache {cfg.cache} has {len(manifest.shards)} shard(s) for {world.size} processes; "
+            "each process needs at least one (rebuild with a smaller --shard-rows)"
+        )
+    mine = list(range(world.rank, len(manifest.shards), world.size))
+    stream = CacheStream(cfg.cache, hooks, cfg.batch_size, seed=cfg.seed, shards=mine,
+                         with_grads=cfg.allocator == "gradient_topk", drop_last=True)
+    data = TokenData(manifest.data["spec"], "heldout", manifest.data["context_length"], cfg.seed)
+    return Sources(stream, load_model(manifest.model, cfg.device), dims, data)
+
+
+def _on_the_fly(cfg: TrainConfig, world: World) -> Sources:
+    model = load_model(cfg.model or DEFAULT_MODEL, cfg.device)
+    hooks = hook_list(cfg.hook, model.default_hook)
+    model.check_hooks(hooks)
+    dims = model.hook_dims(hooks)
+    ctx = model.check_context(cfg.context_length)
+    data = TokenData(cfg.data, "train", ctx, cfg.seed, world.rank, world.size)
+    stream = ModelStream(model, data, hooks, cfg.batch_size, cfg.buffer_tokens, seed=cfg.seed,
+                         with_grads=cfg.allocator == "gradient_topk")
+    heldout = dataclasses.replace(data, split="heldout", rank=0, world=1)
+    return Sources(stream, model, dims, heldout)
+
+
+def unpack(batch, device: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(x, grad or None) of one hook's batch entry, on `device`."""
+    x, grad = batch if isinstance(batch, tuple) else (batch, None)
+    return x.to(device), None if grad is None else grad.to(device)
