@@ -5,6 +5,7 @@ Bad input (a `SaelabError`) prints one line and exits with code 2; nothing on di
 
 from __future__ import annotations
 
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -12,7 +13,9 @@ from typing import Annotated
 
 import typer
 
+from saelab.cli_options import field_options, given, with_options
 from saelab.errors import SaelabError
+from saelab.training.config import TrainConfig
 
 app = typer.Typer(
     help="saelab: train, load and evaluate sparse autoencoders on transformer activations.",
@@ -35,66 +38,32 @@ def _print_summary(title: str, rows: dict) -> None:
         typer.echo(f"  {k:<{width}}  {shown}")
 
 
-@app.command()
-def train(
-    config: Annotated[Path | None, Opt(help="YAML/JSON file of training fields; flags override it.")] = None,
-    model: Annotated[str | None, Opt(help="Model spec: zoo:NAME, a local HF directory, or hf:NAME on the Hugging Face hub. [default: zoo:pystdlib-4l]")] = None,
-    hook: Annotated[list[str] | None, Opt(help="Hook to train on; repeat it to train one SAE per hook from one forward pass (written to OUT/HOOK). [default: blocks.{n_layers//2}.hook_resid_post]")] = None,
-    data: Annotated[str | None, Opt(help="Token data: builtin:stdlib, a .txt/.jsonl file or directory, or hf:NAME.")] = None,
-    cache: Annotated[Path | None, Opt(help="Train from this activation cache (from `saelab cache`) instead of running the model.")] = None,
-    out: Annotated[Path | None, Opt(help="Output directory for the dictionary and metrics. [default: runs/sae]")] = None,
-    n_latents: Annotated[int | None, Opt(help="Dictionary size. [default: expansion * d_in]")] = None,
-    expansion: Annotated[int | None, Opt(help="Latents per input dimension when --n-latents is not given. [default: 16]")] = None,
-    k: Annotated[int | None, Opt(help="Active latents per token. [default: 32]")] = None,
-    allocator: Annotated[str | None, Opt(help="Sparsity allocator: topk, gradient_topk, feature_choice, mutual_choice or relu (L1-trained, see --l1-coefficient). [default: topk]")] = None,
-    beta: Annotated[float | None, Opt(help="gradient_topk: weight of the gradient term in the score pre + beta*pre*e, e = |W_dec g| (see --grad-score). [default: 1.0]")] = None,
-    grad_score: Annotated[str | None, Opt(help="gradient_topk: normalised (e over its per-token mean; beta scale-free) or raw (the published score; tune beta per model). [default: normalised]")] = None,
-    capacity: Annotated[str | None, Opt(help="feature_choice: tokens-per-latent curve, zipf (the paper's) or uniform (an ablation). [default: zipf]")] = None,
-    zipf_alpha: Annotated[float | None, Opt(help="feature_choice: exponent of the zipf capacity curve. [default: 0.5]")] = None,
-    l1_coefficient: Annotated[float | None, Opt(help="relu: weight of the L1 penalty sum_j z_j ||W_dec[j]|| (divided by the batch's RMS distance to its mean, so scale-free). [default: 0.1]")] = None,
-    aux: Annotated[str | None, Opt(help="Auxiliary loss: auxk (dead latents) or aux_zipf (dead and under-used latents). [default: auxk]")] = None,
-    tokens: Annotated[int | None, Opt(help="Training tokens. [default: 4000000]")] = None,
-    batch_size: Annotated[int | None, Opt(help="Tokens per optimiser step. [default: 4096]")] = None,
-    lr: Annotated[float | None, Opt(help="Adam learning rate. [default: 2e-4 / sqrt(n_latents / 2^14)]")] = None,
-    warmup_steps: Annotated[int | None, Opt(help="Linear lr warmup steps. [default: 50]")] = None,
-    topk_warmup_steps: Annotated[int | None, Opt(help="feature_choice / mutual_choice: select per token (topk) for this many first steps, so batch selection starts from learned directions. [default: 50]")] = None,
-    decay_fraction: Annotated[float | None, Opt(help="Final fraction of steps with linear lr decay to 0. [default: 0.2]")] = None,
-    dead_tokens: Annotated[int | None, Opt(help="Tokens without firing after which a latent is dead (AuxK). [default: 10000000]")] = None,
-    k_aux: Annotated[int | None, Opt(help="Latents used by the auxiliary loss. [default: d_in / 2]")] = None,
-    auxk_coef: Annotated[float | None, Opt(help="Auxiliary loss weight. [default: 1/32]")] = None,
-    context_length: Annotated[int | None, Opt(help="Tokens per row for on-the-fly activations. [default: min(model context, 128)]")] = None,
-    buffer_tokens: Annotated[int | None, Opt(help="On-the-fly activations are shuffled in a buffer of this many tokens. [default: 131072]")] = None,
-    eval_tokens: Annotated[int | None, Opt(help="Held-out tokens for the end-of-run evaluation. [default: 32768]")] = None,
-    seed: Annotated[int | None, Opt(help="Seed for init, data order and shuffling. [default: 0]")] = None,
-    device: Annotated[str | None, Opt(help="Torch device. [default: cpu]")] = None,
-    checkpoint_every: Annotated[int | None, Opt(help="Steps between checkpoints (0: only at the end). [default: 500]")] = None,
-    wandb: Annotated[bool, Opt("--wandb", help="Also log to Weights & Biases (offline into OUT/wandb without an account; WANDB_MODE=online to sync live).")] = False,
-    wandb_project: Annotated[str | None, Opt(help="wandb project. [default: saelab]")] = None,
-    resume: Annotated[Path | None, Opt(help="Continue the run in this directory from its checkpoint, exactly; its own config is used and other flags must be left out.")] = None,
-    overwrite: Annotated[bool, Opt("--overwrite", help="Allow writing into a non-empty --out directory.")] = False,
-) -> None:
+def train(config: Path | None = None, resume: Path | None = None, **flags) -> None:
     """Train an SAE. With no flags: a TopK SAE on the shipped zoo model, offline, in minutes."""
-    flags = dict(locals())
-    flags.pop("config")
-    flags.pop("resume")
+    from saelab.distributed import is_main_process
     from saelab.pipeline import train as run
-    from saelab.training import TrainConfig, resume_config
+    from saelab.training import resume_config
 
-    flags = {k: (str(v) if isinstance(v, Path) else v) for k, v in flags.items()}
-    flags["overwrite"] = overwrite or None
-    flags["wandb"] = wandb or None
-    flags["hook"] = hook[0] if hook and len(hook) == 1 else hook or None
+    values = given(flags)
     if resume is not None:
-        given = sorted(k for k, v in flags.items() if v is not None)
-        if given or config:
-            raise SaelabError(f"--resume continues a run with its own config; drop {given or ['--config']}")
+        if values or config:
+            raise SaelabError(f"--resume continues a run with its own config; drop "
+                              f"{sorted(values) or ['--config']}")
         result = run(resume_config(resume), resume=True)
     else:
-        result = run(TrainConfig.from_file_and_flags(str(config) if config else None, flags))
-    from saelab.distributed import is_main_process
-
+        result = run(TrainConfig.from_file_and_flags(str(config) if config else None, values))
     for one in result.values() if is_main_process() else []:  # rank 0 evaluated and prints
         _print_train_summary(one.summary)
+
+
+app.command()(with_options(train, [
+    inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Path | None, default=Opt(
+        None, help="YAML/JSON file of training fields; flags override it.")),
+    inspect.Parameter("resume", inspect.Parameter.KEYWORD_ONLY, annotation=Path | None, default=Opt(
+        None, help="Continue the run in this directory from its checkpoint, exactly; its own "
+                   "config is used and other flags must be left out.")),
+    *field_options(TrainConfig, TrainConfig.fields_doc()),
+]))
 
 
 def _print_train_summary(s: dict) -> None:

@@ -16,98 +16,87 @@ from saelab.data import BUILTIN_STDLIB
 from saelab.errors import SaelabError
 
 
+def _field(default, doc: str, default_doc: str | None = None, path: bool = False):
+    """A config field with its documentation, which `saelab train --help` shows as is.
+
+    `default_doc` describes a default that is computed later (the field's default is None);
+    `path` marks fields the command line reads as paths."""
+    return dataclasses.field(default=default, metadata={"doc": doc, "default_doc": default_doc,
+                                                        "path": path})
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything a training run needs. Defaults train a TopK SAE on the shipped zoo model.
 
-    Fields:
-        model: model spec (`zoo:NAME`, local HF directory, `hf:NAME`); default the shipped zoo
-            model. With `cache` it may be omitted (the manifest names the model).
-        hook: hook to train on, or a list of hooks (one SAE each, all fed by one forward pass);
-            default `blocks.{n_layers // 2}.hook_resid_post`.
-        data: data spec for on-the-fly activations and held-out evaluation (`saelab.data`).
-        cache: activation cache directory to train from instead of running the model.
-        out: output directory for the dictionary (`sae.safetensors`, `cfg.json`) and logs.
-        n_latents: dictionary size; default `expansion * d_in`.
-        expansion: latents per input dimension when `n_latents` is not given.
-        k: active latents per token; for relu, whose sparsity comes from l1_coefficient, the
-            L0 it starts training from (`training.init.init_sae`).
-        allocator: topk, gradient_topk, feature_choice, mutual_choice or relu
-            (`saelab.allocators`); jumprelu dictionaries are imported, not trained here.
-        beta: gradient_topk's weight on the gradient term of its selection score.
-        grad_score: gradient_topk's score, normalised (default) or raw (`saelab.allocators`).
-        capacity: feature_choice's tokens-per-latent curve: zipf (the paper's) or uniform (an
-            ablation).
-        zipf_alpha: exponent of the zipf capacity curve.
-        l1_coefficient: relu's sparsity penalty weight (`training.losses.l1_penalty`).
-        tokens: training tokens.
-        batch_size: tokens per optimiser step and process (data parallel: the global batch is
-            batch_size times the number of processes).
-        lr: Adam learning rate; default 2e-4 / sqrt(n_latents / 2^14) (Gao et al.).
-        warmup_steps: linear learning-rate warmup.
-        topk_warmup_steps: feature_choice and mutual_choice select per token (topk) for this
-            many first steps. From the tied init (W_enc = W_dec, b_enc = 0) batch selection
-            piles latents onto the highest-norm tokens (step-0 FVU ~2-4x topk's); a short topk
-            start gives the encoder directions first.
-        decay_fraction: final fraction of steps over which the lr decays linearly to 0.
-        adam_eps: Adam epsilon (Gao et al. use 6.25e-10).
-        dead_tokens: a latent not active for this many tokens counts as dead for AuxK.
-        aux: auxiliary loss for unused latents: auxk (dead latents only) or aux_zipf (dead and
-            under-used latents, see `training.losses.underused`).
-        k_aux: latents used by the auxiliary loss; default d_in / 2.
-        auxk_coef: auxiliary loss weight.
-        ema_decay: decay of the moving average of latent firing frequency (aux_zipf).
-        context_length: tokens per row for on-the-fly activations (BOS included);
-            default the model's training context, capped at 128.
-        buffer_tokens: on-the-fly activations are shuffled in a buffer of this many tokens.
-        eval_tokens: held-out tokens for the end-of-run evaluation (`saelab.evals.evaluate`).
-        seed: seeds initialisation, data order and shuffling.
-        device: torch device.
-        log_every: steps between metric records.
-        checkpoint_every: steps between checkpoints (0: only at the end); `--resume` continues
-            from the latest one exactly.
-        wandb: also log to Weights & Biases (offline into `out/wandb` unless WANDB_MODE or
-            WANDB_API_KEY says online); local JSON logs are always written.
-        wandb_project: the wandb project name.
-        overwrite: allow writing into a non-empty output directory.
+    Each field's documentation is its `doc` metadata (`fields_doc()` lists them; the
+    `saelab train` command, its flags, defaults and help are generated from these fields).
     """
 
-    model: str | None = None
-    hook: str | list[str] | None = None
-    data: str = BUILTIN_STDLIB
-    cache: str | None = None
-    out: str = "runs/sae"
-    n_latents: int | None = None
-    expansion: int = 16
-    k: int = 32
-    allocator: str = "topk"
-    beta: float = 1.0
-    grad_score: str = "normalised"
-    capacity: str = "zipf"
-    zipf_alpha: float = 0.5
-    l1_coefficient: float = 0.1
-    tokens: int = 4_000_000
-    batch_size: int = 4096
-    lr: float | None = None
-    warmup_steps: int = 50
-    topk_warmup_steps: int = 50
-    decay_fraction: float = 0.2
-    adam_eps: float = 6.25e-10
-    dead_tokens: int = 10_000_000
-    aux: str = "auxk"
-    k_aux: int | None = None
-    auxk_coef: float = 1 / 32
-    ema_decay: float = 0.99
-    context_length: int | None = None
-    buffer_tokens: int = 2**17
-    eval_tokens: int = 2**15
-    seed: int = 0
-    device: str = "cpu"
-    log_every: int = 20
-    checkpoint_every: int = 500
-    wandb: bool = False
-    wandb_project: str = "saelab"
-    overwrite: bool = False
+    model: str | None = _field(
+        None, "Model spec: zoo:NAME, a local HF directory, or hf:NAME on the Hugging Face hub. "
+        "With --cache it may be left out (the manifest names the model).", "zoo:pystdlib-4l")
+    hook: str | list[str] | None = _field(
+        None, "Hook to train on; repeat it to train one SAE per hook from one forward pass "
+        "(written to OUT/HOOK).", "blocks.{n_layers//2}.hook_resid_post")
+    data: str = _field(BUILTIN_STDLIB, "Token data for on-the-fly activations and held-out "
+                       "evaluation: builtin:stdlib, a .txt/.jsonl file or directory, or hf:NAME.")
+    cache: str | None = _field(None, "Train from this activation cache (from `saelab cache`) "
+                               "instead of running the model.", path=True)
+    out: str = _field("runs/sae", "Output directory for the dictionary (sae.safetensors, cfg.json) "
+                      "and metrics.", path=True)
+    n_latents: int | None = _field(None, "Dictionary size.", "expansion * d_in")
+    expansion: int = _field(16, "Latents per input dimension when --n-latents is not given.")
+    k: int = _field(32, "Active latents per token; for relu, whose sparsity comes from "
+                    "--l1-coefficient, the L0 it starts training from.")
+    allocator: str = _field("topk", "Sparsity allocator: topk, gradient_topk, feature_choice, "
+                            "mutual_choice or relu (L1-trained, see --l1-coefficient); jumprelu "
+                            "dictionaries are imported, not trained here.")
+    beta: float = _field(1.0, "gradient_topk: weight of the gradient term in the score "
+                         "pre + beta*pre*e, e = |W_dec g| (see --grad-score).")
+    grad_score: str = _field("normalised", "gradient_topk: normalised (e over its per-token mean; "
+                             "beta scale-free) or raw (the published score; tune beta per model).")
+    capacity: str = _field("zipf", "feature_choice: tokens-per-latent curve, zipf (the paper's) "
+                           "or uniform (an ablation).")
+    zipf_alpha: float = _field(0.5, "feature_choice: exponent of the zipf capacity curve.")
+    l1_coefficient: float = _field(0.1, "relu: weight of the L1 penalty sum_j z_j ||W_dec[j]|| "
+                                   "(divided by the batch's RMS distance to its mean, so scale-free).")
+    tokens: int = _field(4_000_000, "Training tokens.")
+    batch_size: int = _field(4096, "Tokens per optimiser step and process (data parallel: the "
+                             "global batch is batch_size times the number of processes).")
+    lr: float | None = _field(None, "Adam learning rate (Gao et al.'s scaling).",
+                              "2e-4 / sqrt(n_latents / 2^14)")
+    warmup_steps: int = _field(50, "Linear learning-rate warmup steps.")
+    topk_warmup_steps: int = _field(
+        50, "feature_choice / mutual_choice: select per token (topk) for this many first steps. "
+        "From the tied init batch selection piles latents onto the highest-norm tokens; a short "
+        "topk start gives the encoder directions first.")
+    decay_fraction: float = _field(0.2, "Final fraction of steps over which the lr decays "
+                                   "linearly to 0.")
+    adam_eps: float = _field(6.25e-10, "Adam epsilon (Gao et al. use 6.25e-10).")
+    dead_tokens: int = _field(10_000_000, "A latent not active for this many tokens counts as "
+                              "dead for the auxiliary loss.")
+    aux: str = _field("auxk", "Auxiliary loss for unused latents: auxk (dead latents) or aux_zipf "
+                      "(dead and under-used latents, see training.losses.underused).")
+    k_aux: int | None = _field(None, "Latents used by the auxiliary loss.", "d_in / 2")
+    auxk_coef: float = _field(1 / 32, "Auxiliary loss weight.", "1/32")
+    ema_decay: float = _field(0.99, "Decay of the moving average of latent firing frequency "
+                              "(aux_zipf).")
+    context_length: int | None = _field(None, "Tokens per row for on-the-fly activations (BOS "
+                                        "included).", "min(model context, 128)")
+    buffer_tokens: int = _field(2**17, "On-the-fly activations are shuffled in a buffer of this "
+                                "many tokens.")
+    eval_tokens: int = _field(2**15, "Held-out tokens for the end-of-run evaluation.")
+    seed: int = _field(0, "Seed for init, data order and shuffling.")
+    device: str = _field("cpu", "Torch device.")
+    log_every: int = _field(20, "Steps between metric records.")
+    checkpoint_every: int = _field(500, "Steps between checkpoints (0: only at the end); "
+                                   "--resume continues from the latest one exactly.")
+    wandb: bool = _field(False, "Also log to Weights & Biases (offline into OUT/wandb without an "
+                         "account; WANDB_MODE=online to sync live); local JSON logs are always "
+                         "written.")
+    wandb_project: str = _field("saelab", "The wandb project name.")
+    overwrite: bool = _field(False, "Allow writing into a non-empty output directory.")
 
     def __post_init__(self) -> None:
         check_field_types(self)
@@ -141,10 +130,18 @@ class TrainConfig:
             )
         if self.aux not in ("auxk", "aux_zipf"):
             raise SaelabError(f"unknown auxiliary loss {self.aux!r}; use auxk or aux_zipf")
+        check_number("ema_decay", self.ema_decay)  # finite; the range below
+        check_number("decay_fraction", self.decay_fraction)
         if not 0 <= self.ema_decay < 1:
             raise SaelabError(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
         if not 0 <= self.decay_fraction <= 1:
             raise SaelabError(f"decay_fraction must lie in [0, 1], got {self.decay_fraction}")
+
+    @classmethod
+    def fields_doc(cls) -> dict[str, str]:
+        """field name -> its documentation, with its default."""
+        return {f.name: f"{f.metadata['doc']} (default: {_default_text(f)})"
+                for f in dataclasses.fields(cls)}
 
     def latents(self, d_in: int) -> int:
         return self.n_latents if self.n_latents is not None else self.expansion * d_in
@@ -182,6 +179,12 @@ class TrainConfig:
         if unknown:
             raise SaelabError(f"unknown training config field(s) {unknown}; known: {sorted(fields)}")
         return cls(**{k: _coerce(k, v, str(fields[k].type)) for k, v in values.items()})
+
+
+def _default_text(f: dataclasses.Field) -> str:
+    if f.metadata["default_doc"] is not None:
+        return f.metadata["default_doc"]
+    return str(f.default).lower() if isinstance(f.default, bool) else str(f.default)
 
 
 def _coerce(name: str, value, kind: str):
