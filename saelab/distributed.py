@@ -2,9 +2,10 @@
 
 `torchrun --nproc_per_node N -m saelab train ...` starts N processes; each reads a disjoint
 part of the data (every N-th cache shard, or every N-th document on the fly), all hold the same
-SAE, and gradients and latent statistics are averaged across them each step with all-reduce
-(gloo on CPU, NCCL on GPU), so every rank takes the same optimiser step. Only rank 0 writes
-dictionaries, checkpoints, reports and logs.
+SAE, wrapped in torch's DistributedDataParallel (its gradients are averaged in buckets,
+overlapping the backward; gloo on CPU, NCCL on GPU), so every rank takes the same optimiser step.
+`World` carries the other collectives: latent statistics, loss denominators over the global
+batch, checkpoint gathering. Only rank 0 writes dictionaries, checkpoints, reports and logs.
 """
 
 from __future__ import annotations

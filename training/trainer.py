@@ -35,6 +35,19 @@ def _adam(params: list[torch.nn.Parameter], lr: float, eps: float) -> torch.opti
         return torch.optim.Adam(params, lr=lr, eps=eps, foreach=True)
 
 
+class _Loss(torch.nn.Module):
+    """`Trainer.losses` as a module over the SAE's parameters, which is what
+    DistributedDataParallel wraps (its forward arms the gradient all-reduce of the backward)."""
+
+    def __init__(self, trainer: Trainer):
+        super().__init__()
+        self.sae = trainer.sae
+        self.trainer = trainer  # a plain attribute: not a module, no parameters of its own
+
+    def forward(self, x: torch.Tensor, grad: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
+        return self.trainer.losses(x, grad)
+
+
 class Trainer:
     """One SAE, its optimiser and dead-latent counters; `step(x)` is one full training step.
 
@@ -52,6 +65,8 @@ class Trainer:
         self.freq = torch.full((n,), sae.cfg.k / n, device=device)  # EMA of firing frequency
         self.step_count = 0
         self._pre: torch.Tensor | None = None
+        self._loss = _Loss(self)
+        self._ddp: torch.nn.Module | None = None
 
     def step(self, x: torch.Tensor, grad: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Forward, backward, optimiser update, decoder renormalisation; returns loss tensors.
@@ -65,29 +80,14 @@ class Trainer:
                               "from a cache built with --with-grads, or on the fly")
         for group in self.opt.param_groups:
             group["lr"] = self.lr * _lr_factor(self.step_count, self.steps, cfg)
-        if self._pre is None or self._pre.shape[0] != x.shape[0]:
-            self._pre = x.new_empty(x.shape[0], sae.cfg.n_latents)
-        pre = sae.pre_acts(x, out=self._pre)  # reused every step; nothing keeps it past the step
-        if sae.cfg.batch_level and self.step_count < cfg.topk_warmup_steps:
-            sel = allocators.topk(pre, sae.cfg.k)  # see TrainConfig.topk_warmup_steps
-        else:
-            sel = sae.select(pre, grad, batch=True)
-        vals = sae.encode_values(x, sel, pre)
-        x_hat = sae.decode(sel.idx, vals)
-        main = fvu(x, x_hat, self.world)
-        dead = self.since_fired >= cfg.dead_tokens
-        pool = underused(self.freq, dead) if cfg.aux == "aux_zipf" else dead
-        aux = auxk_loss(sae, x, x_hat, pre, pool, self.k_aux, self.world)
-        loss = main + cfg.auxk_coef * aux
-        if sae.cfg.allocator == "relu":
-            loss = loss + cfg.l1_coefficient * l1_penalty(sae, x, sel.idx, vals, self.world)
+        loss, parts = self._objective()(x, grad)
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        for p in sae.parameters():  # data parallel: every rank takes the mean gradient's step
-            self.world.all_reduce_(p.grad, mean=True)
+        loss.backward()  # data parallel: DDP averages the gradients over the ranks meanwhile
         _remove_parallel_grad(sae)
         self.opt.step()
         sae.normalize_decoder()
+        sel, vals, main, aux, dead, pool = (parts[k] for k in ("sel", "vals", "main", "aux", "dead",
+                                                               "pool"))
         with torch.no_grad():
             counts = torch.bincount(sel.idx[vals > 0], minlength=sae.cfg.n_latents).float()
             tokens = self.world.all_reduce_(torch.tensor(float(x.shape[0]), device=x.device))
@@ -104,6 +104,36 @@ class Trainer:
         if sae.cfg.k:  # feature_choice may leave budget unused (latents short of positive tokens)
             out["budget_used"] = l0 / sae.cfg.k
         return out
+
+    def _objective(self) -> torch.nn.Module:
+        """The loss module: as is in one process; wrapped in DistributedDataParallel (made at
+        the first step, once every rank holds rank 0's init) across several."""
+        if self.world.size == 1:
+            return self._loss
+        if self._ddp is None:
+            self._ddp = torch.nn.parallel.DistributedDataParallel(self._loss, broadcast_buffers=False)
+        return self._ddp
+
+    def losses(self, x: torch.Tensor, grad: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
+        """The step's loss (FVU + AuxK [+ L1]) and the parts `step` reads afterwards."""
+        sae, cfg = self.sae, self.cfg
+        if self._pre is None or self._pre.shape[0] != x.shape[0]:
+            self._pre = x.new_empty(x.shape[0], sae.cfg.n_latents)
+        pre = sae.pre_acts(x, out=self._pre)  # reused every step; nothing keeps it past the step
+        if sae.cfg.batch_level and self.step_count < cfg.topk_warmup_steps:
+            sel = allocators.topk(pre, sae.cfg.k)  # see TrainConfig.topk_warmup_steps
+        else:
+            sel = sae.select(pre, grad, batch=True)
+        vals = sae.encode_values(x, sel, pre)
+        x_hat = sae.decode(sel.idx, vals)
+        main = fvu(x, x_hat, self.world)
+        dead = self.since_fired >= cfg.dead_tokens
+        pool = underused(self.freq, dead) if cfg.aux == "aux_zipf" else dead
+        aux = auxk_loss(sae, x, x_hat, pre, pool, self.k_aux, self.world)
+        loss = main + cfg.auxk_coef * aux
+        if sae.cfg.allocator == "relu":
+            loss = loss + cfg.l1_coefficient * l1_penalty(sae, x, sel.idx, vals, self.world)
+        return loss, {"sel": sel, "vals": vals, "main": main, "aux": aux, "dead": dead, "pool": pool}
 
     @torch.no_grad()
     def calibrate_thresholds(self, batches: list[torch.Tensor]) -> None:
