@@ -35,8 +35,6 @@ class ZooRecipe:
         corpus: "stdlib" (byte tokenizer, standard-library source) or "tasks" (word-level
             tokenizer, synthetic circuit-task text mixed with stdlib source: `saelab.zoo.tasks`).
         stdlib_fraction: for the tasks corpus, the share of each batch's rows that is stdlib.
-        tied_embeddings: share the input embedding and the unembedding (GPT-2's choice).
-        weight_decay: AdamW weight decay.
     """
 
     name: str
@@ -52,15 +50,12 @@ class ZooRecipe:
     checkpoints: int = 4
     corpus: str = "stdlib"
     stdlib_fraction: float = 0.25
-    tied_embeddings: bool = True
-    weight_decay: float = 0.1
 
 
 RECIPES = {r.name: r for r in [
     ZooRecipe("pystdlib-4l"),
-    ZooRecipe("tasks-4l", n_head=8, context_length=96, tokens=9_216_000, batch_size=16,
-              lr=3e-3, checkpoints=3, corpus="tasks", stdlib_fraction=0.125,
-              tied_embeddings=False, weight_decay=0.0),
+    ZooRecipe("tasks-4l", n_head=8, context_length=96, tokens=3_200_000, batch_size=8,
+              lr=1e-3, corpus="tasks", stdlib_fraction=0.125),
 ]}
 
 

@@ -127,11 +127,10 @@ def build(recipe: ZooRecipe, out_dir: Path | None = None, heldout_rows: int = 51
             n_layer=recipe.n_layer, n_head=recipe.n_head, n_inner=recipe.d_mlp,
             n_ctx=recipe.context_length,  # transformer-lens 3.x reads n_ctx, not n_positions
             activation_function="relu", bos_token_id=eot, eos_token_id=eot,
-            pad_token_id=eot, tie_word_embeddings=recipe.tied_embeddings,
+            pad_token_id=eot, tie_word_embeddings=True,
         )
         model = GPT2LMHeadModel(config)
-        opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay,
-                                betas=(0.9, 0.95))
+        opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.1, betas=(0.9, 0.95))
         steps = recipe.tokens // (recipe.batch_size * recipe.context_length)
         counts = torch.ones(vocab_size, dtype=torch.float64)  # add-one smoothed unigram
         start = time.perf_counter()

@@ -7,16 +7,11 @@ group, argument name and Python word is one token (as names and years are in GPT
 are cut by `PIECE` (words, two-digit groups, newlines, indentation runs, single punctuation
 marks; single spaces dropped), and words outside the vocabulary become [UNK].
 
-Synthetic documents (one per draw, the task chosen with the weights of `MIX`):
+Synthetic documents (one per draw, the task chosen uniformly):
 - ioi: an IOI prompt completed with its indirect object and a full stop;
 - greater-than: a year-range sentence completed with an end year after the start year;
 - docstring: a def with 4-6 arguments and a docstring documenting each, in order;
-- induction: 5-20 words, then the same words again; half the time drawn from the whole
-  vocabulary, half from the task words (names, years, argument words) the other tasks copy.
-
-Copying a token seen earlier in the context is what IOI, docstring and induction share, and a
-small model learns it late and abruptly (the induction-head phase change). Induction documents
-carry the most copying signal per token, so they are drawn twice as often as the others.
+- induction: 5-20 words drawn from the whole vocabulary, then the same words again.
 """
 
 from __future__ import annotations
@@ -57,23 +52,18 @@ def _doc_docstring(rng: random.Random) -> str:
     return tasks.docstring_text(rng.choice(tasks.FUNC_NAMES), args, doc, params, open_line=False)
 
 
-TASK_WORDS = (*tasks.NAMES, *tasks.WORDS, *tasks.YEARS)
-MIX = {"ioi": 1, "greater-than": 1, "docstring": 1, "induction": 2}
-
-
 def _doc_induction(rng: random.Random, vocab: list[str]) -> str:
-    seq = rng.sample(vocab if rng.random() < 0.5 else TASK_WORDS, rng.randint(5, 20))
+    seq = rng.sample(vocab, rng.randint(5, 20))
     return " ".join(seq + seq)
 
 
 def documents(seed: int, vocab: list[str]) -> Iterator[str]:
     """An endless seeded stream of synthetic task documents; `vocab` feeds induction."""
     rng = random.Random(seed)
-    makers = {"ioi": _doc_ioi, "greater-than": _doc_greater_than, "docstring": _doc_docstring,
-              "induction": lambda r: _doc_induction(r, vocab)}
-    names, weights = list(MIX), list(MIX.values())
+    makers = [_doc_ioi, _doc_greater_than, _doc_docstring,
+              lambda r: _doc_induction(r, vocab)]
     while True:
-        yield makers[rng.choices(names, weights)[0]](rng)
+        yield rng.choice(makers)(rng)
 
 
 def word_tokenizer(directory: Path):
