@@ -36,7 +36,7 @@ def run_one(n_latents: int, tokens: int, batch_rows: int) -> dict:
     from saelab.browse.collect import load_dictionaries
     from saelab.browse.stats import StatsConfig
     from saelab.cache import positions_to_keep
-    from saelab.evals.evaluate import heldout_rows
+    from saelab.heldout import heldout_rows
     from saelab.sae import SAE, SAEConfig
 
     torch.manual_seed(0)

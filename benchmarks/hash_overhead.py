@@ -61,9 +61,9 @@ def build(model, data, hook: str, out: Path, tokens: int, shard_rows: int, diges
 
 def train_from(cache: Path, hook: str, steps: int, batch: int, n: int, k: int) -> tuple[float, float]:
     from saelab.cache import CacheStream
+    from saelab.init import init_sae
     from saelab.sae import SAE, SAEConfig
     from saelab.training.config import TrainConfig
-    from saelab.training.init import init_sae
     from saelab.training.trainer import Trainer
 
     with warnings.catch_warnings():

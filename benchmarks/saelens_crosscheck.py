@@ -36,7 +36,7 @@ import saelab
 from saelab.cache import positions_to_keep
 from saelab.data import TokenData
 from saelab.evals import evaluate
-from saelab.evals.evaluate import heldout_rows
+from saelab.heldout import heldout_rows
 from saelab.models import load_model
 from saelab.saelens import export_saelens
 

@@ -45,9 +45,9 @@ def floor_step(x: torch.Tensor, n: int, reuse_output: bool = False) -> Step:
 
 
 def saelab_step(x: torch.Tensor, n: int, k: int) -> Step:
+    from saelab.init import init_sae
     from saelab.sae import SAE, SAEConfig
     from saelab.training.config import TrainConfig
-    from saelab.training.init import init_sae
     from saelab.training.trainer import Trainer
 
     sae = SAE(SAEConfig(d_in=x.shape[1], n_latents=n, k=k))

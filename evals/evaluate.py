@@ -9,19 +9,19 @@ mean ablation, whose mean is the first pass's mean activation over the whole eva
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from saelab import __version__, load
+from saelab import __version__
 from saelab.cache import positions_to_keep
-from saelab.data import BUILTIN_STDLIB, TokenData
+from saelab.data import TokenData
 from saelab.errors import SaelabError
 from saelab.evals.latents import LatentStats
 from saelab.evals.reconstruction import ReconstructionStats
 from saelab.evals.spliced import SplicedLoss, prediction_mask
-from saelab.models import HookedModel, load_model
+from saelab.heldout import heldout_rows, resolve_dictionary
+from saelab.models import HookedModel
 
 DEFAULT_TOKENS = 2**15  # the end-of-run eval's default window (`TrainConfig.eval_tokens`)
 
@@ -35,55 +35,6 @@ def _splice(keep: torch.Tensor, values: torch.Tensor | float):
         return out
 
     return fn
-
-
-def heldout_rows(tokenizer, data: TokenData, tokens: int) -> torch.Tensor:
-    """The first whole rows of `data` holding at least `tokens` non-BOS/pad positions (R, T).
-
-    Fewer when the split runs out: the report states the count actually used.
-    """
-    rows, kept = [], 0
-    for row in data.rows(tokenizer, epochs=1):
-        rows.append(row)
-        kept += int(positions_to_keep(row, tokenizer).sum())
-        if kept >= tokens:
-            break
-    if not rows:
-        raise SaelabError(f"data {data.spec!r} has no rows in split {data.split!r}")
-    return torch.stack(rows)
-
-
-def _resolve(sae_or_path, model, data, context_length: int | None, device: str):
-    """(sae, dictionary path or None, model, data) with the defaults filled in from cfg.json."""
-    path = None
-    if isinstance(sae_or_path, (str, Path)):
-        path, sae_or_path = str(sae_or_path), load(str(sae_or_path), device=device)
-    cfg = sae_or_path.cfg
-    if cfg.hook is None:
-        raise SaelabError("the SAE's cfg.json names no hook; set `hook` to the hook it was trained on")
-    if model is None:
-        if cfg.model is None:
-            raise SaelabError("the SAE's cfg.json names no model; pass model= (a spec or a loaded model)")
-        model = cfg.model
-    if isinstance(model, str):
-        model = load_model(model, device)
-    model.check_hooks([cfg.hook])
-    width = model.hook_dims([cfg.hook])[cfg.hook]
-    if width != cfg.d_in:
-        raise SaelabError(
-            f"the SAE expects d_in={cfg.d_in}, but {cfg.hook} of {model.spec} has width {width}"
-        )
-    if data is None or isinstance(data, str):
-        if context_length is None and data is None:
-            context_length = getattr(cfg, "context_length", None)
-        spec = data or getattr(cfg, "data", None) or BUILTIN_STDLIB
-        data = TokenData(spec, "heldout", model.check_context(context_length))
-    model.check_context(data.context_length)
-    if data.context_length < 3:
-        raise SaelabError(
-            f"context_length must be at least 3 to score predictions, got {data.context_length}"
-        )
-    return sae_or_path, path, model, data
 
 
 @torch.no_grad()
@@ -121,7 +72,7 @@ def evaluate(
     (ce_sae), zeros (ce_zero) or the eval set's mean activation (ce_mean).
     """
     start = time.perf_counter()
-    sae, path, model, data = _resolve(sae_or_path, model, data, context_length, device)
+    sae, path, model, data = resolve_dictionary(sae_or_path, model, data, context_length, device)
     if tokens is None:
         tokens = getattr(sae.cfg, "eval_tokens", None) or DEFAULT_TOKENS
     if tokens < 1 or batch_rows < 1:

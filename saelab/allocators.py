@@ -24,7 +24,7 @@ latent's selection boundary, from which inference thresholds are estimated.
   ablation): floor(k*B/n), the remainder given one each to the latents of highest demand.
 - mutual_choice (Ayonrinde 2024, = BatchTopK): the k*B largest entries of the whole matrix.
 - relu (the SAELens "standard" SAE): every positive pre-activation; no budget, sparsity comes
-  from the L1 penalty it is trained with (`saelab.training.losses.l1_penalty`).
+  from the L1 penalty it is trained with (`saelab.penalty.l1_penalty`).
 - jumprelu (Rajamanoharan et al. 2024; Gemma Scope): latent j is active iff pre_j > theta_j,
   with per-latent thresholds stored in the dictionary (imported; saelab does not train them).
 

@@ -172,7 +172,7 @@ class SAE(torch.nn.Module):
     """A sparse autoencoder; `encode` returns a `SparseCode` (indices, values), not a dense code.
 
     A new SAE is usable at once: unit-norm random decoder rows and W_enc = W_dec (training
-    re-initialises from data, `saelab.training.init`)."""
+    re-initialises from data, `saelab.init`)."""
 
     def __init__(self, cfg: SAEConfig, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32):

@@ -14,7 +14,7 @@ from saelab.browse.card import Context, LatentCard
 from saelab.browse.html import card_html, show_token
 from saelab.cache import positions_to_keep
 from saelab.data import TokenData
-from saelab.evals.evaluate import heldout_rows
+from saelab.heldout import heldout_rows
 from saelab.sae import SAE, SAEConfig
 
 HOOK = "blocks.1.hook_resid_post"

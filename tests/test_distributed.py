@@ -8,9 +8,9 @@ import torch
 from safetensors.torch import load_file
 
 from saelab.cache import CacheStream
+from saelab.init import init_sae
 from saelab.sae import SAE, SAEConfig
 from saelab.training import TrainConfig, Trainer
-from saelab.training.init import init_sae
 
 HOOK = "blocks.1.hook_resid_post"
 STEPS, BATCH = 8, 256

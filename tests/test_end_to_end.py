@@ -10,7 +10,7 @@ import saelab
 from saelab.cli import main
 from saelab.data import TokenData
 from saelab.evals import reconstruction_stats
-from saelab.evals.evaluate import heldout_rows
+from saelab.heldout import heldout_rows
 from saelab.pipeline import train
 from saelab.training import TrainConfig
 

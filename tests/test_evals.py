@@ -11,9 +11,9 @@ from saelab.cache import positions_to_keep
 from saelab.data import TokenData
 from saelab.errors import SaelabError
 from saelab.evals import evaluate, format_summary, reconstruction_stats, write_report
-from saelab.evals.evaluate import heldout_rows
 from saelab.evals.latents import LatentStats
 from saelab.evals.reconstruction import ReconstructionStats
+from saelab.heldout import heldout_rows
 from saelab.sae import SAE, SAEConfig
 
 RESID = "blocks.2.hook_resid_post"
@@ -194,9 +194,9 @@ def test_dead_and_dense_latents_on_a_hand_built_pattern():
 
 def test_report_from_dictionary_directory(zoo_model, tmp_path, monkeypatch):
     """cfg.json alone names model and hook; the model loader is stubbed to the loaded zoo model."""
-    ev = importlib.import_module("saelab.evals.evaluate")  # the package's `evaluate` is the function
+    heldout = importlib.import_module("saelab.heldout")
     loaded = []
-    monkeypatch.setattr(ev, "load_model", lambda spec, device: loaded.append(spec) or zoo_model)
+    monkeypatch.setattr(heldout, "load_model", lambda spec, device: loaded.append(spec) or zoo_model)
     path = _sae(RESID, k=4).save(tmp_path / "sae")
     r = evaluate(str(path), tokens=TOKENS, data=DATA)
     assert loaded == ["zoo:pystdlib-4l"] and r["dictionary"] == str(path) and r["hook"] == RESID

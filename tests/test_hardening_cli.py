@@ -17,7 +17,7 @@ from saelab.cli import app, main
 
 INT_OUT_OF_RANGE = str(2**63)  # no integer option may exceed int64 (tensors, seeds)
 LOADERS = [importlib.import_module(m) for m in ("saelab.models", "saelab.training.sources",
-                                                "saelab.evals.evaluate")]
+                                                "saelab.heldout")]
 
 
 def run(args: list[str], capsys) -> tuple[int, str]:

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from saelab.errors import SaelabError
+from saelab.init import geometric_median, init_sae
 from saelab.sae import SAE, SAEConfig
 from saelab.training import TrainConfig
-from saelab.training.init import geometric_median, init_sae
 from saelab.training.losses import auxk_loss, fvu
 from saelab.training.trainer import _remove_parallel_grad
 
@@ -91,7 +91,7 @@ def test_lr_rule_and_config_validation(tmp_path):
 
 
 def test_l1_penalty_by_hand():
-    from saelab.training.losses import l1_penalty
+    from saelab.penalty import l1_penalty
 
     sae = SAE(SAEConfig(d_in=2, n_latents=3, k=0, allocator="relu"))
     with torch.no_grad():

@@ -19,18 +19,9 @@ import torch
 from saelab.allocators import Selection
 from saelab.distributed import World
 from saelab.kernels import sparse_decode, topk_indices
+from saelab.penalty import centred_energy
 
 UNDERUSE_FACTOR = 0.5
-
-
-def _centred_energy(x: torch.Tensor, world: World | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum ||x - mean(x)||^2, rows) over the global batch (every process's rows), no grad."""
-    with torch.no_grad():
-        if world is None or world.size == 1:
-            return (x - x.mean(0)).pow(2).sum(), torch.tensor(float(x.shape[0]), device=x.device)
-        rows = world.all_reduce_(torch.tensor(float(x.shape[0]), device=x.device))
-        mean = world.all_reduce_(x.sum(0)) / rows
-        return world.all_reduce_((x - mean).pow(2).sum()), rows
 
 
 def fvu(x: torch.Tensor, x_hat: torch.Tensor, world: World | None = None) -> torch.Tensor:
@@ -43,19 +34,8 @@ def fvu(x: torch.Tensor, x_hat: torch.Tensor, world: World | None = None) -> tor
     err = (x - x_hat).pow(2).sum()
     if world is None or world.size == 1:
         return err / (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
-    energy, _ = _centred_energy(x, world)
+    energy, _ = centred_energy(x, world)
     return err / energy.clamp_min(1e-12) * world.size
-
-
-def l1_penalty(sae, x: torch.Tensor, idx: torch.Tensor, vals: torch.Tensor,
-               world: World | None = None) -> torch.Tensor:
-    """The relu SAE's sparsity penalty: mean over tokens of sum_j z_j ||W_dec[j]|| (the SAELens
-    "standard" form), divided by the batch's RMS distance to its mean so that, like FVU, it does
-    not depend on the activations' scale; the coefficient then carries across models and layers.
-    """
-    energy, rows = _centred_energy(x, world)
-    norms = sae.W_dec.norm(dim=1)[idx]
-    return (vals * norms).sum() / x.shape[0] / (energy / rows).sqrt().clamp_min(1e-12)
 
 
 def underused(freq: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:

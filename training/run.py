@@ -19,12 +19,12 @@ from tqdm import tqdm
 
 from saelab import __version__
 from saelab.distributed import World, init
+from saelab.init import init_sae
 from saelab.io import check_output_dir
 from saelab.lock import hold
 from saelab.sae import SAE, SAEConfig
 from saelab.training.checkpoint import CHECKPOINT_FILE, read_checkpoint, restore, save_checkpoint
 from saelab.training.config import TrainConfig
-from saelab.training.init import init_sae
 from saelab.training.sinks import JsonLog, Sink, WandbSink
 from saelab.training.sources import Sources, open_sources, unpack
 from saelab.training.trainer import Trainer

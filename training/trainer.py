@@ -7,9 +7,10 @@ import torch
 from saelab import allocators
 from saelab.distributed import World
 from saelab.errors import SaelabError
+from saelab.penalty import l1_penalty
 from saelab.sae import SAE
 from saelab.training.config import TrainConfig
-from saelab.training.losses import auxk_loss, fvu, l1_penalty, underused
+from saelab.training.losses import auxk_loss, fvu, underused
 
 
 def _lr_factor(step: int, steps: int, cfg: TrainConfig) -> float:

@@ -7,7 +7,7 @@ then reduced to one integer: the SAE's argmax latent. Two SAEs are offered:
 - topk: saelab's TopK SAE with k = 1, trained on reconstruction (MSE); its single active latent
   is exactly the argmax code;
 - relu: the L1 ReLU SAE of O'Neill & Bui (saelab's relu allocator: every positive latent
-  active, loss = MSE + l1 * `saelab.training.losses.l1_penalty`); its code is the argmax of
+  active, loss = MSE + l1 * `saelab.penalty.l1_penalty`); its code is the argmax of
   relu(pre), which is the argmax of pre.
 Both are trained full-batch with Adam, decoder rows renormalised after each step, on inputs
 divided by their root mean squared norm over the training rows (kept as `sae.input_scale` and
@@ -19,10 +19,10 @@ from __future__ import annotations
 import torch
 
 from saelab.errors import SaelabError
+from saelab.init import init_sae
 from saelab.models import HookedModel
+from saelab.penalty import l1_penalty
 from saelab.sae import SAE, SAEConfig
-from saelab.training.init import init_sae
-from saelab.training.losses import l1_penalty
 
 from .patching import result_hook
 

@@ -24,7 +24,7 @@ from saelab import __version__
 from saelab.cache import positions_to_keep
 from saelab.data import BUILTIN_STDLIB, TokenData
 from saelab.errors import SaelabError
-from saelab.evals.evaluate import heldout_rows
+from saelab.heldout import heldout_rows
 from saelab.models import HookedModel, load_model
 
 UNION_SIZES = (1, 8, 64, 512)

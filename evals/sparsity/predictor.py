@@ -23,9 +23,9 @@ from tqdm import tqdm
 from saelab.cache import model_activations, positions_to_keep
 from saelab.data import TokenData
 from saelab.errors import SaelabError
-from saelab.evals.evaluate import heldout_rows
 from saelab.evals.sparsity.measure import default_threshold, mlp_hook, mlp_hooks
 from saelab.evals.spliced import SplicedLoss, prediction_mask
+from saelab.heldout import heldout_rows
 from saelab.kernels import SparseMLP
 from saelab.models import HookedModel
 

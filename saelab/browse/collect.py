@@ -1,7 +1,7 @@
 """The streaming pass and the decoder-side facts a feature page shows.
 
 One forward pass of the model per batch of held-out rows feeds every dictionary of a run (one
-per hook), each into its `FeatureStats`. Rows come from `saelab.evals.evaluate.heldout_rows`, the
+per hook), each into its `FeatureStats`. Rows come from `saelab.heldout.heldout_rows`, the
 same held-out rows `saelab eval` scores, and BOS/pad positions are skipped as there.
 
 Next-token effects ("promotes / suppresses") are the direct path only: the latent's decoder row
@@ -28,7 +28,7 @@ from saelab.browse.stats import FeatureStats, StatsConfig
 from saelab.cache import positions_to_keep
 from saelab.data import TokenData
 from saelab.errors import SaelabError
-from saelab.evals.evaluate import _resolve, heldout_rows
+from saelab.heldout import heldout_rows, resolve_dictionary
 from saelab.models import HookedModel
 from saelab.sae import CONFIG_FILE
 
@@ -85,7 +85,7 @@ def load_dictionaries(saes: list, latents: list[int] | None, cfg: StatsConfig,
                               f"has {sae.cfg.n_latents} latents (0..{sae.cfg.n_latents - 1})")
     out = []
     for sae, path in loaded:
-        sae, _, model, data = _resolve(sae, model, data, None, device)
+        sae, _, model, data = resolve_dictionary(sae, model, data, None, device)
         if sae.cfg.model not in (None, model.spec):
             raise SaelabError(f"{path or 'a dictionary'} was trained on {sae.cfg.model}, not on "
                               f"{model.spec}; browse dictionaries of one model together")
