@@ -33,9 +33,9 @@ def run_one(n_latents: int, tokens: int, batch_rows: int) -> dict:
     import torch
     from tqdm import tqdm
 
+    from saelab.activations import positions_to_keep
     from saelab.browse.collect import load_dictionaries
     from saelab.browse.stats import StatsConfig
-    from saelab.cache import positions_to_keep
     from saelab.heldout import heldout_rows
     from saelab.sae import SAE, SAEConfig
 

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 import saelab
-from saelab.cache import positions_to_keep
+from saelab.activations import positions_to_keep
 from saelab.data import TokenData
 from saelab.evals import evaluate
 from saelab.heldout import heldout_rows

@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 from saelab import __version__
-from saelab.cache import positions_to_keep
+from saelab.activations import positions_to_keep
 from saelab.data import TokenData
 from saelab.errors import SaelabError
 from saelab.evals.latents import LatentStats

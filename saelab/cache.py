@@ -23,7 +23,7 @@ Two streams yield shuffled (B, d) batches for training:
   (seed, e): shards are permuted, taken in groups of `buffer_shards`, and the rows of a group
   permuted; batches are consecutive slices of that order. Its position is just
   (epoch, offset), so `state_dict()` / `load_state_dict()` resume exactly.
-- `ModelStream` runs a model on the fly and mixes activations through an in-memory buffer.
+(`saelab.activations.ModelStream` yields the same batches from a model run on the fly.)
 """
 
 from __future__ import annotations
@@ -40,40 +40,18 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from saelab.activations import Layout, model_activations
 from saelab.data import TokenData
 from saelab.distributed import World
 from saelab.errors import SaelabError
 from saelab.io import check_output_dir, read_safetensors, write_json, write_safetensors
 from saelab.lock import hold
-from saelab.models import HookedModel
+from saelab.models import HookedModel, grad_key
 
 MANIFEST = "manifest.json"
 FORMAT = "saelab-activation-cache/1"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DIGEST = "sha256"  # hashlib name of the per-shard content hash; the manifest key too
-
-
-def positions_to_keep(tokens: torch.Tensor, tokenizer) -> torch.Tensor:
-    """Boolean mask (B, T) of positions that are not BOS or pad tokens."""
-    keep = torch.ones_like(tokens, dtype=torch.bool)
-    for special in {tokenizer.bos_token_id, tokenizer.pad_token_id} - {None}:
-        keep &= tokens != special
-    return keep
-
-
-def model_activations(
-    model: HookedModel, data: TokenData, hooks: list[str], batch_rows: int,
-    epochs: int | None = None, with_grads: bool = False,
-) -> Iterator[dict[str, torch.Tensor]]:
-    """Yield {hook: (rows, d)} per token batch, with BOS/pad positions dropped.
-
-    With `with_grads`, also `{hook}:grad` (see `HookedModel.activations`).
-    """
-    for tokens in data.batches(model.tokenizer, batch_rows, epochs):
-        tokens = tokens.to(model.device)
-        acts = model.activations(tokens, hooks, with_grads)
-        keep = positions_to_keep(tokens, model.tokenizer)
-        yield {h: a[keep] for h, a in acts.items()}
 
 
 @dataclass(frozen=True)
@@ -181,11 +159,6 @@ def check_finite(t: torch.Tensor, where: str) -> None:
     finite tensor could also give) is confirmed element-wise before refusing."""
     if not torch.isfinite(t.float().sum()) and not torch.isfinite(t).all():
         raise SaelabError(f"{where} holds NaN or Inf values")
-
-
-def grad_key(hook: str) -> str:
-    """Shard key of the loss gradient stored beside a hook's activations."""
-    return f"{hook}:grad"
 
 
 def build_cache(
@@ -301,26 +274,6 @@ def _read_shard(directory: Path, shard: dict, keys: list[str], widths: list[int]
     return torch.cat([tensors[key].float() for key in keys], dim=1)
 
 
-class _Layout:
-    """How the tensors of several hooks (and their gradients) sit side by side in one row.
-
-    Streams shuffle one (rows, total width) tensor so every hook sees the same token order;
-    a batch is handed out per hook as x, or (x, grad) with gradients, and as a dict
-    {hook: ...} when the stream was asked for a list of hooks.
-    """
-
-    def __init__(self, hooks: str | list[str], with_grads: bool):
-        self.single = isinstance(hooks, str)
-        self.hooks = [hooks] if self.single else list(hooks)
-        self.with_grads = with_grads
-        self.keys = [k for h in self.hooks for k in ([h, grad_key(h)] if with_grads else [h])]
-
-    def split(self, rows: torch.Tensor, widths: list[int]):
-        parts = dict(zip(self.keys, rows.split(widths, dim=1), strict=True))
-        out = {h: (parts[h], parts[grad_key(h)]) if self.with_grads else parts[h] for h in self.hooks}
-        return out[self.hooks[0]] if self.single else out
-
-
 class CacheStream:
     """Shuffled (B, d) batches of one hook (or a list of hooks) from a cache, resumable.
 
@@ -344,7 +297,7 @@ class CacheStream:
         self.directory = Path(directory)
         self.drop_last = drop_last  # training: skip an epoch's short tail (its FVU is noisy)
         self.manifest = Manifest.read(self.directory)
-        self.layout = _Layout(hook, with_grads)
+        self.layout = Layout(hook, with_grads)
         dims = [self.manifest.check_hook(h, self.directory) for h in self.layout.hooks]
         self.widths = [d for d in dims for _ in range(1 + with_grads)]
         if with_grads and not self.manifest.with_grads:
@@ -414,70 +367,3 @@ class CacheStream:
             self.offset += carry.shape[0]
             if not self.drop_last:
                 yield self.layout.split(carry, self.widths)
-
-
-class ModelStream:
-    """Shuffled (B, d) batches computed on the fly, mixed in a buffer of tokens.
-
-    One forward pass serves every hook; batches have the same form as `CacheStream`'s (x, or
-    (x, grad) with `with_grads`, where the model runs forward and backward; a dict for a list
-    of hooks).
-    Its position is the number of batches served; resuming replays the (seeded) stream up to
-    it, which recomputes activations but restores the exact same batches.
-    """
-
-    def __init__(
-        self,
-        model: HookedModel,
-        data: TokenData,
-        hook: str | list[str],
-        batch_size: int,
-        buffer_tokens: int = 2**17,
-        batch_rows: int = 32,
-        seed: int = 0,
-        with_grads: bool = False,
-    ):
-        self.layout = _Layout(hook, with_grads)
-        model.check_hooks(self.layout.hooks)
-        self.model, self.data = model, data
-        self.batch_size, self.buffer_tokens, self.batch_rows = batch_size, buffer_tokens, batch_rows
-        self.seed, self.served = seed, 0
-
-    def state_dict(self) -> dict:
-        return {"batches": self.served, "seed": self.seed}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.served, self.seed = state["batches"], state["seed"]
-
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        generator = torch.Generator().manual_seed(self.seed)
-        skip, self.served = self.served, 0
-        buf: list[torch.Tensor] = []
-        held = 0
-        lay = self.layout
-        for acts in model_activations(self.model, self.data, lay.hooks, self.batch_rows,
-                                         with_grads=lay.with_grads):
-            widths = [acts[key].shape[1] for key in lay.keys]
-            buf.append(torch.cat([acts[key] for key in lay.keys], dim=1))
-            held += buf[-1].shape[0]
-            if held < self.buffer_tokens:
-                continue
-            x = torch.cat(buf)
-            x = x[torch.randperm(x.shape[0], generator=generator, device="cpu").to(x.device)]
-            full = x.shape[0] // self.batch_size * self.batch_size
-            for b in range(0, full, self.batch_size):
-                self.served += 1
-                if self.served > skip:
-                    yield lay.split(x[b : b + self.batch_size], widths)
-            buf, held = [x[full:]], x.shape[0] - full
-
-
-def heldout_activations(model: HookedModel, data: TokenData, hook: str, tokens: int) -> torch.Tensor:
-    """The first `tokens` activation rows of `data` (for evaluation; not shuffled)."""
-    out, held = [], 0
-    for acts in model_activations(model, data, [hook], batch_rows=32, epochs=1):
-        out.append(acts[hook])
-        held += out[-1].shape[0]
-        if held >= tokens:
-            break
-    return torch.cat(out)[:tokens]

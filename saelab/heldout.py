@@ -8,10 +8,10 @@ from pathlib import Path
 import torch
 
 from saelab import load
-from saelab.cache import positions_to_keep
+from saelab.activations import model_activations, positions_to_keep
 from saelab.data import BUILTIN_STDLIB, TokenData
 from saelab.errors import SaelabError
-from saelab.models import load_model
+from saelab.models import HookedModel, load_model
 
 
 def heldout_rows(tokenizer, data: TokenData, tokens: int) -> torch.Tensor:
@@ -61,3 +61,14 @@ def resolve_dictionary(sae_or_path, model, data, context_length: int | None, dev
             f"context_length must be at least 3 to score predictions, got {data.context_length}"
         )
     return sae_or_path, path, model, data
+
+
+def heldout_activations(model: HookedModel, data: TokenData, hook: str, tokens: int) -> torch.Tensor:
+    """The first `tokens` activation rows of `data` (for evaluation; not shuffled)."""
+    out, held = [], 0
+    for acts in model_activations(model, data, [hook], batch_rows=32, epochs=1):
+        out.append(acts[hook])
+        held += out[-1].shape[0]
+        if held >= tokens:
+            break
+    return torch.cat(out)[:tokens]

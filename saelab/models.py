@@ -100,6 +100,11 @@ class _StopForward(Exception):
     """Raised from the last needed hook to skip the rest of the forward pass."""
 
 
+def grad_key(hook: str) -> str:
+    """Shard key of the loss gradient stored beside a hook's activations."""
+    return f"{hook}:grad"
+
+
 @dataclass
 class HookedModel:
     """A loaded transformer with classic hook names, whichever transformer-lens runs it.
@@ -203,7 +208,7 @@ class HookedModel:
                 )
                 loss.backward()
             out = {h: a.detach().flatten(2) for h, a in acts.items()}
-            out.update({f"{h}:grad": a.grad.flatten(2) for h, a in acts.items()})
+            out.update({grad_key(h): a.grad.flatten(2) for h, a in acts.items()})
             return out
         with torch.no_grad():
             try:

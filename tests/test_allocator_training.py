@@ -7,9 +7,10 @@ import torch
 from safetensors.torch import load_file
 
 import saelab
-from saelab.cache import CacheStream, build_cache, heldout_activations
+from saelab.cache import CacheStream, build_cache
 from saelab.data import TokenData
 from saelab.errors import SaelabError
+from saelab.heldout import heldout_activations
 from saelab.pipeline import train
 from saelab.training import TrainConfig
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 from test_end_to_end import run_cli
 
+from saelab.activations import positions_to_keep
 from saelab.browse import build_site, top_contexts
 from saelab.browse.card import Context, LatentCard
 from saelab.browse.html import card_html, show_token
-from saelab.cache import positions_to_keep
 from saelab.data import TokenData
 from saelab.heldout import heldout_rows
 from saelab.sae import SAE, SAEConfig

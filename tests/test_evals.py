@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from saelab.cache import positions_to_keep
+from saelab.activations import positions_to_keep
 from saelab.data import TokenData
 from saelab.errors import SaelabError
 from saelab.evals import evaluate, format_summary, reconstruction_stats, write_report

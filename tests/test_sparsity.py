@@ -12,7 +12,7 @@ import torch
 from test_end_to_end import run_cli
 from torch.testing import assert_close
 
-from saelab.cache import positions_to_keep
+from saelab.activations import positions_to_keep
 from saelab.data import TokenData
 from saelab.errors import SaelabError
 from saelab.evals.sparsity import Sparsifier, format_summary, measure, mlp_hooks, run, sweep, write_report

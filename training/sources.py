@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-from saelab.cache import CacheStream, Manifest, ModelStream
+from saelab.activations import ModelStream
+from saelab.cache import CacheStream, Manifest
 from saelab.data import TokenData
 from saelab.distributed import World
 from saelab.errors import SaelabError

@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from saelab import __version__
-from saelab.cache import positions_to_keep
+from saelab.activations import positions_to_keep
 from saelab.data import BUILTIN_STDLIB, TokenData
 from saelab.errors import SaelabError
 from saelab.heldout import heldout_rows

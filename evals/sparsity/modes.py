@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from saelab.cache import model_activations, positions_to_keep
+from saelab.activations import model_activations, positions_to_keep
 from saelab.data import TokenData
 from saelab.errors import SaelabError
 from saelab.evals.sparsity.measure import mlp_hooks

@@ -20,7 +20,7 @@ from functools import partial
 import torch
 from tqdm import tqdm
 
-from saelab.cache import model_activations, positions_to_keep
+from saelab.activations import model_activations, positions_to_keep
 from saelab.data import TokenData
 from saelab.errors import SaelabError
 from saelab.evals.sparsity.measure import default_threshold, mlp_hook, mlp_hooks

@@ -24,8 +24,8 @@ import torch
 from tqdm import tqdm
 
 import saelab
+from saelab.activations import positions_to_keep
 from saelab.browse.stats import FeatureStats, StatsConfig
-from saelab.cache import positions_to_keep
 from saelab.data import TokenData
 from saelab.errors import SaelabError
 from saelab.heldout import heldout_rows, resolve_dictionary
