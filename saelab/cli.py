@@ -237,21 +237,24 @@ def info(
 
 @zoo_app.command("list")
 def zoo_list() -> None:
-    """Show the zoo models that ship with saelab and how well they model held-out text."""
+    """Show the installed zoo models (shipped and user-built), where each lives, and how well
+    they model held-out text."""
     from saelab import zoo
 
-    for name in zoo.shipped_models():
+    shipped = set(zoo.shipped_models())
+    for name, path in zoo.installed_models().items():
         c = zoo.card(name)
         r = c.get("recipe", {})
         typer.echo(
             f"zoo:{name}  {r.get('n_layer')} layers x {r.get('n_head')} heads, d_model {r.get('d_model')}, "
             f"held-out loss {c.get('heldout_loss_nats')} nats/token "
-            f"(unigram baseline {c.get('unigram_loss_nats')})"
+            f"(unigram baseline {c.get('unigram_loss_nats')})  "
+            f"[{'shipped' if name in shipped else 'built'}: {path}]"
         )
         for task, t in c.get("tasks", {}).items():
             typer.echo(f"    task {task}: accuracy {t['accuracy']:.1%}, mean logit diff "
                        f"{t['logit_diff']:.2f} (counterfactual {t['counterfactual_logit_diff']:.2f})")
-    buildable = sorted(set(zoo.RECIPES) - set(zoo.shipped_models()))
+    buildable = sorted(set(zoo.RECIPES) - set(zoo.installed_models()))
     if buildable:
         typer.echo("buildable with `saelab zoo build NAME`: " + ", ".join(buildable))
 
@@ -259,7 +262,7 @@ def zoo_list() -> None:
 @zoo_app.command("build")
 def zoo_build(
     name: Annotated[str, typer.Argument(help="Recipe name (see `saelab zoo list`).")],
-    out: Annotated[Path | None, Opt(help="Output directory. [default: inside the installed package]")] = None,
+    out: Annotated[Path | None, Opt(help="Output directory. [default: the user's zoo directory, $SAELAB_ZOO_DIR or ~/.cache/saelab/zoo, where zoo:NAME finds it]")] = None,
     tokens: Annotated[int | None, Opt(help="Override the recipe's training tokens.")] = None,
 ) -> None:
     """Train a zoo model from its seeded recipe on the stdlib corpus and write its HF directory."""

@@ -1,13 +1,17 @@
 """The model zoo: small transformers saelab trains itself and ships, so it runs with no hub.
 
-Each zoo model is a Hugging Face directory (config.json, model.safetensors, tokenizer.json) under
-`saelab/zoo/models/NAME`, plus `zoo_card.json` recording how it was built and how well it
-predicts held-out text. `zoo:NAME` anywhere a model spec is accepted resolves here.
+Each zoo model is a Hugging Face directory (config.json, model.safetensors, tokenizer.json) plus
+`zoo_card.json` recording how it was built and how well it predicts held-out text. Shipped
+models live in the package (`saelab/zoo/models/NAME`, read-only); `saelab zoo build NAME`
+writes to the user's zoo directory (`user_dir()`), never into the package. `zoo:NAME` resolves
+a shipped model first, then the user's: a local rebuild of a shipped recipe never silently
+replaces the weights that dictionaries trained on `zoo:NAME` expect (load it by its path).
 """
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,11 +63,30 @@ RECIPES = {r.name: r for r in [
 ]}
 
 
+def user_dir() -> Path:
+    """Where `saelab zoo build` writes: $SAELAB_ZOO_DIR, else $XDG_CACHE_HOME/saelab/zoo, else
+    ~/.cache/saelab/zoo."""
+    if os.environ.get("SAELAB_ZOO_DIR"):
+        return Path(os.environ["SAELAB_ZOO_DIR"]).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache).expanduser() / "saelab" / "zoo"
+
+
+def _models_in(directory: Path) -> dict[str, Path]:
+    return {p.name: p for p in sorted(directory.glob("*")) if (p / "config.json").exists()}
+
+
+def installed_models() -> dict[str, Path]:
+    """Every model `zoo:NAME` can load, name -> directory; a shipped model wins over a user
+    build of the same name."""
+    return {**_models_in(user_dir()), **_models_in(MODELS_DIR)}
+
+
 def model_dir(name: str) -> Path:
-    """Directory of a shipped zoo model (`name` with or without the `zoo:` prefix)."""
+    """Directory of a zoo model (`name` with or without the `zoo:` prefix)."""
     name = name.removeprefix("zoo:")
-    path = MODELS_DIR / name
-    if not (path / "config.json").exists():
+    path = installed_models().get(name)
+    if path is None:
         shipped = ", ".join(f"zoo:{n}" for n in shipped_models()) or "none"
         hint = f"; build it with `saelab zoo build {name}`" if name in RECIPES else ""
         raise SaelabError(f"zoo model {name!r} is not installed (shipped: {shipped}){hint}")
@@ -71,10 +94,10 @@ def model_dir(name: str) -> Path:
 
 
 def shipped_models() -> list[str]:
-    return sorted(p.name for p in MODELS_DIR.glob("*") if (p / "config.json").exists())
+    return list(_models_in(MODELS_DIR))
 
 
 def card(name: str) -> dict:
-    """The zoo card of a shipped model: recipe, data, held-out loss vs a unigram baseline."""
+    """The zoo card of an installed model: recipe, data, held-out loss vs a unigram baseline."""
     path = model_dir(name) / "zoo_card.json"
     return json.loads(path.read_text()) if path.exists() else {}

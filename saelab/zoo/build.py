@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from saelab.data import BUILTIN_STDLIB, TokenData
 from saelab.io import write_json
-from saelab.zoo import MODELS_DIR, ZooRecipe
+from saelab.zoo import ZooRecipe, user_dir
 from saelab.zoo import tasks as task_corpus
 
 EOT = "<|endoftext|>"
@@ -104,10 +104,11 @@ def _heldout_losses(model, rows: torch.Tensor, unigram_logp: torch.Tensor) -> tu
 
 
 def build(recipe: ZooRecipe, out_dir: Path | None = None, heldout_rows: int = 512) -> Path:
-    """Train `recipe` and write its directory (atomically: built in a temp dir, then renamed)."""
+    """Train `recipe` and write its directory (default: the user's zoo directory, where
+    `zoo:NAME` finds it), atomically: built in a temp dir, then renamed."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    out_dir = Path(out_dir) if out_dir is not None else MODELS_DIR / recipe.name
+    out_dir = Path(out_dir) if out_dir is not None else user_dir() / recipe.name
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:

@@ -1,0 +1,57 @@
+"""`saelab zoo build` writes to the user's zoo directory, never into the package, and `zoo:NAME`
+resolves shipped models first, then user builds."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+
+import pytest
+
+from saelab import zoo
+from saelab.cli import main
+from saelab.zoo.build import build
+
+
+@pytest.fixture
+def user_zoo(tmp_path, monkeypatch):
+    monkeypatch.setenv("SAELAB_ZOO_DIR", str(tmp_path / "zoo"))
+    return tmp_path / "zoo"
+
+
+def _package_files() -> dict[str, float]:
+    return {str(p): p.stat().st_mtime for p in zoo.MODELS_DIR.rglob("*")}
+
+
+def test_user_dir_from_environment(tmp_path, monkeypatch):
+    monkeypatch.delenv("SAELAB_ZOO_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert zoo.user_dir() == tmp_path / "cache" / "saelab" / "zoo"
+    monkeypatch.setenv("SAELAB_ZOO_DIR", str(tmp_path / "mine"))
+    assert zoo.user_dir() == tmp_path / "mine"
+
+
+def test_build_writes_to_user_dir_not_package(user_zoo):
+    before = _package_files()
+    recipe = dataclasses.replace(zoo.RECIPES["pystdlib-4l"], name="tiny-user", tokens=2048,
+                                 batch_size=4, context_length=32, checkpoints=0)
+    path = build(recipe, heldout_rows=4)
+    assert path == user_zoo / "tiny-user" and (path / "zoo_card.json").exists()
+    assert _package_files() == before
+    assert zoo.model_dir("zoo:tiny-user") == path
+    assert "tiny-user" not in zoo.shipped_models()
+
+
+def test_shipped_model_wins_and_list_shows_where(user_zoo, capsys):
+    shipped = zoo.model_dir("zoo:pystdlib-4l")
+    user_zoo.mkdir(parents=True)
+    shutil.copytree(shipped, user_zoo / "pystdlib-4l")  # a local rebuild of a shipped recipe
+    shutil.copytree(shipped, user_zoo / "mine")
+    assert zoo.model_dir("zoo:pystdlib-4l") == shipped
+    assert zoo.model_dir("zoo:mine") == user_zoo / "mine"
+    with pytest.raises(SystemExit) as e:
+        main(["zoo", "list"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "zoo:mine " in out and f"[built: {user_zoo / 'mine'}]" in out
+    assert f"[shipped: {shipped}]" in out
