@@ -1,6 +1,14 @@
+import os
+from pathlib import Path
+
 import pytest
 
 from saelab.zoo import DEFAULT_MODEL
+
+# pyproject's `pythonpath = ["."]` makes this session import the checkout's saelab; the tests'
+# subprocesses (`python -m saelab`, torchrun, a fresh pytest) import it too, from any cwd.
+ROOT = Path(__file__).resolve().parents[1]
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
 
 
 @pytest.fixture(scope="session")

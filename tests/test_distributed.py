@@ -24,7 +24,7 @@ def test_two_processes_match_one_on_the_same_global_batches(small_cache, tmp_pat
             "--eval-tokens", "512", "--warmup-steps", "2"]
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                     "--master_port", "29533", "-m", "saelab", "train", *args],
-                   check=True, capture_output=True, timeout=600, cwd=tmp_path)  # off the source tree
+                   check=True, capture_output=True, timeout=600)
     ddp = load_file(str(out / "sae.safetensors"))
 
     # the same global batches in one process: rank r reads every 2nd shard from the r-th
@@ -52,7 +52,7 @@ def test_two_processes_cache_their_own_shards(tmp_path):
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                     "--master_port", "29534", "-m", "saelab", "cache", str(out), "--hook", HOOK,
                     "--tokens", "3001", "--shard-rows", "1000", "--context-length", "64"],
-                   check=True, capture_output=True, timeout=600, cwd=tmp_path)  # off the source tree
+                   check=True, capture_output=True, timeout=600)
     manifest = json.loads((out / "manifest.json").read_text())
     files = [s["file"] for s in manifest["shards"]]
     assert manifest["rows"] == 3001 and sum(s["rows"] for s in manifest["shards"]) == 3001

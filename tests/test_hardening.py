@@ -53,11 +53,7 @@ def lock_holder(directory: Path):
             print("held", flush=True)
             time.sleep(600)
     """)
-    # run off the source tree: from the repo root `python -c` would import its saelab/, which
-    # lacks saelab.kernels (installed from kernels/)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
-                            cwd=directory.parent)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "held"
         yield proc

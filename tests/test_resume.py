@@ -38,8 +38,7 @@ def test_sigkill_then_resume_is_bitwise_identical(allocator, small_cache, tmp_pa
             "--allocator", allocator]
     for key, value in RUN.items():
         args += [f"--{key.replace('_', '-')}", str(value)]
-    # cwd: off the source tree, so `-m saelab` runs the installed package
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpt = killed / CHECKPOINT_FILE
     deadline = time.time() + 300
     while not ckpt.exists() and proc.poll() is None and time.time() < deadline:

@@ -115,14 +115,14 @@ def test_low_precision_close_to_float64(dtype):
 
 
 @pytest.mark.skipif(INTERPRETED, reason="this is the subprocess")
-def test_under_triton_interpreter(tmp_path):
+def test_under_triton_interpreter():
     if importlib.util.find_spec("triton") is None:
         pytest.skip("triton is not installed")
     env = {k: v for k, v in os.environ.items() if k != backend.ENV_VAR}
     env["TRITON_INTERPRET"] = "1"
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+        env=env, capture_output=True, text=True, timeout=600,
     )
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     assert " passed" in done.stdout and "skipped" in done.stdout  # only this test skips there
