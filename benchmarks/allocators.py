@@ -54,7 +54,7 @@ def main() -> None:
     for allocator, extra in RUNS:
         name = allocator + "".join(f"-{v}" for v in extra.values())
         out = args.out / name
-        train(TrainConfig(cache=str(cache), hook=args.hook, out=str(out), allocator=allocator,
+        train(TrainConfig.of(cache=str(cache), hook=args.hook, out=str(out), allocator=allocator,
                           n_latents=args.n_latents, k=args.k, tokens=args.train_tokens,
                           dead_tokens=args.dead_tokens, overwrite=True, **extra))
         report = evaluate(str(out), tokens=args.eval_tokens)

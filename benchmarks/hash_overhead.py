@@ -63,7 +63,7 @@ def train_from(cache: Path, hook: str, steps: int, batch: int, n: int, k: int) -
     from saelab.cache import CacheStream
     from saelab.init import init_sae
     from saelab.sae import SAE, SAEConfig
-    from saelab.training.config import TrainConfig
+    from saelab.training.config import OptimConfig
     from saelab.training.trainer import Trainer
 
     with warnings.catch_warnings():
@@ -73,7 +73,7 @@ def train_from(cache: Path, hook: str, steps: int, batch: int, n: int, k: int) -
     first = next(batches)
     sae = SAE(SAEConfig(d_in=first.shape[1], n_latents=n, k=k))
     init_sae(sae, first, seed=0)
-    trainer = Trainer(sae, TrainConfig(n_latents=n, k=k, batch_size=batch, tokens=steps * batch), steps)
+    trainer = Trainer(sae, OptimConfig(batch_size=batch, tokens=steps * batch), steps)
     with Clock() as clock:
         for _ in range(steps):
             trainer.step(next(batches))

@@ -92,7 +92,7 @@ def saelens_rules(model, sae, rows: torch.Tensor, batch_rows: int) -> dict:
 def train_small(out: Path) -> Path:
     from saelab.training import TrainConfig, train
 
-    train(TrainConfig(out=str(out), hook="blocks.2.hook_resid_post", n_latents=1024, k=16,
+    train(TrainConfig.of(out=str(out), hook="blocks.2.hook_resid_post", n_latents=1024, k=16,
                       tokens=400_000, batch_size=2048, eval_tokens=4096, warmup_steps=10))
     return out
 

@@ -47,12 +47,12 @@ def floor_step(x: torch.Tensor, n: int, reuse_output: bool = False) -> Step:
 def saelab_step(x: torch.Tensor, n: int, k: int) -> Step:
     from saelab.init import init_sae
     from saelab.sae import SAE, SAEConfig
-    from saelab.training.config import TrainConfig
+    from saelab.training.config import OptimConfig
     from saelab.training.trainer import Trainer
 
     sae = SAE(SAEConfig(d_in=x.shape[1], n_latents=n, k=k))
     init_sae(sae, x, seed=0)
-    trainer = Trainer(sae, TrainConfig(k=k, n_latents=n, batch_size=x.shape[0]), steps=10_000)
+    trainer = Trainer(sae, OptimConfig(batch_size=x.shape[0]), steps=10_000)
     return lambda: trainer.step(x)
 
 

@@ -62,7 +62,7 @@ app.command()(with_options(train, [
     inspect.Parameter("resume", inspect.Parameter.KEYWORD_ONLY, annotation=Path | None, default=Opt(
         None, help="Continue the run in this directory from its checkpoint, exactly; its own "
                    "config is used and other flags must be left out.")),
-    *field_options(TrainConfig, TrainConfig.fields_doc()),
+    *field_options(TrainConfig.panels(), TrainConfig.fields_doc()),
 ]))
 
 

@@ -29,14 +29,17 @@ def _kind(f: dataclasses.Field) -> type:
     return KINDS[name]
 
 
-def field_options(cls: type, docs: dict[str, str]) -> list[inspect.Parameter]:
-    """One keyword parameter (typer option) per field of dataclass `cls`; `docs`: field -> help."""
+def field_options(fields: dict[str, tuple[str, dataclasses.Field]],
+                  docs: dict[str, str]) -> list[inspect.Parameter]:
+    """One keyword parameter (typer option) per field; `fields`: flat name -> (the help panel
+    it is listed under, the dataclass field); `docs`: flat name -> help."""
     params = []
-    for f in dataclasses.fields(cls):
+    for panel, f in fields.values():
         kind = _kind(f)
         flag = f"--{f.name.replace('_', '-')}"
         decls = [f"{flag}/--no-{flag[2:]}"] if kind is bool else [flag]
-        option = typer.Option(None, *decls, help=docs[f.name], show_default=False)
+        option = typer.Option(None, *decls, help=docs[f.name], show_default=False,
+                              rich_help_panel=panel)
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY,
                                         default=option, annotation=kind | None))
     return params

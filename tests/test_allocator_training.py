@@ -47,7 +47,7 @@ def test_gradient_training_needs_a_gradient_cache(small_cache, tmp_path):
 
 
 def test_gradient_topk_trains_from_grad_cache(grad_cache, tmp_path):
-    (r,) = train(TrainConfig(cache=str(grad_cache), out=str(tmp_path / "g"), allocator="gradient_topk",
+    (r,) = train(TrainConfig.of(cache=str(grad_cache), out=str(tmp_path / "g"), allocator="gradient_topk",
                              **{**SMALL, "tokens": 12_000})).values()
     assert r.summary["heldout_fvu"] < 0.9
     assert saelab.load(str(tmp_path / "g")).cfg.allocator == "gradient_topk"
@@ -59,7 +59,7 @@ def test_gradient_topk_trains_from_grad_cache(grad_cache, tmp_path):
     ("mutual_choice", {"aux": "aux_zipf"}),
 ])
 def test_batch_allocators_train_and_thresholds_agree(allocator, extra, small_cache, zoo_model, tmp_path):
-    (r,) = train(TrainConfig(cache=str(small_cache), out=str(tmp_path / "d"), allocator=allocator,
+    (r,) = train(TrainConfig.of(cache=str(small_cache), out=str(tmp_path / "d"), allocator=allocator,
                              **SMALL, **extra)).values()
     sae = saelab.load(str(tmp_path / "d"))
     assert sae.cfg.allocator == allocator and torch.isfinite(sae.threshold).all()

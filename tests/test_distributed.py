@@ -28,14 +28,14 @@ def test_two_processes_match_one_on_the_same_global_batches(small_cache, tmp_pat
     ddp = load_file(str(out / "sae.safetensors"))
 
     # the same global batches in one process: rank r reads every 2nd shard from the r-th
-    cfg = TrainConfig(cache=str(small_cache), hook=HOOK, n_latents=256, k=8, batch_size=BATCH,
+    cfg = TrainConfig.of(cache=str(small_cache), hook=HOOK, n_latents=256, k=8, batch_size=BATCH,
                       tokens=STEPS * BATCH * 2, warmup_steps=2)
     streams = [iter(CacheStream(small_cache, [HOOK], BATCH, seed=0, shards=[r, r + 2], drop_last=True))
                for r in (0, 1)]
     batches = [[next(s)[HOOK] for _ in range(STEPS)] for s in streams]
     sae = SAE(SAEConfig(d_in=128, n_latents=256, k=8, hook=HOOK))
     init_sae(sae, batches[0][0], seed=0)  # rank 0's init, broadcast to every rank
-    trainer = Trainer(sae, cfg, STEPS)
+    trainer = Trainer(sae, cfg.optim, STEPS)
     for step in range(STEPS):
         trainer.step(torch.cat([batches[0][step], batches[1][step]]))
     ref = sae.state_dict()

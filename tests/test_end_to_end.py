@@ -41,7 +41,7 @@ def run_cli(args, monkeypatch, capsys):
 @pytest.fixture(scope="module")
 def trained(small_cache, tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "sae"
-    (result,) = train(TrainConfig(cache=str(small_cache), hook="blocks.1.hook_resid_post",
+    (result,) = train(TrainConfig.of(cache=str(small_cache), hook="blocks.1.hook_resid_post",
                                   out=str(out), **SMALL)).values()
     return result
 

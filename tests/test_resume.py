@@ -31,7 +31,7 @@ def _steps_done(path):
 @pytest.mark.slow
 @pytest.mark.parametrize("allocator", ["topk", "mutual_choice"])
 def test_sigkill_then_resume_is_bitwise_identical(allocator, small_cache, tmp_path):
-    (ref,) = train(TrainConfig(cache=str(small_cache), out=str(tmp_path / "ref"), allocator=allocator,
+    (ref,) = train(TrainConfig.of(cache=str(small_cache), out=str(tmp_path / "ref"), allocator=allocator,
                              **RUN)).values()
     killed = tmp_path / "killed"
     args = [sys.executable, "-m", "saelab", "train", "--cache", str(small_cache), "--out", str(killed),

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 
 def test_default_training_run(tmp_path):
     """`saelab train` with no flags: the shipped zoo model, offline, a good dictionary."""
-    (result,) = train(TrainConfig(out=str(tmp_path / "sae"))).values()
+    (result,) = train(TrainConfig.of(out=str(tmp_path / "sae"))).values()
     s = result.summary
     assert s["model"] == "zoo:pystdlib-4l" and s["hook"] == "blocks.2.hook_resid_post"
     assert s["heldout_fvu"] < 0.25, s

@@ -8,7 +8,9 @@ import typer
 
 import saelab.pipeline
 from saelab.cli import app, main
+from saelab.errors import SaelabError
 from saelab.training import TrainConfig
+from saelab.training.config import GROUPS
 
 
 def _train_options() -> dict[str, object]:
@@ -18,7 +20,7 @@ def _train_options() -> dict[str, object]:
 
 def test_every_field_has_a_flag_with_its_doc():
     options = _train_options()
-    for f in dataclasses.fields(TrainConfig):
+    for _, f in TrainConfig.fields().values():
         flag = "--" + f.name.replace("_", "-")
         assert flag in options, flag
         assert f.metadata["doc"] in options[flag].help, flag
@@ -45,13 +47,28 @@ def test_flags_override_a_config_file_and_no_flags_switch_off(captured, tmp_path
               "--hook", "a", "--hook", "b", "--out", "x/"])
     assert e.value.code == 0
     (cfg,) = captured
-    assert (cfg.overwrite, cfg.wandb, cfg.k, cfg.adam_eps, cfg.log_every, cfg.ema_decay) == (
-        False, False, 16, 1e-8, 3, 0.5)
-    assert cfg.hook == ["a", "b"] and cfg.out == "x"  # paths read as paths, as before
+    assert (cfg.run.overwrite, cfg.run.wandb, cfg.sae.k, cfg.optim.adam_eps, cfg.run.log_every,
+            cfg.optim.ema_decay) == (False, False, 16, 1e-8, 3, 0.5)
+    assert cfg.source.hook == ["a", "b"] and cfg.run.out == "x"  # paths read as paths, as before
 
 
 def test_no_flags_give_the_dataclass_defaults(captured):
     with pytest.raises(SystemExit):
         main(["train", "--hook", "one", "--wandb"])
     (cfg,) = captured
-    assert cfg == TrainConfig(hook="one", wandb=True)
+    assert cfg == TrainConfig.of(hook="one", wandb=True)
+
+
+def test_groups_hold_every_field_once_and_flat_names_round_trip(tmp_path):
+    names = [f.name for cls in GROUPS.values() for f in dataclasses.fields(cls)]
+    assert len(names) == len(set(names)) == len(TrainConfig.fields())  # flat names are unique
+    cfg = TrainConfig.of(k=8, lr=1e-3, out="runs/x", hook=["a", "b"])
+    assert (cfg.sae.k, cfg.optim.lr, cfg.run.out, cfg.source.hook) == (8, 1e-3, "runs/x", ["a", "b"])
+    assert TrainConfig.of(**cfg.flat()) == cfg
+    assert cfg.replace(seed=3).run.seed == 3 and cfg.replace(seed=3).sae == cfg.sae
+    grouped = tmp_path / "g.yaml"  # a config file may be grouped as the dataclasses are
+    grouped.write_text("sae:\n  k: 8\n  allocator: relu\noptim:\n  lr: 1e-3\nout: runs/x\n")
+    assert TrainConfig.from_file_and_flags(str(grouped), {"hook": ["a", "b"]}) == cfg.replace(
+        allocator="relu")
+    with pytest.raises(SaelabError, match="TrainConfig.sae must be a DictionaryConfig"):
+        TrainConfig(sae={"k": 8})

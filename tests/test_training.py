@@ -7,6 +7,7 @@ from saelab.errors import SaelabError
 from saelab.init import geometric_median, init_sae
 from saelab.sae import SAE, SAEConfig
 from saelab.training import TrainConfig
+from saelab.training.config import OptimConfig
 from saelab.training.losses import auxk_loss, fvu
 from saelab.training.trainer import _remove_parallel_grad
 
@@ -71,17 +72,17 @@ def test_auxk_uses_only_dead_latents_and_their_top_k():
 
 
 def test_lr_rule_and_config_validation(tmp_path):
-    assert TrainConfig().learning_rate(2**14) == pytest.approx(2e-4)
-    assert TrainConfig().learning_rate(2**16) == pytest.approx(1e-4)
+    assert OptimConfig().learning_rate(2**14) == pytest.approx(2e-4)
+    assert OptimConfig().learning_rate(2**16) == pytest.approx(1e-4)
     with pytest.raises(SaelabError, match="k=64 is larger"):
-        TrainConfig(n_latents=32, k=64)
+        TrainConfig.of(n_latents=32, k=64)
     f = tmp_path / "c.yaml"
     f.write_text("k: 8\ntokens: 10000\n")
     cfg = TrainConfig.from_file_and_flags(str(f), {"k": 16, "hook": None})
-    assert cfg.k == 16 and cfg.tokens == 10000
+    assert cfg.sae.k == 16 and cfg.optim.tokens == 10000
     f.write_text("lr: 2e-4\ntokens: 1e6\n")  # YAML 1.1 reads these as strings
     cfg = TrainConfig.from_file_and_flags(str(f), {})
-    assert cfg.lr == 2e-4 and cfg.tokens == 1_000_000 and isinstance(cfg.tokens, int)
+    assert cfg.optim.lr == 2e-4 and cfg.optim.tokens == 1_000_000 and isinstance(cfg.optim.tokens, int)
     f.write_text("tokens: many\n")
     with pytest.raises(SaelabError, match="config field tokens must be a number"):
         TrainConfig.from_file_and_flags(str(f), {})
@@ -122,8 +123,8 @@ def test_relu_sae_trains_and_l1_controls_sparsity():
         torch.manual_seed(0)
         sae = SAE(SAEConfig(d_in=12, n_latents=48, k=0, allocator="relu"))
         init_sae(sae, x, seed=0)
-        cfg = TrainConfig(allocator="relu", l1_coefficient=c, lr=3e-3, warmup_steps=5, batch_size=256)
-        trainer = Trainer(sae, cfg, steps=300)
+        cfg = TrainConfig.of(allocator="relu", l1_coefficient=c, lr=3e-3, warmup_steps=5, batch_size=256)
+        trainer = Trainer(sae, cfg.optim, steps=300)
         for step in range(300):
             out = trainer.step(x[(step % 8) * 256:(step % 8 + 1) * 256])
         results[c] = (out["fvu"].item(), out["l0"].item())
@@ -137,7 +138,7 @@ def test_gradient_topk_training_refuses_a_batch_without_gradient():
     from saelab.training.trainer import Trainer
 
     sae = SAE(SAEConfig(d_in=6, n_latents=20, k=2, allocator="gradient_topk"))
-    trainer = Trainer(sae, TrainConfig(allocator="gradient_topk"), steps=10)
+    trainer = Trainer(sae, OptimConfig(), steps=10)
     x = torch.randn(32, 6)
     trainer.step(x, torch.randn(32, 6))  # with a gradient: a step
     with pytest.raises(SaelabError, match="gradient_topk training got no loss gradient"):
@@ -146,7 +147,7 @@ def test_gradient_topk_training_refuses_a_batch_without_gradient():
 
 def test_jumprelu_training_is_refused_clearly():
     with pytest.raises(SaelabError, match="does not train jumprelu"):
-        TrainConfig(allocator="jumprelu")
+        TrainConfig.of(allocator="jumprelu")
 
 
 def test_relu_init_starts_at_the_requested_l0():
@@ -158,3 +159,11 @@ def test_relu_init_starts_at_the_requested_l0():
     init_sae(sae, x, seed=0, l0=10)
     per_latent = (sae.encode_dense(x) > 0).float().mean(0)
     torch.testing.assert_close(per_latent, torch.full((200,), 10 / 200), atol=1e-3, rtol=0)
+
+
+def test_lr_schedule_by_hand():
+    from saelab.schedule import lr_factor
+    assert [lr_factor(s, 10, 2, 0.2) for s in range(10)] == [0.5] + [1.0] * 8 + [0.5]
+    assert [lr_factor(s, 10, 4, 0.5) for s in range(10)] == [
+        0.25, 0.5, 0.75, 1.0, 1.0, 1.0, 0.8, 0.6, 0.4, 0.2]
+    assert [lr_factor(s, 4, 0, 0.0) for s in range(4)] == [1.0] * 4

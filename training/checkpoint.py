@@ -3,7 +3,6 @@ exactly where it stopped (same batches, same optimiser state, same random state)
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -30,7 +29,7 @@ def save_checkpoint(path: Path, trainers: dict[str, Trainer], stream, cfg: Train
     for hook, trainer in trainers.items():
         state, extras[hook] = trainer.state_dict()
         tensors.update({f"{hook}/{k}": v for k, v in state.items()})
-    meta = {"config": dataclasses.asdict(cfg), "trainers": extras, "streams": streams,
+    meta = {"config": cfg.flat(), "trainers": extras, "streams": streams,
             "seen": seen, "log": log}
     write_safetensors(path, tensors, metadata={"saelab_checkpoint": json.dumps(meta)})
 
@@ -70,8 +69,7 @@ def resume_config(run: str | Path) -> TrainConfig:
     """The config a run was started with (from its checkpoint), pointed at that run."""
     _, meta = read_checkpoint(run)
     config = meta.get("config") if isinstance(meta, dict) else None
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    if not isinstance(config, dict) or not set(config) <= known:
+    if not isinstance(config, dict) or not set(config) <= set(TrainConfig.fields()):
         raise SaelabError(f"checkpoint {Path(run) / CHECKPOINT_FILE} holds no valid training config; "
                           "it cannot be resumed (start a new run)")
-    return dataclasses.replace(TrainConfig(**config), out=str(run))
+    return TrainConfig.of(**{**config, "out": str(run)})

@@ -1,4 +1,5 @@
-"""The training configuration: one frozen dataclass, fillable from flags or a YAML/JSON file."""
+"""The training configuration: frozen dataclasses in four groups (source, dictionary, optimiser,
+run), fillable from flags or a YAML/JSON file by flat field names."""
 
 from __future__ import annotations
 
@@ -26,12 +27,8 @@ def _field(default, doc: str, default_doc: str | None = None, path: bool = False
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    """Everything a training run needs. Defaults train a TopK SAE on the shipped zoo model.
-
-    Each field's documentation is its `doc` metadata (`fields_doc()` lists them; the
-    `saelab train` command, its flags, defaults and help are generated from these fields).
-    """
+class SourceConfig:
+    """Where activations come from: the model (or a cache), its hooks and the token data."""
 
     model: str | None = _field(
         None, "Model spec: zoo:NAME, a local HF directory, or hf:NAME on the Hugging Face hub. "
@@ -43,8 +40,21 @@ class TrainConfig:
                        "evaluation: builtin:stdlib, a .txt/.jsonl file or directory, or hf:NAME.")
     cache: str | None = _field(None, "Train from this activation cache (from `saelab cache`) "
                                "instead of running the model.", path=True)
-    out: str = _field("runs/sae", "Output directory for the dictionary (sae.safetensors, cfg.json) "
-                      "and metrics.", path=True)
+    context_length: int | None = _field(None, "Tokens per row for on-the-fly activations (BOS "
+                                        "included).", "min(model context, 128)")
+    buffer_tokens: int = _field(2**17, "On-the-fly activations are shuffled in a buffer of this "
+                                "many tokens.")
+
+    def __post_init__(self) -> None:
+        check_field_types(self)
+        check_number("buffer_tokens", self.buffer_tokens, 1)
+        check_number("context_length", self.context_length, 2)
+
+
+@dataclass(frozen=True)
+class DictionaryConfig:
+    """The dictionary to train: its size, sparsity and allocator."""
+
     n_latents: int | None = _field(None, "Dictionary size.", "expansion * d_in")
     expansion: int = _field(16, "Latents per input dimension when --n-latents is not given.")
     k: int = _field(32, "Active latents per token; for relu, whose sparsity comes from "
@@ -59,65 +69,18 @@ class TrainConfig:
     capacity: str = _field("zipf", "feature_choice: tokens-per-latent curve, zipf (the paper's) "
                            "or uniform (an ablation).")
     zipf_alpha: float = _field(0.5, "feature_choice: exponent of the zipf capacity curve.")
-    l1_coefficient: float = _field(0.1, "relu: weight of the L1 penalty sum_j z_j ||W_dec[j]|| "
-                                   "(divided by the batch's RMS distance to its mean, so scale-free).")
-    tokens: int = _field(4_000_000, "Training tokens.")
-    batch_size: int = _field(4096, "Tokens per optimiser step and process (data parallel: the "
-                             "global batch is batch_size times the number of processes).")
-    lr: float | None = _field(None, "Adam learning rate (Gao et al.'s scaling).",
-                              "2e-4 / sqrt(n_latents / 2^14)")
-    warmup_steps: int = _field(50, "Linear learning-rate warmup steps.")
-    topk_warmup_steps: int = _field(
-        50, "feature_choice / mutual_choice: select per token (topk) for this many first steps. "
-        "From the tied init batch selection piles latents onto the highest-norm tokens; a short "
-        "topk start gives the encoder directions first.")
-    decay_fraction: float = _field(0.2, "Final fraction of steps over which the lr decays "
-                                   "linearly to 0.")
-    adam_eps: float = _field(6.25e-10, "Adam epsilon (Gao et al. use 6.25e-10).")
-    dead_tokens: int = _field(10_000_000, "A latent not active for this many tokens counts as "
-                              "dead for the auxiliary loss.")
-    aux: str = _field("auxk", "Auxiliary loss for unused latents: auxk (dead latents) or aux_zipf "
-                      "(dead and under-used latents, see training.losses.underused).")
-    k_aux: int | None = _field(None, "Latents used by the auxiliary loss.", "d_in / 2")
-    auxk_coef: float = _field(1 / 32, "Auxiliary loss weight.", "1/32")
-    ema_decay: float = _field(0.99, "Decay of the moving average of latent firing frequency "
-                              "(aux_zipf).")
-    context_length: int | None = _field(None, "Tokens per row for on-the-fly activations (BOS "
-                                        "included).", "min(model context, 128)")
-    buffer_tokens: int = _field(2**17, "On-the-fly activations are shuffled in a buffer of this "
-                                "many tokens.")
-    eval_tokens: int = _field(2**15, "Held-out tokens for the end-of-run evaluation.")
-    seed: int = _field(0, "Seed for init, data order and shuffling.")
-    device: str = _field("cpu", "Torch device.")
-    log_every: int = _field(20, "Steps between metric records.")
-    checkpoint_every: int = _field(500, "Steps between checkpoints (0: only at the end); "
-                                   "--resume continues from the latest one exactly.")
-    wandb: bool = _field(False, "Also log to Weights & Biases (offline into OUT/wandb without an "
-                         "account; WANDB_MODE=online to sync live); local JSON logs are always "
-                         "written.")
-    wandb_project: str = _field("saelab", "The wandb project name.")
-    overwrite: bool = _field(False, "Allow writing into a non-empty output directory.")
 
     def __post_init__(self) -> None:
         check_field_types(self)
-        for name in ("expansion", "k", "tokens", "batch_size", "eval_tokens", "log_every",
-                     "dead_tokens", "buffer_tokens", "n_latents", "k_aux"):
+        for name in ("expansion", "k", "n_latents"):
             check_number(name, getattr(self, name), 1)
-        for name in ("warmup_steps", "topk_warmup_steps", "checkpoint_every", "seed", "beta",
-                     "zipf_alpha", "auxk_coef", "l1_coefficient"):
+        for name in ("beta", "zipf_alpha"):
             check_number(name, getattr(self, name), 0)
-        check_number("context_length", self.context_length, 2)
-        check_number("lr", self.lr, 0, strict_minimum=True)
-        check_number("adam_eps", self.adam_eps, 0, strict_minimum=True)
-        if self.tokens < self.batch_size:
-            raise SaelabError(f"tokens={self.tokens} is less than one batch (batch_size={self.batch_size}); "
-                              "raise tokens or lower batch_size")
         allocators.check(self.allocator)
         if self.capacity not in allocators.CAPACITIES:
             raise SaelabError(f"unknown capacity {self.capacity!r}; use {' or '.join(allocators.CAPACITIES)}")
         if self.grad_score not in allocators.GRAD_SCORES:
             raise SaelabError(f"unknown grad_score {self.grad_score!r}; use normalised or raw")
-        check_device(self.device)
         if self.n_latents is not None and self.k > self.n_latents:
             raise SaelabError(
                 f"k={self.k} is larger than the dictionary (n_latents={self.n_latents}); "
@@ -128,6 +91,51 @@ class TrainConfig:
                 "saelab does not train jumprelu SAEs (it imports them); train relu, topk, "
                 "gradient_topk, feature_choice or mutual_choice"
             )
+
+    def latents(self, d_in: int) -> int:
+        return self.n_latents if self.n_latents is not None else self.expansion * d_in
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """How long and how it learns: tokens, batch, learning-rate schedule, Adam, penalties, the
+    auxiliary loss."""
+
+    tokens: int = _field(4_000_000, "Training tokens.")
+    batch_size: int = _field(4096, "Tokens per optimiser step and process (data parallel: the "
+                             "global batch is batch_size times the number of processes).")
+    lr: float | None = _field(None, "Adam learning rate (Gao et al.'s scaling).",
+                              "2e-4 / sqrt(n_latents / 2^14)")
+    warmup_steps: int = _field(50, "Linear learning-rate warmup steps.")
+    decay_fraction: float = _field(0.2, "Final fraction of steps over which the lr decays "
+                                   "linearly to 0.")
+    adam_eps: float = _field(6.25e-10, "Adam epsilon (Gao et al. use 6.25e-10).")
+    topk_warmup_steps: int = _field(
+        50, "feature_choice / mutual_choice: select per token (topk) for this many first steps. "
+        "From the tied init batch selection piles latents onto the highest-norm tokens; a short "
+        "topk start gives the encoder directions first.")
+    l1_coefficient: float = _field(0.1, "relu: weight of the L1 penalty sum_j z_j ||W_dec[j]|| "
+                                   "(divided by the batch's RMS distance to its mean, so scale-free).")
+    aux: str = _field("auxk", "Auxiliary loss for unused latents: auxk (dead latents) or aux_zipf "
+                      "(dead and under-used latents, see training.losses.underused).")
+    k_aux: int | None = _field(None, "Latents used by the auxiliary loss.", "d_in / 2")
+    auxk_coef: float = _field(1 / 32, "Auxiliary loss weight.", "1/32")
+    ema_decay: float = _field(0.99, "Decay of the moving average of latent firing frequency "
+                              "(aux_zipf).")
+    dead_tokens: int = _field(10_000_000, "A latent not active for this many tokens counts as "
+                              "dead for the auxiliary loss.")
+
+    def __post_init__(self) -> None:
+        check_field_types(self)
+        for name in ("tokens", "batch_size", "dead_tokens", "k_aux"):
+            check_number(name, getattr(self, name), 1)
+        for name in ("warmup_steps", "topk_warmup_steps", "auxk_coef", "l1_coefficient"):
+            check_number(name, getattr(self, name), 0)
+        check_number("lr", self.lr, 0, strict_minimum=True)
+        check_number("adam_eps", self.adam_eps, 0, strict_minimum=True)
+        if self.tokens < self.batch_size:
+            raise SaelabError(f"tokens={self.tokens} is less than one batch (batch_size={self.batch_size}); "
+                              "raise tokens or lower batch_size")
         if self.aux not in ("auxk", "aux_zipf"):
             raise SaelabError(f"unknown auxiliary loss {self.aux!r}; use auxk or aux_zipf")
         check_number("ema_decay", self.ema_decay)  # finite; the range below
@@ -137,48 +145,143 @@ class TrainConfig:
         if not 0 <= self.decay_fraction <= 1:
             raise SaelabError(f"decay_fraction must lie in [0, 1], got {self.decay_fraction}")
 
+    def learning_rate(self, n_latents: int) -> float:
+        return self.lr if self.lr is not None else 2e-4 / math.sqrt(n_latents / 2**14)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The run around training: output, seed, device, logging, checkpoints, the end-of-run eval window."""
+
+    out: str = _field("runs/sae", "Output directory for the dictionary (sae.safetensors, cfg.json) "
+                      "and metrics.", path=True)
+    seed: int = _field(0, "Seed for init, data order and shuffling.")
+    device: str = _field("cpu", "Torch device.")
+    log_every: int = _field(20, "Steps between metric records.")
+    checkpoint_every: int = _field(500, "Steps between checkpoints (0: only at the end); "
+                                   "--resume continues from the latest one exactly.")
+    eval_tokens: int = _field(2**15, "Held-out tokens for the end-of-run evaluation.")
+    wandb: bool = _field(False, "Also log to Weights & Biases (offline into OUT/wandb without an "
+                         "account; WANDB_MODE=online to sync live); local JSON logs are always "
+                         "written.")
+    wandb_project: str = _field("saelab", "The wandb project name.")
+    overwrite: bool = _field(False, "Allow writing into a non-empty output directory.")
+
+    def __post_init__(self) -> None:
+        check_field_types(self)
+        for name in ("eval_tokens", "log_every"):
+            check_number(name, getattr(self, name), 1)
+        for name in ("checkpoint_every", "seed"):
+            check_number(name, getattr(self, name), 0)
+        check_device(self.device)
+
+
+GROUPS = {"source": SourceConfig, "sae": DictionaryConfig, "optim": OptimConfig, "run": RunConfig}
+PANELS = {"source": "Source", "sae": "Dictionary", "optim": "Optimisation", "run": "Run"}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run needs, in four groups. Defaults train a TopK SAE on the shipped
+    zoo model.
+
+    Field names are unique across groups, so the flat name is the interface outside Python:
+    `saelab train --k 16`, config files (flat, or grouped as `sae: {k: 16}`), cfg.json and
+    checkpoints. In Python, `TrainConfig.of(k=16, out="runs/x")` builds from flat names and
+    `cfg.sae.k` reads one. Each field's documentation is its `doc` metadata (`fields_doc()`);
+    the `saelab train` command, its flags, defaults and help are generated from the groups.
+    """
+
+    source: SourceConfig = dataclasses.field(default_factory=SourceConfig)
+    sae: DictionaryConfig = dataclasses.field(default_factory=DictionaryConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    run: RunConfig = dataclasses.field(default_factory=RunConfig)
+
+    def __post_init__(self) -> None:
+        for name, cls in GROUPS.items():
+            if not isinstance(getattr(self, name), cls):
+                raise SaelabError(f"TrainConfig.{name} must be a {cls.__name__}; build configs "
+                                  "from flat field names with TrainConfig.of(...)")
+
+    @staticmethod
+    def fields() -> dict[str, tuple[str, dataclasses.Field]]:
+        """flat field name -> (its group, the field), in group order."""
+        return {f.name: (group, f) for group, cls in GROUPS.items() for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def panels(cls) -> dict[str, tuple[str, dataclasses.Field]]:
+        """flat field name -> (its group's title, the field): how `saelab train --help` lists
+        them."""
+        return {name: (PANELS[group], f) for name, (group, f) in cls.fields().items()}
+
+    @classmethod
+    def of(cls, **values) -> TrainConfig:
+        """A config from flat field names (as flags, config files and cfg.json spell them)."""
+        fields = cls.fields()
+        unknown = sorted(set(values) - set(fields))
+        if unknown:
+            raise SaelabError(f"unknown training config field(s) {unknown}; known: {sorted(fields)}")
+        grouped: dict[str, dict] = {group: {} for group in GROUPS}
+        for name, value in values.items():
+            grouped[fields[name][0]][name] = value
+        return cls(**{group: GROUPS[group](**kw) for group, kw in grouped.items()})
+
+    def flat(self) -> dict:
+        """Every field by its flat name: what cfg.json, checkpoints and loggers record."""
+        return {name: getattr(getattr(self, group), name) for name, (group, _) in self.fields().items()}
+
+    def replace(self, **values) -> TrainConfig:
+        """A copy with some fields (flat names) changed."""
+        return TrainConfig.of(**{**self.flat(), **values})
+
     @classmethod
     def fields_doc(cls) -> dict[str, str]:
-        """field name -> its documentation, with its default."""
-        return {f.name: f"{f.metadata['doc']} (default: {_default_text(f)})"
-                for f in dataclasses.fields(cls)}
-
-    def latents(self, d_in: int) -> int:
-        return self.n_latents if self.n_latents is not None else self.expansion * d_in
+        """flat field name -> its documentation, with its default."""
+        return {name: f"{f.metadata['doc']} (default: {_default_text(f)})"
+                for name, (_, f) in cls.fields().items()}
 
     def check_latents(self, d_in: int) -> None:
         """k and k_aux fit the dictionary this config gives a `d_in`-wide hook (known once the
         model or cache is open, before any training)."""
-        n = self.latents(d_in)
-        for name in ("k", "k_aux"):
-            if (getattr(self, name) or 0) > n:
-                raise SaelabError(f"{name}={getattr(self, name)} is larger than the dictionary "
+        n = self.sae.latents(d_in)
+        for name, value in (("k", self.sae.k), ("k_aux", self.optim.k_aux)):
+            if (value or 0) > n:
+                raise SaelabError(f"{name}={value} is larger than the dictionary "
                                   f"({n} latents for d_in={d_in}); choose {name} <= {n}")
-
-    def learning_rate(self, n_latents: int) -> float:
-        return self.lr if self.lr is not None else 2e-4 / math.sqrt(n_latents / 2**14)
 
     @classmethod
     def from_file_and_flags(cls, path: str | None, flags: dict) -> TrainConfig:
-        """Fields from a YAML/JSON file (if any), overridden by flags that were given (not None)."""
-        values: dict = {}
-        if path is not None:
-            p = Path(path)
-            if not p.exists():
-                raise SaelabError(f"config file {p} does not exist")
-            try:
-                text = p.read_text()
-                values = yaml.safe_load(text) if p.suffix in (".yaml", ".yml") else json.loads(text)
-            except (yaml.YAMLError, json.JSONDecodeError) as e:
-                raise SaelabError(f"config file {p} does not parse ({type(e).__name__})") from None
-            if not isinstance(values, dict):
-                raise SaelabError(f"config file {p} must hold a mapping of field names to values")
+        """Fields from a YAML/JSON file (if any; flat or grouped), overridden by flags that were
+        given (not None)."""
+        values = _flatten(_read_config_file(Path(path))) if path is not None else {}
         values.update({k: v for k, v in flags.items() if v is not None})
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - set(fields))
-        if unknown:
-            raise SaelabError(f"unknown training config field(s) {unknown}; known: {sorted(fields)}")
-        return cls(**{k: _coerce(k, v, str(fields[k].type)) for k, v in values.items()})
+        fields = cls.fields()
+        return cls.of(**{k: _coerce(k, v, str(fields[k][1].type)) if k in fields else v
+                         for k, v in values.items()})
+
+
+def _read_config_file(p: Path) -> dict:
+    if not p.exists():
+        raise SaelabError(f"config file {p} does not exist")
+    try:
+        text = p.read_text()
+        values = yaml.safe_load(text) if p.suffix in (".yaml", ".yml") else json.loads(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as e:
+        raise SaelabError(f"config file {p} does not parse ({type(e).__name__})") from None
+    if not isinstance(values, dict):
+        raise SaelabError(f"config file {p} must hold a mapping of field names to values")
+    return values
+
+
+def _flatten(values: dict) -> dict:
+    """A grouped mapping (`sae: {k: 16}`) as flat names; flat entries pass through."""
+    flat = {}
+    for key, value in values.items():
+        if key in GROUPS and isinstance(value, dict):
+            flat.update(value)
+        else:
+            flat[key] = value
+    return flat
 
 
 def _default_text(f: dataclasses.Field) -> str:

@@ -49,17 +49,17 @@ class Run:
     """One training run of one SAE per hook, all fed by one stream of activations."""
 
     def __init__(self, cfg: TrainConfig, resume: bool, world: World):
-        self.cfg, self.world, self.out = cfg, world, Path(cfg.out)
+        self.cfg, self.world, self.out = cfg, world, Path(cfg.run.out)
         if not resume and world.is_main:
-            check_output_dir(self.out, cfg.overwrite)
+            check_output_dir(self.out, cfg.run.overwrite)
         saved = read_checkpoint(self.out) if resume else None
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(cfg.run.seed)
         self.src = open_sources(cfg, world)
         for d_in in self.src.dims.values():
             cfg.check_latents(d_in)
         self.hooks = list(self.src.dims)
-        self.steps = max(1, cfg.tokens // (cfg.batch_size * world.size))
-        self.trainers = {h: Trainer(self._new_sae(h, d_in), cfg, self.steps, world)
+        self.steps = max(1, cfg.optim.tokens // (cfg.optim.batch_size * world.size))
+        self.trainers = {h: Trainer(self._new_sae(h, d_in), cfg.optim, self.steps, world)
                          for h, d_in in self.src.dims.items()}
         self.seen, records = 0, []
         if saved is None:
@@ -71,22 +71,22 @@ class Run:
             self.out.mkdir(parents=True, exist_ok=True)
         self.json = JsonLog(cfg, records)
         self.sinks: list[Sink] = [self.json]
-        if cfg.wandb and world.is_main:
+        if cfg.run.wandb and world.is_main:
             self.sinks.append(WandbSink(cfg, self.out))
         self.seconds, self.seen_at_start = 0.0, self.seen
 
     def _new_sae(self, hook: str, d_in: int) -> SAE:
-        cfg, src = self.cfg, self.src
+        cfg, dic, src = self.cfg, self.cfg.sae, self.src
         sae_cfg = SAEConfig(
-            d_in=d_in, n_latents=cfg.latents(d_in), k=0 if cfg.allocator == "relu" else cfg.k,
-            allocator=cfg.allocator, beta=cfg.beta, grad_score=cfg.grad_score, capacity=cfg.capacity,
-            zipf_alpha=cfg.zipf_alpha, hook=hook, model=src.model.spec, data=src.heldout.spec,
+            d_in=d_in, n_latents=dic.latents(d_in), k=0 if dic.allocator == "relu" else dic.k,
+            allocator=dic.allocator, beta=dic.beta, grad_score=dic.grad_score, capacity=dic.capacity,
+            zipf_alpha=dic.zipf_alpha, hook=hook, model=src.model.spec, data=src.heldout.spec,
             context_length=src.heldout.context_length,
-            train_tokens=self.steps * cfg.batch_size * self.world.size,
-            eval_tokens=cfg.eval_tokens, saelab_version=__version__,
+            train_tokens=self.steps * cfg.optim.batch_size * self.world.size,
+            eval_tokens=cfg.run.eval_tokens, saelab_version=__version__,
         )
         with torch.random.fork_rng(devices=[]):  # the random init is replaced by `init_sae`
-            return SAE(sae_cfg, device=cfg.device)
+            return SAE(sae_cfg, device=cfg.run.device)
 
     def _init_from_first_batch(self) -> Iterator:
         """Initialise every SAE from the first batch (rank 0's init, broadcast); the batch is
@@ -94,8 +94,8 @@ class Run:
         batches = iter(self.src.stream)
         first = next(batches)
         for h, trainer in self.trainers.items():
-            init_sae(trainer.sae, unpack(first[h], self.cfg.device)[0], self.cfg.seed,
-                     l0=self.cfg.k if self.cfg.allocator == "relu" else None)
+            init_sae(trainer.sae, unpack(first[h], self.cfg.run.device)[0], self.cfg.run.seed,
+                     l0=self.cfg.sae.k if self.cfg.sae.allocator == "relu" else None)
             for t in trainer.sae.state_dict().values():
                 self.world.broadcast_(t)
         return itertools.chain([first], batches)
@@ -105,20 +105,20 @@ class Run:
         batch-level SAEs' inference thresholds."""
         cfg, world = self.cfg, self.world
         desc = f"train {self.hooks[0]}" if len(self.hooks) == 1 else f"train {len(self.hooks)} hooks"
-        bar = tqdm(total=self.steps * cfg.batch_size * world.size, initial=self.seen, unit="tok",
+        bar = tqdm(total=self.steps * cfg.optim.batch_size * world.size, initial=self.seen, unit="tok",
                    unit_scale=True, desc=desc, disable=not world.is_main)
         start, self.seen_at_start = time.perf_counter(), self.seen
         for step in range(next(iter(self.trainers.values())).step_count, self.steps):
             batch = next(self.batches)
             losses = {}
             for h, trainer in self.trainers.items():
-                x, grad = unpack(batch[h], cfg.device)
+                x, grad = unpack(batch[h], cfg.run.device)
                 losses[h] = trainer.step(x, grad)
             self.seen += x.shape[0] * world.size
             bar.update(x.shape[0] * world.size)
-            if step % cfg.log_every == 0 or step == self.steps - 1:
+            if step % cfg.run.log_every == 0 or step == self.steps - 1:
                 self._record(step, losses, start, bar)
-            if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
+            if cfg.run.checkpoint_every and (step + 1) % cfg.run.checkpoint_every == 0:
                 self._checkpoint()
         bar.close()
         self.seconds = time.perf_counter() - start
@@ -126,7 +126,7 @@ class Run:
         if next(iter(self.trainers.values())).sae.cfg.batch_level:
             calibration = [next(self.batches) for _ in range(CALIBRATION_BATCHES)]
             for h, trainer in self.trainers.items():
-                trainer.calibrate_thresholds([unpack(b[h], cfg.device)[0] for b in calibration])
+                trainer.calibrate_thresholds([unpack(b[h], cfg.run.device)[0] for b in calibration])
 
     def _prefix(self, hook: str) -> str:
         return "" if len(self.hooks) == 1 else f"{hook}/"
@@ -192,15 +192,15 @@ def train(cfg: TrainConfig, resume: bool = False,
     """Train one SAE per hook of `cfg` from one stream of activations (one forward pass).
 
     Writes each dictionary directory (`sae.safetensors`, `cfg.json`, `metrics.json`):
-    `cfg.out` for a single hook, `cfg.out/HOOK` for a list of hooks, and returns
-    {hook: TrainResult}. A checkpoint (`cfg.out/checkpoint.safetensors`) is written every
-    `cfg.checkpoint_every` steps and at the end; with `resume`, training continues from it
+    `cfg.run.out` for a single hook, `cfg.run.out/HOOK` for a list of hooks, and returns
+    {hook: TrainResult}. A checkpoint (`cfg.run.out/checkpoint.safetensors`) is written every
+    `cfg.run.checkpoint_every` steps and at the end; with `resume`, training continues from it
     exactly where it stopped (same batches, same optimiser state: the final weights equal an
     uninterrupted run's). `resume_config(run)` gives the run's own config. `evaluate` (see
     `saelab.pipeline`) adds an evaluation of each dictionary to its summary.
     """
-    world = init(cfg.device)
-    with hold(cfg.out) if world.is_main else nullcontext():  # one writer per run directory
+    world = init(cfg.run.device)
+    with hold(cfg.run.out) if world.is_main else nullcontext():  # one writer per run directory
         run = Run(cfg, resume, world)
         run.fit()
         return run.finish(evaluate)

@@ -3,7 +3,6 @@ for). Each sink sees every record, each dictionary's final summary, and the run'
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from pathlib import Path
 
@@ -34,7 +33,7 @@ class JsonLog(Sink):
     The records also travel in checkpoints, so a resumed run's log is whole."""
 
     def __init__(self, cfg: TrainConfig, records: list[dict]):
-        self.config, self.records = dataclasses.asdict(cfg), records
+        self.config, self.records = cfg.flat(), records
 
     def log(self, record: dict, step: int) -> None:
         self.records.append(record)
@@ -51,8 +50,8 @@ class WandbSink(Sink):
         import wandb
 
         mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
-        self.run = wandb.init(project=cfg.wandb_project, name=out.name, dir=str(out), mode=mode,
-                              config=dataclasses.asdict(cfg))
+        self.run = wandb.init(project=cfg.run.wandb_project, name=out.name, dir=str(out), mode=mode,
+                              config=cfg.flat())
 
     def log(self, record: dict, step: int) -> None:
         self.run.log(record, step=step)

@@ -38,47 +38,47 @@ def hook_list(hook: str | list[str] | None, default: str) -> list[str]:
 
 
 def open_sources(cfg: TrainConfig, world: World) -> Sources:
-    """This process's share of the training data, from `cfg.cache` or the model on the fly."""
-    src = _from_cache(cfg, world) if cfg.cache is not None else _on_the_fly(cfg, world)
+    """This process's share of the training data, from `cfg.source.cache` or the model on the fly."""
+    src = _from_cache(cfg, world) if cfg.source.cache is not None else _on_the_fly(cfg, world)
     src.heldout.require_rows(src.model.tokenizer)  # the end-of-run eval reads it: fail now
     return src
 
 
 def _from_cache(cfg: TrainConfig, world: World) -> Sources:
-    manifest = Manifest.read(Path(cfg.cache))
-    if cfg.model is not None and cfg.model != manifest.model:
+    manifest = Manifest.read(Path(cfg.source.cache))
+    if cfg.source.model is not None and cfg.source.model != manifest.model:
         raise SaelabError(
-            f"cache {cfg.cache} was built from model {manifest.model}, not {cfg.model}; "
+            f"cache {cfg.source.cache} was built from model {manifest.model}, not {cfg.source.model}; "
             "drop --model or pass the matching cache"
         )
     if manifest.data.get("split", "train") != "train":
         raise SaelabError(
-            f"cache {cfg.cache} holds the {manifest.data['split']!r} split, which the end-of-run "
+            f"cache {cfg.source.cache} holds the {manifest.data['split']!r} split, which the end-of-run "
             "eval also reads; train on a cache built with --split train"
         )
-    hooks = hook_list(cfg.hook, next(iter(manifest.hooks)))
-    dims = {h: manifest.check_hook(h, Path(cfg.cache)) for h in hooks}
+    hooks = hook_list(cfg.source.hook, next(iter(manifest.hooks)))
+    dims = {h: manifest.check_hook(h, Path(cfg.source.cache)) for h in hooks}
     if len(manifest.shards) < world.size:
         raise SaelabError(
-            f"cache {cfg.cache} has {len(manifest.shards)} shard(s) for {world.size} processes; "
+            f"cache {cfg.source.cache} has {len(manifest.shards)} shard(s) for {world.size} processes; "
             "each process needs at least one (rebuild with a smaller --shard-rows)"
         )
     mine = list(range(world.rank, len(manifest.shards), world.size))
-    stream = CacheStream(cfg.cache, hooks, cfg.batch_size, seed=cfg.seed, shards=mine,
-                         with_grads=cfg.allocator == "gradient_topk", drop_last=True)
-    data = TokenData(manifest.data["spec"], "heldout", manifest.data["context_length"], cfg.seed)
-    return Sources(stream, load_model(manifest.model, cfg.device), dims, data)
+    stream = CacheStream(cfg.source.cache, hooks, cfg.optim.batch_size, seed=cfg.run.seed, shards=mine,
+                         with_grads=cfg.sae.allocator == "gradient_topk", drop_last=True)
+    data = TokenData(manifest.data["spec"], "heldout", manifest.data["context_length"], cfg.run.seed)
+    return Sources(stream, load_model(manifest.model, cfg.run.device), dims, data)
 
 
 def _on_the_fly(cfg: TrainConfig, world: World) -> Sources:
-    model = load_model(cfg.model or DEFAULT_MODEL, cfg.device)
-    hooks = hook_list(cfg.hook, model.default_hook)
+    model = load_model(cfg.source.model or DEFAULT_MODEL, cfg.run.device)
+    hooks = hook_list(cfg.source.hook, model.default_hook)
     model.check_hooks(hooks)
     dims = model.hook_dims(hooks)
-    ctx = model.check_context(cfg.context_length)
-    data = TokenData(cfg.data, "train", ctx, cfg.seed, world.rank, world.size)
-    stream = ModelStream(model, data, hooks, cfg.batch_size, cfg.buffer_tokens, seed=cfg.seed,
-                         with_grads=cfg.allocator == "gradient_topk")
+    ctx = model.check_context(cfg.source.context_length)
+    data = TokenData(cfg.source.data, "train", ctx, cfg.run.seed, world.rank, world.size)
+    stream = ModelStream(model, data, hooks, cfg.optim.batch_size, cfg.source.buffer_tokens,
+                         seed=cfg.run.seed, with_grads=cfg.sae.allocator == "gradient_topk")
     heldout = dataclasses.replace(data, split="heldout", rank=0, world=1)
     return Sources(stream, model, dims, heldout)
 

@@ -9,16 +9,9 @@ from saelab.distributed import World
 from saelab.errors import SaelabError
 from saelab.penalty import l1_penalty
 from saelab.sae import SAE
-from saelab.training.config import TrainConfig
+from saelab.schedule import lr_factor
+from saelab.training.config import OptimConfig
 from saelab.training.losses import auxk_loss, fvu, underused
-
-
-def _lr_factor(step: int, steps: int, cfg: TrainConfig) -> float:
-    warm = min(1.0, (step + 1) / max(1, cfg.warmup_steps))
-    decay_start = int(steps * (1 - cfg.decay_fraction))
-    if step < decay_start or cfg.decay_fraction == 0:
-        return warm
-    return warm * max(0.0, (steps - step) / max(1, steps - decay_start))
 
 
 @torch.no_grad()
@@ -56,7 +49,7 @@ class Trainer:
     that training uses.
     """
 
-    def __init__(self, sae: SAE, cfg: TrainConfig, steps: int, world: World | None = None):
+    def __init__(self, sae: SAE, cfg: OptimConfig, steps: int, world: World | None = None):
         self.sae, self.cfg, self.steps, self.world = sae, cfg, steps, world or World()
         self.lr = cfg.learning_rate(sae.cfg.n_latents)
         self.opt = _adam(list(sae.parameters()), self.lr, cfg.adam_eps)
@@ -80,7 +73,8 @@ class Trainer:
             raise SaelabError("gradient_topk training got no loss gradient for its batch; train "
                               "from a cache built with --with-grads, or on the fly")
         for group in self.opt.param_groups:
-            group["lr"] = self.lr * _lr_factor(self.step_count, self.steps, cfg)
+            group["lr"] = self.lr * lr_factor(self.step_count, self.steps, cfg.warmup_steps,
+                                             cfg.decay_fraction)
         loss, parts = self._objective()(x, grad)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()  # data parallel: DDP averages the gradients over the ranks meanwhile
@@ -122,7 +116,7 @@ class Trainer:
             self._pre = x.new_empty(x.shape[0], sae.cfg.n_latents)
         pre = sae.pre_acts(x, out=self._pre)  # reused every step; nothing keeps it past the step
         if sae.cfg.batch_level and self.step_count < cfg.topk_warmup_steps:
-            sel = allocators.topk(pre, sae.cfg.k)  # see TrainConfig.topk_warmup_steps
+            sel = allocators.topk(pre, sae.cfg.k)  # see OptimConfig.topk_warmup_steps
         else:
             sel = sae.select(pre, grad, batch=True)
         vals = sae.encode_values(x, sel, pre)
