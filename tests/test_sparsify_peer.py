@@ -85,7 +85,7 @@ def test_saelab_loads_a_sparsify_training_run(tmp_path):
     hf = AutoModel.from_pretrained(model_dir(DEFAULT_MODEL.removeprefix("zoo:"))).eval()
     torch.manual_seed(0)
     data = Dataset.from_dict({"input_ids": torch.randint(1, 256, (32, 16)).tolist()}).with_format("torch")
-    cfg = sparsify.TrainConfig.of(sparsify.SaeConfig(expansion_factor=2, k=8), batch_size=8,
+    cfg = sparsify.TrainConfig(sparsify.SaeConfig(expansion_factor=2, k=8), batch_size=8,
                                hookpoints=["h.1", "h.2.mlp"], log_to_wandb=False,
                                save_dir=str(tmp_path), run_name="run")
     sparsify.Trainer(cfg, data, hf).fit()
