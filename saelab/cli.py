@@ -16,6 +16,7 @@ import typer
 from saelab.cli_options import field_options, given, with_options
 from saelab.errors import SaelabError
 from saelab.training.config import TrainConfig
+from saelab.zoo import DEFAULT_MODEL
 
 app = typer.Typer(
     help="saelab: train, load and evaluate sparse autoencoders on transformer activations.",
@@ -86,7 +87,7 @@ def _print_train_summary(s: dict) -> None:
 @app.command("cache")
 def cache_cmd(
     out: Annotated[Path, typer.Argument(help="Directory to write shards and manifest.json into.")],
-    model: Annotated[str, Opt(help="Model spec: zoo:NAME, a local HF directory, or hf:NAME on the hub.")] = "zoo:pystdlib-4l",
+    model: Annotated[str, Opt(help="Model spec: zoo:NAME, a local HF directory, or hf:NAME on the hub.")] = DEFAULT_MODEL,
     hook: Annotated[list[str] | None, Opt(help="Hook to capture; repeat for several (one forward pass). [default: blocks.{n_layers//2}.hook_resid_post]")] = None,
     data: Annotated[str, Opt(help="Token data: builtin:stdlib, a .txt/.jsonl file or directory, or hf:NAME.")] = "builtin:stdlib",
     split: Annotated[str, Opt(help="Data split: train or heldout.")] = "train",
@@ -245,8 +246,10 @@ def zoo_list() -> None:
     for name, path in zoo.installed_models().items():
         c = zoo.card(name)
         r = c.get("recipe", {})
+        default = " (default)" if f"zoo:{name}" == DEFAULT_MODEL else ""
         typer.echo(
-            f"zoo:{name}  {r.get('n_layer')} layers x {r.get('n_head')} heads, d_model {r.get('d_model')}, "
+            f"zoo:{name}{default}  {r.get('n_layer')} layers x {r.get('n_head')} heads, "
+            f"d_model {r.get('d_model')}, context {r.get('context_length')}, "
             f"held-out loss {c.get('heldout_loss_nats')} nats/token "
             f"(unigram baseline {c.get('unigram_loss_nats')})  "
             f"[{'shipped' if name in shipped else 'built'}: {path}]"
@@ -284,7 +287,7 @@ def zoo_build(
 
 @app.command("sparsity")
 def sparsity_cmd(
-    model: Annotated[str, Opt(help="Model spec: zoo:NAME, a local HF directory, or a hub name.")] = "zoo:pystdlib-4l",
+    model: Annotated[str, Opt(help="Model spec: zoo:NAME, a local HF directory, or a hub name.")] = DEFAULT_MODEL,
     data: Annotated[str, Opt(help="Token data whose held-out split is measured: builtin:stdlib, a .txt/.jsonl file or directory, or hf:NAME.")] = "builtin:stdlib",
     tokens: Annotated[int, Opt(help="Held-out tokens to measure on (whole rows until at least this many).")] = 65536,
     threshold: Annotated[float | None, Opt(help="A neuron is active when |h| > this. [default: 0 (exact zeros) for ReLU MLPs, 0.01 for GELU/SiLU]")] = None,

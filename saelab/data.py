@@ -185,10 +185,29 @@ class TokenData:
         documents in the split); reads only until the first row is packed."""
         next(self.rows(tokenizer, epochs=1))
 
-    def batches(self, tokenizer, batch_size: int, epochs: int | None = None):
-        """Yield (batch_size, context_length) token batches (the last may be smaller)."""
-        buf = []
+    def shuffled_rows(self, tokenizer, buffer_rows: int, epochs: int | None = None
+                      ) -> Iterator[torch.Tensor]:
+        """`rows`, drawn at random from a buffer of `buffer_rows` (seeded by `seed`): consecutive
+        rows come from one file, and a batch of them gives one file's gradient, not the corpus's."""
+        rng = random.Random(f"{self.seed}:shuffle")
+        buf: list[torch.Tensor] = []
         for row in self.rows(tokenizer, epochs):
+            if len(buf) < buffer_rows:
+                buf.append(row)
+                continue
+            i = rng.randrange(buffer_rows)
+            yield buf[i]
+            buf[i] = row
+        rng.shuffle(buf)
+        yield from buf
+
+    def batches(self, tokenizer, batch_size: int, epochs: int | None = None, buffer_rows: int = 0):
+        """Yield (batch_size, context_length) token batches (the last may be smaller); with
+        `buffer_rows`, rows are shuffled through a buffer of that many (`shuffled_rows`)."""
+        rows = (self.shuffled_rows(tokenizer, buffer_rows, epochs) if buffer_rows
+                else self.rows(tokenizer, epochs))
+        buf = []
+        for row in rows:
             buf.append(row)
             if len(buf) == batch_size:
                 yield torch.stack(buf)

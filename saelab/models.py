@@ -24,6 +24,7 @@ import torch
 
 from saelab.errors import SaelabError
 from saelab.specs import ZOO, hub_name
+from saelab.zoo import DEFAULT_MODEL
 
 if TYPE_CHECKING:
     from saelab.sae import SparseCode
@@ -71,7 +72,7 @@ def _load_hf(spec: str, device: str, dtype: torch.dtype):
         raise SaelabError(
             f"could not load model {spec!r} from the Hugging Face hub (offline or unknown name); "
             "download it elsewhere and pass its local directory, or use a zoo model such as "
-            "zoo:pystdlib-4l"
+            f"{DEFAULT_MODEL}"
         ) from None
     return name, hf.to(device).eval(), tokenizer
 

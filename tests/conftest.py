@@ -3,11 +3,10 @@ from pathlib import Path
 
 import pytest
 
-from saelab.zoo import DEFAULT_MODEL
-
 # pyproject's `pythonpath = ["."]` makes this session import the checkout's saelab; the tests'
 # subprocesses (`python -m saelab`, torchrun, a fresh pytest) import it too, from any cwd.
 ROOT = Path(__file__).resolve().parents[1]
+TEST_MODEL = "zoo:pystdlib-4l"  # the small shipped model the mechanics tests run on (not the default)
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
 
 
@@ -15,7 +14,7 @@ os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.g
 def zoo_model():
     from saelab.models import load_model
 
-    return load_model(DEFAULT_MODEL)
+    return load_model(TEST_MODEL)
 
 
 @pytest.fixture(scope="session")

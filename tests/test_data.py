@@ -66,3 +66,20 @@ def test_a_single_text_file_gives_both_splits_whatever_its_path(tmp_path, monkey
     assert len(train) + len(held) == 400 and 5 <= len(held) <= 40
     monkeypatch.chdir(tmp_path)
     assert load_texts("book.txt", "heldout") == held  # relative and absolute paths agree
+
+
+def test_shuffled_rows_are_the_same_rows_in_a_seeded_random_order(tmp_path):
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps({"text": f"document {i} " * 9})
+                                                for i in range(300)))
+    split = "train" if load_texts(str(tmp_path), "train") else "heldout"
+    data = TokenData(str(tmp_path), split, context_length=8)
+    plain = [tuple(r.tolist()) for r in data.rows(ByteTok(), epochs=1)]
+    mixed = [tuple(r.tolist()) for r in data.shuffled_rows(ByteTok(), 64, epochs=1)]
+    assert sorted(mixed) == sorted(plain) and mixed != plain  # a permutation, not the file order
+    assert mixed == [tuple(r.tolist()) for r in data.shuffled_rows(ByteTok(), 64, epochs=1)]
+    # neighbours in the file order rarely stay neighbours
+    after = {plain[i]: plain[i + 1] for i in range(len(plain) - 1)}
+    kept = sum(after.get(a) == b for a, b in zip(mixed, mixed[1:], strict=False))
+    assert kept < len(plain) / 10
+    batch = next(data.batches(ByteTok(), 16, epochs=1, buffer_rows=64))
+    assert [tuple(r.tolist()) for r in batch] == mixed[:16]

@@ -13,6 +13,7 @@ from saelab.evals import reconstruction_stats
 from saelab.heldout import heldout_rows
 from saelab.pipeline import train
 from saelab.training import TrainConfig
+from saelab.zoo import DEFAULT_MODEL
 
 SMALL = dict(n_latents=256, k=8, tokens=30_000, batch_size=1024, eval_tokens=4096, warmup_steps=5)
 
@@ -108,7 +109,7 @@ def test_on_the_fly_training_via_cli(tmp_path, monkeypatch, capsys):
     (["info", "runs/sea"], "no such directory; for the Hugging Face hub write hf:runs/sea"),
     (["train", "--model", "gpt2"], "no such directory; for the Hugging Face hub write hf:gpt2"),
     (["eval", "runs/sea"], "no dictionary directory 'runs/sea'"),
-    (["train", "--context-length", "256"], "context length 256 does not fit model zoo:pystdlib-4l"),
+    (["train", "--context-length", "999"], f"context length 999 does not fit model {DEFAULT_MODEL}"),
     (["cache", "{tmp}/c", "--context-length", "999"], "context length 999 does not fit"),
 ])
 def test_bad_input_is_one_line_exit_2(args, message, tmp_path, small_cache, monkeypatch, capsys):

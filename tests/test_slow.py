@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 
 from saelab.pipeline import train
 from saelab.training import TrainConfig
-from saelab.zoo import RECIPES
+from saelab.zoo import DEFAULT_MODEL, RECIPES
 from saelab.zoo.build import build
 
 pytestmark = pytest.mark.slow
@@ -17,7 +17,7 @@ def test_default_training_run(tmp_path):
     """`saelab train` with no flags: the shipped zoo model, offline, a good dictionary."""
     (result,) = train(TrainConfig.of(out=str(tmp_path / "sae"))).values()
     s = result.summary
-    assert s["model"] == "zoo:pystdlib-4l" and s["hook"] == "blocks.2.hook_resid_post"
+    assert s["model"] == DEFAULT_MODEL and s["hook"] == "blocks.2.hook_resid_post"
     assert s["heldout_fvu"] < 0.25, s
     assert s["heldout_l0"] == pytest.approx(32, abs=0.5)
     # dead = never active in the 32,768-token eval window: very rare latents count (7-8% seen)
@@ -25,7 +25,7 @@ def test_default_training_run(tmp_path):
 
 
 def test_zoo_build_is_reproducible(tmp_path):
-    recipe = dataclasses.replace(RECIPES["pystdlib-4l"], tokens=20_000)
+    recipe = dataclasses.replace(RECIPES[DEFAULT_MODEL.removeprefix("zoo:")], tokens=20_000)
     a = load_file(str(build(recipe, tmp_path / "a") / "model.safetensors"))
     b = load_file(str(build(recipe, tmp_path / "b") / "model.safetensors"))
     assert a.keys() == b.keys()

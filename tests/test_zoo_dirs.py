@@ -33,8 +33,9 @@ def test_user_dir_from_environment(tmp_path, monkeypatch):
 
 def test_build_writes_to_user_dir_not_package(user_zoo):
     before = _package_files()
-    recipe = dataclasses.replace(zoo.RECIPES["pystdlib-4l"], name="tiny-user", tokens=2048,
-                                 batch_size=4, context_length=32, checkpoints=0)
+    default = zoo.RECIPES[zoo.DEFAULT_MODEL.removeprefix("zoo:")]
+    recipe = dataclasses.replace(default, name="tiny-user", tokens=2048, batch_size=4,
+                                 context_length=32, checkpoints=0, shuffle_rows=64)
     path = build(recipe, heldout_rows=4)
     assert path == user_zoo / "tiny-user" and (path / "zoo_card.json").exists()
     assert _package_files() == before
@@ -55,3 +56,4 @@ def test_shipped_model_wins_and_list_shows_where(user_zoo, capsys):
     out = capsys.readouterr().out
     assert "zoo:mine " in out and f"[built: {user_zoo / 'mine'}]" in out
     assert f"[shipped: {shipped}]" in out
+    assert f"{zoo.DEFAULT_MODEL} (default) " in out and out.count("(default)") == 1

@@ -15,6 +15,7 @@ from saelab import allocators
 from saelab.checks import check_device, check_field_types, check_number
 from saelab.data import BUILTIN_STDLIB
 from saelab.errors import SaelabError
+from saelab.zoo import DEFAULT_MODEL
 
 
 def _field(default, doc: str, default_doc: str | None = None, path: bool = False):
@@ -32,7 +33,7 @@ class SourceConfig:
 
     model: str | None = _field(
         None, "Model spec: zoo:NAME, a local HF directory, or hf:NAME on the Hugging Face hub. "
-        "With --cache it may be left out (the manifest names the model).", "zoo:pystdlib-4l")
+        "With --cache it may be left out (the manifest names the model).", DEFAULT_MODEL)
     hook: str | list[str] | None = _field(
         None, "Hook to train on; repeat it to train one SAE per hook from one forward pass "
         "(written to OUT/HOOK).", "blocks.{n_layers//2}.hook_resid_post")

@@ -26,6 +26,7 @@ from saelab.data import BUILTIN_STDLIB, TokenData
 from saelab.errors import SaelabError
 from saelab.heldout import heldout_rows
 from saelab.models import HookedModel, load_model
+from saelab.zoo import DEFAULT_MODEL
 
 UNION_SIZES = (1, 8, 64, 512)
 PERCENTILES = (1, 10, 50, 90, 99)
@@ -151,7 +152,7 @@ def flops_fractions(density: float) -> dict:
 
 @torch.no_grad()
 def measure(
-    model: HookedModel | str = "zoo:pystdlib-4l",
+    model: HookedModel | str = DEFAULT_MODEL,
     data: TokenData | str | None = None,
     tokens: int = 65536,
     threshold: float | None = None,

@@ -11,10 +11,11 @@ from saelab.evals.sparsity.measure import check_args, measure, resolve
 from saelab.evals.sparsity.modes import DEFAULT_DENSITIES, MODES, check_densities, check_modes, sweep
 from saelab.evals.sparsity.predictor import check_predictor_args, evaluate_predictors, train_predictors
 from saelab.models import HookedModel
+from saelab.zoo import DEFAULT_MODEL
 
 
 def run(
-    model: HookedModel | str = "zoo:pystdlib-4l",
+    model: HookedModel | str = DEFAULT_MODEL,
     data: TokenData | str | None = None,
     tokens: int = 65536,
     threshold: float | None = None,

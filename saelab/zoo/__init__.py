@@ -18,7 +18,7 @@ from pathlib import Path
 from saelab.errors import SaelabError
 
 MODELS_DIR = Path(__file__).parent / "models"
-DEFAULT_MODEL = "zoo:pystdlib-4l"
+DEFAULT_MODEL = "zoo:pystdlib-4l-v2"
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,13 @@ class ZooRecipe:
         n_layer, d_model, n_head, d_mlp, context_length: architecture.
         tokens: training tokens (one pass over `batch_size`-row batches).
         batch_size: rows per step.
-        lr: peak AdamW learning rate (linear warmup for 5% of steps, cosine decay to 10%).
+        lr: peak AdamW learning rate (`saelab.schedule`: linear warmup over 5% of steps,
+            constant, linear decay to 0 over the final `decay_fraction`).
+        decay_fraction: final share of steps over which the learning rate decays.
+        dropout: dropout on embeddings, residual and attention (GPT-2's is 0.1; 0 learns much
+            faster at this size and token budget).
+        shuffle_rows: stdlib rows are drawn at random from a buffer of this many (0: in file
+            order, where a batch is a few consecutive stretches of one file).
         seed: seeds initialisation and data order; the build is reproducible on one interpreter.
         checkpoints: intermediate checkpoints kept in `checkpoints/step-N/` beside the model (HF
             directories, not shipped in the package): the initial model, this many at steps
@@ -50,6 +56,9 @@ class ZooRecipe:
     tokens: int = 4_000_000
     batch_size: int = 32
     lr: float = 2e-3
+    decay_fraction: float = 0.2
+    shuffle_rows: int = 8192
+    dropout: float = 0.0
     seed: int = 0
     checkpoints: int = 4
     corpus: str = "stdlib"
@@ -57,7 +66,7 @@ class ZooRecipe:
 
 
 RECIPES = {r.name: r for r in [
-    ZooRecipe("pystdlib-4l"),
+    ZooRecipe("pystdlib-4l-v2", context_length=256, tokens=10_000_000, batch_size=16, lr=3e-3),
     ZooRecipe("tasks-4l", n_head=8, context_length=96, tokens=3_200_000, batch_size=8,
               lr=1e-3, corpus="tasks", stdlib_fraction=0.125),
 ]}

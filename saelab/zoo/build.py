@@ -8,7 +8,6 @@ version because a different stdlib gives a (slightly) different model.
 from __future__ import annotations
 
 import dataclasses
-import math
 import platform
 import shutil
 import tempfile
@@ -20,6 +19,7 @@ from tqdm import tqdm
 
 from saelab.data import BUILTIN_STDLIB, TokenData
 from saelab.io import write_json
+from saelab.schedule import lr_factor
 from saelab.zoo import ZooRecipe, user_dir
 from saelab.zoo import tasks as task_corpus
 
@@ -78,14 +78,6 @@ def _save_checkpoint(model, built: Path, step: int, tokens_seen: int) -> None:
     write_json(path / "checkpoint.json", {"step": step, "tokens_seen": tokens_seen})
 
 
-def _lr_at(step: int, steps: int, peak: float) -> float:
-    warm = max(1, steps // 20)
-    if step < warm:
-        return peak * (step + 1) / warm
-    t = (step - warm) / max(1, steps - warm)
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
-
-
 @torch.no_grad()
 def _heldout_losses(model, rows: torch.Tensor, unigram_logp: torch.Tensor) -> tuple[float, float]:
     """Mean next-token loss (nats) of the model and of the unigram baseline on held-out rows."""
@@ -121,7 +113,8 @@ def build(recipe: ZooRecipe, out_dir: Path | None = None, heldout_rows: int = 51
         else:
             tokenizer = byte_tokenizer(tmp)
             batches = TokenData(BUILTIN_STDLIB, "train", recipe.context_length,
-                                recipe.seed).batches(tokenizer, recipe.batch_size)
+                                recipe.seed).batches(tokenizer, recipe.batch_size,
+                                                     buffer_rows=recipe.shuffle_rows)
         vocab_size, eot = len(tokenizer), tokenizer.eos_token_id
         config = GPT2Config(
             vocab_size=vocab_size, n_positions=recipe.context_length, n_embd=recipe.d_model,
@@ -129,6 +122,9 @@ def build(recipe: ZooRecipe, out_dir: Path | None = None, heldout_rows: int = 51
             n_ctx=recipe.context_length,  # transformer-lens 3.x reads n_ctx, not n_positions
             activation_function="relu", bos_token_id=eot, eos_token_id=eot,
             pad_token_id=eot, tie_word_embeddings=True,
+            # GPT2Config's default dropout (0.1 on embeddings, residual and attention) costs a
+            # model this small and this briefly trained much of what it could learn
+            embd_pdrop=recipe.dropout, resid_pdrop=recipe.dropout, attn_pdrop=recipe.dropout,
         )
         model = GPT2LMHeadModel(config)
         opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.1, betas=(0.9, 0.95))
@@ -144,7 +140,7 @@ def build(recipe: ZooRecipe, out_dir: Path | None = None, heldout_rows: int = 51
             batch = next(batches)
             counts += torch.bincount(batch[:, 1:].flatten(), minlength=vocab_size)
             for group in opt.param_groups:
-                group["lr"] = _lr_at(step, steps, recipe.lr)
+                group["lr"] = recipe.lr * lr_factor(step, steps, steps // 20, recipe.decay_fraction)
             loss = model(batch, labels=batch).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
