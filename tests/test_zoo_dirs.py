@@ -4,9 +4,11 @@ resolves shipped models first, then user builds."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 
 import pytest
+import torch
 
 from saelab import zoo
 from saelab.cli import main
@@ -57,3 +59,18 @@ def test_shipped_model_wins_and_list_shows_where(user_zoo, capsys):
     assert "zoo:mine " in out and f"[built: {user_zoo / 'mine'}]" in out
     assert f"[shipped: {shipped}]" in out
     assert f"{zoo.DEFAULT_MODEL} (default) " in out and out.count("(default)") == 1
+
+
+def test_recipe_architecture_fields_reach_the_model(user_zoo):
+    from safetensors.torch import load_file
+
+    recipe = zoo.ZooRecipe("tiny-untied", n_layer=1, d_model=16, n_head=2, d_mlp=32, context_length=16,
+                           tokens=256, batch_size=4, checkpoints=0, shuffle_rows=16, init_std=0.5,
+                           tie_embeddings=False)
+    path = build(recipe, heldout_rows=2)
+    cfg = json.loads((path / "config.json").read_text())
+    assert cfg["initializer_range"] == 0.5 and cfg["tie_word_embeddings"] is False
+    assert cfg["resid_pdrop"] == cfg["embd_pdrop"] == cfg["attn_pdrop"] == 0.0
+    weights = load_file(str(path / "model.safetensors"))
+    assert not torch.equal(weights["lm_head.weight"], weights["transformer.wte.weight"])
+    assert 0.3 < weights["transformer.wpe.weight"].std().item() < 0.7  # drawn with std 0.5

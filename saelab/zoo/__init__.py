@@ -35,6 +35,9 @@ class ZooRecipe:
         decay_fraction: final share of steps over which the learning rate decays.
         dropout: dropout on embeddings, residual and attention (GPT-2's is 0.1; 0 learns much
             faster at this size and token budget).
+        init_std: std of the normal initialisation of every weight (GPT-2's is 0.02; attention
+            learns to copy, the induction step, far sooner from a larger one: see tasks-4l).
+        tie_embeddings: the unembedding is the embedding's transpose (GPT-2's choice).
         shuffle_rows: stdlib rows are drawn at random from a buffer of this many (0: in file
             order, where a batch is a few consecutive stretches of one file).
         seed: seeds initialisation and data order; the build is reproducible on one interpreter.
@@ -59,6 +62,8 @@ class ZooRecipe:
     decay_fraction: float = 0.2
     shuffle_rows: int = 8192
     dropout: float = 0.0
+    init_std: float = 0.02
+    tie_embeddings: bool = True
     seed: int = 0
     checkpoints: int = 4
     corpus: str = "stdlib"

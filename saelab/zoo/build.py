@@ -121,7 +121,8 @@ def build(recipe: ZooRecipe, out_dir: Path | None = None, heldout_rows: int = 51
             n_layer=recipe.n_layer, n_head=recipe.n_head, n_inner=recipe.d_mlp,
             n_ctx=recipe.context_length,  # transformer-lens 3.x reads n_ctx, not n_positions
             activation_function="relu", bos_token_id=eot, eos_token_id=eot,
-            pad_token_id=eot, tie_word_embeddings=True,
+            pad_token_id=eot, tie_word_embeddings=recipe.tie_embeddings,
+            initializer_range=recipe.init_std,
             # GPT2Config's default dropout (0.1 on embeddings, residual and attention) costs a
             # model this small and this briefly trained much of what it could learn
             embd_pdrop=recipe.dropout, resid_pdrop=recipe.dropout, attn_pdrop=recipe.dropout,
