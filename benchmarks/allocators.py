@@ -57,7 +57,7 @@ class Scale:
 
 
 FULL = Scale(hooks=("blocks.1.hook_resid_post", "blocks.3.hook_resid_post"), cache_tokens=2_000_000,
-             n_latents=(2048, 8192), lrs=(5e-4, 1e-3, 2e-3, 4e-3, 8e-3), sweep_tokens=2_000_000,
+             n_latents=(2048, 8192), lrs=(5e-4, 1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2), sweep_tokens=2_000_000,
              plateau_start=1_000_000, plateau_max=16_000_000, ks=(8, 16, 32, 64), seeds=(0, 1, 2),
              eval_tokens=2**17)
 QUICK = Scale(hooks=("blocks.1.hook_resid_post",), cache_tokens=65_536, n_latents=(256, 512),
