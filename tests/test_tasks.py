@@ -161,3 +161,22 @@ def test_task_file_missing_or_empty(tmp_path):
     (tmp_path / "e.jsonl").write_text("\n")
     with pytest.raises(SaelabError, match="has no tasks"):
         tasks.load_task_file(tmp_path / "e.jsonl")
+
+
+def test_task_model_copy_warmup_then_the_mix(tokenizer):
+    from saelab.zoo import tasks as corpus
+
+    stream = corpus.batches(tokenizer, 4, 48, seed=0, stdlib_fraction=0.25, copy_steps=2)
+    eot = tokenizer.eos_token_id
+    for _ in range(2):  # copy rows: no padding, each EOT-separated span is some words twice
+        batch = next(stream)
+        assert batch.shape == (4, 48) and (batch != tokenizer.unk_token_id).all()
+        for row in batch.tolist():
+            cuts = [i for i, t in enumerate(row) if t == eot]
+            assert cuts[0] == 0 and len(cuts) >= 2
+            for a, b in zip(cuts, cuts[1:], strict=False):  # whole spans between EOTs
+                ids = row[a + 1:b]
+                half = len(ids) // 2
+                assert 10 <= len(ids) <= 40 and ids[:half] == ids[half:]
+    mixed = next(stream)  # then the task mix: the stdlib row and padded task rows are back
+    assert mixed.shape == (4, 48) and (mixed[:3] == eot).sum(1).min() >= 2

@@ -48,6 +48,8 @@ class ZooRecipe:
         corpus: "stdlib" (byte tokenizer, standard-library source) or "tasks" (word-level
             tokenizer, synthetic circuit-task text mixed with stdlib source: `saelab.zoo.tasks`).
         stdlib_fraction: for the tasks corpus, the share of each batch's rows that is stdlib.
+        copy_steps: for the tasks corpus, steps of pure copying data before the task mix
+            (`saelab.zoo.tasks.copy_rows`): the copying the tasks need forms there first.
     """
 
     name: str
@@ -68,6 +70,7 @@ class ZooRecipe:
     checkpoints: int = 4
     corpus: str = "stdlib"
     stdlib_fraction: float = 0.25
+    copy_steps: int = 0
 
 
 RECIPES = {r.name: r for r in [

@@ -109,7 +109,7 @@ def build(recipe: ZooRecipe, out_dir: Path | None = None, heldout_rows: int = 51
         if recipe.corpus == "tasks":
             tokenizer = task_corpus.word_tokenizer(tmp)
             batches = task_corpus.batches(tokenizer, recipe.batch_size, recipe.context_length,
-                                          recipe.seed, recipe.stdlib_fraction)
+                                          recipe.seed, recipe.stdlib_fraction, recipe.copy_steps)
         else:
             tokenizer = byte_tokenizer(tmp)
             batches = TokenData(BUILTIN_STDLIB, "train", recipe.context_length,

@@ -107,11 +107,29 @@ def _task_rows(tokenizer, context_length: int, seed: int) -> Iterator[list[int]]
         row += ids
 
 
-def batches(tokenizer, batch_size: int, context_length: int, seed: int,
-            stdlib_fraction: float) -> Iterator[torch.Tensor]:
-    """Endless (batch_size, context_length) batches: task rows mixed with stdlib rows.
+def copy_rows(tokenizer, context_length: int, seed: int) -> Iterator[list[int]]:
+    """Rows of pure copying, packed without padding: 5-20 single-token task words (names, words,
+    years), the same words again, EOT. Copying (what IOI, docstring and induction need) forms
+    on these in ~1,000-1,500 steps, and not within thousands of steps of the task mix."""
+    ids = [tokenizer(" " + w, add_special_tokens=False)["input_ids"]
+           for w in dict.fromkeys((*tasks.NAMES, *tasks.WORDS, *tasks.YEARS))]
+    words = [i[0] for i in ids if len(i) == 1]
+    rng, eot = random.Random(seed), tokenizer.eos_token_id
+    while True:
+        row = [eot]
+        while len(row) < context_length:
+            seq = rng.sample(words, rng.randint(5, 20))
+            row += seq + seq + [eot]
+        yield row[:context_length]
 
-    round(stdlib_fraction * batch_size) rows of each batch are standard-library source."""
+
+def batches(tokenizer, batch_size: int, context_length: int, seed: int,
+            stdlib_fraction: float, copy_steps: int = 0) -> Iterator[torch.Tensor]:
+    """Endless (batch_size, context_length) batches: `copy_steps` batches of `copy_rows` first,
+    then task rows mixed with stdlib rows (round(stdlib_fraction * batch_size) of each batch)."""
+    copying = copy_rows(tokenizer, context_length, seed)
+    for _ in range(copy_steps):
+        yield torch.tensor([next(copying) for _ in range(batch_size)])
     n_std = round(stdlib_fraction * batch_size)
     std = TokenData(BUILTIN_STDLIB, "train", context_length, seed).rows(tokenizer)
     task = _task_rows(tokenizer, context_length, seed)
