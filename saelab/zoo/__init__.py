@@ -75,8 +75,9 @@ class ZooRecipe:
 
 RECIPES = {r.name: r for r in [
     ZooRecipe("pystdlib-4l-v2", context_length=256, tokens=10_000_000, batch_size=16, lr=3e-3),
-    ZooRecipe("tasks-4l", n_head=8, context_length=96, tokens=3_200_000, batch_size=8,
-              lr=1e-3, corpus="tasks", stdlib_fraction=0.125),
+    ZooRecipe("tasks-4l", n_head=8, context_length=96, tokens=12_600_000, batch_size=32,
+              lr=3e-3, corpus="tasks", stdlib_fraction=0.125, copy_steps=1500, init_std=0.08,
+              tie_embeddings=False, checkpoints=0),
 ]}
 
 
