@@ -5,10 +5,27 @@ Two backends (Triton for CUDA, plain torch for CPU and as fallback) behind one s
 Depends on torch only (triton optionally, imported lazily), never on the rest of saelab.
 """
 
-from .autograd import sparse_decode, sparse_encode
-from .mlp import SparseMLP, active_code, mask_code, sparse_mlp_down
-from .primitives import gather_dot, gather_weighted_sum, scatter_outer_add
-from .select import topk_indices
+if __name__ == "kernels":
+    # Imported by its folder name because a checkout's root is on sys.path (pytest, or python
+    # started in the checkout); this folder then shadows PyPI's `kernels`, which transformers
+    # imports. saelab's kernels are only ever `saelab.kernels`: hand the name to the installed one.
+    import importlib.machinery
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    _root = Path(__file__).resolve().parent.parent
+    _spec = importlib.machinery.PathFinder.find_spec(
+        "kernels", [p for p in sys.path if Path(p or ".").resolve() != _root])
+    if _spec is None:
+        raise ModuleNotFoundError("No module named 'kernels' (saelab's is saelab.kernels)", name="kernels")
+    sys.modules["kernels"] = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(sys.modules["kernels"])
+else:
+    from .autograd import sparse_decode, sparse_encode
+    from .mlp import SparseMLP, active_code, mask_code, sparse_mlp_down
+    from .primitives import gather_dot, gather_weighted_sum, scatter_outer_add
+    from .select import topk_indices
 
 __all__ = [
     "SparseMLP",

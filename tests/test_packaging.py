@@ -20,15 +20,37 @@ def test_subpackages_import_under_saelab():
 
 def test_no_top_level_training_evals_kernels(tmp_path):
     # the installed package alone: from an empty directory, without the tests' PYTHONPATH (the
-    # repo root, which has these folders)
+    # repo root, which has these folders). Other distributions may own these names (transformers
+    # depends on PyPI's `kernels`); saelab must not, nor may they resolve into this checkout.
     code = (
-        "import importlib.util, sys; "
-        "print([n for n in ('training', 'evals', 'kernels') if importlib.util.find_spec(n)])"
+        "import importlib.metadata as m, importlib.util as u, json; "
+        "print(json.dumps({n: [m.packages_distributions().get(n, []), "
+        "u.find_spec(n) and u.find_spec(n).origin] for n in ('training', 'evals', 'kernels')}))"
     )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, check=True).stdout.strip()
-    assert out == "[]"
+    out = json.loads(subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
+                                    capture_output=True, text=True, check=True).stdout)
+    for name, (dists, origin) in out.items():
+        assert "saelab" not in dists, name
+        assert origin is None or Path(origin).resolve().parent != ROOT / name, (name, origin)
+
+
+def test_top_level_kernels_is_never_saelabs():
+    """With the checkout's root on sys.path (as here), its kernels/ folder would shadow PyPI's
+    `kernels`, which transformers imports to load any HF model: the name goes to the installed
+    package, or is missing when none is installed."""
+    import importlib.metadata
+
+    try:
+        importlib.metadata.distribution("kernels")
+    except importlib.metadata.PackageNotFoundError:
+        code = "import kernels"
+        out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+        assert out.returncode != 0 and "ModuleNotFoundError" in out.stderr
+    else:
+        kernels = importlib.import_module("kernels")
+        assert Path(kernels.__file__).resolve().parent != ROOT / "kernels"
+        assert importlib.import_module("saelab.kernels").__file__ != kernels.__file__
 
 
 def test_the_checkout_is_what_gets_tested(tmp_path):
