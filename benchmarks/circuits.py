@@ -51,7 +51,7 @@ def main() -> None:
     for task in args.tasks:
         start = time.perf_counter()
         truth = ground_truth(model, tokenize(generate(task, args.truth_prompts, TRUTH_SEED),
-                                             model.tokenizer, model.context_length))
+                                             model.tokenizer, model.context_length), progress=False)
         t = truth.to_dict()
         print(f"\n{task}: ground truth {len(t['heads'])} heads {' '.join(t['heads'])}, "
               f"{len(t['edges'])} of {int(truth.edge_mask.sum())} edges; patching heads "

@@ -84,6 +84,29 @@ def test_topk_sae_code_is_argmax_and_separates_clusters():
             assert not groups[i] & set().union(*(groups[j] for j in range(4) if j != i))
 
 
+def test_relu_circuit_sae_dense_step_matches_the_sparse_path():
+    """train_sae's relu step uses dense products; the SAE's own sparse encode/decode (threshold
+    selection, index lists) with the same penalty must train it to the same weights."""
+    from saelab.init import init_sae
+    from saelab.penalty import l1_penalty
+
+    x = torch.randn(60, 8, generator=torch.Generator().manual_seed(3))
+    fast = train_sae(x, "relu", n_latents=12, l1=0.05, epochs=20, lr=1e-2, seed=0)
+    ref = train_sae(x, "relu", n_latents=12, epochs=1, lr=1e-2, seed=0)  # same config and scale
+    xs = x / ref.input_scale
+    init_sae(ref, xs, 0)
+    opt = torch.optim.Adam(ref.parameters(), lr=1e-2)
+    for _ in range(20):
+        idx, vals = ref.encode(xs)
+        loss = (xs - ref.decode(idx, vals)).pow(2).sum(1).mean() + 0.05 * l1_penalty(ref, xs, idx, vals)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        ref.normalize_decoder()
+    for name, p in fast.state_dict().items():
+        torch.testing.assert_close(p, ref.state_dict()[name], rtol=1e-4, atol=1e-5)
+
+
 PROMPTS = [f"{a}bcd" for a in "aeimquy"]
 COUNTERFACTUALS = [f"{a}bcd" for a in "fjnrvzo"]
 

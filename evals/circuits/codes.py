@@ -59,10 +59,14 @@ def train_sae(x: torch.Tensor, kind: str = "topk", n_latents: int = 200, l1: flo
     x = x / sae.input_scale
     init_sae(sae, x, seed)
     opt = torch.optim.Adam(sae.parameters(), lr=lr)
+    every = torch.arange(n_latents).expand(x.shape[0], n_latents)
     for _ in range(epochs):
-        idx, vals = sae.encode(x)
-        x_hat = sae.decode(idx, vals)
-        penalty = l1_penalty(sae, x, idx, vals) if kind == "relu" else 0.0
+        if kind == "relu":  # every positive latent is active: a dense code beats n-wide index lists
+            vals = torch.relu(torch.addmm(sae.b_enc, x - sae.b_dec, sae.W_enc.T))
+            x_hat = torch.addmm(sae.b_dec, vals, sae.W_dec)
+            penalty = l1_penalty(sae, x, every, vals)
+        else:
+            x_hat, penalty = sae.decode(*sae.encode(x)), 0.0
         loss = (x - x_hat).pow(2).sum(1).mean() + l1 * penalty
         opt.zero_grad(set_to_none=True)
         loss.backward()
