@@ -6,11 +6,14 @@ k in {8, 16, 32, 64}, three seeds, two layers of the default zoo model.
     python benchmarks/allocators.py study      # k x seeds x layers at those settings
     python benchmarks/allocators.py aux        # aux_zipf against AuxK, every allocator
     python benchmarks/allocators.py report     # table (markdown) and FVU/KL-vs-L0 PNGs
-    add --quick to any of them for a minutes-long smoke run (small sizes, one seed)
+    add --quick to any of them for a minutes-long smoke run (small sizes, one seed);
+    --workers N runs N SAEs at a time, one thread each (default 2: this machine's cores)
 
 Every SAE trains from one activation cache (both layers, with loss gradients for gradient_topk)
 and is scored on held-out tokens it never saw. Stages append one JSON line per run to
 OUT/results.jsonl and skip runs already there, so a stopped study resumes where it stopped.
+The lr grid is fixed, then extended (x2 steps, up to `lr_extend` times) past whichever end holds
+the best value, so every tuned lr is bracketed by a worse one on each side.
 The sweep and plateau stages score by held-out FVU alone (cheap); the study and aux stages run
 `saelab.evals.evaluate`: FVU, L0, KL and delta CE with the selection each SAE uses at inference
 (gradient_topk: plain topk; batch-level allocators: their thresholds), dead latents (never active
@@ -23,8 +26,12 @@ import argparse
 import json
 import statistics
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from multiprocessing import get_context
 from pathlib import Path
+
+import torch
 
 from saelab.cache import MANIFEST, build_cache
 from saelab.data import TokenData
@@ -46,7 +53,7 @@ class Scale:
     hooks: tuple[str, ...]
     cache_tokens: int
     n_latents: tuple[int, ...]  # sweep sizes; the first is the study's
-    lrs: tuple[float, ...]
+    lrs: tuple[float, ...]  # the starting grid, log-spaced by factors of 2
     sweep_tokens: int
     plateau_start: int  # tokens of the first plateau run; doubled until the gain is < `gain`
     plateau_max: int
@@ -54,22 +61,23 @@ class Scale:
     seeds: tuple[int, ...]
     eval_tokens: int
     gain: float = 0.03
+    lr_extend: int = 3  # grid extensions (one x2 step each) past an edge that holds the best lr
 
 
 FULL = Scale(hooks=("blocks.1.hook_resid_post", "blocks.3.hook_resid_post"), cache_tokens=2_000_000,
-             n_latents=(2048, 8192), lrs=(5e-4, 1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2), sweep_tokens=2_000_000,
-             plateau_start=1_000_000, plateau_max=16_000_000, ks=(8, 16, 32, 64), seeds=(0, 1, 2),
+             n_latents=(2048, 512), lrs=(2e-3, 4e-3, 8e-3, 1.6e-2), sweep_tokens=2_000_000,
+             plateau_start=1_000_000, plateau_max=8_000_000, ks=(8, 16, 32, 64), seeds=(0, 1, 2),
              eval_tokens=2**17)
 QUICK = Scale(hooks=("blocks.1.hook_resid_post",), cache_tokens=65_536, n_latents=(256, 512),
               lrs=(1e-3, 4e-3), sweep_tokens=65_536, plateau_start=32_768, plateau_max=131_072,
-              ks=(8, 32), seeds=(0,), eval_tokens=4096)
+              ks=(8, 32), seeds=(0,), eval_tokens=4096, lr_extend=1)
 
 
 class Study:
     """The cache, the held-out activations and the results file one output directory holds."""
 
-    def __init__(self, out: Path, scale: Scale):
-        self.out, self.scale = out, scale
+    def __init__(self, out: Path, scale: Scale, workers: int = 1):
+        self.out, self.scale, self.workers = out, scale, workers
         self.results = out / "results.jsonl"
         self.model = load_model(DEFAULT_MODEL)
         self.cache = out / "cache"
@@ -85,13 +93,37 @@ class Study:
         rows = [json.loads(line) for line in self.results.read_text().splitlines() if line]
         return {r["id"]: r for r in rows}
 
+    @staticmethod
+    def with_dead_window(fields: dict) -> dict:
+        """The run's training fields with AuxK's dead window: 1/20 of the run."""
+        return {**fields, "dead_tokens": max(fields["tokens"] // 20, 4096)}
+
+    @classmethod
+    def run_id(cls, full_eval: bool, fields: dict) -> str:
+        """The run's key in results.jsonl: its scoring and every training field."""
+        fields = cls.with_dead_window(fields)
+        return ("eval:" if full_eval else "fvu:") + ",".join(f"{k}={v}" for k, v in sorted(fields.items()))
+
+    def run_all(self, stage: str, full_eval: bool, runs: list[dict]) -> list[dict]:
+        """Every run's row, training the missing ones `workers` at a time (one thread each)."""
+        todo = [f for f in runs if self.run_id(full_eval, f) not in self.done()]
+        if self.workers > 1 and len(todo) > 1:
+            with ProcessPoolExecutor(min(self.workers, len(todo)), mp_context=get_context("spawn"),
+                                     initializer=_start_worker, initargs=(self.out, self.scale)) as pool:
+                list(pool.map(_run_in_worker, [(stage, full_eval, f) for f in todo]))
+        else:
+            for f in todo:
+                self.run(stage, full_eval, **f)
+        done = self.done()
+        return [done[self.run_id(full_eval, f)] for f in runs]
+
     def run(self, stage: str, full_eval: bool, **fields) -> dict:
         """Train one SAE (or reuse a finished run with the same fields and scoring, whichever
         stage ran it) and score it on held-out tokens."""
-        fields["dead_tokens"] = max(fields["tokens"] // 20, 4096)  # AuxK's window: 1/20 of the run
-        run_id = ("eval:" if full_eval else "fvu:") + ",".join(f"{k}={v}" for k, v in sorted(fields.items()))
+        run_id = self.run_id(full_eval, fields)
         if run_id in (done := self.done()):
             return done[run_id]
+        fields = self.with_dead_window(fields)
         out = self.out / "runs" / run_id.replace(":", "/").replace(",", "_").replace("=", "-")
         start = time.perf_counter()
         (result,) = train(TrainConfig.of(cache=str(self.cache), out=str(out), overwrite=True,
@@ -106,9 +138,10 @@ class Study:
         scores["eval_tokens"] = scores.pop("tokens")  # the run's own `tokens` is its training budget
         row = {"id": run_id, "stage": stage, **fields, **scores, "train_seconds": round(seconds, 1),
                "tokens_per_s": round(result.summary["tokens_per_s"])}
-        with self.results.open("a") as f:
+        with self.results.open("a") as f:  # one short line per O_APPEND write: workers never interleave
             f.write(json.dumps(row) + "\n")
-        print(f"{run_id}: FVU {row['fvu']:.4f}, L0 {row['l0']:.1f} ({seconds:.0f} s)", flush=True)
+        print(f"{stage} {run_id}: FVU {row['fvu']:.4f}, L0 {row['l0']:.1f} ({seconds:.0f} s, "
+              f"{row['tokens_per_s']:,} tok/s)", flush=True)
         return row
 
     def heldout_x(self, hook: str):
@@ -117,11 +150,25 @@ class Study:
         return self._x[hook]
 
 
+_WORKER: Study | None = None
+
+
+def _start_worker(out: Path, scale: Scale) -> None:
+    global _WORKER
+    torch.set_num_threads(1)
+    _WORKER = Study(out, scale)
+
+
+def _run_in_worker(job: tuple[str, bool, dict]) -> None:
+    stage, full_eval, fields = job
+    _WORKER.run(stage, full_eval, **fields)
+
+
 def best_lrs(study: Study) -> dict[tuple[str, int], float]:
     """(allocator, n_latents) -> the swept lr with the lowest held-out FVU."""
     best: dict[tuple[str, int], tuple[float, float]] = {}
     for r in study.done().values():
-        if r["id"].startswith("fvu:") and r["tokens"] == study.scale.sweep_tokens:
+        if r["id"].startswith("fvu:") and r["tokens"] == study.scale.sweep_tokens and r["k"] == 32:
             key = (r["allocator"], r["n_latents"])
             if key not in best or r["fvu"] < best[key][0]:
                 best[key] = (r["fvu"], r["lr"])
@@ -129,31 +176,46 @@ def best_lrs(study: Study) -> dict[tuple[str, int], float]:
 
 
 def sweep(study: Study) -> None:
-    """lr per allocator and dictionary size, at k = 32 (the default), one seed, the first hook."""
+    """lr per allocator and dictionary size, at k = 32 (the default), one seed, the first hook:
+    the grid, then x2 steps past the end that holds the best lr, until it is inside."""
     s = study.scale
-    for n in s.n_latents:
-        for allocator in ALLOCATORS:
-            for lr in s.lrs:
-                study.run("sweep", False, allocator=allocator, hook=s.hooks[0], n_latents=n, k=32,
-                          lr=lr, tokens=s.sweep_tokens)
+    grids = {(a, n): list(s.lrs) for n in s.n_latents for a in ALLOCATORS}
+    for round_ in range(s.lr_extend + 1):
+        runs = [dict(allocator=a, hook=s.hooks[0], n_latents=n, k=32, lr=lr, tokens=s.sweep_tokens)
+                for (a, n), grid in grids.items() for lr in grid]
+        rows = study.run_all("sweep", False, runs)
+        fvu = {(r["allocator"], r["n_latents"], r["lr"]): r["fvu"] for r in rows}
+        edges = [(key, grid) for key, grid in grids.items()
+                 if min(grid, key=lambda lr, key=key: fvu[(*key, lr)]) in (grid[0], grid[-1])]
+        if not edges or round_ == s.lr_extend:
+            break
+        for key, grid in edges:
+            if min(grid, key=lambda lr, key=key: fvu[(*key, lr)]) == grid[-1]:
+                grid.append(grid[-1] * 2)
+            else:
+                grid.insert(0, grid[0] / 2)
     for (allocator, n), lr in sorted(best_lrs(study).items()):
         print(f"best lr {allocator:>15} n={n:>5}: {lr:g}")
 
 
 def plateau(study: Study) -> dict[str, int]:
     """allocator -> tokens: the budget doubles until held-out FVU improves by less than `gain`
-    (relative) from one budget to the next, at k = 32 and the allocator's tuned lr."""
-    s, lrs, budgets = study.scale, best_lrs(study), {}
-    for allocator in ALLOCATORS:
-        lr, tokens, last = lrs[(allocator, s.n_latents[0])], s.plateau_start, None
-        while True:
-            r = study.run("plateau", False, allocator=allocator, hook=s.hooks[0],
-                          n_latents=s.n_latents[0], k=32, lr=lr, tokens=tokens)
+    (relative) from one budget to the next, or the next would pass `plateau_max`; at k = 32 and
+    the allocator's tuned lr. Allocators advance together, one budget per round."""
+    s, lrs = study.scale, best_lrs(study)
+    state: dict[str, tuple[int, float | None]] = {a: (s.plateau_start, None) for a in ALLOCATORS}
+    budgets: dict[str, int] = {}
+    while live := [a for a in ALLOCATORS if a not in budgets]:
+        runs = [dict(allocator=a, hook=s.hooks[0], n_latents=s.n_latents[0], k=32,
+                     lr=lrs[(a, s.n_latents[0])], tokens=state[a][0]) for a in live]
+        for a, r in zip(live, study.run_all("plateau", False, runs), strict=True):
+            tokens, last = state[a]
             if last is not None and (last - r["fvu"]) / last < s.gain or 2 * tokens > s.plateau_max:
-                budgets[allocator] = tokens
-                break
-            last, tokens = r["fvu"], 2 * tokens
-        print(f"plateau {allocator:>15}: {budgets[allocator]:,} tokens at lr {lr:g}")
+                budgets[a] = tokens
+            else:
+                state[a] = (2 * tokens, r["fvu"])
+    for a in ALLOCATORS:
+        print(f"plateau {a:>15}: {budgets[a]:,} tokens at lr {lrs[(a, s.n_latents[0])]:g}")
     return budgets
 
 
@@ -161,14 +223,10 @@ def study_runs(study: Study, stage: str, aux_kinds: tuple[str, ...], ks, hooks, 
     """Every (hook, allocator, k, seed, aux) at the allocator's tuned lr and plateau budget,
     fully evaluated."""
     n, lrs, budgets = study.scale.n_latents[0], best_lrs(study), plateau(study)
-    for hook in hooks:
-        for allocator in ALLOCATORS:
-            for k in ks:
-                for seed in seeds:
-                    for aux in aux_kinds:
-                        study.run(stage, True, allocator=allocator, hook=hook, n_latents=n, k=k,
-                                  seed=seed, aux=aux, lr=lrs[(allocator, n)],
-                                  tokens=budgets[allocator])
+    study.run_all(stage, True, [
+        dict(allocator=allocator, hook=hook, n_latents=n, k=k, seed=seed, aux=aux,
+             lr=lrs[(allocator, n)], tokens=budgets[allocator])
+        for hook in hooks for allocator in ALLOCATORS for k in ks for seed in seeds for aux in aux_kinds])
 
 
 def _groups(rows: list[dict], keys: tuple[str, ...]) -> dict[tuple, list[dict]]:
@@ -227,13 +285,14 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("stage", choices=["sweep", "plateau", "study", "aux", "report"])
     p.add_argument("--quick", action="store_true", help="minutes, not hours: small sizes, one seed")
+    p.add_argument("--workers", type=int, default=2, help="SAEs trained at once, one thread each")
     p.add_argument("--out", type=Path, default=None,
                    help="output directory [default: benchmarks/out/allocators(-quick)]")
     args = p.parse_args()
     scale = QUICK if args.quick else FULL
     out = args.out or Path("benchmarks/out/allocators" + ("-quick" if args.quick else ""))
     out.mkdir(parents=True, exist_ok=True)
-    study = Study(out, scale)
+    study = Study(out, scale, args.workers)
     write_json(out / "scale.json", {"model": DEFAULT_MODEL, **scale.__dict__})
     if args.stage == "sweep":
         sweep(study)
