@@ -41,6 +41,9 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=100)
     ap.add_argument("--trials", type=int, default=10)
     ap.add_argument("--sae", nargs="+", default=["topk"], help="one row per SAE kind")
+    ap.add_argument("--position", nargs="+", default=["mean"], choices=["mean", "last"],
+                    help="head outputs averaged over the prompt or at its last position; one row each")
+    ap.add_argument("--center", action="store_true", help="centre each head's outputs (DiscoverConfig)")
     ap.add_argument("--truth-prompts", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
@@ -60,14 +63,16 @@ def main() -> None:
               f"{truth.node_seconds + truth.edge_seconds:.1f} s "
               f"(clean logit diff {truth.clean_logit_diff:.2f}, counterfactual "
               f"{truth.counterfactual_logit_diff:.2f}) [{time.perf_counter() - start:.0f} s]")
-        for sae, n_train in ((kind, n) for kind in args.sae for n in args.train_prompts):
+        for sae, position, n_train in ((kind, pos, n) for kind in args.sae for pos in args.position
+                                       for n in args.train_prompts):
             cfg = DiscoverConfig(train_prompts=n_train, prompts=args.prompts, trials=args.trials,
-                                 sae=sae, seed=args.seed)
+                                 sae=sae, position=position, center=args.center, seed=args.seed)
             r = discover(model, task, config=cfg, truth=truth, progress=False)
             s = r.summary()
             edge_passes = s["patching_edge_forward_passes"]
             row = {
-                "task": task, "sae": sae, "train_prompts": n_train, "trials": args.trials,
+                "task": task, "sae": sae, "position": position, "center": args.center,
+                "train_prompts": n_train, "trials": args.trials,
                 "held_out_prompts": args.prompts,
                 "node_auc": s["node_roc_auc"], "edge_auc": s["edge_roc_auc"],
                 "node_f1": s["node_precision_recall_f1"]["f1"],
@@ -81,7 +86,7 @@ def main() -> None:
             pub = PUBLISHED.get(task)
             pub_text = (f"  published {pub[0][0]:.3f}+-{pub[0][1]:.3f} / {pub[1][0]:.3f}+-{pub[1][1]:.3f}"
                         if pub else "")
-            print(f"  {sae} train {n_train:>3}: node AUC {row['node_auc']['mean']:.3f} +- "
+            print(f"  {sae} {position} train {n_train:>3}: node AUC {row['node_auc']['mean']:.3f} +- "
                   f"{row['node_auc']['std']:.3f}  edge AUC {row['edge_auc']['mean']:.3f} +- "
                   f"{row['edge_auc']['std']:.3f}  node F1 {row['node_f1']['mean']:.2f}  "
                   f"{row['method_passes']} passes {row['method_seconds']:.1f} s/trial "

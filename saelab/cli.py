@@ -383,6 +383,7 @@ def circuits(
     prompts: Annotated[int, Opt(help="Held-out prompts (each with its counterfactual) scored per trial, disjoint from the training prompts.")] = 100,
     trials: Annotated[int, Opt(help="Independent trials (fresh prompts and SAE seed); AUCs are reported as mean +- std.")] = 10,
     sae: Annotated[str, Opt(help="Shared SAE: topk (k=1, the argmax code) or relu (L1, as O'Neill & Bui).")] = "topk",
+    position: Annotated[str, Opt(help="Head outputs averaged over the prompt (mean, as O'Neill & Bui) or at its last position (last), where the metric is read.")] = "mean",
     n_latents: Annotated[int, Opt(help="Latents of the shared SAE.")] = 200,
     l1: Annotated[float, Opt(help="L1 coefficient of the relu SAE.")] = 0.02,
     epochs: Annotated[int, Opt(help="Full-batch Adam steps of the SAE.")] = 500,
@@ -406,7 +407,7 @@ def circuits(
     check_number("--seed", seed, 0)
     check_device(device)
     cfg = DiscoverConfig(train_prompts=train_prompts, prompts=prompts, trials=trials, sae=sae,
-                         n_latents=n_latents, l1=l1, epochs=epochs, truth_prompts=truth_prompts,
+                         position=position, n_latents=n_latents, l1=l1, epochs=epochs, truth_prompts=truth_prompts,
                          edges=not no_edges, ablation=ablation, seed=seed)
     check_output_dir(out, overwrite)
     result = discover(model, task, task_file=str(task_file) if task_file else None, config=cfg,

@@ -39,6 +39,25 @@ def test_circuits_cli_bad_input(tmp_path, monkeypatch, capsys):
     assert code == 2 and f"task file {bad} line 2" in cap.err and not out.exists()
     code, cap = run_cli(["circuits", "--sae", "gated", "--out", str(out)], monkeypatch, capsys)
     assert code == 2 and "unknown circuit SAE 'gated'" in cap.err and not out.exists()
+    code, cap = run_cli(["circuits", "--position", "first", "--out", str(out)], monkeypatch, capsys)
+    assert code == 2 and "unknown position 'first'" in cap.err and not out.exists()
+
+
+def test_cli_defaults_are_the_library_defaults():
+    """`saelab circuits` and `discover()` must not drift apart: every shared setting defaults
+    to DiscoverConfig's value."""
+    import dataclasses
+    import inspect
+
+    from saelab.cli import circuits
+    from saelab.evals.circuits import DiscoverConfig
+
+    flags = inspect.signature(circuits).parameters
+    shared = [f for f in dataclasses.fields(DiscoverConfig) if f.name in flags]
+    assert len(shared) >= 10
+    for f in shared:
+        assert flags[f.name].default == f.default, f.name
+    assert flags["no_edges"].default == (not DiscoverConfig.edges)
 
 
 def test_zoo_list_shows_task_accuracy(monkeypatch, capsys):

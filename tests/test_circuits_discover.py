@@ -107,6 +107,26 @@ def test_relu_circuit_sae_dense_step_matches_the_sparse_path():
         torch.testing.assert_close(p, ref.state_dict()[name], rtol=1e-4, atol=1e-5)
 
 
+def test_head_outputs_mean_and_last_against_each_prompt_alone(tmp_path):
+    """Padded batch vs each prompt run alone at its own length: the mean over real positions and
+    the last real position, per head."""
+    from saelab.evals.circuits.codes import head_outputs
+    from saelab.evals.circuits.patching import result_hook
+
+    model = tiny_model(tmp_path / "m", live={(0, 1), (1, 0)}, seed=2)
+    tokens = torch.randint(0, 200, (3, 7), generator=torch.Generator().manual_seed(0))
+    lengths = torch.tensor([7, 4, 5])
+    got = {pos: head_outputs(model, tokens, lengths, 2, 2, pos) for pos in ("mean", "last")}
+    for i, n in enumerate(lengths.tolist()):
+        acts = model.activations(tokens[i:i + 1, :n], [result_hook(0), result_hook(1)])
+        per_head = torch.cat([acts[result_hook(layer)][0].reshape(n, 2, -1) for layer in (0, 1)], 1)
+        torch.testing.assert_close(got["mean"][i], per_head.mean(0), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(got["last"][i], per_head[-1], rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(got["mean"], got["last"])
+    with pytest.raises(SaelabError, match="position"):
+        head_outputs(model, tokens, lengths, 2, 2, "first")
+
+
 PROMPTS = [f"{a}bcd" for a in "aeimquy"]
 COUNTERFACTUALS = [f"{a}bcd" for a in "fjnrvzo"]
 

@@ -1,9 +1,10 @@
 """Per-head outputs and their discrete SAE codes.
 
 Each head's output (`hook_result`, in d_model space) is averaged over the prompt's real
-positions, giving one vector per (prompt, head). One small SAE, shared by all heads, is trained
-on these vectors from a few prompts (positive and counterfactual), and every (prompt, head) is
-then reduced to one integer: the SAE's argmax latent. Two SAEs are offered:
+positions (O'Neill & Bui) or taken at the last one, giving one vector per (prompt, head). One
+small SAE, shared by all heads, is trained on these vectors from a few prompts (positive and
+counterfactual), and every (prompt, head) is then reduced to one integer: the SAE's argmax
+latent. Two SAEs are offered:
 - topk: saelab's TopK SAE with k = 1, trained on reconstruction (MSE); its single active latent
   is exactly the argmax code;
 - relu: the L1 ReLU SAE of O'Neill & Bui (saelab's relu allocator: every positive latent
@@ -29,9 +30,15 @@ from .patching import result_hook
 SAE_KINDS = ("topk", "relu")
 
 
+POSITIONS = ("mean", "last")
+
+
 def head_outputs(model: HookedModel, tokens: torch.Tensor, lengths: torch.Tensor,
-                 n_layers: int, n_heads: int, batch: int = 64) -> torch.Tensor:
-    """(P, L*H, d_model): each head's output averaged over each prompt's real positions."""
+                 n_layers: int, n_heads: int, position: str = "mean", batch: int = 64) -> torch.Tensor:
+    """(P, L*H, d_model): each head's output averaged over each prompt's real positions
+    (`position="mean"`, O'Neill & Bui) or at its last one, where the task metric is read."""
+    if position not in POSITIONS:
+        raise SaelabError(f"unknown head-output position {position!r}; use {' or '.join(POSITIONS)}")
     hooks = [result_hook(layer) for layer in range(n_layers)]
     out = []
     for rows, lens in zip(tokens.split(batch), lengths.split(batch), strict=True):
@@ -40,7 +47,10 @@ def head_outputs(model: HookedModel, tokens: torch.Tensor, lengths: torch.Tensor
         per_layer = []
         for h in hooks:
             a = acts[h].cpu().float().reshape(*rows.shape, n_heads, -1)  # (B, T, H, d)
-            per_layer.append((a * real[:, :, None, None]).sum(1) / lens[:, None, None])
+            if position == "last":
+                per_layer.append(a[torch.arange(rows.shape[0]), lens - 1])
+            else:
+                per_layer.append((a * real[:, :, None, None]).sum(1) / lens[:, None, None])
         out.append(torch.cat(per_layer, 1))
     return torch.cat(out)
 

@@ -24,7 +24,7 @@ from saelab.models import HookedModel, load_model
 from saelab.tasks import Task, generate, load_task_file, tokenize
 
 from . import published, scoring
-from .codes import SAE_KINDS, codes, head_outputs, train_sae
+from .codes import POSITIONS, SAE_KINDS, codes, head_outputs, train_sae
 from .patching import ABLATIONS, GroundTruth, edge_mask, ground_truth, head_shape
 
 # topk (k = 1) is the default because its one active latent is exactly the argmax code; which
@@ -52,6 +52,8 @@ class DiscoverConfig:
         center: subtract each head's mean output over the training prompts (positive and
             counterfactual) before the SAE, so its latents split what varies within a head
             rather than which head it is (a saelab option; O'Neill & Bui do not centre).
+        position: each head's output averaged over the prompt ("mean", O'Neill & Bui) or at
+            its last position ("last"), where the logit difference is read.
         seed: base seed of prompts and SAEs.
     """
 
@@ -67,6 +69,7 @@ class DiscoverConfig:
     edges: bool = True
     ablation: str = "counterfactual"
     center: bool = False
+    position: str = "mean"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -76,6 +79,8 @@ class DiscoverConfig:
             raise SaelabError(f"unknown circuit SAE {self.sae!r}; use {' or '.join(SAE_KINDS)}")
         if self.ablation not in ABLATIONS:
             raise SaelabError(f"unknown ablation {self.ablation!r}; use {' or '.join(ABLATIONS)}")
+        if self.position not in POSITIONS:
+            raise SaelabError(f"unknown position {self.position!r}; use {' or '.join(POSITIONS)}")
 
 
 @dataclass
@@ -212,8 +217,8 @@ def discover(model: str | HookedModel, task: str | Task = "ioi", *, task_file: s
     for trial in tqdm(range(cfg.trials), desc=f"circuits {name}", disable=not progress):
         start = time.perf_counter()
         tok = tokenize(_trial_task(name, fixed, need, trial, cfg.seed), m.tokenizer, m.context_length)
-        out_pos = head_outputs(m, tok.pos, tok.pos_len, n_layers, n_heads)
-        out_cf = head_outputs(m, tok.cf, tok.cf_len, n_layers, n_heads)
+        out_pos = head_outputs(m, tok.pos, tok.pos_len, n_layers, n_heads, cfg.position)
+        out_cf = head_outputs(m, tok.cf, tok.cf_len, n_layers, n_heads, cfg.position)
         tr = slice(0, cfg.train_prompts)
         ev = slice(cfg.train_prompts, need)
         if cfg.center:
