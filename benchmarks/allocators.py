@@ -226,7 +226,8 @@ def study_runs(study: Study, stage: str, aux_kinds: tuple[str, ...], ks, hooks, 
     study.run_all(stage, True, [
         dict(allocator=allocator, hook=hook, n_latents=n, k=k, seed=seed, aux=aux,
              lr=lrs[(allocator, n)], tokens=budgets[allocator])
-        for hook in hooks for allocator in ALLOCATORS for k in ks for seed in seeds for aux in aux_kinds])
+        # seed outermost: a study stopped early still has every cell at its first seeds
+        for seed in seeds for k in ks for hook in hooks for allocator in ALLOCATORS for aux in aux_kinds])
 
 
 def _groups(rows: list[dict], keys: tuple[str, ...]) -> dict[tuple, list[dict]]:

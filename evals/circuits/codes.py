@@ -27,7 +27,7 @@ from saelab.sae import SAE, SAEConfig
 
 from .patching import result_hook
 
-SAE_KINDS = ("topk", "relu")
+SAE_KINDS = ("relu", "topk")
 
 
 POSITIONS = ("mean", "last")
@@ -55,7 +55,7 @@ def head_outputs(model: HookedModel, tokens: torch.Tensor, lengths: torch.Tensor
     return torch.cat(out)
 
 
-def train_sae(x: torch.Tensor, kind: str = "topk", n_latents: int = 200, l1: float = 0.02,
+def train_sae(x: torch.Tensor, kind: str = "relu", n_latents: int = 200, l1: float = 0.02,
               epochs: int = 500, lr: float = 1e-3, seed: int = 0) -> SAE:
     """Train the shared SAE on rows x (M, d) full-batch; see the module docstring."""
     if kind not in SAE_KINDS:

@@ -61,8 +61,10 @@ def format_summary(result: CircuitResult | dict) -> str:
     c = s["config"]
     rows = _rows(s)
     width = max(len(k) for k, _ in rows)
+    where = "at the last position" if c["position"] == "last" else "averaged over positions"
     lines = [f"Circuit discovery: {s['task']} on {s['model']} ({c['sae']} SAE, {c['n_latents']} "
-             f"latents, {c['train_prompts']} training prompts, {c['prompts']} held-out prompts)"]
+             f"latents, head outputs {where}, {c['train_prompts']} "
+             f"training prompts, {c['prompts']} held-out prompts)"]
     return "\n".join(lines + [f"  {k:<{width}}  {v}" for k, v in rows])
 
 
