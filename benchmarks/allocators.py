@@ -62,6 +62,7 @@ class Scale:
     eval_tokens: int
     gain: float = 0.03
     lr_extend: int = 3  # grid extensions (one x2 step each) past an edge that holds the best lr
+    max_dead: float = 0.05  # an lr leaving more of the latents dead on held-out tokens is not chosen
 
 
 FULL = Scale(hooks=("blocks.1.hook_resid_post", "blocks.3.hook_resid_post"), cache_tokens=2_000_000,
@@ -164,38 +165,45 @@ def _run_in_worker(job: tuple[str, bool, dict]) -> None:
     _WORKER.run(stage, full_eval, **fields)
 
 
+def pick_lr(rows: list[dict], max_dead: float) -> float:
+    """The lr of the lowest held-out FVU among runs leaving at most `max_dead` of the latents
+    dead (never active on the held-out tokens); among all runs if none does. Without the cap
+    the sweep picks lrs that buy the last percent of FVU with a third of the dictionary."""
+    eligible = [r for r in rows if r["dead_frac"] <= max_dead] or rows
+    return min(eligible, key=lambda r: r["fvu"])["lr"]
+
+
 def best_lrs(study: Study) -> dict[tuple[str, int], float]:
-    """(allocator, n_latents) -> the swept lr with the lowest held-out FVU."""
-    best: dict[tuple[str, int], tuple[float, float]] = {}
-    for r in study.done().values():
-        if r["id"].startswith("fvu:") and r["tokens"] == study.scale.sweep_tokens and r["k"] == 32:
-            key = (r["allocator"], r["n_latents"])
-            if key not in best or r["fvu"] < best[key][0]:
-                best[key] = (r["fvu"], r["lr"])
-    return {key: lr for key, (_, lr) in best.items()}
+    """(allocator, n_latents) -> the chosen lr of the sweep (`pick_lr`)."""
+    s = study.scale
+    rows = [r for r in study.done().values()
+            if r["id"].startswith("fvu:") and r["tokens"] == s.sweep_tokens and r["k"] == 32]
+    return {key: pick_lr(group, s.max_dead)
+            for key, group in _groups(rows, ("allocator", "n_latents")).items()}
 
 
 def sweep(study: Study) -> None:
     """lr per allocator and dictionary size, at k = 32 (the default), one seed, the first hook:
-    the grid, then x2 steps past the end that holds the best lr, until it is inside."""
+    the grid, then x2 steps past the end that holds the chosen lr, until it is inside."""
     s = study.scale
     grids = {(a, n): list(s.lrs) for n in s.n_latents for a in ALLOCATORS}
     for round_ in range(s.lr_extend + 1):
         runs = [dict(allocator=a, hook=s.hooks[0], n_latents=n, k=32, lr=lr, tokens=s.sweep_tokens)
                 for (a, n), grid in grids.items() for lr in grid]
-        rows = study.run_all("sweep", False, runs)
-        fvu = {(r["allocator"], r["n_latents"], r["lr"]): r["fvu"] for r in rows}
-        edges = [(key, grid) for key, grid in grids.items()
-                 if min(grid, key=lambda lr, key=key: fvu[(*key, lr)]) in (grid[0], grid[-1])]
-        if not edges or round_ == s.lr_extend:
-            break
-        for key, grid in edges:
-            if min(grid, key=lambda lr, key=key: fvu[(*key, lr)]) == grid[-1]:
+        rows = _groups(study.run_all("sweep", False, runs), ("allocator", "n_latents"))
+        moved = False
+        for key, grid in grids.items():
+            best = pick_lr(rows[key], s.max_dead)
+            if round_ < s.lr_extend and best == grid[-1]:
                 grid.append(grid[-1] * 2)
-            else:
+                moved = True
+            elif round_ < s.lr_extend and best == grid[0]:
                 grid.insert(0, grid[0] / 2)
+                moved = True
+        if not moved:
+            break
     for (allocator, n), lr in sorted(best_lrs(study).items()):
-        print(f"best lr {allocator:>15} n={n:>5}: {lr:g}")
+        print(f"chosen lr {allocator:>15} n={n:>5}: {lr:g}")
 
 
 def plateau(study: Study) -> dict[str, int]:
