@@ -28,15 +28,13 @@ from saelab.sae import SAE, SAEConfig
 from .patching import result_hook
 
 SAE_KINDS = ("relu", "topk")
-
-
-POSITIONS = ("mean", "last")
+POSITIONS = ("last", "mean")
 
 
 def head_outputs(model: HookedModel, tokens: torch.Tensor, lengths: torch.Tensor,
-                 n_layers: int, n_heads: int, position: str = "mean", batch: int = 64) -> torch.Tensor:
-    """(P, L*H, d_model): each head's output averaged over each prompt's real positions
-    (`position="mean"`, O'Neill & Bui) or at its last one, where the task metric is read."""
+                 n_layers: int, n_heads: int, position: str = "last", batch: int = 64) -> torch.Tensor:
+    """(P, L*H, d_model): each head's output at each prompt's last real position, where the task
+    metric is read, or (`position="mean"`, O'Neill & Bui) averaged over its real positions."""
     if position not in POSITIONS:
         raise SaelabError(f"unknown head-output position {position!r}; use {' or '.join(POSITIONS)}")
     hooks = [result_hook(layer) for layer in range(n_layers)]
