@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from saelab.evals.circuits import DiscoverConfig, discover, ground_truth
+from saelab.evals.circuits.codes import POSITIONS
 from saelab.evals.circuits.discover import DEFAULT_POSITION, DEFAULT_SAE, TRUTH_SEED
 from saelab.models import load_model
 from saelab.tasks import GENERATORS, generate, tokenize
@@ -41,7 +42,7 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=100)
     ap.add_argument("--trials", type=int, default=10)
     ap.add_argument("--sae", nargs="+", default=[DEFAULT_SAE], help="one row per SAE kind")
-    ap.add_argument("--position", nargs="+", default=[DEFAULT_POSITION], choices=["mean", "last"],
+    ap.add_argument("--position", nargs="+", default=[DEFAULT_POSITION], choices=POSITIONS,
                     help="head outputs averaged over the prompt or at its last position; one row each")
     ap.add_argument("--center", action="store_true", help="centre each head's outputs (DiscoverConfig)")
     ap.add_argument("--truth-prompts", type=int, default=64)
