@@ -1,10 +1,10 @@
-"""The allocators measured fairly: each at its own tuned learning rate, trained to a plateau,
-k in {8, 16, 32, 64}, three seeds, two layers of the default zoo model.
+"""The allocators measured fairly: each at its own learning rate, tuned at the budget it is
+compared at; k in {8, 16, 32, 64}, three seeds, two layers of the default zoo model.
 
     python benchmarks/allocators.py sweep      # lr per allocator, at two dictionary sizes
-    python benchmarks/allocators.py plateau    # tokens per allocator until doubling stops paying
-    python benchmarks/allocators.py study      # k x seeds x layers at those settings
-    python benchmarks/allocators.py aux        # aux_zipf against AuxK, every allocator
+    python benchmarks/allocators.py plateau    # how much longer runs still gain, and the order
+    python benchmarks/allocators.py study      # k x seeds x layers at the tuned lrs
+    python benchmarks/allocators.py variants   # aux_zipf vs AuxK; gradient_topk raw vs normalised
     python benchmarks/allocators.py report     # table (markdown) and FVU/KL-vs-L0 PNGs
     add --quick to any of them for a minutes-long smoke run (small sizes, one seed);
     --workers N runs N SAEs at a time, one thread each (default 2: this machine's cores)
@@ -14,7 +14,11 @@ and is scored on held-out tokens it never saw. Stages append one JSON line per r
 OUT/results.jsonl and skip runs already there, so a stopped study resumes where it stopped.
 The lr grid is fixed, then extended (x2 steps, up to `lr_extend` times) past whichever end holds
 the best value, so every tuned lr is bracketed by a worse one on each side.
-The sweep and plateau stages score by held-out FVU alone (cheap); the study and aux stages run
+The study trains every SAE for `sweep_tokens`, the budget its lr was tuned at. Held-out FVU is
+not flat there: the plateau stage doubles the budget at k = 32 until a doubling gains less than
+`gain` or `plateau_max` is reached, and prints each allocator's gain per doubling and the order
+of the allocators at every budget, which is what a fixed-budget comparison must preserve.
+The sweep and plateau stages score by held-out FVU alone (cheap); the study and variants stages run
 `saelab.evals.evaluate`: FVU, L0, KL and delta CE with the selection each SAE uses at inference
 (gradient_topk: plain topk; batch-level allocators: their thresholds), dead latents (never active
 in the eval window) and dense latents (active on > 10% of tokens).
@@ -23,6 +27,7 @@ in the eval window) and dense latents (active on > 10% of tokens).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import time
@@ -54,7 +59,7 @@ class Scale:
     cache_tokens: int
     n_latents: tuple[int, ...]  # sweep sizes; the first is the study's
     lrs: tuple[float, ...]  # the starting grid, log-spaced by factors of 2
-    sweep_tokens: int
+    sweep_tokens: int  # the sweep's budget, and the study's
     plateau_start: int  # tokens of the first plateau run; doubled until the gain is < `gain`
     plateau_max: int
     ks: tuple[int, ...]
@@ -63,10 +68,11 @@ class Scale:
     gain: float = 0.03
     lr_extend: int = 3  # grid extensions (one x2 step each) past an edge that holds the best lr
     max_dead: float = 0.05  # an lr leaving more of the latents dead on held-out tokens is not chosen
+    betas: tuple[float, ...] = (4.0, 16.0, 64.0)  # gradient_topk raw score: the betas tried
 
 
 FULL = Scale(hooks=("blocks.1.hook_resid_post", "blocks.3.hook_resid_post"), cache_tokens=2_000_000,
-             n_latents=(2048, 512), lrs=(2e-3, 4e-3, 8e-3, 1.6e-2), sweep_tokens=2_000_000,
+             n_latents=(512, 2048), lrs=(2e-3, 4e-3, 8e-3, 1.6e-2), sweep_tokens=2_000_000,
              plateau_start=1_000_000, plateau_max=8_000_000, ks=(8, 16, 32, 64), seeds=(0, 1, 2),
              eval_tokens=2**17)
 QUICK = Scale(hooks=("blocks.1.hook_resid_post",), cache_tokens=65_536, n_latents=(256, 512),
@@ -206,36 +212,60 @@ def sweep(study: Study) -> None:
         print(f"chosen lr {allocator:>15} n={n:>5}: {lr:g}")
 
 
-def plateau(study: Study) -> dict[str, int]:
-    """allocator -> tokens: the budget doubles until held-out FVU improves by less than `gain`
-    (relative) from one budget to the next, or the next would pass `plateau_max`; at k = 32 and
-    the allocator's tuned lr. Allocators advance together, one budget per round."""
-    s, lrs = study.scale, best_lrs(study)
-    state: dict[str, tuple[int, float | None]] = {a: (s.plateau_start, None) for a in ALLOCATORS}
-    budgets: dict[str, int] = {}
-    while live := [a for a in ALLOCATORS if a not in budgets]:
-        runs = [dict(allocator=a, hook=s.hooks[0], n_latents=s.n_latents[0], k=32,
-                     lr=lrs[(a, s.n_latents[0])], tokens=state[a][0]) for a in live]
+def plateau(study: Study) -> None:
+    """How far each allocator is from a plateau at the study's budget: at k = 32 and its tuned
+    lr, the budget doubles from `plateau_start` until held-out FVU improves by less than `gain`
+    (relative) or the next budget would pass `plateau_max`. Prints the gain per doubling and the
+    allocators' order at each budget (the study compares them at `sweep_tokens`)."""
+    s, n = study.scale, study.scale.n_latents[0]
+    lrs = best_lrs(study)
+    fvu: dict[str, dict[int, float]] = {a: {} for a in ALLOCATORS}
+    tokens, live = s.plateau_start, list(ALLOCATORS)
+    while live and tokens <= s.plateau_max:
+        runs = [dict(allocator=a, hook=s.hooks[0], n_latents=n, k=32, lr=lrs[(a, n)], tokens=tokens)
+                for a in live]
         for a, r in zip(live, study.run_all("plateau", False, runs), strict=True):
-            tokens, last = state[a]
-            if last is not None and (last - r["fvu"]) / last < s.gain or 2 * tokens > s.plateau_max:
-                budgets[a] = tokens
-            else:
-                state[a] = (2 * tokens, r["fvu"])
+            fvu[a][tokens] = r["fvu"]
+        live = [a for a in live if tokens // 2 not in fvu[a]
+                or (fvu[a][tokens // 2] - fvu[a][tokens]) / fvu[a][tokens // 2] >= s.gain]
+        tokens *= 2
+    for t in sorted({t for by_t in fvu.values() for t in by_t}):
+        at_t = sorted((by_t[t], a) for a, by_t in fvu.items() if t in by_t)
+        print(f"{t:>10,} tokens: " + " < ".join(f"{a} {v:.4f}" for v, a in at_t))
     for a in ALLOCATORS:
-        print(f"plateau {a:>15}: {budgets[a]:,} tokens at lr {lrs[(a, s.n_latents[0])]:g}")
-    return budgets
+        steps = sorted(fvu[a].items())
+        gains = [f"{100 * (f0 - f1) / f0:.0f}%" for (_, f0), (_, f1) in itertools.pairwise(steps)]
+        print(f"plateau {a:>15} (lr {lrs[(a, n)]:g}): gain per doubling {', '.join(gains)}")
 
 
-def study_runs(study: Study, stage: str, aux_kinds: tuple[str, ...], ks, hooks, seeds) -> None:
-    """Every (hook, allocator, k, seed, aux) at the allocator's tuned lr and plateau budget,
-    fully evaluated."""
-    n, lrs, budgets = study.scale.n_latents[0], best_lrs(study), plateau(study)
-    study.run_all(stage, True, [
-        dict(allocator=allocator, hook=hook, n_latents=n, k=k, seed=seed, aux=aux,
-             lr=lrs[(allocator, n)], tokens=budgets[allocator])
-        # seed outermost: a study stopped early still has every cell at its first seeds
-        for seed in seeds for k in ks for hook in hooks for allocator in ALLOCATORS for aux in aux_kinds])
+def study_runs(study: Study, stage: str, runs: list[dict]) -> list[dict]:
+    """Fully evaluated rows of `runs`, completed with the study's dictionary size, budget
+    (`sweep_tokens`) and each allocator's lr tuned at that size and budget."""
+    s = study.scale
+    n, lrs = s.n_latents[0], best_lrs(study)
+    return study.run_all(stage, True, [dict(n_latents=n, lr=lrs[(r["allocator"], n)],
+                                            tokens=s.sweep_tokens, **r) for r in runs])
+
+
+def grid_runs(scale: Scale) -> list[dict]:
+    """The study's grid, seed outermost: a study stopped early has every cell at its first seeds."""
+    return [dict(allocator=a, hook=hook, k=k, seed=seed, aux="auxk")
+            for seed in scale.seeds for k in scale.ks for hook in scale.hooks for a in ALLOCATORS]
+
+
+def variant_runs(study: Study) -> list[dict]:
+    """At k = 32 on the first hook, every seed: aux_zipf for every allocator (against the grid's
+    AuxK runs), and gradient_topk's raw (published) score beside the normalised default, its
+    beta chosen by KL at the first seed from `betas` (beta * mean|W_dec g| is ~1 at beta = 16
+    here: e averages ~0.064 for random unit directions on this cache)."""
+    s = study.scale
+    base = dict(hook=s.hooks[0], k=32)
+    runs = [dict(base, allocator=a, aux="aux_zipf", seed=seed) for seed in s.seeds for a in ALLOCATORS]
+    raw = dict(base, allocator="gradient_topk", aux="auxk", grad_score="raw")
+    tried = [dict(raw, beta=b, seed=s.seeds[0]) for b in s.betas]
+    kl = [r["kl_sae"] for r in study_runs(study, "variants", tried)]
+    best = tried[kl.index(min(kl))]["beta"]
+    return runs + [dict(raw, beta=best, seed=seed) for seed in s.seeds]
 
 
 def _groups(rows: list[dict], keys: tuple[str, ...]) -> dict[tuple, list[dict]]:
@@ -258,21 +288,24 @@ def report(study: Study) -> None:
     import matplotlib.pyplot as plt
 
     rows = list(study.done().values())
-    lines = ["| hook | allocator | aux | k | seeds | FVU | L0 | KL | delta CE | dead | dense >10% |",
+    for r in rows:
+        raw = r.get("grad_score") == "raw"
+        r["variant"] = r.get("aux", "") + (f", raw beta {r['beta']:g}" if raw else "")
+    lines = ["| hook | allocator | variant | k | seeds | FVU | L0 | KL | delta CE | dead | dense >10% |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     full = [r for r in rows if r["id"].startswith("eval:")]
-    for (hook, allocator, aux, k), group in sorted(
-            _groups(full, ("hook", "allocator", "aux", "k")).items()):
+    for (hook, allocator, variant, k), group in sorted(
+            _groups(full, ("hook", "allocator", "variant", "k")).items()):
         cells = [f"{m:.4f} +- {sd:.4f}" for m, sd in (_mean_std(group, key) for key in
                  ("fvu", "l0", "kl_sae", "delta_loss"))]
         cells += [f"{100 * _mean_std(group, key)[0]:.2f}%" for key in ("dead_frac", "dense_frac_10pct")]
-        lines.append(f"| {hook} | {allocator} | {aux} | {k} | {len(group)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {hook} | {allocator} | {variant} | {k} | {len(group)} | " + " | ".join(cells) + " |")
     lines += ["", "| allocator | n_latents | lr | tokens | held-out FVU |", "| --- | --- | --- | --- | --- |"]
     lines += [f"| {r['allocator']} | {r['n_latents']} | {r['lr']:g} | {r['tokens']:,} | {r['fvu']:.4f} |"
               for r in sorted((r for r in rows if r["id"].startswith("fvu:")),
                               key=lambda r: (r["allocator"], r["n_latents"], r["tokens"], r["lr"]))]
     write_text(study.out / "results.md", "\n".join(lines) + "\n")
-    for hook, group in _groups([r for r in full if r["aux"] == "auxk"], ("hook",)).items():
+    for hook, group in _groups([r for r in full if r["variant"] == "auxk"], ("hook",)).items():
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
         for allocator, arows in sorted(_groups(group, ("allocator",)).items()):
             by_k = sorted(_groups(arows, ("k",)).items())
@@ -292,7 +325,7 @@ def report(study: Study) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("stage", choices=["sweep", "plateau", "study", "aux", "report"])
+    p.add_argument("stage", choices=["sweep", "plateau", "study", "variants", "report"])
     p.add_argument("--quick", action="store_true", help="minutes, not hours: small sizes, one seed")
     p.add_argument("--workers", type=int, default=2, help="SAEs trained at once, one thread each")
     p.add_argument("--out", type=Path, default=None,
@@ -308,9 +341,9 @@ def main() -> None:
     elif args.stage == "plateau":
         plateau(study)
     elif args.stage == "study":
-        study_runs(study, "study", ("auxk",), scale.ks, scale.hooks, scale.seeds)
-    elif args.stage == "aux":
-        study_runs(study, "aux", ("auxk", "aux_zipf"), (32,), scale.hooks[:1], scale.seeds)
+        study_runs(study, "study", grid_runs(scale))
+    elif args.stage == "variants":
+        study_runs(study, "variants", variant_runs(study))
     report(study)
 
 

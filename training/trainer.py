@@ -51,7 +51,7 @@ class Trainer:
 
     def __init__(self, sae: SAE, cfg: OptimConfig, steps: int, world: World | None = None):
         self.sae, self.cfg, self.steps, self.world = sae, cfg, steps, world or World()
-        self.lr = cfg.learning_rate(sae.cfg.n_latents)
+        self.lr = cfg.learning_rate(sae.cfg.n_latents, sae.cfg.d_in)
         self.opt = _adam(list(sae.parameters()), self.lr, cfg.adam_eps)
         self.k_aux = cfg.k_aux or sae.cfg.d_in // 2
         n, device = sae.cfg.n_latents, sae.W_dec.device
