@@ -21,7 +21,8 @@ of the allocators at every budget, which is what a fixed-budget comparison must 
 The sweep and plateau stages score by held-out FVU alone (cheap); the study and variants stages run
 `saelab.evals.evaluate`: FVU, L0, KL and delta CE with the selection each SAE uses at inference
 (gradient_topk: plain topk; batch-level allocators: their thresholds), dead latents (never active
-in the eval window) and dense latents (active on > 10% of tokens).
+in the eval window), rare ones (active on 1-9 of its tokens: if few, the window is long enough
+for the rarest live latents) and dense ones (active on > 10% of tokens).
 """
 
 from __future__ import annotations
@@ -140,6 +141,10 @@ class Study:
             r = evaluate(str(out), tokens=self.scale.eval_tokens, model=self.model, data=self.heldout)
             scores = {key: r[key] for key in ("fvu", "l0", "kl_sae", "delta_loss", "dead_frac",
                                               "dense_frac_10pct", "tokens")}
+            # latents seen on fewer than 10 window tokens: if few, the window is long enough
+            # that "never seen" (dead) is not just "too rare for the window"
+            counts = [d * r["tokens"] for d in r["latent_density"]]
+            scores["rare_frac"] = sum(0 < c < 9.5 for c in counts) / len(counts)
         else:
             scores = reconstruction_stats(SAE.load(str(out)), self.heldout_x(fields["hook"]))
         scores["eval_tokens"] = scores.pop("tokens")  # the run's own `tokens` is its training budget
@@ -291,14 +296,14 @@ def report(study: Study) -> None:
     for r in rows:
         raw = r.get("grad_score") == "raw"
         r["variant"] = r.get("aux", "") + (f", raw beta {r['beta']:g}" if raw else "")
-    lines = ["| hook | allocator | variant | k | seeds | FVU | L0 | KL | delta CE | dead | dense >10% |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| hook | allocator | variant | k | seeds | FVU | L0 | KL | delta CE | dead | rare | dense >10% |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     full = [r for r in rows if r["id"].startswith("eval:")]
     for (hook, allocator, variant, k), group in sorted(
             _groups(full, ("hook", "allocator", "variant", "k")).items()):
         cells = [f"{m:.4f} +- {sd:.4f}" for m, sd in (_mean_std(group, key) for key in
                  ("fvu", "l0", "kl_sae", "delta_loss"))]
-        cells += [f"{100 * _mean_std(group, key)[0]:.2f}%" for key in ("dead_frac", "dense_frac_10pct")]
+        cells += [f"{100 * _mean_std(group, key)[0]:.2f}%" for key in ("dead_frac", "rare_frac", "dense_frac_10pct")]
         lines.append(f"| {hook} | {allocator} | {variant} | {k} | {len(group)} | " + " | ".join(cells) + " |")
     lines += ["", "| allocator | n_latents | lr | tokens | held-out FVU |", "| --- | --- | --- | --- | --- |"]
     lines += [f"| {r['allocator']} | {r['n_latents']} | {r['lr']:g} | {r['tokens']:,} | {r['fvu']:.4f} |"

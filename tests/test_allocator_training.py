@@ -15,8 +15,11 @@ from saelab.pipeline import train
 from saelab.training import TrainConfig
 
 HOOK = "blocks.1.hook_resid_post"
+# lr pinned (Gao et al.'s rule at n = 256): 40 steps at the default rule's 2.3e-2 leave the
+# thresholds of these tiny runs 12% off the batch L0 on held-out text, which the bounds here
+# were not set for; benchmarks/allocators.py reports threshold-mode L0 at the tuned lrs.
 SMALL = dict(hook=HOOK, n_latents=256, k=8, tokens=40_000, batch_size=1024, eval_tokens=4096,
-             warmup_steps=5)
+             warmup_steps=5, lr=1.6e-3)
 
 
 @pytest.fixture(scope="module")
