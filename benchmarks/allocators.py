@@ -50,6 +50,7 @@ from saelab.training import TrainConfig, train
 from saelab.zoo import DEFAULT_MODEL
 
 ALLOCATORS = ["topk", "gradient_topk", "feature_choice", "mutual_choice"]
+FORMATS = {"fvu": 4, "l0": 1, "kl_sae": 4, "delta_loss": 4}  # the table's columns: decimal places
 
 
 @dataclass(frozen=True)
@@ -286,46 +287,79 @@ def _mean_std(rows: list[dict], key: str) -> tuple[float, float]:
 
 
 def report(study: Study) -> None:
-    """results.md (mean +- std over seeds) and one FVU-vs-L0 / KL-vs-L0 PNG per hook."""
+    """results.md (mean +- std over seeds), one FVU-vs-L0 / KL-vs-L0 PNG per hook, and
+    variants.png (the variants stage against the grid's runs at the same k and hook)."""
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = list(study.done().values())
     for r in rows:
         raw = r.get("grad_score") == "raw"
         r["variant"] = r.get("aux", "") + (f", raw beta {r['beta']:g}" if raw else "")
-    lines = ["| hook | allocator | variant | k | seeds | FVU | L0 | KL | delta CE | dead | rare | dense >10% |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     full = [r for r in rows if r["id"].startswith("eval:")]
+    write_text(study.out / "results.md", _table(rows, full))
+    _l0_plots(study.out, [r for r in full if r["variant"] == "auxk"])
+    if any(r["stage"] == "variants" for r in full):
+        _variants_plot(study.out, full)
+    print(f"written: {study.out / 'results.md'} and the PNGs beside it")
+
+
+def _table(rows: list[dict], full: list[dict]) -> str:
+    header = ["hook", "allocator", "variant", "k", "seeds", "FVU", "L0", "KL", "delta CE", "dead %",
+              "rare %", "dense >10% %"]
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for (hook, allocator, variant, k), group in sorted(
             _groups(full, ("hook", "allocator", "variant", "k")).items()):
-        cells = [f"{m:.4f} +- {sd:.4f}" for m, sd in (_mean_std(group, key) for key in
-                 ("fvu", "l0", "kl_sae", "delta_loss"))]
-        cells += [f"{100 * _mean_std(group, key)[0]:.2f}%" for key in ("dead_frac", "rare_frac", "dense_frac_10pct")]
+        cells = [f"{m:.{places}f} +- {sd:.{places}f}" for key, places in FORMATS.items()
+                 for m, sd in [_mean_std(group, key)]]
+        cells += [f"{100 * m:.1f} +- {100 * sd:.1f}" for key in ("dead_frac", "rare_frac", "dense_frac_10pct")
+                  for m, sd in [_mean_std(group, key)]]
         lines.append(f"| {hook} | {allocator} | {variant} | {k} | {len(group)} | " + " | ".join(cells) + " |")
     lines += ["", "| allocator | n_latents | lr | tokens | held-out FVU |", "| --- | --- | --- | --- | --- |"]
     lines += [f"| {r['allocator']} | {r['n_latents']} | {r['lr']:g} | {r['tokens']:,} | {r['fvu']:.4f} |"
               for r in sorted((r for r in rows if r["id"].startswith("fvu:")),
                               key=lambda r: (r["allocator"], r["n_latents"], r["tokens"], r["lr"]))]
-    write_text(study.out / "results.md", "\n".join(lines) + "\n")
-    for hook, group in _groups([r for r in full if r["variant"] == "auxk"], ("hook",)).items():
+    return "\n".join(lines) + "\n"
+
+
+def _l0_plots(out: Path, grid: list[dict]) -> None:
+    import matplotlib.pyplot as plt
+
+    for (hook,), group in _groups(grid, ("hook",)).items():
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-        for allocator, arows in sorted(_groups(group, ("allocator",)).items()):
+        for (allocator,), arows in sorted(_groups(group, ("allocator",)).items()):
             by_k = sorted(_groups(arows, ("k",)).items())
             for ax, key in zip(axes, ("fvu", "kl_sae"), strict=True):
                 ax.errorbar([_mean_std(g, "l0")[0] for _, g in by_k], [_mean_std(g, key)[0] for _, g in by_k],
                             yerr=[_mean_std(g, key)[1] for _, g in by_k], marker="o", capsize=3,
-                            label=allocator[0])
+                            label=allocator)
         for ax, label in zip(axes, ("held-out FVU", "KL(clean || spliced), nats"), strict=True):
             ax.set(xscale="log", yscale="log", xlabel="L0 (held-out)", ylabel=label)
             ax.legend()
-        fig.suptitle(f"{DEFAULT_MODEL} {hook[0]}: mean +- std over seeds")
+        fig.suptitle(f"{DEFAULT_MODEL} {hook}: mean +- std over seeds")
         fig.tight_layout()
-        fig.savefig(study.out / f"l0_{hook[0]}.png", dpi=110)
+        fig.savefig(out / f"l0_{hook}.png", dpi=110)
         plt.close(fig)
-    print(f"written: {study.out / 'results.md'} and the l0_*.png plots")
+
+
+def _variants_plot(out: Path, full: list[dict]) -> None:
+    """FVU, KL and dead latents of every (allocator, variant) at the variants stage's k and hook."""
+    import matplotlib.pyplot as plt
+
+    k, hook = next((r["k"], r["hook"]) for r in full if r["stage"] == "variants")
+    cells = sorted(_groups([r for r in full if r["k"] == k and r["hook"] == hook],
+                           ("allocator", "variant")).items())
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
+    for ax, key, label in zip(axes, ("fvu", "kl_sae", "dead_frac"), ("held-out FVU", "KL, nats", "dead"),
+                              strict=True):
+        stats = [_mean_std(g, key) for _, g in cells]
+        ax.barh(range(len(cells)), [m for m, _ in stats], xerr=[sd for _, sd in stats], capsize=3)
+        ax.set_yticks(range(len(cells)), [f"{a} ({v})" for (a, v), _ in cells] if ax is axes[0] else [])
+        ax.set_xlabel(label)
+    fig.suptitle(f"{DEFAULT_MODEL} {hook}, k = {k}: mean +- std over seeds")
+    fig.tight_layout()
+    fig.savefig(out / "variants.png", dpi=110)
+    plt.close(fig)
 
 
 def main() -> None:
