@@ -14,6 +14,10 @@ from saelab.training import TrainConfig, Trainer
 
 HOOK = "blocks.1.hook_resid_post"
 STEPS, BATCH = 8, 256
+# lr pinned: Adam turns float summation-order differences into steps of up to lr, so at the
+# default rule's 2.3e-2 (n = 256, d = 128) the two runs differ by up to 3e-5 after 8 steps (at
+# 1.6e-3: 2e-6); a lost all-reduce would differ by ~lr either way
+LR = 1.6e-3
 
 
 @pytest.mark.slow
@@ -21,7 +25,7 @@ def test_two_processes_match_one_on_the_same_global_batches(small_cache, tmp_pat
     out = tmp_path / "ddp"
     args = ["--cache", str(small_cache), "--hook", HOOK, "--out", str(out), "--n-latents", "256",
             "--k", "8", "--tokens", str(STEPS * BATCH * 2), "--batch-size", str(BATCH),
-            "--eval-tokens", "512", "--warmup-steps", "2"]
+            "--eval-tokens", "512", "--warmup-steps", "2", "--lr", str(LR)]
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                     "--master_port", "29533", "-m", "saelab", "train", *args],
                    check=True, capture_output=True, timeout=600)
@@ -29,7 +33,7 @@ def test_two_processes_match_one_on_the_same_global_batches(small_cache, tmp_pat
 
     # the same global batches in one process: rank r reads every 2nd shard from the r-th
     cfg = TrainConfig.of(cache=str(small_cache), hook=HOOK, n_latents=256, k=8, batch_size=BATCH,
-                      tokens=STEPS * BATCH * 2, warmup_steps=2)
+                      tokens=STEPS * BATCH * 2, warmup_steps=2, lr=LR)
     streams = [iter(CacheStream(small_cache, [HOOK], BATCH, seed=0, shards=[r, r + 2], drop_last=True))
                for r in (0, 1)]
     batches = [[next(s)[HOOK] for _ in range(STEPS)] for s in streams]
