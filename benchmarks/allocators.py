@@ -268,12 +268,14 @@ def variant_runs(study: Study) -> list[dict]:
     here: e averages ~0.064 for random unit directions on this cache)."""
     s = study.scale
     base = dict(hook=s.hooks[0], k=32)
-    runs = [dict(base, allocator=a, aux="aux_zipf", seed=seed) for seed in s.seeds for a in ALLOCATORS]
     raw = dict(base, allocator="gradient_topk", aux="auxk", grad_score="raw")
     tried = [dict(raw, beta=b, seed=s.seeds[0]) for b in s.betas]
     kl = [r["kl_sae"] for r in study_runs(study, "variants", tried)]
     best = tried[kl.index(min(kl))]["beta"]
-    return runs + [dict(raw, beta=best, seed=seed) for seed in s.seeds]
+    # seed outermost, as in the grid
+    return [run for seed in s.seeds for run in
+            [dict(base, allocator=a, aux="aux_zipf", seed=seed) for a in ALLOCATORS]
+            + [dict(raw, beta=best, seed=seed)]]
 
 
 def _groups(rows: list[dict], keys: tuple[str, ...]) -> dict[tuple, list[dict]]:
