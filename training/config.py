@@ -119,7 +119,8 @@ class OptimConfig:
     l1_coefficient: float = _field(0.1, "relu: weight of the L1 penalty sum_j z_j ||W_dec[j]|| "
                                    "(divided by the batch's RMS distance to its mean, so scale-free).")
     aux: str = _field("auxk", "Auxiliary loss for unused latents: auxk (dead latents) or aux_zipf "
-                      "(dead and under-used latents, see training.losses.underused).")
+                      "(dead and under-used latents, see training.losses.underused; it raised FVU "
+                      "for topk, gradient_topk and mutual_choice in the allocator study).")
     k_aux: int | None = _field(None, "Latents used by the auxiliary loss.", "d_in / 2")
     auxk_coef: float = _field(1 / 32, "Auxiliary loss weight.", "1/32")
     ema_decay: float = _field(0.99, "Decay of the moving average of latent firing frequency "
