@@ -76,6 +76,7 @@ def test_lr_rule_and_config_validation(tmp_path):
     assert rule(2**14, 768) == pytest.approx(2e-4) and rule(2**16, 4096) == pytest.approx(1e-4)
     # narrower inputs: (768 / 128)^1.5 = 14.7x, near the sweep's 8e-3 at n = 2048, d_in = 128
     assert rule(2048, 128) == pytest.approx(2e-4 * 8**0.5 * 6**1.5) and 8e-3 < rule(2048, 128) < 8.5e-3
+    assert rule(2048, 32) == rule(2048, 128)  # not extrapolated below the measured width
     assert OptimConfig(lr=1e-3).learning_rate(2048, 128) == 1e-3
     with pytest.raises(SaelabError, match="k=64 is larger"):
         TrainConfig.of(n_latents=32, k=64)

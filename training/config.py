@@ -107,7 +107,7 @@ class OptimConfig:
                              "global batch is batch_size times the number of processes).")
     lr: float | None = _field(None, "Adam learning rate; the default is Gao et al.'s rule raised "
                               "for narrow inputs, as measured by benchmarks/allocators.py.",
-                              "2e-4 / sqrt(n_latents / 2^14) * max(1, 768 / d_in)^1.5")
+                              "2e-4 / sqrt(n_latents / 2^14) * clamp(768 / d_in, 1, 6)^1.5")
     warmup_steps: int = _field(50, "Linear learning-rate warmup steps.")
     decay_fraction: float = _field(0.2, "Final fraction of steps over which the lr decays "
                                    "linearly to 0.")
@@ -152,10 +152,11 @@ class OptimConfig:
         """`lr`, or the default rule. Gao et al.'s 2e-4 / sqrt(n / 2^14) was fit on inputs of
         width 768 and more; at d_in = 128 the allocator sweep's best lr is ~14x higher (8e-3 at
         n = 2048, 1.6e-2 to 3.2e-2 at n = 512). The factor (768 / d_in)^1.5 joins the two
-        measured widths; between them it is interpolated, not measured."""
+        measured widths; between them it is interpolated, not measured, and below 128 it is
+        held at 128's (~14.7x) rather than extrapolated."""
         if self.lr is not None:
             return self.lr
-        return 2e-4 / math.sqrt(n_latents / 2**14) * max(1.0, 768 / d_in) ** 1.5
+        return 2e-4 / math.sqrt(n_latents / 2**14) * min(6.0, max(1.0, 768 / d_in)) ** 1.5
 
 
 @dataclass(frozen=True)
