@@ -5,7 +5,7 @@ compared at; k in {8, 16, 32, 64}, three seeds, two layers of the default zoo mo
     python benchmarks/allocators.py plateau    # how much longer runs still gain, and the order
     python benchmarks/allocators.py study      # k x seeds x layers at the tuned lrs
     python benchmarks/allocators.py variants   # aux_zipf vs AuxK; gradient_topk raw vs normalised
-    python benchmarks/allocators.py report     # table (markdown) and FVU/KL-vs-L0 PNGs
+    python benchmarks/allocators.py report     # table (markdown), FVU/KL-vs-L0 PNGs, variants.png
     add --quick to any of them for a minutes-long smoke run (small sizes, one seed);
     --workers N runs N SAEs at a time, one thread each (default 2: this machine's cores)
 
