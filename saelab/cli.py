@@ -145,25 +145,31 @@ def eval_cmd(
     context_length: Annotated[int | None, Opt(help="Tokens per row. [default: the SAE's training context from cfg.json, else min(model context, 128)]")] = None,
     model: Annotated[str | None, Opt(help="Model spec to evaluate in. [default: the one cfg.json names]")] = None,
     batch_rows: Annotated[int, Opt(help="Rows per forward pass.")] = 32,
-    out: Annotated[Path | None, Opt(help="Where to write eval.json, eval.md and the PNGs. [default: the dictionary directory]")] = None,
+    out: Annotated[Path | None, Opt(help="Where to write eval.json, eval.md and the PNGs, a new or empty directory. [default: the dictionary directory, whose report they replace]")] = None,
+    overwrite: Annotated[bool, Opt("--overwrite", help="Allow writing into a non-empty --out directory.")] = False,
     device: Annotated[str, Opt(help="Torch device.")] = "cpu",
 ) -> None:
     """Evaluate a dictionary: FVU, L0, dead/dense latents, spliced CE loss, KL; JSON + markdown + PNGs."""
     from saelab.checks import check_device, check_number
     from saelab.evals import evaluate, format_summary, write_report
+    from saelab.io import check_output_dir
 
     for name, value, low in (("--tokens", tokens, 1), ("--batch-rows", batch_rows, 1),
                              ("--context-length", context_length, 2)):
         check_number(name, value, low)
     check_device(device)
     target = out or dictionary
-    if target.exists() and not target.is_dir():
-        raise SaelabError(f"--out {target} exists and is not a directory; pass a directory for the report")
+    own = out is None or _same_dir(out, dictionary)  # the dictionary's report is its own to replace
+    check_output_dir(target, overwrite or own)
     report = evaluate(str(dictionary), tokens=tokens, model=model, data=data,
                       context_length=context_length, batch_rows=batch_rows, device=device)
     paths = write_report(report, target)
     typer.echo(format_summary(report))
     typer.echo(f"wrote {', '.join(p.name for p in paths)} -> {target}")
+
+
+def _same_dir(a: Path, b: Path) -> bool:
+    return a.exists() and b.exists() and a.samefile(b)
 
 
 @app.command("export")
@@ -265,8 +271,9 @@ def zoo_list() -> None:
 @zoo_app.command("build")
 def zoo_build(
     name: Annotated[str, typer.Argument(help="Recipe name (see `saelab zoo list`).")],
-    out: Annotated[Path | None, Opt(help="Output directory. [default: the user's zoo directory, $SAELAB_ZOO_DIR or ~/.cache/saelab/zoo, where zoo:NAME finds it]")] = None,
+    out: Annotated[Path | None, Opt(help="Output directory, new or empty. [default: NAME in the user's zoo directory, $SAELAB_ZOO_DIR or ~/.cache/saelab/zoo, where zoo:NAME finds it]")] = None,
     tokens: Annotated[int | None, Opt(help="Override the recipe's training tokens.")] = None,
+    overwrite: Annotated[bool, Opt("--overwrite", help="Replace a previous zoo build at the output directory (only that: a directory holding other files is refused).")] = False,
 ) -> None:
     """Train a zoo model from its seeded recipe on the stdlib corpus and write its HF directory."""
     import dataclasses
@@ -281,7 +288,7 @@ def zoo_build(
     recipe = zoo.RECIPES[name]
     if tokens is not None:
         recipe = dataclasses.replace(recipe, tokens=tokens)
-    path = build(recipe, out)
+    path = build(recipe, out, overwrite=overwrite)
     typer.echo((path / "zoo_card.json").read_text())
 
 

@@ -28,7 +28,7 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
-_TEMP = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")  # what write_atomic's mkstemp names look like
+_TEMP = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")  # write_atomic's mkstemp names (its alphabet)
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
@@ -153,6 +153,7 @@ def check_output_dir(path: Path, overwrite: bool = False) -> Path:
 
     An existing non-empty directory is only accepted with `overwrite`, so earlier results are
     never clobbered by accident (a lock file and temp files of a killed write do not count).
+    An unwritable directory (permissions, a read-only filesystem) is refused here too.
     """
     path = Path(path)
     if path.exists() and not path.is_dir():
@@ -162,9 +163,26 @@ def check_output_dir(path: Path, overwrite: bool = False) -> Path:
     parent = path
     while not parent.exists():
         parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise SaelabError(f"output directory {path} cannot be created: {parent} is not a writable directory")
+    if parent == path and not _writable(path):
+        raise SaelabError(f"output directory {path} is not writable ({_why_unwritable(path)}); "
+                          "pick a writable path")
+    if not parent.is_dir() or not _writable(parent):
+        raise SaelabError(f"output directory {path} cannot be created: {parent} is not a writable "
+                          "directory; pick a writable path")
     return path
+
+
+def _writable(directory: Path) -> bool:
+    """Whether files can be created in `directory` (access(2) also sees a read-only mount)."""
+    return os.access(directory, os.W_OK | os.X_OK)
+
+
+def _why_unwritable(directory: Path) -> str:
+    try:
+        read_only = os.statvfs(directory).f_flag & os.ST_RDONLY
+    except OSError:
+        read_only = False
+    return "read-only filesystem" if read_only else "permission denied"
 
 
 def _is_content(p: Path) -> bool:

@@ -2,9 +2,11 @@
 
 The lock is `fcntl.flock` on `LOCK_FILE` inside the directory. The kernel releases it when the
 holding process exits for any reason (SIGKILL included), so a killed run can be resumed at
-once and nothing stale ever has to be cleaned by hand. The file itself stays behind (deleting
-a lock file races with a process about to take it); it holds the holder's pid, host and
-command, which a second writer quotes in its one-line error.
+once and nothing stale ever has to be cleaned by hand. After a run that wrote, the file stays
+behind; it holds the holder's pid, host and command, which a second writer quotes in its
+one-line error. A run that fails removes the lock file it created, so a refused command leaves
+the directory as it found it (`_acquire` re-checks the file's inode after locking, so removing
+it never lets two writers in).
 
 Within one process the lock is re-entrant (a notebook may train into a directory, then resume
 it), and each `hold` releases it when its outermost holder is done.
@@ -41,8 +43,12 @@ def holder(directory: Path) -> str:
 def _acquire(directory: Path) -> int:
     path = directory / LOCK_FILE
     while True:
-        directory.mkdir(parents=True, exist_ok=True)  # a failed holder may have just removed it
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            directory.mkdir(parents=True, exist_ok=True)  # a failed holder may have just removed it
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:  # a read-only filesystem, no permission, a file in the way
+            raise SaelabError(f"cannot write to output directory {directory} ({e.strerror}); "
+                              "pick a writable path") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -74,9 +80,8 @@ def hold(directory: str | Path) -> Iterator[Path]:
     with a one-line error naming the holder. Temp files left by a killed writer are removed
     once the lock is ours (nobody else can be writing them).
 
-    If the body fails while the directory holds nothing but the lock file (bad input found
-    before anything was written), the lock file goes, and the directory too if `hold` made it:
-    a refused command leaves no trace."""
+    If the body fails, the lock file goes if this `hold` created it, and the directory too if
+    `hold` made it and it is left empty: a refused command leaves no trace."""
     directory = Path(directory)
     created = not directory.exists()
     try:
@@ -87,8 +92,14 @@ def hold(directory: str | Path) -> Iterator[Path]:
     if key in _held:
         fd, depth = _held[key]
         _held[key] = (fd, depth + 1)
+        ours = False  # the outermost `hold` decides about the file
     else:
-        _held[key] = (_acquire(directory), 1)
+        ours = not (directory / LOCK_FILE).exists()
+        try:
+            _held[key] = (_acquire(directory), 1)
+        except BaseException:
+            _remove_if_empty(directory, created)
+            raise
         remove_stale_temps(directory)
     failed = True
     try:
@@ -100,8 +111,13 @@ def hold(directory: str | Path) -> Iterator[Path]:
             _held[key] = (fd, depth - 1)
         else:
             del _held[key]
-            if failed and [p.name for p in directory.iterdir()] == [LOCK_FILE]:
-                (directory / LOCK_FILE).unlink()  # still ours: nobody else can lock it meanwhile
-                if created:
-                    directory.rmdir()
+            if failed and ours:
+                (directory / LOCK_FILE).unlink(missing_ok=True)  # still ours: nobody else can lock it
+                _remove_if_empty(directory, created)
             os.close(fd)  # closing the only descriptor releases the flock
+
+
+def _remove_if_empty(directory: Path, created: bool) -> None:
+    """Remove `directory` if `hold` created it and nothing was written into it."""
+    if created and not any(directory.iterdir()):
+        directory.rmdir()

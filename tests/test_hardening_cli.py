@@ -186,3 +186,183 @@ def test_former_traceback_inputs_are_one_line_each(tmp_path, capsys):
         if code != 2 or match not in line:
             failures.append(f"{what}: exit {code}: {line}")
     assert not failures, "\n".join(failures)
+
+
+# --- nothing replaced that a command did not make; unwritable output (issue 22) -----------------
+
+WRITERS = {  # command -> (args before --out / OUT, how OUT is given): every command that writes
+    ("train",): ([], "--out"),
+    ("cache",): ([], None),  # OUT is its argument
+    ("eval",): (["DICT"], "--out"),
+    ("export",): (["DICT"], None),
+    ("browse",): (["DICT"], "--out"),
+    ("sparsity",): ([], "--out"),
+    ("circuits",): ([], "--out"),
+    ("zoo", "build"): (["pystdlib-4l-v2"], "--out"),
+}
+
+
+def _writer_args(path: tuple[str, ...], out: Path, tmp: Path) -> list[str]:
+    before, flag = WRITERS[path]
+    d = tmp / "dict" / "sae"
+    if "DICT" in before and not d.exists():
+        _dictionary(tmp / "dict", {"d_in": 4, "n_latents": 8, "k": 2})
+    before = [str(d) if a == "DICT" else a for a in before]
+    return [*path, *before, *([flag] if flag else []), str(out)]
+
+
+def _snapshot(root: Path) -> dict[str, bytes | None]:
+    """Every entry under `root` (hidden ones included) with its bytes: what a refusal must keep."""
+    return {str(p.relative_to(root)): None if p.is_dir() else p.read_bytes() for p in root.rglob("*")}
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Any model load or zoo training fails the test: a refusal must come before the work."""
+    from saelab.zoo import build as zoo_build
+
+    def work(*a, **k):
+        raise AssertionError("work started before the output directory was refused")
+
+    monkeypatch.setattr(LOADERS[0], "_load_hf", work)  # where every model load ends up
+    monkeypatch.setattr(zoo_build, "byte_tokenizer", work)  # a zoo build's first step
+    monkeypatch.setattr(zoo_build.task_corpus, "word_tokenizer", work)
+
+
+def test_every_writing_command_is_covered():
+    takes_out = {path for path, cmd in _commands()
+                 if {"out", "overwrite"} & {p.name for p in cmd.params}}
+    assert takes_out == set(WRITERS)
+    assert all("overwrite" in {p.name for p in cmd.params} for path, cmd in _commands()
+               if path in WRITERS)
+
+
+@pytest.mark.parametrize("path", WRITERS, ids=" ".join)
+def test_non_empty_out_is_refused_leaving_it_byte_for_byte(path, tmp_path, capsys, no_work):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "results.csv").write_text("a user's file\n")
+    (out / "sub").mkdir()
+    (out / "sub" / "notes.md").write_text("more\n")
+    args = _writer_args(path, out, tmp_path)
+    before = _snapshot(out)
+    code, line = run(args, capsys)
+    assert code == 2 and str(out) in line and "not empty" in line, line
+    assert _snapshot(out) == before  # no .saelab.lock, nothing replaced
+
+
+@pytest.mark.parametrize("path", WRITERS, ids=" ".join)
+def test_a_file_as_out_is_one_line_before_work(path, tmp_path, capsys, no_work):
+    out = tmp_path / "a-file"
+    out.write_text("keep me\n")
+    code, line = run(_writer_args(path, out, tmp_path), capsys)
+    assert code == 2 and f"{out} exists and is not a directory" in line, line
+    assert out.read_text() == "keep me\n"
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """An empty directory on a real read-only filesystem (a read-only tmpfs mount: chmod does
+    not stop root); skipped where mounting is not allowed (the lock's own handling of EROFS is
+    tested without a mount below)."""
+    import subprocess
+
+    path = tmp_path / "ro"
+    path.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(path)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a read-only tmpfs here (needs root)")
+    yield path
+    subprocess.run(["umount", str(path)], check=True)
+
+
+@pytest.mark.parametrize("path", WRITERS, ids=" ".join)
+def test_read_only_out_is_one_line_before_work(path, read_only_dir, tmp_path, capsys, no_work):
+    code, line = run(_writer_args(path, read_only_dir, tmp_path), capsys)
+    assert code == 2 and f"{read_only_dir} is not writable (read-only filesystem)" in line, line
+    code, line = run(_writer_args(path, read_only_dir / "new", tmp_path), capsys)
+    assert code == 2 and f"{read_only_dir} is not a writable directory" in line, line
+
+
+def test_lock_on_an_unwritable_directory_is_one_line(tmp_path, monkeypatch):
+    """`hold` (which `train --resume` reaches without check_output_dir) turns EROFS from
+    os.open (patched here; the real read-only case is the mount above) into one clear error."""
+    import errno
+    import os
+
+    from saelab import lock
+    from saelab.errors import SaelabError
+
+    def read_only(path, *a, **k):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    monkeypatch.setattr(lock.os, "open", read_only)
+    with pytest.raises(SaelabError, match=f"cannot write to output directory {run_dir} "
+                                          r"\(Read-only file system\); pick a writable path"):
+        with lock.hold(run_dir):
+            pass
+    assert list(run_dir.iterdir()) == []
+    with pytest.raises(SaelabError, match="Read-only file system"), lock.hold(tmp_path / "new"):
+        pass
+    assert not (tmp_path / "new").exists()  # the directory it made is gone again
+
+
+def test_a_failed_body_removes_only_the_lock_file_it_created(tmp_path):
+    from saelab.errors import SaelabError
+    from saelab.lock import LOCK_FILE, hold
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "results.csv").write_text("x")
+    with pytest.raises(SaelabError), hold(mine):
+        raise SaelabError("refused after the lock")
+    assert [p.name for p in mine.iterdir()] == ["results.csv"]
+    (mine / LOCK_FILE).write_text("an earlier run\n")
+    with pytest.raises(SaelabError), hold(mine):
+        raise SaelabError("refused after the lock")
+    assert (mine / LOCK_FILE).exists()  # it was there before: not ours to remove
+
+
+def test_eval_out_needs_overwrite_but_the_dictionary_dir_is_its_own(tmp_path, capsys, no_work):
+    d = _dictionary(tmp_path / "d", {"d_in": 4, "n_latents": 8, "k": 2, "model": "zoo:pystdlib-4l",
+                                     "hook": "blocks.0.hook_resid_post"})
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "eval.md").write_text("a user's notes")
+    code, line = run(["eval", str(d), "--out", str(mine)], capsys)
+    assert code == 2 and "not empty" in line and "--overwrite" in line
+    assert (mine / "eval.md").read_text() == "a user's notes"
+    for args in (["eval", str(d)], ["eval", str(d), "--out", str(d)], ["eval", str(d), "--out",
+                                                                       str(mine), "--overwrite"]):
+        with pytest.raises(AssertionError, match="work started"):  # past the check, into the work
+            main(args)
+
+
+def test_a_file_where_a_hook_directory_goes_is_refused_before_work(tmp_path, capsys, no_work):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "blocks.0.mlp.hook_post").write_text("a user's file")
+    before = _snapshot(out)
+    code, line = run(["train", "--hook", "blocks.1.hook_resid_post", "--hook", "blocks.0.mlp.hook_post",
+                      "--out", str(out), "--overwrite"], capsys)
+    assert code == 2 and f"{out / 'blocks.0.mlp.hook_post'} exists and is not a directory" in line
+    assert _snapshot(out) == before
+
+
+def test_a_file_where_a_browse_section_goes_is_refused_before_the_pass(tmp_path, capsys, monkeypatch):
+    from types import SimpleNamespace
+
+    from saelab.browse import site
+
+    d = _dictionary(tmp_path / "d", {"d_in": 4, "n_latents": 8, "k": 2})
+    hook = "blocks.0.hook_resid_post"
+    monkeypatch.setattr(site, "load_dictionaries",  # the dictionary as loaded: its hook names its section
+                        lambda *a: ([SimpleNamespace(name=hook)], None, None))
+    monkeypatch.setattr(site, "collect", lambda *a: pytest.fail("the pass over the data started"))
+    out = tmp_path / "site"
+    out.mkdir()
+    (out / site.section_dir(hook)).write_text("a user's file")
+    code, line = run(["browse", str(d), "--out", str(out), "--overwrite"], capsys)
+    assert code == 2 and f"{out / site.section_dir(hook)} exists and is not a directory" in line

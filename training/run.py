@@ -200,7 +200,20 @@ def train(cfg: TrainConfig, resume: bool = False,
     `saelab.pipeline`) adds an evaluation of each dictionary to its summary.
     """
     world = init(cfg.run.device)
+    if not resume and world.is_main:
+        _check_out(cfg)
     with hold(cfg.run.out) if world.is_main else nullcontext():  # one writer per run directory
         run = Run(cfg, resume, world)
         run.fit()
         return run.finish(evaluate)
+
+
+def _check_out(cfg: TrainConfig) -> None:
+    """Refuse an output the run cannot take before the lock file exists (a refused run leaves
+    no trace) and before any model loads: the run directory and, for several hooks, each
+    hook's dictionary directory in it (`Run.dirs`)."""
+    out = Path(cfg.run.out)
+    check_output_dir(out, cfg.run.overwrite)
+    hooks = cfg.source.hook if isinstance(cfg.source.hook, list) else []
+    for hook in hooks if len(hooks) > 1 else []:
+        check_output_dir(out / hook, overwrite=True)  # a file where a dictionary directory goes

@@ -73,6 +73,8 @@ def build_site(
     start = time.perf_counter()
     dicts, hooked, token_data = load_dictionaries([str(p) for p in paths], wanted, cfg or StatsConfig(),
                                                   model, data, device)
+    for d in dicts:  # a file where a section's folder goes: refused before the long pass
+        check_output_dir(out / section_dir(d.name), overwrite=True)
     seen = collect(dicts, hooked, token_data, tokens, batch_rows, progress)
     seconds = time.perf_counter() - start
 

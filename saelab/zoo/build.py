@@ -3,6 +3,11 @@
 Run with `saelab zoo build NAME`. The text is the running interpreter's standard library source
 (`builtin:stdlib`, train split), so the build needs no network; the card records the Python
 version because a different stdlib gives a (slightly) different model.
+
+The output directory must be new or empty. With `overwrite` it may instead hold a previous zoo
+build (`zoo_card.json` and nothing a build does not write), which is replaced as a whole once
+the new model is complete; anything else is never replaced. Both are checked before training
+starts, and again just before the new model is moved in.
 """
 
 from __future__ import annotations
@@ -18,13 +23,15 @@ import torch
 from tqdm import tqdm
 
 from saelab.data import BUILTIN_STDLIB, TokenData
-from saelab.io import write_json
+from saelab.errors import SaelabError
+from saelab.io import check_output_dir, write_json
 from saelab.schedule import lr_factor
-from saelab.zoo import ZooRecipe, user_dir
+from saelab.zoo import MODELS_DIR, ZooRecipe, user_dir
 from saelab.zoo import tasks as task_corpus
 
 EOT = "<|endoftext|>"
 EOT_ID = 256
+CARD_FILE = "zoo_card.json"
 
 
 def _byte_to_unicode() -> dict[int, str]:
@@ -61,6 +68,7 @@ def byte_tokenizer(directory: Path):
 
 
 CHECKPOINTS_DIR = "checkpoints"
+TOKENIZER_PREFIXES = ("tokenizer", "special_tokens")  # the tokenizer's files, whatever it writes
 
 
 def checkpoint_steps(steps: int, n: int) -> list[int]:
@@ -73,7 +81,7 @@ def _save_checkpoint(model, built: Path, step: int, tokens_seen: int) -> None:
     path = built / CHECKPOINTS_DIR / f"step-{step:07d}"
     model.save_pretrained(str(path))
     for f in built.glob("*.json"):
-        if f.name.startswith(("tokenizer", "special_tokens")):
+        if f.name.startswith(TOKENIZER_PREFIXES):
             shutil.copy(f, path)
     write_json(path / "checkpoint.json", {"step": step, "tokens_seen": tokens_seen})
 
@@ -95,12 +103,80 @@ def _heldout_losses(model, rows: torch.Tensor, unigram_logp: torch.Tensor) -> tu
     return total / count, uni / count
 
 
-def build(recipe: ZooRecipe, out_dir: Path | None = None, heldout_rows: int = 512) -> Path:
-    """Train `recipe` and write its directory (default: the user's zoo directory, where
-    `zoo:NAME` finds it), atomically: built in a temp dir, then renamed."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+def _is_build_file(name: str) -> bool:
+    """Whether `name` is one `build` writes at the top of a model directory."""
+    return (name in (CARD_FILE, CHECKPOINTS_DIR, "config.json", "generation_config.json",
+                     "model.safetensors") or name.startswith(TOKENIZER_PREFIXES))
 
+
+def check_out_dir(out_dir: Path, overwrite: bool) -> None:
+    """Refuse, before any training, an `out_dir` that `build` could not fill without replacing
+    something it did not make: a file, a non-empty directory that is not a zoo build (or holds
+    files no build writes), a zoo build without `overwrite`, the package's shipped models, or
+    an unwritable place."""
+    if out_dir.resolve().is_relative_to(MODELS_DIR.resolve()):
+        raise SaelabError(f"{out_dir} is inside saelab's shipped models ({MODELS_DIR}); builds go "
+                          "elsewhere (the default is the user's zoo directory)")
+    check_output_dir(out_dir, overwrite=True)  # a file, an unwritable place
+    entries = sorted(p.name for p in out_dir.iterdir()) if out_dir.is_dir() else []
+    if not entries:
+        return
+    if CARD_FILE not in entries:
+        raise SaelabError(f"output directory {out_dir} is not empty and is not a zoo build (no "
+                          f"{CARD_FILE}; it holds {_some(entries)}); zoo build replaces nothing "
+                          "else: pick a new or empty directory")
+    foreign = [e for e in entries if not _is_build_file(e)]
+    if foreign:
+        raise SaelabError(f"the zoo build at {out_dir} also holds files no build writes "
+                          f"({_some(foreign)}); move them out or pick a new directory")
+    if not overwrite:
+        raise SaelabError(f"a zoo model is already built at {out_dir}; pass --overwrite to replace "
+                          "it, or --out a new path")
+
+
+def _some(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+def _install(tmp: Path, out_dir: Path, overwrite: bool) -> None:
+    """Put the finished build `tmp` at `out_dir`, re-checking `out_dir` (something may have
+    appeared there while training): rename onto a missing or empty directory, or swap out
+    the previous zoo build and delete it only once the new one is in place."""
+    check_out_dir(out_dir, overwrite)
+    if not (out_dir.is_dir() and any(out_dir.iterdir())):
+        _rename(tmp, out_dir, out_dir)  # rename(2) replaces an empty directory, refuses a non-empty one
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
+    try:
+        _rename(out_dir, old, out_dir)  # onto the empty directory just made
+    except SaelabError:
+        old.rmdir()
+        raise
+    try:
+        tmp.rename(out_dir)
+    except BaseException:
+        old.rename(out_dir)
+        raise
+    shutil.rmtree(old)
+
+
+def _rename(src: Path, dst: Path, out_dir: Path) -> None:
+    try:
+        src.rename(dst)
+    except OSError as e:  # something changed at `out_dir` since the check
+        raise SaelabError(f"cannot put the finished zoo build at {out_dir} ({e.strerror}); "
+                          "nothing there was replaced") from None
+
+
+def build(recipe: ZooRecipe, out_dir: Path | None = None, heldout_rows: int = 512,
+          overwrite: bool = False) -> Path:
+    """Train `recipe` and write its directory (default: the user's zoo directory, where
+    `zoo:NAME` finds it), atomically: built in a temp dir, then renamed. A previous zoo build
+    there is replaced only with `overwrite` (see the module docstring)."""
     out_dir = Path(out_dir) if out_dir is not None else user_dir() / recipe.name
+    check_out_dir(out_dir, overwrite)
+    from transformers import GPT2Config, GPT2LMHeadModel  # seconds to import: after the check
+
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
@@ -159,7 +235,7 @@ def build(recipe: ZooRecipe, out_dir: Path | None = None, heldout_rows: int = 51
         rows = torch.stack([r for r, _ in pairs])
         model_loss, unigram_loss = _heldout_losses(model, rows, (counts / counts.sum()).log())
         model.save_pretrained(str(tmp))
-        write_json(tmp / "zoo_card.json", {
+        write_json(tmp / CARD_FILE, {
             "name": recipe.name,
             "recipe": dataclasses.asdict(recipe),
             "data": ("synthetic circuit tasks (saelab.zoo.tasks) + " if recipe.corpus == "tasks"
@@ -172,12 +248,10 @@ def build(recipe: ZooRecipe, out_dir: Path | None = None, heldout_rows: int = 51
             **({"tasks": task_corpus.task_scores(model.eval(), tokenizer)}
                if recipe.corpus == "tasks" else {}),
         })
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
         tmp.chmod(0o755)  # mkdtemp and some writers use owner-only modes; this ships as data
         for f in tmp.rglob("*"):
             f.chmod(0o755 if f.is_dir() else 0o644)
-        tmp.rename(out_dir)
+        _install(tmp, out_dir, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
