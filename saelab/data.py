@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from saelab.errors import SaelabError
+from saelab.errors import SaelabError, first_line
 from saelab.specs import hub_name
 
 BUILTIN_STDLIB = "builtin:stdlib"
@@ -93,15 +93,27 @@ def _local_texts(path: Path, split: str) -> list[str]:
 
 
 def _hf_texts(name: str, split: str) -> list[str]:
-    """A Hugging Face dataset: its `test`/`validation` split is held out when it has one."""
+    """A Hugging Face dataset: its `test`/`validation` split is held out when it has one.
+
+    Never runs a dataset's loading script (trust_remote_code=False; datasets >= 4 refuses
+    scripts anyway). An unreachable hub fails at once (`saelab.hub`): datasets has no
+    cache-only switch but HF_HUB_OFFLINE, so the message names it."""
     import datasets
 
+    from saelab import hub
+
     path, _, config = name.partition(":")
-    try:
-        ds = datasets.load_dataset(path, config or None)
-    except Exception as e:  # offline, unknown name, gated: all end the same way for the user
+    why = hub.unreachable()
+    if why and not hub.offline_mode():
         raise SaelabError(
-            f"could not load Hugging Face dataset {path!r} ({type(e).__name__}); with no network, "
+            f"could not load Hugging Face dataset {path!r}: {why}; set HF_HUB_OFFLINE=1 to use "
+            "a copy in the local cache, or pass a local .txt/.jsonl file or directory, or builtin:stdlib"
+        )
+    try:
+        ds = datasets.load_dataset(path, config or None, trust_remote_code=False)
+    except Exception as e:  # offline, unknown name, gated, a script: all end alike for the user
+        raise SaelabError(
+            f"could not load Hugging Face dataset {path!r} ({first_line(e)}); with no network, "
             "pass a local .txt/.jsonl file or directory, or builtin:stdlib"
         ) from None
     held = next((s for s in ("test", "validation") if s in ds), None)

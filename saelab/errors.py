@@ -7,3 +7,9 @@ and keeps its traceback.
 
 class SaelabError(ValueError):
     """Bad input: the message names what is wrong and what would be right."""
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of a library's exception message (its type name if empty), for a one-line
+    error that says why without the library's multi-line advice."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]

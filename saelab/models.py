@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from saelab.errors import SaelabError
+from saelab.errors import SaelabError, first_line
 from saelab.specs import ZOO, hub_name
 from saelab.zoo import DEFAULT_MODEL
 
@@ -57,30 +57,70 @@ def resolve_spec(spec: str) -> str:
     return str(path)
 
 
+# the files in which transformers looks for `auto_map`, the pointer to code shipped with a model
+CODE_POINTERS = ("config.json", "tokenizer_config.json", "processor_config.json",
+                 "preprocessor_config.json")
+
+
+def check_no_custom_code(path: Path, what: str | None = None) -> None:
+    """A model whose configs point to its own Python (`auto_map`) is refused: saelab never runs
+    code shipped with a model. Checked up front, and passing trust_remote_code=False is the
+    second line (transformer-lens 3.x forces it to True for some hub names)."""
+    for name in CODE_POINTERS:
+        try:
+            auto_map = json.loads((path / name).read_text()).get("auto_map")
+        except (OSError, ValueError, AttributeError):
+            continue  # absent or unreadable: transformers reports an unreadable config itself
+        if auto_map:
+            targets = auto_map.values() if isinstance(auto_map, dict) else [auto_map]
+            code = sorted({str(t) for v in targets for t in (v if isinstance(v, list) else [v]) if t})
+            raise SaelabError(
+                f"{what or path} ships custom code (auto_map in {name}: {', '.join(code)}); saelab "
+                "never runs code shipped with a model: use one whose architecture transformers has "
+                "built in"
+            )
+
+
 def _load_hf(spec: str, device: str, dtype: torch.dtype):
+    from huggingface_hub import try_to_load_from_cache
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    from saelab import hub
+
     hf_logging.disable_progress_bar()  # saelab shows its own progress; a load bar is noise
     name, from_hub = resolve_spec(spec), hub_name(spec) is not None
+    if not from_hub:
+        check_no_custom_code(Path(name))
+    offline = hub.unreachable() if from_hub else None  # then only the local cache, no retries
+    safe = {"trust_remote_code": False, "local_files_only": offline is not None}
     try:
-        hf = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, attn_implementation="eager")
-        tokenizer = AutoTokenizer.from_pretrained(name)
-    except OSError as e:
+        hf = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, attn_implementation="eager", **safe)
+        tokenizer = AutoTokenizer.from_pretrained(name, **safe)
+    except (OSError, ValueError) as e:  # ValueError: custom code refused, unknown model_type
         if not from_hub:
-            raise SaelabError(f"could not load model directory {name}: {e}") from None
+            raise SaelabError(f"could not load model directory {name}: {first_line(e)}") from None
+        if offline:
+            raise SaelabError(
+                f"could not load model {spec!r}: {offline}, and it is not in the local cache; "
+                f"download it elsewhere and pass its local directory, or use a zoo model such as "
+                f"{DEFAULT_MODEL}"
+            ) from None
         raise SaelabError(
-            f"could not load model {spec!r} from the Hugging Face hub (offline or unknown name); "
-            "download it elsewhere and pass its local directory, or use a zoo model such as "
-            f"{DEFAULT_MODEL}"
+            f"could not load model {spec!r} from the Hugging Face hub: {first_line(e)}"
         ) from None
+    if from_hub:  # its files are in the cache now; transformers may have ignored an auto_map
+        config = try_to_load_from_cache(name, "config.json")
+        if isinstance(config, str):
+            check_no_custom_code(Path(config).parent, f"model {spec!r}")
     return name, hf.to(device).eval(), tokenizer
 
 
 def _load_tl4(name: str, hf, tokenizer, device: str):
     from transformer_lens.model_bridge import TransformerBridge
 
-    bridge = TransformerBridge.boot_transformers(name, hf_model=hf, tokenizer=tokenizer, device=device)
+    bridge = TransformerBridge.boot_transformers(name, hf_model=hf, tokenizer=tokenizer, device=device,
+                                                  trust_remote_code=False)
     bridge.enable_compatibility_mode(disable_warnings=True)
     return bridge
 
@@ -89,7 +129,8 @@ def _load_tl3(name: str, hf, tokenizer, device: str):
     from transformer_lens import HookedTransformer
     from transformer_lens import loading_from_pretrained as loading
 
-    cfg = loading.get_pretrained_model_config(name, device=device, fold_ln=True)
+    cfg = loading.get_pretrained_model_config(name, device=device, fold_ln=True,
+                                              trust_remote_code=False)
     state = loading.get_pretrained_state_dict(name, cfg, hf_model=hf)
     model = HookedTransformer(cfg, tokenizer=tokenizer)
     model.load_and_process_state_dict(state, fold_ln=True, center_writing_weights=True,

@@ -203,19 +203,24 @@ def import_saelens(path: str | Path, device: str | torch.device = "cpu") -> SAE:
 
 
 def hub_snapshot(spec: str) -> Path:
-    """Fetch `owner/name[/folder]` from the Hugging Face hub, only the dictionary files."""
+    """Fetch `owner/name[/folder]` from the Hugging Face hub, only the dictionary files (data,
+    never code); from the local cache alone when the hub is unreachable (`saelab.hub`)."""
     from huggingface_hub import snapshot_download
+
+    from saelab import hub
 
     parts = spec.split("/")
     repo_id, folder = "/".join(parts[:2]), "/".join(parts[2:])
     prefix = f"{folder}/" if folder else ""
+    offline = hub.unreachable()
     try:
-        root = snapshot_download(repo_id, allow_patterns=[
+        root = snapshot_download(repo_id, local_files_only=offline is not None, allow_patterns=[
             prefix + name for name in (CONFIG_FILE, WEIGHTS_FILE, SAELENS_WEIGHTS_FILE)])
     except Exception as e:  # offline, unknown or gated repo, proxy: all end the same way for the user
+        why = f"{offline}, and it is not in the local cache" if offline else type(e).__name__
         raise SaelabError(
             f"no local directory {spec!r} and could not download it from the Hugging Face hub "
-            f"({type(e).__name__}); pass a local dictionary directory"
+            f"({why}); pass a local dictionary directory"
         ) from None
     return Path(root) / folder
 
