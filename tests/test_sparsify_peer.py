@@ -38,7 +38,7 @@ def random_coder(seed: int, **cfg) -> "sparsify.SparseCoder":
 
 @pytest.mark.parametrize("allocator", ["topk", "gradient_topk"])
 def test_sparsify_loads_saelab_exports(tmp_path, allocator):
-    sae = random_sae(allocator)
+    sae = random_sae(allocator, processing="raw")  # only raw dictionaries export to sparsify
     coder = sparsify.SparseCoder.load_from_disk(export_sparsify(sae, tmp_path / "layers.1"))
     assert (coder.d_in, coder.num_latents, coder.cfg.k) == (D, N, K)
     x = torch.randn(64, D)
