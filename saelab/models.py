@@ -61,7 +61,7 @@ PROCESSINGS = {
 
 def check_processing(processing: str) -> str:
     """`processing` if saelab can load a model that way, else a one-line error."""
-    if processing not in PROCESSINGS:
+    if not isinstance(processing, str) or processing not in PROCESSINGS:
         raise SaelabError(f"unknown activation processing {processing!r}; use one of "
                           f"{', '.join(PROCESSINGS)}")
     return processing
