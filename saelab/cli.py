@@ -89,7 +89,7 @@ def cache_cmd(
     out: Annotated[Path, typer.Argument(help="Directory to write shards and manifest.json into.")],
     model: Annotated[str, Opt(help="Model spec: zoo:NAME, a local HF directory, or hf:NAME on the hub.")] = DEFAULT_MODEL,
     hook: Annotated[list[str] | None, Opt(help="Hook to capture; repeat for several (one forward pass). [default: blocks.{n_layers//2}.hook_resid_post]")] = None,
-    processing: Annotated[str, Opt(help="The model's weight processing: folded (LayerNorm folded, writing weights centred), folded_uncentred or raw (the Hugging Face model's own activations).")] = "folded",
+    processing: Annotated[str, Opt(help="The model's weight processing: folded (LayerNorm folded, writing weights centred), centred (writing weights centred only) or raw (the Hugging Face model's own activations).")] = "folded",
     data: Annotated[str, Opt(help="Token data: builtin:stdlib, a .txt/.jsonl file or directory, or hf:NAME.")] = "builtin:stdlib",
     split: Annotated[str, Opt(help="Data split: train or heldout.")] = "train",
     tokens: Annotated[int, Opt(help="Activation rows (token positions) to cache.")] = 1_000_000,

@@ -5,16 +5,17 @@ Everything else in saelab speaks classic hook names (`blocks.3.hook_resid_post`,
 transformer-lens line is installed only matters here.
 
 Weight processing (`PROCESSINGS`) decides what the hooks read, and both lines apply it alike:
-- "folded" (the default, HookedTransformer's and SAELens's models'): LayerNorm weights folded into
+- "folded" (the default, HookedTransformer.from_pretrained's): LayerNorm weights folded into
   the next layer, writing weights centred (embeddings, attention and MLP outputs), value biases
   folded into the output bias. The residual stream and every output that writes to it (resid_*,
   attn_out, mlp_out, attn.hook_result) are the Hugging Face model's minus their per-token mean;
   attn.hook_z lacks the value bias; mlp.hook_pre/hook_post are unchanged.
-- "folded_uncentred" (SAELens's training default, `center_writing_weights=False`): LayerNorm
-  and value biases folded, nothing centred: the residual stream and attn_out/mlp_out equal the
-  Hugging Face model's; attn.hook_z still lacks the value bias.
-- "raw": no processing; every hook reads the Hugging Face model's own activations (what
-  sparsify hooks), e.g. `blocks.L.hook_resid_post` is `hidden_states[L + 1]`.
+- "centred": writing weights centred only (SAELens's `center_writing_weights: true`, e.g. its
+  gpt2-small-res-jb release): the residual stream, attn_out and mlp_out are folded's (centred),
+  attn.hook_z is raw's.
+- "raw": no processing (from_pretrained_no_processing, SAELens's trainer's model, sparsify's
+  hooks): every hook reads the Hugging Face model's own activations, e.g.
+  `blocks.L.hook_resid_post` is `hidden_states[L + 1]`.
 Logits differ between them by a per-token constant at most, so losses do not. A dictionary
 records the processing it was trained on (`SAEConfig.processing`); splicing it into, or
 encoding it on, a model of another processing is an error naming the fix.
@@ -52,8 +53,8 @@ DEFAULT_PROCESSING = "folded"
 PROCESSINGS = {
     "folded": {"fold_ln": True, "center_writing_weights": True, "center_unembed": True,
                "fold_value_biases": True},
-    "folded_uncentred": {"fold_ln": True, "center_writing_weights": False, "center_unembed": False,
-                         "fold_value_biases": True},
+    "centred": {"fold_ln": False, "center_writing_weights": True, "center_unembed": False,
+                "fold_value_biases": False},
     "raw": {"fold_ln": False, "center_writing_weights": False, "center_unembed": False,
             "fold_value_biases": False},
 }
@@ -347,7 +348,7 @@ def load_model(spec: str, device: str = "cpu", dtype: torch.dtype = torch.float3
                processing: str = DEFAULT_PROCESSING) -> HookedModel:
     """Load a model spec (`zoo:NAME`, a local HF directory, or `hf:NAME`) with hooks.
 
-    `processing`: "folded" (HookedTransformer's default), "folded_uncentred" or "raw" (the
+    `processing`: "folded" (HookedTransformer's default), "centred" or "raw" (the
     Hugging Face model's own activations); what each changes: module docstring."""
     from saelab.checks import check_device
 

@@ -56,8 +56,8 @@ class SAEConfig:
         model: model spec the activations came from (`zoo:NAME`, a local path, or `hf:NAME`).
         processing: the model's weight processing those activations came from (see
             `saelab.models`): "folded" (LayerNorm folded, writing weights centred: saelab's and
-            TransformerLens's default), "folded_uncentred" (SAELens's training default) or "raw"
-            (the Hugging Face model's own activations, as sparsify trains on). A cfg.json
+            TransformerLens's default), "centred" (writing weights centred only) or "raw" (the
+            Hugging Face model's own activations, as SAELens's trainer and sparsify use). A cfg.json
             without it was written by saelab before the field existed, so it reads as folded.
             Splicing or encoding on a model of another processing is refused.
         data: data spec of the training text; evals default to its held-out split.

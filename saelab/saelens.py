@@ -18,10 +18,10 @@ saelab -> SAELens (`export_saelens`):
 - feature_choice -> "jumprelu" likewise; its batch-mode allocation has no SAELens equivalent.
 saelab's own config rides along in metadata["saelab"], so importing the export gives back the
 same allocator and settings. The model processing the dictionary was trained on
-(`SAEConfig.processing`) is written as SAELens records it, metadata["model_from_pretrained_kwargs"]
-(the HookedTransformer.from_pretrained flags that differ from their defaults): {} for folded,
-center_writing_weights (and center_unembed) False for folded_uncentred, and every flag False
-(from_pretrained_no_processing's) for raw.
+(`SAEConfig.processing`) is written as SAELens records it, metadata["model_from_pretrained_kwargs"],
+which SAELens passes to HookedTransformer.from_pretrained_no_processing (all flags False) when it
+loads the model for a dictionary: {} for raw, center_writing_weights True for centred, and
+fold_ln, center_writing_weights, center_unembed and fold_value_biases True for folded.
 
 SAELens -> saelab (`import_saelens`):
 - "topk" -> topk.
@@ -39,11 +39,14 @@ SAELens -> saelab (`import_saelens`):
   inference JumpReLU keeps relu(pre) where pre > threshold, and so does saelab, also for a
   negative threshold (SAELens's training class keeps pre there, without the relu).
 - processing, from `model_from_pretrained_kwargs` (metadata, or top level before 6.0) over
-  HookedTransformer.from_pretrained's defaults (all True): fold_ln, center_writing_weights and
-  fold_value_biases all True (also when absent) -> folded; center_writing_weights False (what
-  SAELens's trainer passes by default) -> folded_uncentred; all False -> raw; a
-  model_class_name of AutoModelForCausalLM -> raw. center_unembed changes no activation and is
-  ignored; other combinations are refused (saelab has no model that gives their activations).
+  from_pretrained_no_processing's defaults (all False), as SAELens 6 loads the model: fold_ln,
+  center_writing_weights and fold_value_biases all True -> folded; only center_writing_weights
+  -> centred; none (also when absent, and SAELens's trainer's default
+  {"center_writing_weights": false}) -> raw; a model_class_name of AutoModelForCausalLM -> raw.
+  center_unembed changes no activation and is ignored; other combinations are refused (saelab
+  has no model that gives their activations). SAELens's registry can add kwargs when it loads a
+  release by name (gpt2-small-res-jb: center_writing_weights); a directory read here has only
+  what its cfg.json says.
 Other architectures (gated, matching pursuit, transcoders...) and normalize_activations other
 than "none" are refused.
 rescale_acts_by_decoder_norm is folded into the weights (as SAELens's fold_W_dec_norm does) and
@@ -88,7 +91,7 @@ def export_saelens(sae: SAE, out_dir: str | Path, context_size: int | None = Non
         "sae_lens_version": SAELENS_FORMAT, "sae_lens_training_version": SAELENS_FORMAT,
         "model_name": cfg.model, "hook_name": cfg.hook, "hook_head_index": None,
         "prepend_bos": True, "context_size": context_size, "exported_by": f"saelab {__version__}",
-        "model_from_pretrained_kwargs": {k: v for k, v in PROCESSINGS[cfg.processing].items() if not v},
+        "model_from_pretrained_kwargs": {k: v for k, v in PROCESSINGS[cfg.processing].items() if v},
         "saelab": dataclasses.asdict(cfg),
     }
     tensors = {"W_enc": sae.W_enc.T, "b_enc": sae.b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec}
@@ -157,12 +160,12 @@ def _processing(lens: dict, meta: dict, saved: dict, path: Path) -> str:
         raise SaelabError(f"{path}: model_from_pretrained_kwargs must be a JSON object, got {kwargs!r}")
     flags = ("fold_ln", "center_writing_weights", "fold_value_biases")
     for name, tl in PROCESSINGS.items():
-        if all(bool(kwargs.get(f, True)) == tl[f] for f in flags):
+        if all(bool(kwargs.get(f, False)) == tl[f] for f in flags):
             return name
     raise SaelabError(
         f"{path}: trained on a model loaded with {kwargs}, whose activations saelab cannot give "
-        f"(it loads {', '.join(PROCESSINGS)} models: {', '.join(flags)} all True, "
-        "center_writing_weights False, or all False)")
+        f"(it loads {', '.join(PROCESSINGS)} models: {', '.join(flags)} all True, only "
+        "center_writing_weights True, or none)")
 
 
 def import_saelens(path: str | Path, device: str | torch.device = "cpu") -> SAE:

@@ -1,4 +1,4 @@
-"""Activation processing: `load_model(..., processing=)` gives folded, folded_uncentred or raw
+"""Activation processing: `load_model(..., processing=)` gives folded, centred or raw
 activations (raw checked against transformers itself), dictionaries record the processing they
 were trained on through save, SAELens and sparsify formats, caches and training, and splicing,
 `latents` and `evaluate` refuse a dictionary on a model of another processing."""
@@ -28,13 +28,13 @@ from saelab.training import TrainConfig
 MODEL = "zoo:pystdlib-4l"  # conftest's TEST_MODEL, which the zoo_model fixture loads folded
 HOOK = "blocks.1.hook_resid_post"
 DATA = TokenData(split="heldout", context_length=32)
-NO_PROCESSING = {"fold_ln": False, "center_writing_weights": False, "center_unembed": False,
-                 "fold_value_biases": False}  # HookedTransformer.from_pretrained_no_processing's
+FOLDED = {"fold_ln": True, "center_writing_weights": True, "center_unembed": True,
+          "fold_value_biases": True}  # over from_pretrained_no_processing's all-False defaults
 
 
 @pytest.fixture(scope="module")
 def models(zoo_model):
-    return {"folded": zoo_model, **{p: load_model(MODEL, processing=p) for p in ("folded_uncentred", "raw")}}
+    return {"folded": zoo_model, **{p: load_model(MODEL, processing=p) for p in ("centred", "raw")}}
 
 
 def model_sae(processing: str, seed: int = 0) -> SAE:
@@ -54,24 +54,24 @@ def test_raw_is_the_hugging_face_model_and_folded_its_centred_form(models):
     resid = [f"blocks.{layer}.hook_resid_post" for layer in range(n - 1)]  # HF's last one is after ln_f
     hooks = [*resid, "blocks.1.hook_mlp_out", "blocks.1.mlp.hook_post", "blocks.1.attn.hook_z"]
     acts = {p: m.activations(tokens, hooks) for p, m in models.items()}
-    raw, folded, uncentred = acts["raw"], acts["folded"], acts["folded_uncentred"]
+    raw, folded, centred = acts["raw"], acts["folded"], acts["centred"]
     with torch.no_grad():
         hidden = hf(tokens, output_hidden_states=True).hidden_states
     tol = {"atol": 1e-5, "rtol": 1e-5}
     for layer, hook in enumerate(resid):
         torch.testing.assert_close(raw[hook], hidden[layer + 1], **tol)
-    for hook in [*resid, "blocks.1.hook_mlp_out"]:  # folded: minus each token's mean
+    for hook in [*resid, "blocks.1.hook_mlp_out"]:  # folded and centred: minus each token's mean
         assert (folded[hook] - raw[hook]).abs().max() > 1e-2
         torch.testing.assert_close(folded[hook], raw[hook] - raw[hook].mean(-1, keepdim=True), **tol)
-        torch.testing.assert_close(uncentred[hook], raw[hook], **tol)
-    for p in ("folded", "folded_uncentred"):  # the MLP's hidden layer is never changed
+        torch.testing.assert_close(centred[hook], folded[hook], **tol)
+    for p in ("folded", "centred"):  # the MLP's hidden layer is never changed
         torch.testing.assert_close(acts[p]["blocks.1.mlp.hook_post"], raw["blocks.1.mlp.hook_post"], **tol)
-    # hook_z: both folded kinds move the value bias into the output bias
-    torch.testing.assert_close(uncentred["blocks.1.attn.hook_z"], folded["blocks.1.attn.hook_z"], **tol)
+    # hook_z: folding moves the value bias into the output bias; centring alone leaves it
+    torch.testing.assert_close(centred["blocks.1.attn.hook_z"], raw["blocks.1.attn.hook_z"], **tol)
     assert (folded["blocks.1.attn.hook_z"] - raw["blocks.1.attn.hook_z"]).abs().max() > 1e-2
     # logits differ by a per-token constant at most: the losses are the same
     logp = {p: m.logits(tokens).log_softmax(-1) for p, m in models.items()}
-    for p in ("folded", "folded_uncentred"):
+    for p in ("folded", "centred"):
         torch.testing.assert_close(logp[p], logp["raw"], atol=1e-4, rtol=1e-4)
 
 
@@ -83,9 +83,9 @@ def test_the_field_round_trips_and_defaults_to_folded(tmp_path):
     del cfg["processing"]  # a cfg.json written before the field: saelab only folded then
     (path / "cfg.json").write_text(json.dumps(cfg))
     assert saelab.load(path).cfg.processing == "folded"
-    with pytest.raises(SaelabError, match="unknown activation processing 'centred'; use one of folded, "
-                                          "folded_uncentred, raw"):
-        SAEConfig(d_in=4, n_latents=8, k=2, processing="centred")
+    with pytest.raises(SaelabError, match="unknown activation processing 'centered'; use one of folded, "
+                                          "centred, raw"):
+        SAEConfig(d_in=4, n_latents=8, k=2, processing="centered")
     with pytest.raises(SaelabError, match="unknown activation processing"):
         load_model(MODEL, processing="none")
 
@@ -95,9 +95,7 @@ def test_saelens_export_records_the_model_kwargs_and_imports_back(tmp_path, proc
     out = export_saelens(random_sae(processing=processing), tmp_path / "lens")
     cfg = json.loads((out / "cfg.json").read_text())
     kwargs = cfg["metadata"]["model_from_pretrained_kwargs"]
-    assert kwargs == {"folded": {}, "folded_uncentred": {"center_writing_weights": False,
-                                                         "center_unembed": False},
-                      "raw": NO_PROCESSING}[processing]
+    assert kwargs == {"folded": FOLDED, "centred": {"center_writing_weights": True}, "raw": {}}[processing]
     assert import_saelens(out).cfg.processing == processing
     del cfg["metadata"]["saelab"]  # as a SAELens user's own save: the kwargs alone decide
     (out / "cfg.json").write_text(json.dumps(cfg))
@@ -105,13 +103,14 @@ def test_saelens_export_records_the_model_kwargs_and_imports_back(tmp_path, proc
 
 
 @pytest.mark.parametrize(("meta", "top", "expected"), [
-    ({}, {}, "folded"),  # no kwargs: HookedTransformer.from_pretrained's defaults
-    ({"model_from_pretrained_kwargs": {"center_writing_weights": False}}, {}, "folded_uncentred"),
-    ({"model_from_pretrained_kwargs": NO_PROCESSING}, {}, "raw"),
-    ({"model_from_pretrained_kwargs": {"center_unembed": False}}, {}, "folded"),
+    ({}, {}, "raw"),  # no kwargs: from_pretrained_no_processing, as SAELens 6 loads the model
+    ({"model_from_pretrained_kwargs": {"center_writing_weights": False}}, {}, "raw"),  # its trainer's
+    ({"model_from_pretrained_kwargs": {"center_writing_weights": True}}, {}, "centred"),
+    ({"model_from_pretrained_kwargs": FOLDED}, {}, "folded"),
+    ({"model_from_pretrained_kwargs": {**FOLDED, "center_unembed": False}}, {}, "folded"),
     ({"model_class_name": "AutoModelForCausalLM"}, {}, "raw"),
-    (None, {"model_from_pretrained_kwargs": {"center_writing_weights": False}}, "folded_uncentred"),
-], ids=["default", "saelens-training-default", "no-processing", "unembed-only", "hf-model", "pre-6.0"])
+    (None, {"model_from_pretrained_kwargs": {"center_writing_weights": True}}, "centred"),
+], ids=["default", "saelens-training-default", "centred", "folded", "unembed-ignored", "hf-model", "pre-6.0"])
 def test_saelens_import_reads_the_processing_from_its_cfg(tmp_path, meta, top, expected):
     if meta is None:  # before SAELens 6: no metadata, kwargs at the top level
         write_saelens(tmp_path / "d", None, top)
@@ -122,7 +121,7 @@ def test_saelens_import_reads_the_processing_from_its_cfg(tmp_path, meta, top, e
 
 def test_saelens_import_refuses_processing_saelab_cannot_give(tmp_path):
     write_saelens(tmp_path / "d", "topk", {"k": K, "metadata": LENS_META | {
-        "model_from_pretrained_kwargs": {"fold_ln": False}}})
+        "model_from_pretrained_kwargs": {"fold_ln": True}}})
     with pytest.raises(SaelabError, match="activations saelab cannot give") as e:
         saelab.load(tmp_path / "d")
     assert "\n" not in str(e.value)

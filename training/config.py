@@ -44,9 +44,9 @@ class SourceConfig:
                                "instead of running the model.", path=True)
     processing: str | None = _field(
         None, "The model's weight processing, recorded in cfg.json: folded (LayerNorm folded, "
-        "writing weights centred, as TransformerLens and SAELens load models), folded_uncentred "
-        "(SAELens's training default) or raw (the Hugging Face model's own activations, as "
-        "sparsify trains on; needed to export to sparsify).", "folded; with --cache the cache's")
+        "writing weights centred, TransformerLens's default), centred (writing weights centred "
+        "only) or raw (the Hugging Face model's own activations, as SAELens's trainer and "
+        "sparsify use; needed to export to sparsify).", "folded; with --cache the cache's")
     context_length: int | None = _field(None, "Tokens per row for on-the-fly activations (BOS "
                                         "included).", "min(model context, 128)")
     buffer_tokens: int = _field(2**17, "On-the-fly activations are shuffled in a buffer of this "
