@@ -56,7 +56,9 @@ def evaluate(
             positions are in; the report's `tokens` is the exact count (and the dead-latent
             window). Default: the window of the SAE's end-of-run eval (cfg `eval_tokens`),
             else 32768.
-        model: a loaded `HookedModel` or a model spec; default: the one cfg.json names.
+        model: a loaded `HookedModel` or a model spec; default: the one cfg.json names. A spec
+            loads with the weight processing the dictionary was trained on (cfg `processing`);
+            a loaded model of another processing is a one-line error naming the fix.
         data: a data spec (its "heldout" split, rows of min(model context, 128) tokens) or a
             `TokenData` used as given; default: the held-out split of the data the SAE was
             trained on, at its context length (cfg `data`, `context_length`), else builtin:stdlib.
@@ -128,6 +130,7 @@ def _evaluate(sae, path, model: HookedModel, data: TokenData, tokens: int, batch
     return {
         "dictionary": path,
         "model": model.spec,
+        "processing": model.processing,
         "hook": hook,
         "d_in": cfg.d_in,
         "n_latents": cfg.n_latents,

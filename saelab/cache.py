@@ -2,7 +2,8 @@
 
 On disk a cache is a directory:
 
-    manifest.json           model spec, hooks and widths, dtype, data, tokens, seed, shard list
+    manifest.json           model spec and processing, hooks and widths, dtype, data, tokens,
+                            seed, shard list
     shard_00000.safetensors one tensor per hook, (rows, d); rows are token positions
     ...
 
@@ -46,7 +47,7 @@ from saelab.distributed import World
 from saelab.errors import SaelabError
 from saelab.io import check_output_dir, read_safetensors, write_json, write_safetensors
 from saelab.lock import hold
-from saelab.models import HookedModel, grad_key
+from saelab.models import DEFAULT_PROCESSING, PROCESSINGS, HookedModel, grad_key
 
 MANIFEST = "manifest.json"
 FORMAT = "saelab-activation-cache/1"
@@ -66,6 +67,9 @@ class Manifest:
     shards: list[dict]
     saelab_version: str
     with_grads: bool = False
+    # the model's weight processing (`saelab.models`); manifests written before it was recorded
+    # come from folded models, saelab's only kind then
+    processing: str = DEFAULT_PROCESSING
     format: str = FORMAT
 
     @classmethod
@@ -115,6 +119,8 @@ class Manifest:
             raise bad("hooks must map hook names to positive widths")
         if self.dtype not in DTYPES:
             raise bad(f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if not isinstance(self.processing, str) or self.processing not in PROCESSINGS:
+            raise bad(f"processing {self.processing!r} is not one of {', '.join(PROCESSINGS)}")
         if not isinstance(self.data, dict) or not isinstance(self.data.get("spec"), str) \
                 or not count(self.data.get("context_length")):
             raise bad("data must record its spec and context_length")
@@ -251,7 +257,7 @@ def _write_cache(model: HookedModel, data: TokenData, hooks: list[str], out_dir:
     manifest = Manifest(
         model=model.spec, hooks=dims, dtype=dtype, rows=sum(s["rows"] for s in shards),
         data=asdict(dataclasses.replace(data, rank=0, world=1)), shards=shards,
-        saelab_version=__version__, with_grads=with_grads,
+        saelab_version=__version__, with_grads=with_grads, processing=model.processing,
     )
     if world.is_main:
         write_json(out_dir / MANIFEST, {**asdict(manifest), "seconds": time.perf_counter() - start})

@@ -89,6 +89,7 @@ def cache_cmd(
     out: Annotated[Path, typer.Argument(help="Directory to write shards and manifest.json into.")],
     model: Annotated[str, Opt(help="Model spec: zoo:NAME, a local HF directory, or hf:NAME on the hub.")] = DEFAULT_MODEL,
     hook: Annotated[list[str] | None, Opt(help="Hook to capture; repeat for several (one forward pass). [default: blocks.{n_layers//2}.hook_resid_post]")] = None,
+    processing: Annotated[str, Opt(help="The model's weight processing: folded (LayerNorm folded, writing weights centred), centred (writing weights centred only) or raw (the Hugging Face model's own activations).")] = "folded",
     data: Annotated[str, Opt(help="Token data: builtin:stdlib, a .txt/.jsonl file or directory, or hf:NAME.")] = "builtin:stdlib",
     split: Annotated[str, Opt(help="Data split: train or heldout.")] = "train",
     tokens: Annotated[int, Opt(help="Activation rows (token positions) to cache.")] = 1_000_000,
@@ -105,8 +106,9 @@ def cache_cmd(
     from saelab.checks import check_device, check_number
     from saelab.data import SPLITS, TokenData
     from saelab.io import check_output_dir
-    from saelab.models import load_model
+    from saelab.models import check_processing, load_model
 
+    check_processing(processing)
     for name, value, low in (("--tokens", tokens, 1), ("--shard-rows", shard_rows, 1),
                              ("--context-length", context_length, 2), ("--seed", seed, 0)):
         check_number(name, value, low)
@@ -119,7 +121,7 @@ def cache_cmd(
     from saelab.distributed import init
 
     world = init(device)  # under torchrun: each process caches its own documents and rows
-    m = load_model(model, device)
+    m = load_model(model, device, processing=processing)
     hooks = hook or [m.default_hook]
     share = tokens // world.size + (world.rank < tokens % world.size)
     data_part = TokenData(data, split, m.check_context(context_length), seed, world.rank, world.size)
@@ -129,7 +131,7 @@ def cache_cmd(
     if not world.is_main:
         return
     _print_summary(f"Cached {manifest.rows:,} rows -> {out}", {
-        "model": manifest.model,
+        "model": f"{manifest.model} ({manifest.processing})",
         "hooks": ", ".join(f"{h} (d={d})" for h, d in manifest.hooks.items()),
         "shards": len(manifest.shards),
         "dtype": manifest.dtype,

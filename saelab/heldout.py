@@ -11,7 +11,7 @@ from saelab import load
 from saelab.activations import model_activations, positions_to_keep
 from saelab.data import BUILTIN_STDLIB, TokenData
 from saelab.errors import SaelabError
-from saelab.models import HookedModel, load_model
+from saelab.models import DEFAULT_PROCESSING, HookedModel, load_model
 
 
 def heldout_rows(tokenizer, data: TokenData, tokens: int) -> torch.Tensor:
@@ -31,7 +31,8 @@ def heldout_rows(tokenizer, data: TokenData, tokens: int) -> torch.Tensor:
 
 
 def resolve_dictionary(sae_or_path, model, data, context_length: int | None, device: str):
-    """(sae, dictionary path or None, model, data) with the defaults filled in from cfg.json."""
+    """(sae, dictionary path or None, model, data) with the defaults filled in from cfg.json; a
+    model spec loads with the dictionary's processing, a loaded model must have it."""
     path = None
     if isinstance(sae_or_path, (str, Path)):
         path, sae_or_path = str(sae_or_path), load(str(sae_or_path), device=device)
@@ -42,8 +43,9 @@ def resolve_dictionary(sae_or_path, model, data, context_length: int | None, dev
         if cfg.model is None:
             raise SaelabError("the SAE's cfg.json names no model; pass model= (a spec or a loaded model)")
         model = cfg.model
-    if isinstance(model, str):
-        model = load_model(model, device)
+    if isinstance(model, str):  # loaded as the dictionary's activations were computed
+        model = load_model(model, device, processing=getattr(cfg, "processing", DEFAULT_PROCESSING))
+    model.check_dictionary(sae_or_path)
     model.check_hooks([cfg.hook])
     width = model.hook_dims([cfg.hook])[cfg.hook]
     if width != cfg.d_in:

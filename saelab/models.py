@@ -2,8 +2,23 @@
 
 Everything else in saelab speaks classic hook names (`blocks.3.hook_resid_post`,
 `blocks.2.attn.hook_z`, `blocks.1.mlp.hook_post`) and calls `HookedModel.activations`; which
-transformer-lens line is installed only matters here. Both lines load with HookedTransformer's
-weight processing (folded LayerNorm, centred writing weights), so activations agree across them.
+transformer-lens line is installed only matters here.
+
+Weight processing (`PROCESSINGS`) decides what the hooks read, and both lines apply it alike:
+- "folded" (the default, HookedTransformer.from_pretrained's): LayerNorm weights folded into
+  the next layer, writing weights centred (embeddings, attention and MLP outputs), value biases
+  folded into the output bias. The residual stream and every output that writes to it (resid_*,
+  attn_out, mlp_out, attn.hook_result) are the Hugging Face model's minus their per-token mean;
+  attn.hook_z lacks the value bias; mlp.hook_pre/hook_post are unchanged.
+- "centred": writing weights centred only (SAELens's `center_writing_weights: true`, e.g. its
+  gpt2-small-res-jb release): the residual stream, attn_out and mlp_out are folded's (centred),
+  attn.hook_z is raw's.
+- "raw": no processing (from_pretrained_no_processing, SAELens's trainer's model, sparsify's
+  hooks): every hook reads the Hugging Face model's own activations, e.g.
+  `blocks.L.hook_resid_post` is `hidden_states[L + 1]`.
+Logits differ between them by a per-token constant at most, so losses do not. A dictionary
+records the processing it was trained on (`SAEConfig.processing`); splicing it into, or
+encoding it on, a model of another processing is an error naming the fix.
 
 Model specs (`saelab.specs`): `zoo:NAME` (shipped with saelab), a local Hugging Face directory,
 or `hf:NAME` on the hub.
@@ -33,6 +48,24 @@ TL_VERSION = version("transformer-lens")
 Splice = Callable[[torch.Tensor], torch.Tensor]  # an SAE, or any function of the activation
 DEFAULT_CONTEXT = 128
 TL_MAJOR = int(TL_VERSION.split(".")[0])
+DEFAULT_PROCESSING = "folded"
+# processing name -> transformer-lens weight-processing flags (module docstring)
+PROCESSINGS = {
+    "folded": {"fold_ln": True, "center_writing_weights": True, "center_unembed": True,
+               "fold_value_biases": True},
+    "centred": {"fold_ln": False, "center_writing_weights": True, "center_unembed": False,
+                "fold_value_biases": False},
+    "raw": {"fold_ln": False, "center_writing_weights": False, "center_unembed": False,
+            "fold_value_biases": False},
+}
+
+
+def check_processing(processing: str) -> str:
+    """`processing` if saelab can load a model that way, else a one-line error."""
+    if not isinstance(processing, str) or processing not in PROCESSINGS:
+        raise SaelabError(f"unknown activation processing {processing!r}; use one of "
+                          f"{', '.join(PROCESSINGS)}")
+    return processing
 
 
 def resolve_spec(spec: str) -> str:
@@ -116,25 +149,27 @@ def _load_hf(spec: str, device: str, dtype: torch.dtype):
     return name, hf.to(device).eval(), tokenizer
 
 
-def _load_tl4(name: str, hf, tokenizer, device: str):
+def _load_tl4(name: str, hf, tokenizer, device: str, processing: str):
     from transformer_lens.model_bridge import TransformerBridge
 
     bridge = TransformerBridge.boot_transformers(name, hf_model=hf, tokenizer=tokenizer, device=device,
                                                   trust_remote_code=False)
-    bridge.enable_compatibility_mode(disable_warnings=True)
+    flags = PROCESSINGS[processing]
+    bridge.enable_compatibility_mode(disable_warnings=True, no_processing=not any(flags.values()),
+                                     **flags)
     return bridge
 
 
-def _load_tl3(name: str, hf, tokenizer, device: str):
+def _load_tl3(name: str, hf, tokenizer, device: str, processing: str):
     from transformer_lens import HookedTransformer
     from transformer_lens import loading_from_pretrained as loading
 
-    cfg = loading.get_pretrained_model_config(name, device=device, fold_ln=True,
+    flags = PROCESSINGS[processing]
+    cfg = loading.get_pretrained_model_config(name, device=device, fold_ln=flags["fold_ln"],
                                               trust_remote_code=False)
     state = loading.get_pretrained_state_dict(name, cfg, hf_model=hf)
     model = HookedTransformer(cfg, tokenizer=tokenizer)
-    model.load_and_process_state_dict(state, fold_ln=True, center_writing_weights=True,
-                                      center_unembed=True)
+    model.load_and_process_state_dict(state, **flags)
     return model.to(device).eval()
 
 
@@ -155,11 +190,13 @@ class HookedModel:
         spec: the model spec it was loaded from (recorded in caches and dictionaries).
         model: the transformer-lens model (TransformerBridge or HookedTransformer).
         tokenizer: its Hugging Face tokenizer.
+        processing: its weight processing (`PROCESSINGS`), which dictionaries must match.
     """
 
     spec: str
     model: torch.nn.Module
     tokenizer: object
+    processing: str = DEFAULT_PROCESSING
 
     @property
     def backend(self) -> str:
@@ -193,6 +230,20 @@ class HookedModel:
                 f"(2..{self.context_length} tokens)"
             )
         return context_length
+
+    def check_dictionary(self, sae, hook: str | None = None) -> None:
+        """Refuse, in one line naming the fix, a dictionary trained on activations of another
+        processing than this model's (objects without a `cfg.processing`, such as plain
+        functions, pass)."""
+        trained = getattr(getattr(sae, "cfg", None), "processing", None)
+        if trained is None or trained == self.processing:
+            return
+        where = hook or getattr(sae.cfg, "hook", None) or "its hook"
+        raise SaelabError(
+            f"the dictionary at {where} was trained on {trained} activations, but model {self.spec} "
+            f"is loaded {self.processing}; load it with load_model({self.spec!r}, "
+            f"processing={trained!r})"
+        )
 
     @cached_property
     def hook_names(self) -> list[str]:
@@ -271,6 +322,8 @@ class HookedModel:
         rounding) while gradients flow through the SAE's latents, as attribution needs.
         """
         self.check_hooks(list(replace))
+        for hook, fn in replace.items():
+            self.check_dictionary(fn, hook)
 
         def splice(fn: Splice):
             def hook_fn(x: torch.Tensor, hook) -> torch.Tensor:
@@ -306,6 +359,8 @@ class HookedModel:
         inside `spliced(...)` a later hook sees the upstream reconstructions."""
         single = not isinstance(saes, Mapping)
         saes = {saes.cfg.hook: saes} if single else dict(saes)
+        for hook, sae in saes.items():
+            self.check_dictionary(sae, hook)
         acts = self.activations(tokens, list(saes))
         codes = {h: sae.encode(acts[h]) for h, sae in saes.items()}
         return next(iter(codes.values())) if single else codes
@@ -330,15 +385,20 @@ def check_model_dir(path: Path) -> None:
         raise SaelabError(f"model directory {path} has no safetensors weights: {why}")
 
 
-def load_model(spec: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> HookedModel:
-    """Load a model spec (`zoo:NAME`, a local HF directory, or `hf:NAME`) with hooks."""
+def load_model(spec: str, device: str = "cpu", dtype: torch.dtype = torch.float32,
+               processing: str = DEFAULT_PROCESSING) -> HookedModel:
+    """Load a model spec (`zoo:NAME`, a local HF directory, or `hf:NAME`) with hooks.
+
+    `processing`: "folded" (HookedTransformer's default), "centred" or "raw" (the
+    Hugging Face model's own activations); what each changes: module docstring."""
     from saelab.checks import check_device
 
     check_device(device)
+    check_processing(processing)
     if Path(spec).expanduser().is_dir():
         check_model_dir(Path(spec).expanduser())
     name, hf, tokenizer = _load_hf(spec, device, dtype)
     loader = _load_tl4 if TL_MAJOR >= 4 else _load_tl3
-    model = loader(name, hf, tokenizer, device)
+    model = loader(name, hf, tokenizer, device, processing)
     model.requires_grad_(False)
-    return HookedModel(spec, model, tokenizer)
+    return HookedModel(spec, model, tokenizer, processing)

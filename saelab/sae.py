@@ -28,6 +28,7 @@ from saelab.checks import check_field_types
 from saelab.errors import SaelabError
 from saelab.io import read_safetensors, write_json, write_safetensors
 from saelab.kernels import sparse_decode, sparse_encode
+from saelab.models import DEFAULT_PROCESSING, check_processing
 
 WEIGHTS_FILE = "sae.safetensors"
 CONFIG_FILE = "cfg.json"
@@ -53,6 +54,12 @@ class SAEConfig:
         zipf_alpha: exponent of the zipf capacity curve.
         hook: hook name the SAE was trained on, e.g. `blocks.2.hook_resid_post`.
         model: model spec the activations came from (`zoo:NAME`, a local path, or `hf:NAME`).
+        processing: the model's weight processing those activations came from (see
+            `saelab.models`): "folded" (LayerNorm folded, writing weights centred: saelab's and
+            TransformerLens's default), "centred" (writing weights centred only) or "raw" (the
+            Hugging Face model's own activations, as SAELens's trainer and sparsify use). A cfg.json
+            without it was written by saelab before the field existed, so it reads as folded.
+            Splicing or encoding on a model of another processing is refused.
         data: data spec of the training text; evals default to its held-out split.
         context_length: tokens per row (BOS included) the activations were computed with.
         train_tokens: activation vectors the SAE was trained on.
@@ -71,6 +78,7 @@ class SAEConfig:
     zipf_alpha: float = 0.5
     hook: str | None = None
     model: str | None = None
+    processing: str = DEFAULT_PROCESSING
     data: str | None = None
     context_length: int | None = None
     train_tokens: int | None = None
@@ -95,6 +103,7 @@ class SAEConfig:
             raise SaelabError(f"unknown capacity {self.capacity!r}; use zipf or uniform")
         if self.grad_score not in allocators.GRAD_SCORES:
             raise SaelabError(f"unknown grad_score {self.grad_score!r}; use normalised or raw")
+        check_processing(self.processing)
 
     @property
     def batch_level(self) -> bool:

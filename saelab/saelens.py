@@ -17,7 +17,11 @@ saelab -> SAELens (`export_saelens`):
   relu(pre) where pre > threshold, exactly saelab's threshold mode, so inference is identical.
 - feature_choice -> "jumprelu" likewise; its batch-mode allocation has no SAELens equivalent.
 saelab's own config rides along in metadata["saelab"], so importing the export gives back the
-same allocator and settings.
+same allocator and settings. The model processing the dictionary was trained on
+(`SAEConfig.processing`) is written as SAELens records it, metadata["model_from_pretrained_kwargs"],
+which SAELens passes to HookedTransformer.from_pretrained_no_processing (all flags False) when it
+loads the model for a dictionary: {} for raw, center_writing_weights True for centred, and
+fold_ln, center_writing_weights, center_unembed and fold_value_biases True for folded.
 
 SAELens -> saelab (`import_saelens`):
 - "topk" -> topk.
@@ -34,6 +38,15 @@ SAELens -> saelab (`import_saelens`):
   checkpoint's `log_threshold` is exponentiated, as SAELens does when loading it. SAELens's
   inference JumpReLU keeps relu(pre) where pre > threshold, and so does saelab, also for a
   negative threshold (SAELens's training class keeps pre there, without the relu).
+- processing, from `model_from_pretrained_kwargs` (metadata, or top level before 6.0) over
+  from_pretrained_no_processing's defaults (all False), as SAELens 6 loads the model: fold_ln,
+  center_writing_weights and fold_value_biases all True -> folded; only center_writing_weights
+  -> centred; none (also when absent, and SAELens's trainer's default
+  {"center_writing_weights": false}) -> raw; a model_class_name of AutoModelForCausalLM -> raw.
+  center_unembed changes no activation and is ignored; other combinations are refused (saelab
+  has no model that gives their activations). SAELens's registry can add kwargs when it loads a
+  release by name (gpt2-small-res-jb: center_writing_weights); a directory read here has only
+  what its cfg.json says.
 Other architectures (gated, matching pursuit, transcoders...) and normalize_activations other
 than "none" are refused.
 rescale_acts_by_decoder_norm is folded into the weights (as SAELens's fold_W_dec_norm does) and
@@ -52,6 +65,7 @@ import torch
 from saelab import __version__
 from saelab.errors import SaelabError
 from saelab.io import check_output_dir, read_safetensors, write_json, write_safetensors
+from saelab.models import DEFAULT_PROCESSING, PROCESSINGS
 from saelab.sae import CONFIG_FILE, SAE, WEIGHTS_FILE, SAEConfig
 
 SAELENS_WEIGHTS_FILE = "sae_weights.safetensors"
@@ -77,6 +91,7 @@ def export_saelens(sae: SAE, out_dir: str | Path, context_size: int | None = Non
         "sae_lens_version": SAELENS_FORMAT, "sae_lens_training_version": SAELENS_FORMAT,
         "model_name": cfg.model, "hook_name": cfg.hook, "hook_head_index": None,
         "prepend_bos": True, "context_size": context_size, "exported_by": f"saelab {__version__}",
+        "model_from_pretrained_kwargs": {k: v for k, v in PROCESSINGS[cfg.processing].items() if v},
         "saelab": dataclasses.asdict(cfg),
     }
     tensors = {"W_enc": sae.W_enc.T, "b_enc": sae.b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec}
@@ -134,6 +149,25 @@ def _upgrade_pre_6(lens: dict) -> dict:
     return lens
 
 
+def _processing(lens: dict, meta: dict, saved: dict, path: Path) -> str:
+    """The model processing a SAELens dictionary was trained on (module docstring)."""
+    if saved:  # a saelab export; without the field it predates it, when saelab only folded
+        return saved.get("processing", DEFAULT_PROCESSING)
+    if (meta.get("model_class_name") or lens.get("model_class_name")) == "AutoModelForCausalLM":
+        return "raw"
+    kwargs = meta.get("model_from_pretrained_kwargs", lens.get("model_from_pretrained_kwargs")) or {}
+    if not isinstance(kwargs, dict):
+        raise SaelabError(f"{path}: model_from_pretrained_kwargs must be a JSON object, got {kwargs!r}")
+    flags = ("fold_ln", "center_writing_weights", "fold_value_biases")
+    for name, tl in PROCESSINGS.items():
+        if all(bool(kwargs.get(f, False)) == tl[f] for f in flags):
+            return name
+    raise SaelabError(
+        f"{path}: trained on a model loaded with {kwargs}, whose activations saelab cannot give "
+        f"(it loads {', '.join(PROCESSINGS)} models: {', '.join(flags)} all True, only "
+        "center_writing_weights True, or none)")
+
+
 def import_saelens(path: str | Path, device: str | torch.device = "cpu") -> SAE:
     """Read a SAELens dictionary directory into a saelab SAE (mapping: module docstring)."""
     path = Path(path)
@@ -171,6 +205,7 @@ def import_saelens(path: str | Path, device: str | torch.device = "cpu") -> SAE:
         **saved, "d_in": d_in, "n_latents": d_sae, "k": int(k), "allocator": allocator,
         "hook": meta.get("hook_name", lens.get("hook_name")),
         "model": meta.get("model_name", lens.get("model_name")),
+        "processing": _processing(lens, meta, saved, path),
     })
 
     state, _ = read_safetensors(w_path)

@@ -15,15 +15,19 @@ SAEs of early versions. The hook comes from the directory's name, which sparsify
 hookpoint, a module path of the Hugging Face model: `layers.N` / `h.N` (a block's output) maps
 to `blocks.N.hook_resid_post`, `….mlp` to `blocks.N.hook_mlp_out`, `….attn` / `self_attn` /
 `attention` to `blocks.N.hook_attn_out`; for other names the hook is left unset. sparsify hooks
-the Hugging Face model itself, while saelab's models (TransformerLens, LayerNorm folded, writing
-weights centred) give those activations minus their per-token mean (tests/test_sparsify_peer.py
-checks both facts on the zoo model): a sparsify dictionary spliced into a saelab model sees
-centred inputs.
+the Hugging Face model itself, so an import is recorded as trained on "raw" activations
+(`SAEConfig.processing`): it runs on `load_model(spec, processing="raw")`, and splicing it into
+a folded model (saelab's default, whose residual stream is the raw one minus its per-token mean)
+is refused (tests/test_sparsify_peer.py checks both facts against sparsify on the zoo model).
 
 saelab -> sparsify (`export_sparsify`): topk and gradient_topk (plain topk at inference) only;
-the other allocators are not TopK and have no sparsify form (export them as SAELens). saelab's
-own config rides along in cfg.json under "saelab" (sparsify drops unknown fields when loading),
-so importing the export gives back the same dictionary.
+the other allocators are not TopK and have no sparsify form (export them as SAELens). Only
+dictionaries trained on raw activations export: sparsify runs them on the Hugging Face model's
+own activations, and a folded dictionary would read uncentred inputs there with no warning
+(no exact adaptation exists: its encoder could absorb the centring, but its reconstructions
+would still lack each token's mean); train with `--processing raw` to export to sparsify. saelab's own config
+rides along in cfg.json under "saelab" (sparsify drops unknown fields when loading), so
+importing the export gives back the same dictionary.
 
 A run directory (`sparsify` and multi-hook `saelab train` both write one) has no cfg.json and one
 dictionary subdirectory per hook; `load_run` loads each (in any format `saelab.load` reads) and
@@ -45,6 +49,7 @@ import torch
 from saelab import __version__
 from saelab.errors import SaelabError
 from saelab.io import check_output_dir, read_safetensors, write_json, write_safetensors
+from saelab.models import DEFAULT_PROCESSING
 from saelab.sae import CONFIG_FILE, SAE, WEIGHTS_FILE, SAEConfig
 
 EXPORTABLE = ("topk", "gradient_topk")
@@ -136,8 +141,11 @@ def import_sparsify(path: str | Path, device: str | torch.device = "cpu",
     saved = cfg.get("saelab") if isinstance(cfg.get("saelab"), dict) else {}
     allocator = saved.get("allocator") if saved.get("allocator") in EXPORTABLE else "topk"
     hook = hook_from_hookpoint(path.name if not re.fullmatch(r"seed\d+", path.name) else path.parent.name)
+    # sparsify trains on the raw model; a saelab export records its own (absent: written before
+    # saelab recorded it, when every dictionary was folded)
+    processing = saved.get("processing", DEFAULT_PROCESSING) if saved else "raw"
     sae_cfg = SAEConfig.from_dict({**saved, "d_in": d_in, "n_latents": n, "k": k, "allocator": allocator,
-                                   "hook": saved.get("hook") or hook})
+                                   "hook": saved.get("hook") or hook, "processing": processing})
 
     state, _ = read_safetensors(w_path, what="sparsify dictionary", device=str(device))
     expected = {"encoder.weight": (n, d_in), "encoder.bias": (n,), "W_dec": (n, d_in), "b_dec": (d_in,)}
@@ -159,6 +167,10 @@ def export_sparsify(sae: SAE, out_dir: str | Path, overwrite: bool = False) -> P
     if cfg.allocator not in EXPORTABLE:
         raise SaelabError(f"a {cfg.allocator} dictionary is not TopK and has no sparsify form; "
                           "export it with --format saelens")
+    if cfg.processing != "raw":
+        raise SaelabError(f"this dictionary was trained on {cfg.processing} activations, but sparsify "
+                          "runs dictionaries on the Hugging Face model's raw ones; train it with "
+                          "--processing raw to export to sparsify, or export it with --format saelens")
     out = check_output_dir(Path(out_dir), overwrite)
     out.mkdir(parents=True, exist_ok=True)
     write_safetensors(out / WEIGHTS_FILE, {  # weights first, like `SAE.save`

@@ -17,14 +17,14 @@ HOOK, MODEL = "blocks.1.hook_resid_post", "zoo:pystdlib-4l"
 LENS_META = {"sae_lens_version": "6.54.12", "model_name": "gpt2", "hook_name": "blocks.3.hook_resid_pre"}
 
 
-def random_sae(allocator: str = "topk", seed: int = 0) -> SAE:
+def random_sae(allocator: str = "topk", seed: int = 0, processing: str = "folded") -> SAE:
     """Random float32 weights (decoder rows not unit norm); thresholds set where the allocator has
     them (jumprelu's include negative ones, where SAELens's relu(pre) * (pre > theta) still
     zeroes pre in (theta, 0]). In eval() mode, as `saelab.load` returns a dictionary."""
     torch.manual_seed(seed)
     k = 0 if allocator in ("relu", "jumprelu") else K  # no budget
     cfg = SAEConfig(d_in=D, n_latents=N, k=k, allocator=allocator, beta=0.5, capacity="zipf",
-                    zipf_alpha=0.7, hook=HOOK, model=MODEL, saelab_version="test")
+                    zipf_alpha=0.7, hook=HOOK, model=MODEL, processing=processing, saelab_version="test")
     sae = SAE(cfg)
     with torch.no_grad():
         for p in sae.parameters():

@@ -92,3 +92,36 @@ def test_saelab_reads_pre_6_saves_as_sae_lens_does(tmp_path, case):
         assert (z != 0).any()
         torch.testing.assert_close(dense_code(sae, x), z)
         torch.testing.assert_close(sae(x), lens.decode(z))
+
+
+@pytest.mark.parametrize("processing", ["folded", "centred", "raw"])
+def test_sae_lens_model_kwargs_give_the_activations_saelab_records(tmp_path, processing):
+    """SAELens loads a dictionary's model as HookedTransformer.from_pretrained_no_processing(
+    **metadata.model_from_pretrained_kwargs) (that refuses local directories, so its defaults are
+    read from its signature and applied as it applies them); for each export that model's
+    activations equal those of saelab's model loaded with the dictionary's processing."""
+    import inspect
+
+    from transformer_lens import HookedTransformer
+    from transformer_lens import loading_from_pretrained as loading
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from saelab.models import load_model, resolve_spec
+
+    model, hooks = "zoo:pystdlib-4l", ["blocks.1.hook_resid_post", "blocks.1.attn.hook_z"]
+    out = export_saelens(random_sae(processing=processing), tmp_path / "lens")
+    kwargs = sae_lens.SAE.load_from_disk(str(out)).cfg.metadata.model_from_pretrained_kwargs
+    signature = inspect.signature(HookedTransformer.from_pretrained_no_processing).parameters
+    flags = {f: kwargs.get(f, signature[f].default)
+             for f in ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases")}
+    name = resolve_spec(model)
+    cfg = loading.get_pretrained_model_config(name, fold_ln=flags["fold_ln"])
+    lens_model = HookedTransformer(cfg, tokenizer=AutoTokenizer.from_pretrained(name))
+    lens_model.load_and_process_state_dict(
+        loading.get_pretrained_state_dict(name, cfg, hf_model=AutoModelForCausalLM.from_pretrained(name)),
+        **flags)
+    tokens = torch.randint(0, 256, (2, 16))
+    _, cache = lens_model.run_with_cache(tokens, names_filter=hooks)
+    ours = load_model(model, processing=saelab.load(out).cfg.processing).activations(tokens, hooks)
+    for hook in hooks:
+        torch.testing.assert_close(ours[hook], cache[hook].flatten(2), atol=1e-5, rtol=1e-5, msg=hook)

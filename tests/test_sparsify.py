@@ -69,7 +69,7 @@ def test_import_handwritten_sparsify_dir(tmp_path, cfg):
 
 @pytest.mark.parametrize("allocator", ["topk", "gradient_topk"])
 def test_export_follows_sparsify_maths_and_round_trips(tmp_path, allocator):
-    sae = random_sae(allocator)
+    sae = random_sae(allocator, processing="raw")  # sparsify runs on the raw model
     out = export_sparsify(sae, tmp_path / "sp")
     assert sorted(p.name for p in out.iterdir()) == ["cfg.json", "sae.safetensors"]
     cfg, w = json.loads((out / "cfg.json").read_text()), load_file(str(out / "sae.safetensors"))
@@ -188,15 +188,15 @@ def test_export_errors_are_clear(tmp_path):
     with pytest.raises(SaelabError, match="mutual_choice dictionary is not TopK"):
         export_sparsify(random_sae("mutual_choice"), tmp_path / "x")
     assert not (tmp_path / "x").exists()
-    export_sparsify(random_sae(), tmp_path / "y")
+    export_sparsify(random_sae(processing="raw"), tmp_path / "y")
     with pytest.raises(SaelabError, match="is not empty"):
-        export_sparsify(random_sae(seed=1), tmp_path / "y")
+        export_sparsify(random_sae(seed=1, processing="raw"), tmp_path / "y")
 
 
 def test_export_cli_sparsify(tmp_path, monkeypatch, capsys):
     from saelab.cli import main
 
-    sae = random_sae()
+    sae = random_sae(processing="raw")
     sae.save(tmp_path / "d")
 
     def run(*args):

@@ -38,7 +38,7 @@ def random_coder(seed: int, **cfg) -> "sparsify.SparseCoder":
 
 @pytest.mark.parametrize("allocator", ["topk", "gradient_topk"])
 def test_sparsify_loads_saelab_exports(tmp_path, allocator):
-    sae = random_sae(allocator)
+    sae = random_sae(allocator, processing="raw")  # only raw dictionaries export to sparsify
     coder = sparsify.SparseCoder.load_from_disk(export_sparsify(sae, tmp_path / "layers.1"))
     assert (coder.d_in, coder.num_latents, coder.cfg.k) == (D, N, K)
     x = torch.randn(64, D)
@@ -72,9 +72,10 @@ def test_saelab_imports_what_sparsify_saves(tmp_path):
 def test_saelab_loads_a_sparsify_training_run(tmp_path):
     """A real (short) sparsify training run on the zoo model, at a block output and an MLP output:
     saelab.load of the run directory gives, per hook, sparsify's own codes on the activations it
-    trained on, and the hook names point where sparsify hooked (saelab's TransformerLens-style
-    model centers the residual stream's writing weights, so its activations are sparsify's minus
-    their per-token mean)."""
+    trained on, and the hook names point where sparsify hooked. The imports are recorded raw: a
+    raw saelab model reads exactly sparsify's activations and its `latents` are sparsify's own
+    codes, while a folded one (whose activations are sparsify's minus their per-token mean) refuses
+    them."""
     from datasets import Dataset
     from transformers import AutoModel
 
@@ -104,8 +105,11 @@ def test_saelab_loads_a_sparsify_training_run(tmp_path):
 
     for hookpoint in coders:
         hf.get_submodule(hookpoint).register_forward_hook(capture(hookpoint))
-    model = load_model(DEFAULT_MODEL)
+    assert {sae.cfg.processing for sae in saes.values()} == {"raw"}
+    model = load_model(DEFAULT_MODEL, processing="raw")
     ours = model.activations(tokens, list(saes))
+    folded_model = load_model(DEFAULT_MODEL)
+    folded = folded_model.activations(tokens, list(saes))
     with torch.no_grad():
         hf(tokens)
         for hookpoint, coder in coders.items():
@@ -115,12 +119,18 @@ def test_saelab_loads_a_sparsify_training_run(tmp_path):
             assert (z != 0).any()
             torch.testing.assert_close(dense_code(saes[hook], x), z, msg=hookpoint)
             torch.testing.assert_close(saes[hook](x), x_hat, msg=hookpoint)
+            torch.testing.assert_close(ours[hook], seen[hookpoint], atol=1e-4, rtol=1e-4, msg=hookpoint)
             centered = seen[hookpoint] - seen[hookpoint].mean(-1, keepdim=True)
-            torch.testing.assert_close(ours[hook], centered, atol=1e-4, rtol=1e-4, msg=hookpoint)
-        # the run's {hook: SAE} goes straight into the model's splicing helpers
+            torch.testing.assert_close(folded[hook], centered, atol=1e-4, rtol=1e-4, msg=hookpoint)
+        # the run's {hook: SAE} goes straight into the raw model's splicing helpers, and its
+        # latents are sparsify's codes of what sparsify hooked
         latents = model.latents(tokens, saes)
-        for hook, sae in saes.items():
-            torch.testing.assert_close(latents[hook].to_dense(), sae.encode_dense(ours[hook]))
+        for hookpoint, coder in coders.items():
+            hook = hook_from_hookpoint(hookpoint)
+            z = sparsify_code(coder, seen[hookpoint].reshape(-1, coder.d_in))[0]
+            torch.testing.assert_close(latents[hook].to_dense().reshape(z.shape), z, atol=1e-5, rtol=1e-4)
+        with pytest.raises(saelab.SaelabError, match="trained on raw activations, but model .* is loaded folded"):
+            folded_model.latents(tokens, saes)
         clean = model.logits(tokens)
         torch.testing.assert_close(model.run_with_saes(tokens, saes, error_term=True), clean)
         assert not torch.allclose(model.run_with_saes(tokens, saes), clean)

@@ -15,6 +15,7 @@ from saelab import allocators
 from saelab.checks import check_device, check_field_types, check_number
 from saelab.data import BUILTIN_STDLIB
 from saelab.errors import SaelabError
+from saelab.models import check_processing
 from saelab.zoo import DEFAULT_MODEL
 
 
@@ -41,6 +42,11 @@ class SourceConfig:
                        "evaluation: builtin:stdlib, a .txt/.jsonl file or directory, or hf:NAME.")
     cache: str | None = _field(None, "Train from this activation cache (from `saelab cache`) "
                                "instead of running the model.", path=True)
+    processing: str | None = _field(
+        None, "The model's weight processing, recorded in cfg.json: folded (LayerNorm folded, "
+        "writing weights centred, TransformerLens's default), centred (writing weights centred "
+        "only) or raw (the Hugging Face model's own activations, as SAELens's trainer and "
+        "sparsify use; needed to export to sparsify).", "folded; with --cache the cache's")
     context_length: int | None = _field(None, "Tokens per row for on-the-fly activations (BOS "
                                         "included).", "min(model context, 128)")
     buffer_tokens: int = _field(2**17, "On-the-fly activations are shuffled in a buffer of this "
@@ -50,6 +56,8 @@ class SourceConfig:
         check_field_types(self)
         check_number("buffer_tokens", self.buffer_tokens, 1)
         check_number("context_length", self.context_length, 2)
+        if self.processing is not None:
+            check_processing(self.processing)
 
 
 @dataclass(frozen=True)

@@ -80,7 +80,8 @@ class Run:
         sae_cfg = SAEConfig(
             d_in=d_in, n_latents=dic.latents(d_in), k=0 if dic.allocator == "relu" else dic.k,
             allocator=dic.allocator, beta=dic.beta, grad_score=dic.grad_score, capacity=dic.capacity,
-            zipf_alpha=dic.zipf_alpha, hook=hook, model=src.model.spec, data=src.heldout.spec,
+            zipf_alpha=dic.zipf_alpha, hook=hook, model=src.model.spec,
+            processing=src.model.processing, data=src.heldout.spec,
             context_length=src.heldout.context_length,
             train_tokens=self.steps * cfg.optim.batch_size * self.world.size,
             eval_tokens=cfg.run.eval_tokens, saelab_version=__version__,

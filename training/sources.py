@@ -14,7 +14,7 @@ from saelab.cache import CacheStream, Manifest
 from saelab.data import TokenData
 from saelab.distributed import World
 from saelab.errors import SaelabError
-from saelab.models import HookedModel, load_model
+from saelab.models import DEFAULT_PROCESSING, HookedModel, load_model
 from saelab.training.config import TrainConfig
 from saelab.zoo import DEFAULT_MODEL
 
@@ -51,6 +51,12 @@ def _from_cache(cfg: TrainConfig, world: World) -> Sources:
             f"cache {cfg.source.cache} was built from model {manifest.model}, not {cfg.source.model}; "
             "drop --model or pass the matching cache"
         )
+    if cfg.source.processing not in (None, manifest.processing):
+        raise SaelabError(
+            f"cache {cfg.source.cache} holds {manifest.processing} activations, not "
+            f"{cfg.source.processing}; drop --processing or build a cache with --processing "
+            f"{cfg.source.processing}"
+        )
     if manifest.data.get("split", "train") != "train":
         raise SaelabError(
             f"cache {cfg.source.cache} holds the {manifest.data['split']!r} split, which the end-of-run "
@@ -67,11 +73,13 @@ def _from_cache(cfg: TrainConfig, world: World) -> Sources:
     stream = CacheStream(cfg.source.cache, hooks, cfg.optim.batch_size, seed=cfg.run.seed, shards=mine,
                          with_grads=cfg.sae.allocator == "gradient_topk", drop_last=True)
     data = TokenData(manifest.data["spec"], "heldout", manifest.data["context_length"], cfg.run.seed)
-    return Sources(stream, load_model(manifest.model, cfg.run.device), dims, data)
+    model = load_model(manifest.model, cfg.run.device, processing=manifest.processing)
+    return Sources(stream, model, dims, data)
 
 
 def _on_the_fly(cfg: TrainConfig, world: World) -> Sources:
-    model = load_model(cfg.source.model or DEFAULT_MODEL, cfg.run.device)
+    model = load_model(cfg.source.model or DEFAULT_MODEL, cfg.run.device,
+                       processing=cfg.source.processing or DEFAULT_PROCESSING)
     hooks = hook_list(cfg.source.hook, model.default_hook)
     model.check_hooks(hooks)
     dims = model.hook_dims(hooks)
