@@ -42,6 +42,7 @@ import torch
 from tqdm import tqdm
 
 from saelab.activations import Layout, model_activations
+from saelab.checks import Cost, check_memory
 from saelab.data import TokenData
 from saelab.distributed import World
 from saelab.errors import SaelabError
@@ -131,6 +132,17 @@ class Manifest:
             raise bad("each shard needs a file name, rows and bytes")
         if not count(self.rows) or self.rows != sum(s["rows"] for s in self.shards):
             raise bad(f"rows={self.rows!r} is not the sum of its shards' rows")
+        if not isinstance(self.with_grads, bool):
+            raise bad("with_grads must be true or false")
+        for s in self.shards:  # rows the reader will allocate must be in the file
+            if s["rows"] * self.row_bytes > s["bytes"]:
+                raise bad(f"shard {s['file']} claims {s['rows']} rows of {self.row_bytes} bytes, more "
+                          f"than its {s['bytes']} bytes")
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one row on disk: every hook (and its gradient) at the cache's dtype."""
+        return sum(self.hooks.values()) * (1 + self.with_grads) * DTYPES[self.dtype].itemsize
 
     @property
     def hashed(self) -> bool:
@@ -196,6 +208,11 @@ def build_cache(
         raise SaelabError(f"tokens, batch_rows and shard_rows must be positive, got "
                           f"{tokens}, {batch_rows}, {shard_rows}")
     model.check_hooks(hooks)
+    width = sum(model.hook_dims(hooks).values()) * (1 + with_grads)
+    shard = ("shard_rows", shard_rows) if shard_rows <= tokens else ("tokens", tokens)
+    # pending float32 batches, their join and the cast shard, until a shard is written
+    check_memory([Cost("shard buffer", shard[1] * width * (8 + DTYPES[dtype].itemsize), (shard[0],))],
+                 dict([shard]), f"{width} floats a row")
     world = world or World()
     out_dir = Path(out_dir)
     if world.is_main:
@@ -323,6 +340,11 @@ class CacheStream:
                 f"{self.directory}{' this process reads' if shards is not None else ''}; use a "
                 "smaller batch or a bigger cache"
             )
+        # a group of shards read (native dtype, float32 copy, joined, permuted) beside the carry
+        group = sum(sorted((s["rows"] for s in self.shards), reverse=True)[:self.buffer_shards])
+        largest = max(s["rows"] for s in self.shards)
+        check_memory([Cost("shard buffer", group * sum(self.widths) * 4 * 4, ("shard_rows",))],
+                     {"shard_rows": largest}, f"cache {self.directory}, {self.buffer_shards} shards at once")
         if not self.manifest.hashed:
             warnings.warn(f"cache {self.directory} was built before shard hashes: its shards' contents "
                           "are not checked; rebuild it with `saelab cache` to have them checked",

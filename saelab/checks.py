@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+from pathlib import Path
 
 from saelab.errors import SaelabError
 
@@ -75,3 +77,84 @@ def check_device(device: str) -> None:
         raise SaelabError(f"device {device!r} asked for, but MPS is not available; use --device cpu")
     elif dev.type not in ("cpu", "cuda", "mps"):
         raise SaelabError(f"device {device!r} is not supported; use cpu, cuda, cuda:N or mps")
+
+
+# ---- memory ---------------------------------------------------------------------------------
+
+MEMORY_ENV = "SAELAB_MEMORY_GB"  # a stated cap (or a larger budget, e.g. with swap) in GB
+_CGROUP_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
+
+
+@dataclasses.dataclass(frozen=True)
+class Cost:
+    """Bytes one part of a run allocates, and the settings it grows in proportion to (a
+    (batch, n_latents) matrix grows with both)."""
+
+    what: str
+    bytes: float
+    scales: tuple[str, ...] = ()
+
+
+def memory_budget(device: str = "cpu") -> tuple[float | None, str]:
+    """(bytes, where the number comes from) a run may plan to hold, or (None, why) if unknown.
+
+    `SAELAB_MEMORY_GB` wins. Else, for CUDA, the GPU's total memory; for the CPU, physical RAM
+    (os.sysconf) lowered to a cgroup (container) limit if one is set. Total, not MemAvailable:
+    the check refuses sizes this machine can never hold, the same way on every call, rather
+    than guessing what other processes will free; a size that fits the machine but not its free
+    memory at the moment is left to the OS, as before."""
+    if os.environ.get(MEMORY_ENV):
+        try:
+            cap = float(os.environ[MEMORY_ENV])
+        except ValueError:
+            cap = float("nan")
+        if not math.isfinite(cap) or cap <= 0:
+            raise SaelabError(f"{MEMORY_ENV}={os.environ[MEMORY_ENV]!r} must be a positive number of GB")
+        return cap * 1e9, f"{MEMORY_ENV}"
+    if device.startswith("cuda"):
+        import torch
+
+        dev = torch.device(device)
+        return float(torch.cuda.get_device_properties(dev.index or 0).total_memory), f"{device} memory"
+    try:
+        total = float(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, ValueError, OSError):
+        return None, "unknown"
+    for limit in _CGROUP_LIMITS:
+        try:
+            total = min(total, float(Path(limit).read_text().split()[0]))
+        except (OSError, ValueError, IndexError):
+            continue
+    return total, f"physical memory; {MEMORY_ENV} overrides"
+
+
+def gb(n_bytes: float) -> str:
+    """A byte count as GB (10^9) for one-line messages."""
+    g = n_bytes / 1e9
+    return f"{g:,.2f} GB" if g < 10 else f"{g:,.0f} GB" if g < 1e7 else f"{g:.1e} GB"
+
+
+def check_memory(costs: list[Cost], values: dict[str, int], context: str = "",
+                 device: str = "cpu", lower_bound: bool = False) -> None:
+    """Refuse, in one line, a plan whose `costs` sum beyond `memory_budget(device)`.
+
+    The line blames the setting (a key of `values`) that the most bytes grow with, gives the
+    estimate and its parts, and the largest value of that setting that would fit beside the
+    rest. Call it before allocating anything, so a size that cannot fit costs nothing."""
+    need = sum(c.bytes for c in costs)
+    budget, source = memory_budget(device)
+    if budget is None or need <= budget:
+        return
+    name = max(values, key=lambda s: sum(c.bytes for c in costs if s in c.scales))
+    grows = sum(c.bytes for c in costs if name in c.scales)
+    rest = need - grows
+    fit = math.floor(values[name] * (budget - rest) / grows) if grows and budget > rest else 0
+    parts = ", ".join(f"{c.what} ~{gb(c.bytes)}" for c in sorted(costs, key=lambda c: -c.bytes)
+                      if c.bytes >= 0.01 * need)
+    if fit < 1:
+        fits = f"no {name} fits: the rest alone needs ~{gb(rest)}"
+    else:
+        fits = f"{name} <= {fit:,} {'at most' if lower_bound else 'would fit'}"
+    where = f"; {context}" if context else ""
+    raise SaelabError(f"{name}={values[name]} needs {'at least ' if lower_bound else ''}~{gb(need)} "
+                      f"of memory ({parts}{where}); this machine has {gb(budget)} ({source}); {fits}")

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from saelab import allocators
-from saelab.checks import check_field_types
+from saelab.checks import Cost, check_field_types, check_memory
 from saelab.errors import SaelabError
 from saelab.io import read_safetensors, write_json, write_safetensors
 from saelab.kernels import sparse_decode, sparse_encode
@@ -104,6 +104,10 @@ class SAEConfig:
         if self.grad_score not in allocators.GRAD_SCORES:
             raise SaelabError(f"unknown grad_score {self.grad_score!r}; use normalised or raw")
         check_processing(self.processing)
+        # before any tensor exists (a meta SAE too overflows torch on a 10^18-latent config)
+        n, d = self.n_latents, self.d_in
+        check_memory([Cost("float32 weights", 4 * n * (2 * d + 2), ("n_latents",)),
+                      Cost("b_dec", 4 * d, ("d_in",))], {"n_latents": n}, f"d_in {d}")
 
     @property
     def batch_level(self) -> bool:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import random
+import tracemalloc
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -294,6 +295,23 @@ def generate(name: str, n: int, seed: int = 0) -> Task:
     if n < 1:
         raise SaelabError(f"the number of prompts must be positive, got {n}")
     return GENERATORS[name](n, seed)
+
+
+def prompt_bytes(name: str, sample: int = 64) -> float:
+    """Python memory one generated prompt of task `name` takes (its four fields), measured on a
+    `sample`: what a prompt count costs before any model is loaded."""
+    tracing = tracemalloc.is_tracing()
+    if not tracing:
+        tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        task = generate(name, sample)
+        used = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        if not tracing:
+            tracemalloc.stop()
+    del task
+    return used / sample
 
 
 def load_task_file(path: str | Path) -> Task:

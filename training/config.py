@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 from saelab import allocators
-from saelab.checks import check_device, check_field_types, check_number
+from saelab.checks import Cost, check_device, check_field_types, check_memory, check_number
 from saelab.data import BUILTIN_STDLIB
 from saelab.errors import SaelabError
 from saelab.models import check_processing
@@ -196,6 +196,12 @@ class RunConfig:
 
 GROUPS = {"source": SourceConfig, "sae": DictionaryConfig, "optim": OptimConfig, "run": RunConfig}
 PANELS = {"source": "Source", "sae": "Dictionary", "optim": "Optimisation", "run": "Run"}
+# Peak (batch, n_latents) float32 tensors of one training step beyond the weights and Adam
+# state, measured (peak RSS, n = 16384, d_in = 128, batch 4096) and rounded down: the dense
+# pre-activations, the AuxK pool's copy and selection temporaries; gradient_topk adds its score,
+# relu keeps dense codes and their gradients.
+STEP_MATRICES = {"relu": 9.5, "gradient_topk": 4.5}
+STEP_MATRICES_DEFAULT = 2.5
 
 
 @dataclass(frozen=True)
@@ -220,6 +226,7 @@ class TrainConfig:
             if not isinstance(getattr(self, name), cls):
                 raise SaelabError(f"TrainConfig.{name} must be a {cls.__name__}; build configs "
                                   "from flat field names with TrainConfig.of(...)")
+        self.check_memory()  # before the model opens: a lower bound
 
     @staticmethod
     def fields() -> dict[str, tuple[str, dataclasses.Field]]:
@@ -266,6 +273,31 @@ class TrainConfig:
             if (value or 0) > n:
                 raise SaelabError(f"{name}={value} is larger than the dictionary "
                                   f"({n} latents for d_in={d_in}); choose {name} <= {n}")
+        self.check_memory(d_in)
+
+    def check_memory(self, d_in: int | None = None) -> None:
+        """One SAE of this config on a `d_in`-wide hook fits the run's device, else one line
+        with the estimate: float32 weights with their gradients and Adam's two moments, the
+        step's (batch, n_latents) matrices (`STEP_MATRICES`) and, on the fly, the activation
+        buffer. Each hook of a multi-hook run is checked alone. Without `d_in` (before the
+        model or cache opens) the estimate takes d_in = 1: a lower bound."""
+        known, d_in = d_in is not None, d_in or 1
+        dic, opt, src = self.sae, self.optim, self.source
+        size = "n_latents" if dic.n_latents is not None else "expansion"
+        n, batch = dic.latents(d_in), opt.batch_size
+        grads = 2 if dic.allocator == "gradient_topk" else 1
+        matrices = STEP_MATRICES.get(dic.allocator, STEP_MATRICES_DEFAULT)
+        costs = [
+            Cost("weights, gradients and Adam state", 16 * (2 * n * d_in + n + d_in), (size,)),
+            Cost("(batch_size, n_latents) step matrices", 4 * matrices * batch * n, (size, "batch_size")),
+            Cost("batch activations", 8 * grads * batch * d_in, ("batch_size",)),
+        ]
+        values = {size: getattr(dic, size), "batch_size": batch}
+        if src.cache is None:
+            costs.append(Cost("activation buffer", 4 * grads * src.buffer_tokens * d_in, ("buffer_tokens",)))
+            values["buffer_tokens"] = src.buffer_tokens
+        check_memory(costs, values, f"d_in {d_in}" if known else "d_in not yet known, taken as 1",
+                     device=self.run.device, lower_bound=not known)
 
     @classmethod
     def from_file_and_flags(cls, path: str | None, flags: dict) -> TrainConfig:
