@@ -2,7 +2,10 @@
 
 A latent is active on a token when its value is > 0 (unused slots of `encode` carry 0). Dead:
 never active over the window, so the count is only meaningful with the window's size, which is
-reported beside it. Dense: active on more than 10% (or 1%) of the window's tokens.
+reported beside it. Rare: active on 1 to RARE_FIRES - 1 of the window's tokens, too few to tell
+its rate from 1/window: a latent firing at a rate near 1/window lands in dead or rare by chance, so
+a large rare share says the window is too short for "dead" to mean dead. Dense: active on more
+than 10% (or 1%) of the window's tokens.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import torch
 
 DENSE_THRESHOLDS = {"10pct": 0.1, "1pct": 0.01}
+RARE_FIRES = 10  # rare: active on fewer than this many window tokens (the allocator study's 1-9)
 
 
 class LatentStats:
@@ -34,10 +38,13 @@ class LatentStats:
 
     def result(self) -> dict:
         density = self.fires.double() / self.tokens
+        rare = (self.fires > 0) & (self.fires < RARE_FIRES)
         out = {
             "l0": (self.fires.sum() / self.tokens).item(),
             "dead_latents": int((self.fires == 0).sum()),
             "dead_frac": (self.fires == 0).double().mean().item(),
+            "rare_latents": int(rare.sum()),
+            "rare_frac": rare.double().mean().item(),
         }
         for name, level in DENSE_THRESHOLDS.items():
             out[f"dense_latents_{name}"] = int((density > level).sum())

@@ -55,7 +55,8 @@ class ReconstructionStats:
 
 @torch.no_grad()
 def reconstruction_stats(sae, x: torch.Tensor, chunk: int = 8192) -> dict:
-    """FVU, explained variance, MSE, L0 and dead/dense latent fractions over the rows of x."""
+    """FVU, explained variance, MSE, L0 and dead/rare/dense latent fractions over the rows of x
+    (`tokens` is the dead-latent window)."""
     recon, latents = ReconstructionStats(), LatentStats(sae.cfg.n_latents)
     for rows in x.split(chunk):
         idx, vals = sae.encode(rows)
@@ -69,5 +70,6 @@ def reconstruction_stats(sae, x: torch.Tensor, chunk: int = 8192) -> dict:
         "mse": r["mse"],
         "l0": lat["l0"],
         "dead_frac": lat["dead_frac"],
+        "rare_frac": lat["rare_frac"],
         "dense_frac_10pct": lat["dense_frac_10pct"],
     }

@@ -13,6 +13,7 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from saelab.evals.latents import RARE_FIRES
 from saelab.io import write_atomic, write_json, write_text
 
 JSON_FILE, MARKDOWN_FILE = "eval.json", "eval.md"
@@ -38,7 +39,10 @@ def _rows(r: dict) -> list[tuple[str, str, str]]:
         ("FVU", _fmt(r["fvu"]), "fraction of variance unexplained"),
         ("MSE", _fmt(r["mse"]), "mean squared error per element"),
         ("cosine similarity", _fmt(r["cosine_similarity"]), "mean per-token cos(x, x_hat)"),
-        ("dead latents", f"{r['dead_latents']:,} ({r['dead_frac']:.2%})", f"never active in {t:,} tokens"),
+        ("dead latents", f"{r['dead_latents']:,} ({r['dead_frac']:.2%})",
+         f"never active in the {t:,}-token window"),
+        ("rare latents", f"{r['rare_latents']:,} ({r['rare_frac']:.2%})",
+         f"active on 1-{RARE_FIRES - 1} of the {t:,} tokens: too few to tell from dead"),
         ("dense latents >10%", f"{r['dense_latents_10pct']:,} ({r['dense_frac_10pct']:.2%})",
          "active on more than 10% of tokens"),
         ("dense latents >1%", f"{r['dense_latents_1pct']:,} ({r['dense_frac_1pct']:.2%})",

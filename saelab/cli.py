@@ -76,12 +76,22 @@ def _print_train_summary(s: dict) -> None:
         "held-out FVU": s["heldout_fvu"],
         "explained variance": s["heldout_explained_variance"],
         "L0": s["heldout_l0"],
-        "dead latents": f"{s['heldout_dead_frac']:.2%} (over {s['heldout_tokens']:,} held-out tokens)",
+        "dead latents": f"{s['heldout_dead_frac']:.2%} never active in {s['heldout_tokens']:,} held-out "
+                        f"tokens, {s['heldout_rare_frac']:.2%} active on 1-9 of them",
+        "dead in training": _training_dead(s),
         "spliced CE": f"{s['heldout_ce_sae']:.4f} vs clean {s['heldout_ce_clean']:.4f} "
                       f"(delta {s['heldout_delta_loss']:+.4f}, CE recovered {s['heldout_ce_loss_recovered']:.3f})",
         "eval report": f"{s['dictionary']}/eval.md (+ eval.json, PNGs)",
         "load it with": f"saelab.load({s['dictionary']!r})",
     })
+
+
+def _training_dead(s: dict) -> str:
+    """The trainer's own dead count (AuxK's window), or why there is none."""
+    window = s["train_dead_window"]
+    if s["train_dead_frac"] is None:
+        return f"n/a (the run was shorter than its {window:,}-token dead window)"
+    return f"{s['train_dead_frac']:.2%} not active in the last {window:,} training tokens"
 
 
 @app.command("cache")

@@ -11,8 +11,8 @@ from saelab.training import TrainConfig, TrainResult
 from saelab.training import train as train_only
 from saelab.training.sources import Sources
 
-SUMMARY_KEYS = ("tokens", "fvu", "explained_variance", "l0", "dead_frac", "ce_clean", "ce_sae",
-                "delta_loss", "ce_loss_recovered", "kl_sae")
+SUMMARY_KEYS = ("tokens", "fvu", "explained_variance", "l0", "dead_frac", "rare_frac", "ce_clean",
+                "ce_sae", "delta_loss", "ce_loss_recovered", "kl_sae")
 
 
 def train(cfg: TrainConfig, resume: bool = False) -> dict[str, TrainResult]:

@@ -165,12 +165,13 @@ def test_reconstruction_stats_matches_numpy():
         x_hat = sae(x).double().numpy()
     xn = x.double().numpy()
     ev = 1 - ((xn - x_hat) ** 2).sum() / ((xn - xn.mean(0)) ** 2).sum()
-    assert set(r) == {"tokens", "fvu", "explained_variance", "mse", "l0", "dead_frac", "dense_frac_10pct"}
+    assert set(r) == {"tokens", "fvu", "explained_variance", "mse", "l0", "dead_frac", "rare_frac",
+                      "dense_frac_10pct"}
     assert r["explained_variance"] == pytest.approx(ev, rel=1e-9) and r["tokens"] == 300
     assert r["l0"] == pytest.approx(4)
 
 
-def test_dead_and_dense_latents_on_a_hand_built_pattern():
+def test_dead_rare_and_dense_latents_on_a_hand_built_pattern():
     """100 tokens, 6 latents: fires on 100, 11, 10, 1, 2, 0 tokens; unused slots carry 0."""
     fires = [100, 11, 10, 1, 2, 0]
     idx = torch.full((100, 3), 5)  # latent 5 sits in unused slots (value 0): never active
@@ -185,6 +186,7 @@ def test_dead_and_dense_latents_on_a_hand_built_pattern():
     stats.update(idx[60:], vals[60:])
     r = stats.result()
     assert r["dead_latents"] == 1 and r["dead_frac"] == pytest.approx(1 / 6)
+    assert r["rare_latents"] == 2 and r["rare_frac"] == pytest.approx(2 / 6)  # 1 and 2; 10 is not rare
     assert r["dense_latents_10pct"] == 2  # 100 and 11 tokens; exactly 10% is not more than 10%
     assert r["dense_latents_1pct"] == 4  # also 10 and 2; exactly 1% is not more than 1%
     assert r["latent_density"] == [f / 100 for f in fires]
@@ -207,7 +209,8 @@ def test_report_from_dictionary_directory(zoo_model, tmp_path, monkeypatch):
     assert "| CE loss recovered |" in paths[1].read_text()
     assert all(p.read_bytes().startswith(b"\x89PNG") for p in paths[2:])
     summary = format_summary(r)
-    assert "CE loss recovered" in summary and f"never active in {r['tokens']:,} tokens" in summary
+    assert "CE loss recovered" in summary and f"never active in the {r['tokens']:,}-token window" in summary
+    assert f"active on 1-9 of the {r['tokens']:,} tokens" in summary and "rare latents" in summary
     assert len(summary.splitlines()) <= 24
 
 

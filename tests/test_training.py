@@ -1,3 +1,4 @@
+import dataclasses
 import math
 
 import pytest
@@ -171,3 +172,77 @@ def test_lr_schedule_by_hand():
     assert [lr_factor(s, 10, 4, 0.5) for s in range(10)] == [
         0.25, 0.5, 0.75, 1.0, 1.0, 1.0, 0.8, 0.6, 0.4, 0.2]
     assert [lr_factor(s, 4, 0, 0.0) for s in range(4)] == [1.0] * 4
+
+
+def test_dead_window_scales_with_the_run_unless_given():
+    assert OptimConfig().dead_window() == 200_000  # the default 4M-token run: 1/20 of it
+    assert OptimConfig(tokens=10**9).dead_window() == 10_000_000  # Gao et al.'s cap
+    assert OptimConfig(tokens=8192, batch_size=4096).dead_window() == 4096  # at least a batch
+    assert OptimConfig(dead_tokens=123).dead_window() == 123
+    assert TrainConfig.of(tokens=2_000_000).optim.dead_window() == 100_000
+    with pytest.raises(SaelabError, match="dead_tokens must be >= 1"):
+        OptimConfig(dead_tokens=0)
+
+
+def _train_recording(cfg: OptimConfig, x: torch.Tensor, steps: int, batch: int):
+    """Train a small topk SAE on x; per step, the latents its batch fired (from `encode` before
+    the step: the same top-k selection training makes) and the step's losses."""
+    from saelab.training.trainer import Trainer
+
+    torch.manual_seed(0)
+    sae = SAE(SAEConfig(d_in=x.shape[1], n_latents=96, k=2))
+    init_sae(sae, x, seed=0)
+    trainer = Trainer(sae, cfg, steps=steps)
+    fired, outs = [], []
+    for step in range(steps):
+        xb = x[(step % 8) * batch:(step % 8 + 1) * batch]
+        with torch.no_grad():
+            idx, vals = sae.encode(xb)
+        fired.append(set(idx[vals > 0].tolist()))
+        outs.append(trainer.step(xb))
+    return trainer, fired, outs
+
+
+def test_auxk_fires_in_a_short_run_after_its_dead_window():
+    """An 8k-token run: the default window (409 tokens, two batches) lets AuxK start at step 2;
+    the former 10M-token default kept it off for the whole run."""
+    x = sparse_data()
+    steps, batch = 32, 256
+    cfg = OptimConfig(tokens=steps * batch, batch_size=batch, lr=1e-2, warmup_steps=2)
+    assert cfg.dead_window() == steps * batch // 20 == 409
+    _, _, outs = _train_recording(cfg, x, steps, batch)
+    aux = [o["aux"].item() for o in outs]
+    assert aux[:2] == [0.0] * 2  # one batch (256 tokens) cannot make a latent dead
+    assert sum(a > 0 for a in aux[2:]) > steps // 2 and outs[-1]["dead_frac"] > 0
+    _, _, before = _train_recording(dataclasses.replace(cfg, dead_tokens=10_000_000), x, steps, batch)
+    assert all(o["aux"].item() == 0 for o in before)
+
+
+def test_training_time_dead_count_by_hand():
+    """since_fired and `dead()` against a count kept by hand from each batch's fired latents."""
+    x = sparse_data()
+    steps, batch = 24, 256
+    cfg = OptimConfig(tokens=steps * batch, batch_size=batch, lr=1e-2, warmup_steps=2, dead_tokens=700)
+    trainer, fired, _ = _train_recording(cfg, x, steps, batch)
+    since = [0] * 96
+    for latents in fired:
+        since = [0 if j in latents else s + batch for j, s in enumerate(since)]
+    assert trainer.since_fired.tolist() == since
+    dead = [s >= 700 for s in since]  # 700 tokens: 3 batches without firing
+    assert trainer.dead().tolist() == dead and any(dead) and not all(dead)
+
+
+def test_run_summary_reports_the_training_time_dead_count(small_cache, tmp_path):
+    """The summary's dead share is the checkpoint's since_fired over the run's dead window; a
+    window longer than the run reports none rather than a 0 that could not be otherwise."""
+    from saelab.training import train
+    from saelab.training.checkpoint import read_checkpoint
+
+    hook = "blocks.1.hook_resid_post"
+    small = dict(cache=str(small_cache), hook=hook, n_latents=256, k=4, tokens=8192, batch_size=512)
+    (r,) = train(TrainConfig.of(out=str(tmp_path / "a"), **small)).values()
+    since = read_checkpoint(tmp_path / "a")[0][f"{hook}/since_fired"]
+    assert r.summary["train_dead_window"] == 512  # max(batch, 8192 // 20 = 409)
+    assert r.summary["train_dead_frac"] == (since >= 512).float().mean().item() > 0, since
+    (r,) = train(TrainConfig.of(out=str(tmp_path / "b"), dead_tokens=10_000, **small)).values()
+    assert r.summary["train_dead_frac"] is None and r.summary["train_dead_window"] == 10_000

@@ -18,6 +18,8 @@ from saelab.errors import SaelabError
 from saelab.models import check_processing
 from saelab.zoo import DEFAULT_MODEL
 
+DEAD_TOKENS_CAP = 10_000_000  # Gao et al.'s dead window, the default's upper bound
+
 
 def _field(default, doc: str, default_doc: str | None = None, path: bool = False):
     """A config field with its documentation, which `saelab train --help` shows as is.
@@ -133,8 +135,11 @@ class OptimConfig:
     auxk_coef: float = _field(1 / 32, "Auxiliary loss weight.", "1/32")
     ema_decay: float = _field(0.99, "Decay of the moving average of latent firing frequency "
                               "(aux_zipf).")
-    dead_tokens: int = _field(10_000_000, "A latent not active for this many tokens counts as "
-                              "dead for the auxiliary loss.")
+    dead_tokens: int | None = _field(
+        None, "A latent not active for this many training tokens counts as dead for the auxiliary "
+        "loss (and in the run's training-time dead count). The default scales with the run: Gao "
+        "et al.'s 10M tokens belong to runs of billions, and a 4M-token run would never reach it.",
+        "min(10M, tokens / 20), at least one batch")
 
     def __post_init__(self) -> None:
         check_field_types(self)
@@ -155,6 +160,13 @@ class OptimConfig:
             raise SaelabError(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
         if not 0 <= self.decay_fraction <= 1:
             raise SaelabError(f"decay_fraction must lie in [0, 1], got {self.decay_fraction}")
+
+    def dead_window(self) -> int:
+        """`dead_tokens`, or the default rule: 1/20 of the run (as the allocator study used),
+        capped at Gao et al.'s 10M and at least one batch (latents are counted per batch)."""
+        if self.dead_tokens is not None:
+            return self.dead_tokens
+        return max(self.batch_size, min(DEAD_TOKENS_CAP, self.tokens // 20))
 
     def learning_rate(self, n_latents: int, d_in: int) -> float:
         """`lr`, or the default rule. Gao et al.'s 2e-4 / sqrt(n / 2^14) was fit on inputs of

@@ -185,7 +185,14 @@ class Run:
             "train_tokens": self.seen, "train_seconds": round(self.seconds, 2),
             "tokens_per_s": round((self.seen - self.seen_at_start) / self.seconds, 1),
             "lr": self.trainers[hook].lr,
+            **self._training_dead(self.trainers[hook]),
         }
+
+    def _training_dead(self, trainer: Trainer) -> dict:
+        """The share of latents not active in the last `dead_tokens` training tokens, with that
+        window; None when the run was shorter than the window (nothing could count as dead)."""
+        frac = trainer.dead().float().mean().item() if self.seen >= trainer.dead_tokens else None
+        return {"train_dead_frac": frac, "train_dead_window": trainer.dead_tokens}
 
 
 def train(cfg: TrainConfig, resume: bool = False,

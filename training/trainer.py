@@ -54,6 +54,7 @@ class Trainer:
         self.lr = cfg.learning_rate(sae.cfg.n_latents, sae.cfg.d_in)
         self.opt = _adam(list(sae.parameters()), self.lr, cfg.adam_eps)
         self.k_aux = cfg.k_aux or sae.cfg.d_in // 2
+        self.dead_tokens = cfg.dead_window()
         n, device = sae.cfg.n_latents, sae.W_dec.device
         self.since_fired = torch.zeros(n, dtype=torch.long, device=device)
         self.freq = torch.full((n,), sae.cfg.k / n, device=device)  # EMA of firing frequency
@@ -122,13 +123,19 @@ class Trainer:
         vals = sae.encode_values(x, sel, pre)
         x_hat = sae.decode(sel.idx, vals)
         main = fvu(x, x_hat, self.world)
-        dead = self.since_fired >= cfg.dead_tokens
+        dead = self.dead()
         pool = underused(self.freq, dead) if cfg.aux == "aux_zipf" else dead
         aux = auxk_loss(sae, x, x_hat, pre, pool, self.k_aux, self.world)
         loss = main + cfg.auxk_coef * aux
         if sae.cfg.allocator == "relu":
             loss = loss + cfg.l1_coefficient * l1_penalty(sae, x, sel.idx, vals, self.world)
         return loss, {"sel": sel, "vals": vals, "main": main, "aux": aux, "dead": dead, "pool": pool}
+
+    def dead(self) -> torch.Tensor:
+        """(n_latents,) bool: latents not active on any of the last `dead_tokens` training
+        tokens (those AuxK trains). At the end of a run, a dead count over a window far longer
+        than the end-of-run eval's, for free."""
+        return self.since_fired >= self.dead_tokens
 
     @torch.no_grad()
     def calibrate_thresholds(self, batches: list[torch.Tensor]) -> None:

@@ -10,6 +10,7 @@ import torch
 
 from saelab.browse import collect
 from saelab.browse.stats import Contexts, FeatureStats, hist_edges, quantile_bands
+from saelab.browse.text import Piece, byte_text, display_pieces, token_bytes
 
 HIST_BARS = 30
 SNIPPET_BEFORE = 8  # tokens of left context in a one-line summary
@@ -20,11 +21,14 @@ class Context:
     """One context window of a latent.
 
     Fields:
-        tokens: display text of each token (decoded; see `collect.token_text`).
+        tokens: display text of each token alone (`text.byte_text`: a byte that is part of a
+            character shows as its `\\xNN` escape).
         acts: the latent's activation at each token.
         center: index of the token the context was chosen for.
         activation: the latent's activation there.
         position: row * context_length + column of that token in the held-out rows.
+        pieces: how the tokens are shown together (`text.display_pieces`: bytes of one
+            character joined); None: one piece per token.
     """
 
     tokens: list[str]
@@ -32,10 +36,18 @@ class Context:
     center: int
     activation: float
     position: int
+    pieces: list[Piece] | None = None
+
+    def shown(self) -> list[Piece]:
+        """The display pieces, in order."""
+        if self.pieces is not None:
+            return self.pieces
+        return [Piece(t, i, i + 1) for i, t in enumerate(self.tokens)]
 
     def snippet(self, before: int = SNIPPET_BEFORE) -> str:
-        """The text up to and including the centre token."""
-        return "".join(self.tokens[max(0, self.center - before):self.center + 1])
+        """The text up to and including the centre token (and the rest of its character)."""
+        lo = max(0, self.center - before)
+        return "".join(p.text for p in self.shown() if p.stop > lo and p.start <= self.center)
 
 
 @dataclass(frozen=True)
@@ -93,7 +105,7 @@ class LatentCard:
         rows = [("top", i, c) for i, c in enumerate(self.top)]
         rows += [(label, i, c) for label, cs in self.bands for i, c in enumerate(cs)]
         return [{"kind": kind, "rank": i, "activation": c.activation, "position": c.position,
-                 "text": "".join(c.tokens), "tokens": c.tokens, "acts": c.acts, "center": c.center}
+                 "text": "".join(p.text for p in c.shown()), "tokens": c.tokens, "acts": c.acts, "center": c.center}
                 for kind, i, c in rows]
 
     def _repr_html_(self) -> str:
@@ -119,8 +131,10 @@ def linear_histogram(fine: torch.Tensor, vmax: float,
     return [(float(lo), float(hi), int(c)) for lo, hi, c in pairs]
 
 
-def _contexts(part: Contexts, slot: int, before: int, text: dict[int, str]) -> list[Context]:
-    """The filled slots of one latent as `Context`s, padding beyond the row trimmed."""
+def _contexts(part: Contexts, slot: int, before: int, raw: dict[int, bytes],
+              text: dict[int, str]) -> list[Context]:
+    """The filled slots of one latent as `Context`s, padding beyond the row trimmed; `raw` and
+    `text` give each token id's bytes and its display text alone."""
     out = []
     for s in range(part.pos.shape[1]):
         if part.pos[slot, s] < 0:
@@ -129,7 +143,8 @@ def _contexts(part: Contexts, slot: int, before: int, text: dict[int, str]) -> l
         real = [i for i, t in enumerate(toks) if t >= 0]
         lo, hi = real[0], real[-1] + 1
         out.append(Context([text[t] for t in toks[lo:hi]], acts[lo:hi], before - lo,
-                           float(part.act[slot, s]), int(part.pos[slot, s])))
+                           float(part.act[slot, s]), int(part.pos[slot, s]),
+                           display_pieces([raw[t] for t in toks[lo:hi]])))
     return out
 
 
@@ -143,11 +158,12 @@ def build_cards(stats: FeatureStats, sae, model, bands: int = 4, effects: int = 
     ids = torch.cat([stats.top.tokens.flatten(), stats.sample.tokens.flatten()]).unique()
     if eff is not None:
         ids = torch.cat([ids, eff[0].flatten(), eff[2].flatten()]).unique()
-    text = collect.token_text(model.tokenizer, ids.tolist())
+    raw = token_bytes(model.tokenizer, ids.tolist())
+    text = {i: byte_text(b) for i, b in raw.items()}
     cards = []
     for slot, j in enumerate(latents):
         count, vmax = int(stats.count[slot]), float(stats.max[slot])
-        sample = _contexts(stats.sample, slot, stats.cfg.before, text)
+        sample = _contexts(stats.sample, slot, stats.cfg.before, raw, text)
         split = quantile_bands([c.activation for c in sample], bands)
         band_list = [(f"quantile {100 * b // bands}-{100 * (b + 1) // bands}%", [sample[i] for i in grp])
                      for b, grp in enumerate(split)]
@@ -159,7 +175,7 @@ def build_cards(stats: FeatureStats, sae, model, bands: int = 4, effects: int = 
             latent=j, hook=hook, window=stats.tokens, count=count, max=vmax,
             mean=float(stats.sum[slot]) / count if count else 0.0,
             histogram=linear_histogram(stats.histogram(slot), vmax),
-            top=_contexts(stats.top, slot, stats.cfg.before, text), bands=band_list,
+            top=_contexts(stats.top, slot, stats.cfg.before, raw, text), bands=band_list,
             promoted=promoted, suppressed=suppressed, effect_note=collect.effect_note(hook),
             neighbours=[(int(i), float(c)) for i, c in zip(nb_ids[slot], nb_cos[slot], strict=True)],
         ))

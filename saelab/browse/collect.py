@@ -174,16 +174,3 @@ def decoder_neighbours(W_dec: torch.Tensor, latents: list[int], m: int = 8, chun
         cos.append(best.values)
     return torch.cat(ids), torch.cat(cos)
 
-
-def token_text(tokenizer, ids) -> dict[int, str]:
-    """Display text of each token id: its decoded string, or the tokenizer's own token name when
-    decoding one token alone is not valid text (a partial UTF-8 byte)."""
-    out = {}
-    for i in {int(i) for i in ids}:
-        if i < 0:
-            continue
-        s = tokenizer.decode([i])
-        if "\ufffd" in s:
-            s = str(tokenizer.convert_ids_to_tokens(i))
-        out[i] = s
-    return out

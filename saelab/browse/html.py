@@ -88,15 +88,29 @@ def fmt(v: float) -> str:
     return f"{v:.3g}" if v == 0 or 1e-3 <= abs(v) < 1e4 else f"{v:.2e}"
 
 
+def _hover(c: Context, start: int, stop: int) -> str:
+    """A piece's tooltip: its activation; for a character over several byte tokens, each
+    byte's escape and activation."""
+    acts = c.acts[start:stop]
+    if stop - start == 1:
+        return fmt(acts[0]) if acts[0] > 0 else ""
+    if max(acts) <= 0 and not start <= c.center < stop:
+        return ""
+    return " · ".join(f"{c.tokens[i]}: {fmt(c.acts[i])}" for i in range(start, stop))
+
+
 def context_html(c: Context, vmax: float) -> str:
-    """One context: tokens shaded by activation / vmax (with the value on hover), the chosen
-    token outlined; inactive tokens are plain text, which keeps pages small."""
+    """One context: pieces (`Context.shown`: a character's byte tokens as one) shaded by their
+    largest activation / vmax (the value on hover), the one holding the chosen token outlined;
+    inactive pieces are plain text, which keeps pages small."""
     parts = []
-    for i, (t, a) in enumerate(zip(c.tokens, c.acts, strict=True)):
+    for p in c.shown():
+        a = max(c.acts[p.start:p.stop])
         level = min(LEVELS, math.ceil(LEVELS * a / vmax)) if a > 0 and vmax > 0 else 0
-        cls = ([f"s{level}"] if level else []) + (["mx"] if i == c.center else [])
-        title = f' title="{fmt(a)}"' if a > 0 else ""
-        text = show_token(t)
+        cls = ([f"s{level}"] if level else []) + (["mx"] if p.start <= c.center < p.stop else [])
+        hover = _hover(c, p.start, p.stop)
+        title = f' title="{esc(hover)}"' if hover else ""
+        text = show_token(p.text)
         parts.append(f'<span class="{" ".join(cls)}"{title}>{text}</span>' if cls or title else text)
     return (f'<div class="ctx" data-act="{c.activation!r}" data-pos="{c.position}">'
             f'<span class="v">{fmt(c.activation)}</span>{"".join(parts)}</div>')
