@@ -87,8 +87,8 @@ class SAEConfig:
 
     def __post_init__(self) -> None:
         check_field_types(self)
-        allocators.check(self.allocator)
-        budget = self.allocator in allocators.BUDGET_ALLOCATORS
+        allocators.check_settings(self.allocator, self.capacity, self.grad_score)
+        budget = self.kind.budget
         if min(self.d_in, self.n_latents) < 1 or self.k < (1 if budget else 0):
             raise SaelabError(
                 f"d_in and n_latents must be positive and k {'positive' if budget else '>= 0'} "
@@ -99,10 +99,6 @@ class SAEConfig:
                 f"k={self.k} is larger than the dictionary (n_latents={self.n_latents}); "
                 "choose k <= n_latents"
             )
-        if self.capacity not in allocators.CAPACITIES:
-            raise SaelabError(f"unknown capacity {self.capacity!r}; use zipf or uniform")
-        if self.grad_score not in allocators.GRAD_SCORES:
-            raise SaelabError(f"unknown grad_score {self.grad_score!r}; use normalised or raw")
         check_processing(self.processing)
         # before any tensor exists (a meta SAE too overflows torch on a 10^18-latent config)
         n, d = self.n_latents, self.d_in
@@ -112,12 +108,17 @@ class SAEConfig:
     @property
     def batch_level(self) -> bool:
         """Whether selection depends on the batch (then inference uses learned thresholds)."""
-        return self.allocator in allocators.BATCH_ALLOCATORS
+        return self.kind.batch_level
 
     @property
     def has_thresholds(self) -> bool:
         """Whether the dictionary carries per-latent thresholds (a `threshold` buffer)."""
-        return self.batch_level or self.allocator == "jumprelu"
+        return self.kind.thresholds
+
+    @property
+    def kind(self) -> allocators.Allocator:
+        """The registered allocator this dictionary selects with (`saelab.allocators`)."""
+        return allocators.get(self.allocator)
 
     @classmethod
     def from_dict(cls, d: dict) -> SAEConfig:
@@ -198,11 +199,8 @@ class SAE(torch.nn.Module):
         self.W_dec = torch.nn.Parameter(torch.empty(n, d, **like))
         self.b_dec = torch.nn.Parameter(torch.zeros(d, **like))
         if cfg.has_thresholds:
-            # jumprelu: active iff pre > threshold (0 until loaded: a relu SAE). Batch-level
-            # allocators: inference thresholds set after training from the batch selection
-            # boundary (`Trainer.calibrate_thresholds`), NaN until then.
-            fill = 0.0 if cfg.allocator == "jumprelu" else float("nan")
-            self.register_buffer("threshold", torch.full((n,), fill, **like))
+            # until trained (`Trainer.calibrate_thresholds`) or loaded: the kind's fill value
+            self.register_buffer("threshold", torch.full((n,), cfg.kind.threshold_fill, **like))
         if torch.device(device).type != "meta":
             self.reset_parameters()
 
@@ -236,25 +234,7 @@ class SAE(torch.nn.Module):
                batch: bool = False) -> allocators.Selection:
         """The active set. `grad` (B, d_in) steers gradient_topk; `batch` makes the
         batch-level allocators allocate over this batch instead of using their thresholds."""
-        cfg = self.cfg
-        if cfg.allocator == "topk" or (cfg.allocator == "gradient_topk" and grad is None):
-            return allocators.topk(pre, cfg.k)
-        if cfg.allocator == "gradient_topk":
-            with torch.no_grad():
-                score = allocators.gradient_score(pre, grad, self.W_dec, cfg.beta, cfg.grad_score)
-                return allocators.topk(score, cfg.k)
-        if cfg.allocator == "relu":
-            return allocators.threshold(pre, pre.new_zeros(()))
-        if cfg.allocator == "jumprelu" or not batch:
-            if torch.isnan(self.threshold).any():
-                raise SaelabError(
-                    f"this {cfg.allocator} SAE has no inference thresholds yet; encode it in "
-                    "train() mode (or with batch=True), or train it first"
-                )
-            return allocators.threshold(pre, self.threshold)
-        if cfg.allocator == "feature_choice":
-            return allocators.feature_choice(pre, cfg.k, cfg.capacity, cfg.zipf_alpha)
-        return allocators.mutual_choice(pre, cfg.k)
+        return self.cfg.kind.select(self, pre, grad, batch)
 
     def encode_values(self, x: torch.Tensor, sel: allocators.Selection,
                       pre: torch.Tensor | None = None) -> torch.Tensor:

@@ -95,15 +95,14 @@ def export_saelens(sae: SAE, out_dir: str | Path, context_size: int | None = Non
         "saelab": dataclasses.asdict(cfg),
     }
     tensors = {"W_enc": sae.W_enc.T, "b_enc": sae.b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec}
+    arch, extra = cfg.kind.saelens_architecture, {}
     if cfg.has_thresholds:
-        arch, extra = "jumprelu", {}
         tensors["threshold"] = sae.threshold
-        if cfg.allocator == "mutual_choice":
-            metadata |= {"training_architecture": "batchtopk", "training_architecture_details": {"k": cfg.k}}
-    elif cfg.allocator == "relu":
-        arch, extra = "standard", {}
-    else:
-        arch, extra = "topk", {"k": cfg.k, "rescale_acts_by_decoder_norm": False}
+    if cfg.kind.saelens_training_architecture:
+        metadata |= {"training_architecture": cfg.kind.saelens_training_architecture,
+                     "training_architecture_details": {"k": cfg.k}}
+    if arch == "topk":
+        extra = {"k": cfg.k, "rescale_acts_by_decoder_norm": False}
     write_safetensors(out / SAELENS_WEIGHTS_FILE, tensors)  # weights first, like `SAE.save`
     write_json(out / CONFIG_FILE, {
         "architecture": arch, "d_in": cfg.d_in, "d_sae": cfg.n_latents, **extra,

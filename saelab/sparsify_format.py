@@ -46,13 +46,18 @@ from pathlib import Path
 
 import torch
 
-from saelab import __version__
+from saelab import __version__, allocators
 from saelab.errors import SaelabError
 from saelab.io import check_output_dir, read_safetensors, write_json, write_safetensors
 from saelab.models import DEFAULT_PROCESSING
 from saelab.sae import CONFIG_FILE, SAE, WEIGHTS_FILE, SAEConfig
 
-EXPORTABLE = ("topk", "gradient_topk")
+
+def exportable() -> tuple[str, ...]:
+    """Allocators with a sparsify form: per-token top-k at inference (`Allocator.inference_topk`)."""
+    return tuple(name for name, kind in allocators.REGISTRY.items() if kind.inference_topk)
+
+
 # sparsify hookpoint (a module path of the HF base model) -> saelab hook name
 _HOOKPOINT = re.compile(r"^(?:h|layers)\.(\d+)(?:\.(mlp|attn|self_attn|attention))?$")
 _HOOK = re.compile(r"^blocks\.(\d+)\.hook_(resid_post|mlp_out|attn_out)$")
@@ -139,7 +144,7 @@ def import_sparsify(path: str | Path, device: str | torch.device = "cpu",
     except (TypeError, ValueError) as e:
         raise SaelabError(f"{cfg_path} has a non-integer size ({e})") from None
     saved = cfg.get("saelab") if isinstance(cfg.get("saelab"), dict) else {}
-    allocator = saved.get("allocator") if saved.get("allocator") in EXPORTABLE else "topk"
+    allocator = saved.get("allocator") if saved.get("allocator") in exportable() else "topk"
     hook = hook_from_hookpoint(path.name if not re.fullmatch(r"seed\d+", path.name) else path.parent.name)
     # sparsify trains on the raw model; a saelab export records its own (absent: written before
     # saelab recorded it, when every dictionary was folded)
@@ -164,7 +169,7 @@ def export_sparsify(sae: SAE, out_dir: str | Path, overwrite: bool = False) -> P
     An existing non-empty `out_dir` is only replaced with `overwrite`.
     """
     cfg = sae.cfg
-    if cfg.allocator not in EXPORTABLE:
+    if not cfg.kind.inference_topk:
         raise SaelabError(f"a {cfg.allocator} dictionary is not TopK and has no sparsify form; "
                           "export it with --format saelens")
     if cfg.processing != "raw":

@@ -6,7 +6,9 @@ import math
 import pytest
 import torch
 
-from saelab import allocators
+from saelab.allocators.base import threshold, topk
+from saelab.allocators.feature_choice import capacities, feature_choice
+from saelab.allocators.mutual_choice import mutual_choice
 from saelab.errors import SaelabError
 from saelab.sae import SAE, SAEConfig
 from saelab.training.losses import underused
@@ -28,7 +30,7 @@ def pre():
 
 
 def test_topk_exactly_k_per_token(pre):
-    z = dense(allocators.topk(pre, 5), pre.shape)
+    z = dense(topk(pre, 5), pre.shape)
     assert (z.sum(1) == 5).all()
     for b in range(pre.shape[0]):  # brute force: the chosen are the 5 largest
         assert set(z[b].nonzero().flatten().tolist()) == set(pre[b].argsort(descending=True)[:5].tolist())
@@ -37,9 +39,9 @@ def test_topk_exactly_k_per_token(pre):
 @pytest.mark.parametrize("kind", ["uniform", "zipf"])
 def test_feature_choice_at_most_capacity_positive_top_tokens(pre, kind):
     k = 3
-    sel = allocators.feature_choice(pre, k, kind)
+    sel = feature_choice(pre, k, kind)
     z = dense(sel, pre.shape)
-    cap = allocators.capacities(pre.relu().sum(0), k * pre.shape[0], pre.shape[0], kind)
+    cap = capacities(pre.relu().sum(0), k * pre.shape[0], pre.shape[0], kind)
     assert cap.sum() == k * pre.shape[0]  # the budget
     positives = (pre > 0).sum(0)
     assert torch.equal(z.sum(0), torch.minimum(cap, positives))  # at most c_j, positive only
@@ -60,26 +62,26 @@ def test_feature_choice_at_most_capacity_positive_top_tokens(pre, kind):
 
 def test_feature_choice_leaves_budget_unused_rather_than_take_negatives():
     pre = torch.tensor([[1.0, -1.0], [2.0, -2.0], [-0.5, -3.0]])
-    sel = allocators.feature_choice(pre, k=1, kind="uniform")
+    sel = feature_choice(pre, k=1, kind="uniform")
     z = dense(sel, pre.shape)
     assert torch.equal(z, torch.tensor([[True, False], [True, False], [False, False]]))
 
 
 def test_zipf_capacities_follow_demand_and_cap_at_batch():
     demand = torch.tensor([0.5, 9.0, 3.0, 1.0, 7.0])
-    cap = allocators.capacities(demand, budget=30, rows=10, kind="zipf", alpha=0.5)
+    cap = capacities(demand, budget=30, rows=10, kind="zipf", alpha=0.5)
     assert cap.sum() == 30 and cap.max() <= 10
     by_demand = cap[demand.argsort(descending=True)]
     assert (by_demand[:-1] >= by_demand[1:]).all()
-    steep = allocators.capacities(demand, budget=30, rows=10, kind="zipf", alpha=3.0)
+    steep = capacities(demand, budget=30, rows=10, kind="zipf", alpha=3.0)
     assert steep.sum() == 30 and steep.max() == 10  # water-filled at the batch size
-    uni = allocators.capacities(demand, budget=13, rows=10)
+    uni = capacities(demand, budget=13, rows=10)
     assert sorted(uni.tolist()) == [2, 2, 3, 3, 3] and uni[1] == 3 and uni[4] == 3
 
 
 def test_mutual_choice_is_global_top(pre):
     k = 4
-    sel = allocators.mutual_choice(pre, k)
+    sel = mutual_choice(pre, k)
     z = dense(sel, pre.shape)
     budget = k * pre.shape[0]
     cutoff = pre.flatten().sort(descending=True).values[budget - 1]
@@ -89,7 +91,7 @@ def test_mutual_choice_is_global_top(pre):
 
 def test_threshold_mode_is_jumprelu(pre):
     theta = torch.linspace(-1, 1, pre.shape[1])
-    assert torch.equal(dense(allocators.threshold(pre, theta), pre.shape), pre > theta)
+    assert torch.equal(dense(threshold(pre, theta), pre.shape), pre > theta)
 
 
 def _sae(allocator, **kw):

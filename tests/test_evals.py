@@ -198,7 +198,8 @@ def test_report_from_dictionary_directory(zoo_model, tmp_path, monkeypatch):
     """cfg.json alone names model and hook; the model loader is stubbed to the loaded zoo model."""
     heldout = importlib.import_module("saelab.heldout")
     loaded = []
-    monkeypatch.setattr(heldout, "load_model", lambda spec, device, processing: loaded.append(spec) or zoo_model)
+    monkeypatch.setattr(heldout, "load_model",
+                        lambda spec, device, processing: loaded.append(spec) or zoo_model)
     path = _sae(RESID, k=4).save(tmp_path / "sae")
     r = evaluate(str(path), tokens=TOKENS, data=DATA)
     assert loaded == ["zoo:pystdlib-4l"] and r["dictionary"] == str(path) and r["hook"] == RESID

@@ -13,11 +13,12 @@ import torch
 from safetensors.torch import save_file
 
 import saelab
+from saelab.allocators import get as allocator
 from saelab.checks import MEMORY_ENV, Cost, check_memory, memory_budget
 from saelab.cli import main
 from saelab.errors import SaelabError
 from saelab.sae import SAE, SAEConfig
-from saelab.training.config import STEP_MATRICES_DEFAULT, TrainConfig
+from saelab.training.config import TrainConfig
 
 HUGE = "1000000000"
 LOADERS = [importlib.import_module(m) for m in ("saelab.models", "saelab.training.sources",
@@ -106,7 +107,7 @@ def test_training_estimate_once_d_in_is_known(monkeypatch):
     known, and the estimate is the documented sum, computed here independently."""
     n, d, batch, buffer = 8192, 512, 4096, 2**17
     cfg = TrainConfig.of(n_latents=n)
-    expected = (16 * (2 * n * d + n + d) + 4 * STEP_MATRICES_DEFAULT * batch * n
+    expected = (16 * (2 * n * d + n + d) + 4 * allocator("topk").step_matrices * batch * n
                 + 8 * batch * d + 4 * buffer * d)
     monkeypatch.setenv(MEMORY_ENV, str(expected / 1e9 * 1.01))
     cfg.check_latents(d)  # just fits

@@ -129,7 +129,8 @@ def test_saelab_loads_a_sparsify_training_run(tmp_path):
             hook = hook_from_hookpoint(hookpoint)
             z = sparsify_code(coder, seen[hookpoint].reshape(-1, coder.d_in))[0]
             torch.testing.assert_close(latents[hook].to_dense().reshape(z.shape), z, atol=1e-5, rtol=1e-4)
-        with pytest.raises(saelab.SaelabError, match="trained on raw activations, but model .* is loaded folded"):
+        with pytest.raises(saelab.SaelabError,
+                           match="trained on raw activations, but model .* is loaded folded"):
             folded_model.latents(tokens, saes)
         clean = model.logits(tokens)
         torch.testing.assert_close(model.run_with_saes(tokens, saes, error_term=True), clean)

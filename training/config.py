@@ -87,21 +87,20 @@ class DictionaryConfig:
             check_number(name, getattr(self, name), 1)
         for name in ("beta", "zipf_alpha"):
             check_number(name, getattr(self, name), 0)
-        allocators.check(self.allocator)
-        if self.capacity not in allocators.CAPACITIES:
-            raise SaelabError(f"unknown capacity {self.capacity!r}; use {' or '.join(allocators.CAPACITIES)}")
-        if self.grad_score not in allocators.GRAD_SCORES:
-            raise SaelabError(f"unknown grad_score {self.grad_score!r}; use normalised or raw")
+        allocators.check_settings(self.allocator, self.capacity, self.grad_score)
         if self.n_latents is not None and self.k > self.n_latents:
             raise SaelabError(
                 f"k={self.k} is larger than the dictionary (n_latents={self.n_latents}); "
                 "choose k <= n_latents"
             )
-        if self.allocator == "jumprelu":
-            raise SaelabError(
-                "saelab does not train jumprelu SAEs (it imports them); train relu, topk, "
-                "gradient_topk, feature_choice or mutual_choice"
-            )
+        if not self.kind.trainable:
+            raise SaelabError(f"saelab does not train {self.allocator} SAEs (it imports them); "
+                              f"train {', '.join(allocators.trainable())}")
+
+    @property
+    def kind(self) -> allocators.Allocator:
+        """The registered allocator to train (`saelab.allocators`)."""
+        return allocators.get(self.allocator)
 
     def latents(self, d_in: int) -> int:
         return self.n_latents if self.n_latents is not None else self.expansion * d_in
@@ -208,12 +207,6 @@ class RunConfig:
 
 GROUPS = {"source": SourceConfig, "sae": DictionaryConfig, "optim": OptimConfig, "run": RunConfig}
 PANELS = {"source": "Source", "sae": "Dictionary", "optim": "Optimisation", "run": "Run"}
-# Peak (batch, n_latents) float32 tensors of one training step beyond the weights and Adam
-# state, measured (peak RSS, n = 16384, d_in = 128, batch 4096) and rounded down: the dense
-# pre-activations, the AuxK pool's copy and selection temporaries; gradient_topk adds its score,
-# relu keeps dense codes and their gradients.
-STEP_MATRICES = {"relu": 9.5, "gradient_topk": 4.5}
-STEP_MATRICES_DEFAULT = 2.5
 
 
 @dataclass(frozen=True)
@@ -290,15 +283,15 @@ class TrainConfig:
     def check_memory(self, d_in: int | None = None) -> None:
         """One SAE of this config on a `d_in`-wide hook fits the run's device, else one line
         with the estimate: float32 weights with their gradients and Adam's two moments, the
-        step's (batch, n_latents) matrices (`STEP_MATRICES`) and, on the fly, the activation
+        step's (batch, n_latents) matrices (`Allocator.step_matrices`) and, on the fly, the activation
         buffer. Each hook of a multi-hook run is checked alone. Without `d_in` (before the
         model or cache opens) the estimate takes d_in = 1: a lower bound."""
         known, d_in = d_in is not None, d_in or 1
         dic, opt, src = self.sae, self.optim, self.source
         size = "n_latents" if dic.n_latents is not None else "expansion"
         n, batch = dic.latents(d_in), opt.batch_size
-        grads = 2 if dic.allocator == "gradient_topk" else 1
-        matrices = STEP_MATRICES.get(dic.allocator, STEP_MATRICES_DEFAULT)
+        grads = 2 if dic.kind.needs_grad else 1
+        matrices = dic.kind.step_matrices
         costs = [
             Cost("weights, gradients and Adam state", 16 * (2 * n * d_in + n + d_in), (size,)),
             Cost("(batch_size, n_latents) step matrices", 4 * matrices * batch * n, (size, "batch_size")),

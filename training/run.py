@@ -78,7 +78,7 @@ class Run:
     def _new_sae(self, hook: str, d_in: int) -> SAE:
         cfg, dic, src = self.cfg, self.cfg.sae, self.src
         sae_cfg = SAEConfig(
-            d_in=d_in, n_latents=dic.latents(d_in), k=0 if dic.allocator == "relu" else dic.k,
+            d_in=d_in, n_latents=dic.latents(d_in), k=dic.k if dic.kind.budget else 0,
             allocator=dic.allocator, beta=dic.beta, grad_score=dic.grad_score, capacity=dic.capacity,
             zipf_alpha=dic.zipf_alpha, hook=hook, model=src.model.spec,
             processing=src.model.processing, data=src.heldout.spec,
@@ -96,7 +96,7 @@ class Run:
         first = next(batches)
         for h, trainer in self.trainers.items():
             init_sae(trainer.sae, unpack(first[h], self.cfg.run.device)[0], self.cfg.run.seed,
-                     l0=self.cfg.sae.k if self.cfg.sae.allocator == "relu" else None)
+                     l0=None if self.cfg.sae.kind.budget else self.cfg.sae.k)
             for t in trainer.sae.state_dict().values():
                 self.world.broadcast_(t)
         return itertools.chain([first], batches)

@@ -71,7 +71,7 @@ def _from_cache(cfg: TrainConfig, world: World) -> Sources:
         )
     mine = list(range(world.rank, len(manifest.shards), world.size))
     stream = CacheStream(cfg.source.cache, hooks, cfg.optim.batch_size, seed=cfg.run.seed, shards=mine,
-                         with_grads=cfg.sae.allocator == "gradient_topk", drop_last=True)
+                         with_grads=cfg.sae.kind.needs_grad, drop_last=True)
     data = TokenData(manifest.data["spec"], "heldout", manifest.data["context_length"], cfg.run.seed)
     model = load_model(manifest.model, cfg.run.device, processing=manifest.processing)
     return Sources(stream, model, dims, data)
@@ -86,7 +86,7 @@ def _on_the_fly(cfg: TrainConfig, world: World) -> Sources:
     ctx = model.check_context(cfg.source.context_length)
     data = TokenData(cfg.source.data, "train", ctx, cfg.run.seed, world.rank, world.size)
     stream = ModelStream(model, data, hooks, cfg.optim.batch_size, cfg.source.buffer_tokens,
-                         seed=cfg.run.seed, with_grads=cfg.sae.allocator == "gradient_topk")
+                         seed=cfg.run.seed, with_grads=cfg.sae.kind.needs_grad)
     heldout = dataclasses.replace(data, split="heldout", rank=0, world=1)
     return Sources(stream, model, dims, heldout)
 

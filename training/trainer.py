@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from saelab import allocators
+from saelab.allocators.base import topk
 from saelab.distributed import World
 from saelab.errors import SaelabError
-from saelab.penalty import l1_penalty
 from saelab.sae import SAE
 from saelab.schedule import lr_factor
 from saelab.training.config import OptimConfig
@@ -70,8 +69,8 @@ class Trainer:
         it must be given for gradient_topk (silently training plain topk would hide broken wiring).
         """
         sae, cfg = self.sae, self.cfg
-        if grad is None and sae.cfg.allocator == "gradient_topk":
-            raise SaelabError("gradient_topk training got no loss gradient for its batch; train "
+        if grad is None and sae.cfg.kind.needs_grad:
+            raise SaelabError(f"{sae.cfg.allocator} training got no loss gradient for its batch; train "
                               "from a cache built with --with-grads, or on the fly")
         for group in self.opt.param_groups:
             group["lr"] = self.lr * lr_factor(self.step_count, self.steps, cfg.warmup_steps,
@@ -117,7 +116,7 @@ class Trainer:
             self._pre = x.new_empty(x.shape[0], sae.cfg.n_latents)
         pre = sae.pre_acts(x, out=self._pre)  # reused every step; nothing keeps it past the step
         if sae.cfg.batch_level and self.step_count < cfg.topk_warmup_steps:
-            sel = allocators.topk(pre, sae.cfg.k)  # see OptimConfig.topk_warmup_steps
+            sel = topk(pre, sae.cfg.k)  # see OptimConfig.topk_warmup_steps
         else:
             sel = sae.select(pre, grad, batch=True)
         vals = sae.encode_values(x, sel, pre)
@@ -127,8 +126,9 @@ class Trainer:
         pool = underused(self.freq, dead) if cfg.aux == "aux_zipf" else dead
         aux = auxk_loss(sae, x, x_hat, pre, pool, self.k_aux, self.world)
         loss = main + cfg.auxk_coef * aux
-        if sae.cfg.allocator == "relu":
-            loss = loss + cfg.l1_coefficient * l1_penalty(sae, x, sel.idx, vals, self.world)
+        penalty = sae.cfg.kind.penalty(sae, x, sel, vals, self.world)
+        if penalty is not None:  # relu's L1
+            loss = loss + cfg.l1_coefficient * penalty
         return loss, {"sel": sel, "vals": vals, "main": main, "aux": aux, "dead": dead, "pool": pool}
 
     def dead(self) -> torch.Tensor:

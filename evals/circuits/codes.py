@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from saelab import allocators
 from saelab.errors import SaelabError
 from saelab.init import init_sae
 from saelab.models import HookedModel
@@ -60,8 +61,8 @@ def train_sae(x: torch.Tensor, kind: str = "relu", n_latents: int = 200, l1: flo
         raise SaelabError(f"unknown circuit SAE {kind!r}; use {' or '.join(SAE_KINDS)}")
     if min(n_latents, epochs) < 1 or lr <= 0 or l1 < 0:
         raise SaelabError("n_latents and epochs must be positive, lr > 0 and l1 >= 0")
-    cfg = SAEConfig(d_in=x.shape[1], n_latents=n_latents, k=1 if kind == "topk" else 0,
-                    allocator=kind)
+    budget = allocators.get(kind).budget
+    cfg = SAEConfig(d_in=x.shape[1], n_latents=n_latents, k=1 if budget else 0, allocator=kind)
     sae = SAE(cfg)
     sae.input_scale = float(x.pow(2).sum(1).mean().sqrt().clamp_min(1e-12))
     x = x / sae.input_scale
@@ -69,7 +70,7 @@ def train_sae(x: torch.Tensor, kind: str = "relu", n_latents: int = 200, l1: flo
     opt = torch.optim.Adam(sae.parameters(), lr=lr)
     every = torch.arange(n_latents).expand(x.shape[0], n_latents)
     for _ in range(epochs):
-        if kind == "relu":  # every positive latent is active: a dense code beats n-wide index lists
+        if not budget:  # relu: every positive latent is active: a dense code beats n-wide index lists
             vals = torch.relu(torch.addmm(sae.b_enc, x - sae.b_dec, sae.W_enc.T))
             x_hat = torch.addmm(sae.b_dec, vals, sae.W_dec)
             penalty = l1_penalty(sae, x, every, vals)

@@ -105,7 +105,8 @@ class LatentCard:
         rows = [("top", i, c) for i, c in enumerate(self.top)]
         rows += [(label, i, c) for label, cs in self.bands for i, c in enumerate(cs)]
         return [{"kind": kind, "rank": i, "activation": c.activation, "position": c.position,
-                 "text": "".join(p.text for p in c.shown()), "tokens": c.tokens, "acts": c.acts, "center": c.center}
+                 "text": "".join(p.text for p in c.shown()), "tokens": c.tokens, "acts": c.acts,
+                 "center": c.center}
                 for kind, i, c in rows]
 
     def _repr_html_(self) -> str:
