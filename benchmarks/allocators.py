@@ -39,13 +39,13 @@ from pathlib import Path
 
 import torch
 
-from saelab.cache import MANIFEST, build_cache
-from saelab.data import TokenData
+from saelab.data.cache import MANIFEST, build_cache
+from saelab.data.heldout import heldout_activations
+from saelab.data.tokens import TokenData
 from saelab.evals import evaluate, reconstruction_stats
-from saelab.heldout import heldout_activations
-from saelab.io import write_json, write_text
 from saelab.models import load_model
 from saelab.sae import SAE
+from saelab.storage.files import write_json, write_text
 from saelab.training import TrainConfig, train
 from saelab.zoo import DEFAULT_MODEL
 

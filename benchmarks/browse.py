@@ -33,10 +33,10 @@ def run_one(n_latents: int, tokens: int, batch_rows: int) -> dict:
     import torch
     from tqdm import tqdm
 
-    from saelab.activations import positions_to_keep
     from saelab.browse.collect import load_dictionaries
     from saelab.browse.stats import StatsConfig
-    from saelab.heldout import heldout_rows
+    from saelab.data.activations import positions_to_keep
+    from saelab.data.heldout import heldout_rows
     from saelab.sae import SAE, SAEConfig
 
     torch.manual_seed(0)

@@ -51,7 +51,7 @@ class Clock:
 
 
 def build(model, data, hook: str, out: Path, tokens: int, shard_rows: int, digest) -> tuple[float, float]:
-    from saelab.cache import build_cache
+    from saelab.data.cache import build_cache
 
     shutil.rmtree(out, ignore_errors=True)
     with Clock() as clock:
@@ -60,9 +60,9 @@ def build(model, data, hook: str, out: Path, tokens: int, shard_rows: int, diges
 
 
 def train_from(cache: Path, hook: str, steps: int, batch: int, n: int, k: int) -> tuple[float, float]:
-    from saelab.cache import CacheStream
-    from saelab.init import init_sae
+    from saelab.data.cache import CacheStream
     from saelab.sae import SAE, SAEConfig
+    from saelab.sae_init import init_sae
     from saelab.training.config import OptimConfig
     from saelab.training.trainer import Trainer
 
@@ -84,7 +84,7 @@ def shard_io_times(cache: Path, hook: str, scratch: Path, rounds: int) -> dict[s
     """Median CPU seconds to write and to read one shard, with and without its hash: the
     steps hashing changes, timed apart from the model and the SAE (whose noise on a shared
     machine is larger than the hash)."""
-    from saelab.io import read_safetensors, write_safetensors
+    from saelab.storage.files import read_safetensors, write_safetensors
 
     src = sorted(cache.glob("shard_*.safetensors"))[0]
     tensors, _ = read_safetensors(src)
@@ -104,7 +104,7 @@ def shard_io_times(cache: Path, hook: str, scratch: Path, rounds: int) -> dict[s
 
 
 def strip_hashes(src: Path, dst: Path) -> None:
-    from saelab.cache import DIGEST, MANIFEST
+    from saelab.data.cache import DIGEST, MANIFEST
 
     shutil.rmtree(dst, ignore_errors=True)
     shutil.copytree(src, dst)
@@ -125,7 +125,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from saelab.data import TokenData
+    from saelab.data.tokens import TokenData
     from saelab.models import load_model
     from saelab.zoo import DEFAULT_MODEL
 

@@ -8,7 +8,7 @@ SAELens needs transformer-lens 3.x, so this runs in a side venv where saelab als
     python benchmarks/saelens_crosscheck.py [DICT] [--tokens N] [--batch-rows B]
 
 Without DICT a small TopK SAE is trained first on zoo:pystdlib-4l. The dictionary is exported
-to SAELens's on-disk format by `saelab.saelens.export_saelens` (cfg.json + sae_weights.safetensors;
+to SAELens's on-disk format by `saelab.formats.saelens.export_saelens` (cfg.json + sae_weights.safetensors;
 SAELens keeps W_enc as (d_in, d_sae), saelab as (n, d)), loaded back with
 `sae_lens.SAE.load_from_disk`, checked to encode and decode like saelab's, and then scored by
 `saelab.evals.evaluate` and by `sae_lens.evals.run_evals` on identical token rows and the same
@@ -33,12 +33,12 @@ from pathlib import Path
 import torch
 
 import saelab
-from saelab.activations import positions_to_keep
-from saelab.data import TokenData
+from saelab.data.activations import positions_to_keep
+from saelab.data.heldout import heldout_rows
+from saelab.data.tokens import TokenData
 from saelab.evals import evaluate
-from saelab.heldout import heldout_rows
+from saelab.formats.saelens import export_saelens
 from saelab.models import load_model
-from saelab.saelens import export_saelens
 
 
 class RowStore:

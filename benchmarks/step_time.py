@@ -45,8 +45,8 @@ def floor_step(x: torch.Tensor, n: int, reuse_output: bool = False) -> Step:
 
 
 def saelab_step(x: torch.Tensor, n: int, k: int) -> Step:
-    from saelab.init import init_sae
     from saelab.sae import SAE, SAEConfig
+    from saelab.sae_init import init_sae
     from saelab.training.config import OptimConfig
     from saelab.training.trainer import Trainer
 

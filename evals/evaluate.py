@@ -14,13 +14,13 @@ import torch
 from tqdm import tqdm
 
 from saelab import __version__
-from saelab.activations import positions_to_keep
-from saelab.data import TokenData
+from saelab.data.activations import positions_to_keep
+from saelab.data.heldout import heldout_rows, resolve_dictionary
+from saelab.data.tokens import TokenData
 from saelab.errors import SaelabError
 from saelab.evals.latents import LatentStats
 from saelab.evals.reconstruction import ReconstructionStats
 from saelab.evals.spliced import SplicedLoss, prediction_mask
-from saelab.heldout import heldout_rows, resolve_dictionary
 from saelab.models import HookedModel
 
 DEFAULT_TOKENS = 2**15  # the end-of-run eval's default window (`TrainConfig.eval_tokens`)

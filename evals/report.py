@@ -14,7 +14,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from saelab.evals.latents import RARE_FIRES
-from saelab.io import write_atomic, write_json, write_text
+from saelab.storage.files import write_atomic, write_json, write_text
 
 JSON_FILE, MARKDOWN_FILE = "eval.json", "eval.md"
 DENSITY_PNG, L0_PNG = "latent_density.png", "l0_histogram.png"

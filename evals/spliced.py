@@ -1,7 +1,7 @@
 """Spliced next-token loss: how much of the model's behaviour survives the SAE's reconstruction.
 
 Logits at position t predict token t+1. A prediction is counted when neither token t nor token
-t+1 is BOS or pad (`saelab.activations.positions_to_keep`): the input position is one where the SAE
+t+1 is BOS or pad (`saelab.data.activations.positions_to_keep`): the input position is one where the SAE
 is spliced in, and the target is a real token. Every variant (clean, SAE, zero and mean
 ablation) is averaged over exactly the same predictions:
 

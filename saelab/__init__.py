@@ -20,7 +20,6 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 
 from saelab.errors import SaelabError  # noqa: E402
 from saelab.sae import SAE, SAEConfig, SparseCode  # noqa: E402
-from saelab.specs import hub_name  # noqa: E402
 
 
 def load(path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None) -> SAE | dict[str, SAE]:
@@ -29,20 +28,9 @@ def load(path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None
     saelab's by cfg.json), or `hf:OWNER/NAME[/FOLDER]`, a Hugging Face hub repo holding one.
     `dtype` casts the weights (default: as stored). A run directory (one dictionary subdirectory
     per hook, as sparsify and multi-hook `saelab train` write) gives {hook: SAE}."""
-    from saelab import saelens, sparsify_format
+    from saelab.formats import open_dictionary
 
-    spec = str(path)
-    repo = hub_name(spec)
-    path = saelens.hub_snapshot(repo) if repo is not None else Path(path)
-    if not path.is_dir():
-        raise SaelabError(
-            f"no dictionary directory {spec!r}; for the Hugging Face hub write hf:OWNER/NAME[/FOLDER]"
-        )
-    if sparsify_format.recognises(path):  # a sparsify dictionary, or a run dir -> {hook: SAE}
-        return sparsify_format.load(path, device=device, dtype=dtype)
-    sae = saelens.import_saelens(path, device=device) if saelens.is_saelens_dir(path) \
-        else SAE.load(path, device=device)
-    return sae.to(dtype).eval() if dtype is not None else sae.eval()
+    return open_dictionary(path, device, dtype)
 
 
 __all__ = ["SAE", "SAEConfig", "SparseCode", "SaelabError", "load", "__version__"]

@@ -1,3 +1,3 @@
-from saelab.cli import main
+from saelab.cli.app import main
 
 main()

@@ -20,7 +20,7 @@ Logits differ between them by a per-token constant at most, so losses do not. A 
 records the processing it was trained on (`SAEConfig.processing`); splicing it into, or
 encoding it on, a model of another processing is an error naming the fix.
 
-Model specs (`saelab.specs`): `zoo:NAME` (shipped with saelab), a local Hugging Face directory,
+Model specs (`saelab.data.specs`): `zoo:NAME` (shipped with saelab), a local Hugging Face directory,
 or `hf:NAME` on the hub.
 """
 
@@ -37,8 +37,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from saelab.data.specs import ZOO, hub_name
 from saelab.errors import SaelabError, first_line
-from saelab.specs import ZOO, hub_name
 from saelab.zoo import DEFAULT_MODEL
 
 if TYPE_CHECKING:
@@ -119,7 +119,7 @@ def _load_hf(spec: str, device: str, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from saelab import hub
+    from saelab.formats import hub
 
     hf_logging.disable_progress_bar()  # saelab shows its own progress; a load bar is noise
     name, from_hub = resolve_spec(spec), hub_name(spec) is not None

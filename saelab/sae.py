@@ -26,9 +26,9 @@ import torch
 from saelab import allocators
 from saelab.checks import Cost, check_field_types, check_memory
 from saelab.errors import SaelabError
-from saelab.io import read_safetensors, write_json, write_safetensors
 from saelab.kernels import sparse_decode, sparse_encode
 from saelab.models import DEFAULT_PROCESSING, check_processing
+from saelab.storage.files import read_safetensors, write_json, write_safetensors
 
 WEIGHTS_FILE = "sae.safetensors"
 CONFIG_FILE = "cfg.json"
@@ -186,7 +186,7 @@ class SAE(torch.nn.Module):
     """A sparse autoencoder; `encode` returns a `SparseCode` (indices, values), not a dense code.
 
     A new SAE is usable at once: unit-norm random decoder rows and W_enc = W_dec (training
-    re-initialises from data, `saelab.init`)."""
+    re-initialises from data, `saelab.sae_init`)."""
 
     def __init__(self, cfg: SAEConfig, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32):

@@ -20,8 +20,8 @@ def zoo_model():
 @pytest.fixture(scope="session")
 def small_cache(zoo_model, tmp_path_factory):
     """A 5000-row cache of two hooks in 4 shards (the last one short)."""
-    from saelab.cache import build_cache
-    from saelab.data import TokenData
+    from saelab.data.cache import build_cache
+    from saelab.data.tokens import TokenData
 
     out = tmp_path_factory.mktemp("cache")
     build_cache(zoo_model, TokenData(context_length=64), ["blocks.1.hook_resid_post",

@@ -7,11 +7,11 @@ import torch
 from safetensors.torch import load_file
 
 import saelab
-from saelab.cache import CacheStream, build_cache
-from saelab.data import TokenData
+from saelab.cli.pipeline import train_and_evaluate
+from saelab.data.cache import CacheStream, build_cache
+from saelab.data.heldout import heldout_activations
+from saelab.data.tokens import TokenData
 from saelab.errors import SaelabError
-from saelab.heldout import heldout_activations
-from saelab.pipeline import train
 from saelab.training import TrainConfig
 
 HOOK = "blocks.1.hook_resid_post"
@@ -50,8 +50,9 @@ def test_gradient_training_needs_a_gradient_cache(small_cache, tmp_path):
 
 
 def test_gradient_topk_trains_from_grad_cache(grad_cache, tmp_path):
-    (r,) = train(TrainConfig.of(cache=str(grad_cache), out=str(tmp_path / "g"), allocator="gradient_topk",
-                             **{**SMALL, "tokens": 12_000})).values()
+    (r,) = train_and_evaluate(TrainConfig.of(cache=str(grad_cache), out=str(tmp_path / "g"),
+                                             allocator="gradient_topk",
+                                             **{**SMALL, "tokens": 12_000})).values()
     assert r.summary["heldout_fvu"] < 0.9
     assert saelab.load(str(tmp_path / "g")).cfg.allocator == "gradient_topk"
 
@@ -62,8 +63,8 @@ def test_gradient_topk_trains_from_grad_cache(grad_cache, tmp_path):
     ("mutual_choice", {"aux": "aux_zipf"}),
 ])
 def test_batch_allocators_train_and_thresholds_agree(allocator, extra, small_cache, zoo_model, tmp_path):
-    (r,) = train(TrainConfig.of(cache=str(small_cache), out=str(tmp_path / "d"), allocator=allocator,
-                             **SMALL, **extra)).values()
+    (r,) = train_and_evaluate(TrainConfig.of(cache=str(small_cache), out=str(tmp_path / "d"),
+                                             allocator=allocator, **SMALL, **extra)).values()
     sae = saelab.load(str(tmp_path / "d"))
     assert sae.cfg.allocator == allocator and torch.isfinite(sae.threshold).all()
     assert r.summary["heldout_fvu"] < 0.6, r.summary

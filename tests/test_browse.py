@@ -9,12 +9,12 @@ import pytest
 import torch
 from test_end_to_end import run_cli
 
-from saelab.activations import positions_to_keep
 from saelab.browse import build_site, top_contexts
 from saelab.browse.card import Context, LatentCard
 from saelab.browse.html import card_html, show_token
-from saelab.data import TokenData
-from saelab.heldout import heldout_rows
+from saelab.data.activations import positions_to_keep
+from saelab.data.heldout import heldout_rows
+from saelab.data.tokens import TokenData
 from saelab.sae import SAE, SAEConfig
 
 HOOK = "blocks.1.hook_resid_post"

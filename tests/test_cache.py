@@ -3,8 +3,8 @@ import json
 import pytest
 import torch
 
-from saelab.cache import MANIFEST, CacheStream, Manifest, build_cache
-from saelab.data import TokenData
+from saelab.data.cache import MANIFEST, CacheStream, Manifest, build_cache
+from saelab.data.tokens import TokenData
 from saelab.errors import SaelabError
 
 HOOK = "blocks.1.hook_resid_post"

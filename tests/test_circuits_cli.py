@@ -49,7 +49,7 @@ def test_cli_defaults_are_the_library_defaults():
     import dataclasses
     import inspect
 
-    from saelab.cli import circuits
+    from saelab.cli.app import circuits
     from saelab.evals.circuits import DiscoverConfig
 
     flags = inspect.signature(circuits).parameters

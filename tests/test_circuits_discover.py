@@ -87,8 +87,8 @@ def test_topk_sae_code_is_argmax_and_separates_clusters():
 def test_relu_circuit_sae_dense_step_matches_the_sparse_path():
     """train_sae's relu step uses dense products; the SAE's own sparse encode/decode (threshold
     selection, index lists) with the same penalty must train it to the same weights."""
-    from saelab.init import init_sae
     from saelab.penalty import l1_penalty
+    from saelab.sae_init import init_sae
 
     x = torch.randn(60, 8, generator=torch.Generator().manual_seed(3))
     fast = train_sae(x, "relu", n_latents=12, l1=0.05, epochs=20, lr=1e-2, seed=0)

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from saelab.data import TokenData, _in_split, load_texts, stdlib_texts
+from saelab.data.tokens import TokenData, _in_split, load_texts, stdlib_texts
 from saelab.errors import SaelabError
 
 

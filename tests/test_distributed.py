@@ -7,9 +7,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from saelab.cache import CacheStream
-from saelab.init import init_sae
+from saelab.data.cache import CacheStream
 from saelab.sae import SAE, SAEConfig
+from saelab.sae_init import init_sae
 from saelab.training import TrainConfig, Trainer
 
 HOOK = "blocks.1.hook_resid_post"

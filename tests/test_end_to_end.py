@@ -7,11 +7,11 @@ import pytest
 import torch
 
 import saelab
-from saelab.cli import main
-from saelab.data import TokenData
+from saelab.cli.app import main
+from saelab.cli.pipeline import train_and_evaluate
+from saelab.data.heldout import heldout_rows
+from saelab.data.tokens import TokenData
 from saelab.evals import reconstruction_stats
-from saelab.heldout import heldout_rows
-from saelab.pipeline import train
 from saelab.training import TrainConfig
 from saelab.zoo import DEFAULT_MODEL
 
@@ -42,7 +42,7 @@ def run_cli(args, monkeypatch, capsys):
 @pytest.fixture(scope="module")
 def trained(small_cache, tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "sae"
-    (result,) = train(TrainConfig.of(cache=str(small_cache), hook="blocks.1.hook_resid_post",
+    (result,) = train_and_evaluate(TrainConfig.of(cache=str(small_cache), hook="blocks.1.hook_resid_post",
                                   out=str(out), **SMALL)).values()
     return result
 

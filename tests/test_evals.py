@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from saelab.activations import positions_to_keep
-from saelab.data import TokenData
+from saelab.data.activations import positions_to_keep
+from saelab.data.heldout import heldout_rows
+from saelab.data.tokens import TokenData
 from saelab.errors import SaelabError
 from saelab.evals import evaluate, format_summary, reconstruction_stats, write_report
 from saelab.evals.latents import LatentStats
 from saelab.evals.reconstruction import ReconstructionStats
-from saelab.heldout import heldout_rows
 from saelab.sae import SAE, SAEConfig
 
 RESID = "blocks.2.hook_resid_post"
@@ -196,7 +196,7 @@ def test_dead_rare_and_dense_latents_on_a_hand_built_pattern():
 
 def test_report_from_dictionary_directory(zoo_model, tmp_path, monkeypatch):
     """cfg.json alone names model and hook; the model loader is stubbed to the loaded zoo model."""
-    heldout = importlib.import_module("saelab.heldout")
+    heldout = importlib.import_module("saelab.data.heldout")
     loaded = []
     monkeypatch.setattr(heldout, "load_model",
                         lambda spec, device, processing: loaded.append(spec) or zoo_model)

@@ -19,11 +19,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from saelab.cache import DIGEST, MANIFEST, CacheStream, Manifest, build_cache
-from saelab.data import TokenData
+from saelab.data.cache import DIGEST, MANIFEST, CacheStream, Manifest, build_cache
+from saelab.data.tokens import TokenData
 from saelab.errors import SaelabError
-from saelab.io import check_output_dir, is_temp, write_json, write_safetensors
-from saelab.lock import LOCK_FILE, hold
+from saelab.storage.files import check_output_dir, is_temp, write_json, write_safetensors
+from saelab.storage.lock import LOCK_FILE, hold
 
 HOOK = "blocks.1.hook_resid_post"
 
@@ -48,7 +48,7 @@ def lock_holder(directory: Path):
     """Another process holding `directory`'s lock until killed (SIGKILL on exit)."""
     code = textwrap.dedent(f"""
         import sys, time
-        from saelab.lock import hold
+        from saelab.storage.lock import hold
         with hold({str(directory)!r}):
             print("held", flush=True)
             time.sleep(600)
@@ -197,7 +197,7 @@ def test_nan_shard_is_refused_when_read_naming_the_file(small_cache, tmp_path):
 
 
 def test_nan_activations_are_refused_at_cache_time(zoo_model, text_data, tmp_path, monkeypatch):
-    import saelab.cache as cache
+    import saelab.data.cache as cache
 
     real = cache.model_activations
 
@@ -264,7 +264,7 @@ def test_data_too_short_for_one_row_is_an_error_not_a_hang(zoo_model, tmp_path):
 
 
 def test_empty_heldout_split_is_refused_before_training(tmp_path, capsys):
-    from saelab.data import _in_split
+    from saelab.data.tokens import _in_split
 
     f = tmp_path / "train0.txt"  # one paragraph, which falls in the train split
     assert _in_split(f"{f.name}#0", "train")
@@ -297,7 +297,7 @@ def test_full_disk_keeps_the_old_file_and_says_so(small_disk, tmp_path, monkeypa
         def full(*args, **kwargs):
             raise OSError(errno.ENOSPC, "No space left on device")
         write_safetensors(disk / "w.safetensors", {"w": torch.ones(10)})
-        monkeypatch.setattr("saelab.io.save_file", full)
+        monkeypatch.setattr("saelab.storage.files.save_file", full)
     else:
         write_safetensors(disk / "w.safetensors", {"w": torch.ones(10)})
     before = (disk / "w.safetensors").read_bytes()
@@ -325,7 +325,7 @@ def test_full_disk_during_cache_is_one_line(small_disk, zoo_model, text_data, tm
 
 def _cli(args: list[str], capsys) -> tuple[int, str]:
     """(exit code, stderr) of `saelab ARGS`, run in this process."""
-    from saelab.cli import main
+    from saelab.cli.app import main
 
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:

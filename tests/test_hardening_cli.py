@@ -13,11 +13,11 @@ import torch
 import typer
 from safetensors.torch import save_file
 
-from saelab.cli import app, main
+from saelab.cli.app import app, main
 
 INT_OUT_OF_RANGE = str(2**63)  # no integer option may exceed int64 (tensors, seeds)
 LOADERS = [importlib.import_module(m) for m in ("saelab.models", "saelab.training.sources",
-                                                "saelab.heldout")]
+                                                "saelab.data.heldout")]
 
 
 def run(args: list[str], capsys) -> tuple[int, str]:
@@ -290,8 +290,8 @@ def test_lock_on_an_unwritable_directory_is_one_line(tmp_path, monkeypatch):
     import errno
     import os
 
-    from saelab import lock
     from saelab.errors import SaelabError
+    from saelab.storage import lock
 
     def read_only(path, *a, **k):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
@@ -311,7 +311,7 @@ def test_lock_on_an_unwritable_directory_is_one_line(tmp_path, monkeypatch):
 
 def test_a_failed_body_removes_only_the_lock_file_it_created(tmp_path):
     from saelab.errors import SaelabError
-    from saelab.lock import LOCK_FILE, hold
+    from saelab.storage.lock import LOCK_FILE, hold
 
     mine = tmp_path / "mine"
     mine.mkdir()

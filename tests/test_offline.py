@@ -1,7 +1,7 @@
 """An unreachable hub fails in one line, without huggingface_hub's retry loop (issue 22).
 
 The hub is made unreachable deterministically: its endpoint is a closed local port (HF_ENDPOINT
-in a subprocess, `saelab.hub.endpoint` in this process), and the names are in no cache. Before
+in a subprocess, `saelab.formats.hub.endpoint` in this process), and the names are in no cache. Before
 the fix, each hub spec logged "Retrying in Ns" warnings for about 30 s; now saelab's probe sees
 the closed port and the loaders read only the cache, so stderr holds exactly the one error line
 (checked without any timed assert). The subprocesses read the environment variables at import,
@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from saelab import hub
-from saelab.cli import main
+from saelab.cli.app import main
+from saelab.formats import hub
 from saelab.zoo import model_dir
 
 CLOSED = "http://127.0.0.1:9"  # the discard port: nothing listens on it here

@@ -12,17 +12,17 @@ from test_saelens import LENS_META, K, random_sae, write_saelens  # tests/ is on
 from test_sparsify import sparsify_reference, write_sparsify
 
 import saelab
-from saelab.activations import positions_to_keep
-from saelab.cache import MANIFEST, Manifest, build_cache
-from saelab.data import TokenData
+from saelab.cli.pipeline import train_and_evaluate
+from saelab.data.activations import positions_to_keep
+from saelab.data.cache import MANIFEST, Manifest, build_cache
+from saelab.data.heldout import heldout_rows
+from saelab.data.tokens import TokenData
 from saelab.errors import SaelabError
 from saelab.evals import evaluate
-from saelab.heldout import heldout_rows
+from saelab.formats.saelens import export_saelens, import_saelens
+from saelab.formats.sparsify import export_sparsify
 from saelab.models import PROCESSINGS, load_model, resolve_spec
-from saelab.pipeline import train
 from saelab.sae import SAE, SAEConfig
-from saelab.saelens import export_saelens, import_saelens
-from saelab.sparsify_format import export_sparsify
 from saelab.training import TrainConfig
 
 MODEL = "zoo:pystdlib-4l"  # conftest's TEST_MODEL, which the zoo_model fixture loads folded
@@ -203,9 +203,9 @@ def test_caches_and_training_carry_the_processing(models, tmp_path):
                  eval_tokens=128, warmup_steps=1)
     with pytest.raises(SaelabError, match=f"cache {cache} holds raw activations, not folded; drop "
                                           "--processing or build a cache with --processing folded"):
-        train(TrainConfig.of(out=str(tmp_path / "nope"), processing="folded", **small))
+        train_and_evaluate(TrainConfig.of(out=str(tmp_path / "nope"), processing="folded", **small))
     assert not (tmp_path / "nope").exists()
-    (result,) = train(TrainConfig.of(out=str(tmp_path / "sae"), **small)).values()
+    (result,) = train_and_evaluate(TrainConfig.of(out=str(tmp_path / "sae"), **small)).values()
     assert saelab.load(result.out).cfg.processing == "raw"
     assert evaluate(str(result.out), tokens=128, model=models["raw"], data=DATA)["processing"] == "raw"
     with pytest.raises(SaelabError, match="trained on raw activations"):

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import saelab.models
-from saelab.cli import main
+from saelab.cli.app import main
 from saelab.errors import SaelabError
 from saelab.zoo import model_dir
 
@@ -173,8 +173,8 @@ def test_hub_model_that_ships_code_is_refused(tmp_path):
 def test_dataset_script_never_runs(tmp_path, monkeypatch, script):
     """A dataset loading script (a directory holding NAME/NAME.py, or the .py itself) is refused:
     datasets >= 4 has no script support and saelab passes trust_remote_code=False."""
-    from saelab import hub
-    from saelab.data import load_texts
+    from saelab.data.tokens import load_texts
+    from saelab.formats import hub
 
     data, marker = tmp_path / "custom_data", tmp_path / "MARKER"
     data.mkdir()

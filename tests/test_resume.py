@@ -11,8 +11,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from saelab.cli.pipeline import train_and_evaluate
 from saelab.errors import SaelabError
-from saelab.pipeline import train
 from saelab.training import TrainConfig, resume_config
 from saelab.training.checkpoint import CHECKPOINT_FILE
 
@@ -31,8 +31,8 @@ def _steps_done(path):
 @pytest.mark.slow
 @pytest.mark.parametrize("allocator", ["topk", "mutual_choice"])
 def test_sigkill_then_resume_is_bitwise_identical(allocator, small_cache, tmp_path):
-    (ref,) = train(TrainConfig.of(cache=str(small_cache), out=str(tmp_path / "ref"), allocator=allocator,
-                             **RUN)).values()
+    (ref,) = train_and_evaluate(TrainConfig.of(cache=str(small_cache), out=str(tmp_path / "ref"),
+                                               allocator=allocator, **RUN)).values()
     killed = tmp_path / "killed"
     args = [sys.executable, "-m", "saelab", "train", "--cache", str(small_cache), "--out", str(killed),
             "--allocator", allocator]
@@ -49,7 +49,7 @@ def test_sigkill_then_resume_is_bitwise_identical(allocator, small_cache, tmp_pa
     assert 0 < done < 150, done  # killed mid-run, after a checkpoint
     assert not (killed / "sae.safetensors").exists()
 
-    (resumed,) = train(resume_config(killed), resume=True).values()
+    (resumed,) = train_and_evaluate(resume_config(killed), resume=True).values()
     a, b = load_file(str(ref.out / "sae.safetensors")), load_file(str(resumed.out / "sae.safetensors"))
     assert a.keys() == b.keys()
     for name in a:

@@ -9,8 +9,8 @@ from safetensors.torch import load_file, save_file
 
 import saelab
 from saelab.errors import SaelabError
+from saelab.formats.saelens import export_saelens, import_saelens
 from saelab.sae import SAE, SAEConfig
-from saelab.saelens import export_saelens, import_saelens
 
 D, N, K = 16, 40, 4
 HOOK, MODEL = "blocks.1.hook_resid_post", "zoo:pystdlib-4l"
@@ -235,7 +235,7 @@ def test_offline_hub_id_is_a_one_line_error(tmp_path, monkeypatch):
 def test_export_cli_roundtrip(tmp_path, monkeypatch, capsys):
     import sys
 
-    from saelab.cli import main
+    from saelab.cli.app import main
 
     sae = SAE(SAEConfig(d_in=8, n_latents=16, k=3))
     with torch.no_grad():

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import saelab
-from saelab.saelens import export_saelens
+from saelab.formats.saelens import export_saelens
 
 sae_lens = pytest.importorskip("sae_lens")
 

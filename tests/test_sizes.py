@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 import saelab
 from saelab.allocators import get as allocator
 from saelab.checks import MEMORY_ENV, Cost, check_memory, memory_budget
-from saelab.cli import main
+from saelab.cli.app import main
 from saelab.errors import SaelabError
 from saelab.sae import SAE, SAEConfig
 from saelab.training.config import TrainConfig
@@ -118,7 +118,7 @@ def test_training_estimate_once_d_in_is_known(monkeypatch):
 
 def test_manifest_rows_must_be_in_the_shard(tmp_path):
     """A manifest claiming more rows than its shard's bytes hold is refused before any read."""
-    from saelab.cache import MANIFEST, Manifest
+    from saelab.data.cache import MANIFEST, Manifest
 
     save_file({"h": torch.zeros(4, 3)}, str(tmp_path / "shard_00000.safetensors"))
     size = (tmp_path / "shard_00000.safetensors").stat().st_size

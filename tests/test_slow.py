@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 from safetensors.torch import load_file
 
-from saelab.pipeline import train
+from saelab.cli.pipeline import train_and_evaluate
 from saelab.training import TrainConfig
 from saelab.zoo import DEFAULT_MODEL, RECIPES
 from saelab.zoo.build import build
@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 
 def test_default_training_run(tmp_path):
     """`saelab train` with no flags: the shipped zoo model, offline, a good dictionary."""
-    (result,) = train(TrainConfig.of(out=str(tmp_path / "sae"))).values()
+    (result,) = train_and_evaluate(TrainConfig.of(out=str(tmp_path / "sae"))).values()
     s = result.summary
     assert s["model"] == DEFAULT_MODEL and s["hook"] == "blocks.2.hook_resid_post"
     assert s["heldout_fvu"] < 0.06, s  # measured 0.0377; Gao et al.'s lr alone gave 0.091

@@ -13,7 +13,7 @@ from test_saelens import D, K, N, dense_code, random_sae  # tests/ is on sys.pat
 
 import saelab
 from saelab.errors import SaelabError
-from saelab.sparsify_format import (
+from saelab.formats.sparsify import (
     export_sparsify,
     hook_from_hookpoint,
     hookpoint_from_hook,
@@ -194,7 +194,7 @@ def test_export_errors_are_clear(tmp_path):
 
 
 def test_export_cli_sparsify(tmp_path, monkeypatch, capsys):
-    from saelab.cli import main
+    from saelab.cli.app import main
 
     sae = random_sae(processing="raw")
     sae.save(tmp_path / "d")
@@ -219,7 +219,7 @@ def test_export_cli_sparsify(tmp_path, monkeypatch, capsys):
 
 def test_info_describes_a_run_directory(tmp_path, monkeypatch, capsys):
     """sparsify writes its training config as config.json beside the hooks: still a run, not a model."""
-    from saelab.cli import main
+    from saelab.cli.app import main
 
     for i, hp in enumerate(["layers.0", "layers.1.mlp"]):
         write_sparsify(tmp_path / "run" / hp, seed=i)

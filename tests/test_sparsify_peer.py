@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import saelab
-from saelab.sparsify_format import export_sparsify
+from saelab.formats.sparsify import export_sparsify
 
 # sparsify decodes with Triton whenever triton imports, which on a CPU-only machine fails; its
 # own switch selects its eager (embedding_bag) decoder instead
@@ -79,8 +79,8 @@ def test_saelab_loads_a_sparsify_training_run(tmp_path):
     from datasets import Dataset
     from transformers import AutoModel
 
+    from saelab.formats.sparsify import hook_from_hookpoint
     from saelab.models import load_model
-    from saelab.sparsify_format import hook_from_hookpoint
     from saelab.zoo import DEFAULT_MODEL, model_dir
 
     hf = AutoModel.from_pretrained(model_dir(DEFAULT_MODEL.removeprefix("zoo:"))).eval()

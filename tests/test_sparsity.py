@@ -12,15 +12,15 @@ import torch
 from test_end_to_end import run_cli
 from torch.testing import assert_close
 
-from saelab.activations import positions_to_keep
-from saelab.data import TokenData
+from saelab.data.activations import positions_to_keep
+from saelab.data.heldout import heldout_rows
+from saelab.data.tokens import TokenData
 from saelab.errors import SaelabError
 from saelab.evals.sparsity import Sparsifier, format_summary, measure, mlp_hooks, run, sweep, write_report
 from saelab.evals.sparsity.emergence import checkpoint_dirs
 from saelab.evals.sparsity.measure import LayerStats
 from saelab.evals.sparsity.modes import Calibration, stat_topk_threshold
 from saelab.evals.sparsity.predictor import evaluate_predictors, mlp_weights, train_predictors
-from saelab.heldout import heldout_rows
 from saelab.kernels import mask_code
 from saelab.models import HookedModel, load_model
 from saelab.zoo import ZooRecipe, model_dir

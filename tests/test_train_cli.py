@@ -6,8 +6,8 @@ import dataclasses
 import pytest
 import typer
 
-import saelab.pipeline
-from saelab.cli import app, main
+import saelab.cli.pipeline
+from saelab.cli.app import app, main
 from saelab.errors import SaelabError
 from saelab.training import TrainConfig
 from saelab.training.config import GROUPS
@@ -35,7 +35,8 @@ def test_every_field_has_a_flag_with_its_doc():
 def captured(monkeypatch):
     """The config `saelab train` would run, captured instead of training."""
     seen = []
-    monkeypatch.setattr(saelab.pipeline, "train", lambda cfg, resume=False: seen.append(cfg) or {})
+    monkeypatch.setattr(saelab.cli.pipeline, "train_and_evaluate",
+                        lambda cfg, resume=False: seen.append(cfg) or {})
     return seen
 
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from saelab.errors import SaelabError
-from saelab.init import geometric_median, init_sae
 from saelab.sae import SAE, SAEConfig
+from saelab.sae_init import geometric_median, init_sae
 from saelab.training import TrainConfig
 from saelab.training.config import OptimConfig
 from saelab.training.losses import auxk_loss, fvu

@@ -3,7 +3,7 @@
 import glob
 import time
 
-from saelab.pipeline import train
+from saelab.cli.pipeline import train_and_evaluate
 from saelab.training import TrainConfig
 
 
@@ -12,7 +12,7 @@ def test_offline_wandb_run_records_metrics(small_cache, tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setenv("WANDB_SILENT", "true")
     out = tmp_path / "run"
-    train(TrainConfig.of(cache=str(small_cache), hook="blocks.1.hook_resid_post", out=str(out),
+    train_and_evaluate(TrainConfig.of(cache=str(small_cache), hook="blocks.1.hook_resid_post", out=str(out),
                       n_latents=128, k=4, tokens=8192, batch_size=1024, eval_tokens=1024,
                       log_every=2, wandb=True))
     files = glob.glob(str(out / "wandb" / "offline-run-*" / "run-*.wandb"))

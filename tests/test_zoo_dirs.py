@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from saelab import zoo
-from saelab.cli import main
+from saelab.cli.app import main
 from saelab.errors import SaelabError
 from saelab.zoo.build import build
 

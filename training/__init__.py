@@ -1,5 +1,5 @@
 """SAE training: `train(TrainConfig.of(...))` runs the loop and writes a dictionary directory per
-hook; `saelab.pipeline.train` adds the end-of-run evaluation."""
+hook; `saelab.cli.pipeline.train_and_evaluate` adds the end-of-run evaluation."""
 
 from saelab.training.checkpoint import resume_config
 from saelab.training.config import DictionaryConfig, OptimConfig, RunConfig, SourceConfig, TrainConfig

@@ -10,7 +10,7 @@ import torch
 
 from saelab.distributed import World
 from saelab.errors import SaelabError
-from saelab.io import read_safetensors, write_safetensors
+from saelab.storage.files import read_safetensors, write_safetensors
 from saelab.training.config import TrainConfig
 from saelab.training.trainer import Trainer
 

@@ -13,7 +13,7 @@ import yaml
 
 from saelab import allocators
 from saelab.checks import Cost, check_device, check_field_types, check_memory, check_number
-from saelab.data import BUILTIN_STDLIB
+from saelab.data.tokens import BUILTIN_STDLIB
 from saelab.errors import SaelabError
 from saelab.models import check_processing
 from saelab.zoo import DEFAULT_MODEL

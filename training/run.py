@@ -1,7 +1,7 @@
 """A training run: set up (data, SAEs, resume or init, sinks), fit (the step loop with logs and
 checkpoints), finish (save each dictionary, hand it to an optional evaluation, tell the sinks).
 
-`train(cfg)` drives one. Evaluation lives above training (`saelab.pipeline` composes the
+`train(cfg)` drives one. Evaluation lives above training (`saelab.cli.pipeline` composes the
 end-of-run eval); it comes in through `finish(evaluate=...)`.
 """
 
@@ -19,10 +19,10 @@ from tqdm import tqdm
 
 from saelab import __version__
 from saelab.distributed import World, init
-from saelab.init import init_sae
-from saelab.io import check_output_dir
-from saelab.lock import hold
 from saelab.sae import SAE, SAEConfig
+from saelab.sae_init import init_sae
+from saelab.storage.files import check_output_dir
+from saelab.storage.lock import hold
 from saelab.training.checkpoint import CHECKPOINT_FILE, read_checkpoint, restore, save_checkpoint
 from saelab.training.config import TrainConfig
 from saelab.training.sinks import JsonLog, Sink, WandbSink
@@ -205,7 +205,7 @@ def train(cfg: TrainConfig, resume: bool = False,
     `cfg.run.checkpoint_every` steps and at the end; with `resume`, training continues from it
     exactly where it stopped (same batches, same optimiser state: the final weights equal an
     uninterrupted run's). `resume_config(run)` gives the run's own config. `evaluate` (see
-    `saelab.pipeline`) adds an evaluation of each dictionary to its summary.
+    `saelab.cli.pipeline`) adds an evaluation of each dictionary to its summary.
     """
     world = init(cfg.run.device)
     if not resume and world.is_main:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from saelab.io import write_json
+from saelab.storage.files import write_json
 from saelab.training.config import TrainConfig
 
 METRICS_FILE = "metrics.json"

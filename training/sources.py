@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 
-from saelab.activations import ModelStream
-from saelab.cache import CacheStream, Manifest
-from saelab.data import TokenData
+from saelab.data.activations import ModelStream
+from saelab.data.cache import CacheStream, Manifest
+from saelab.data.tokens import TokenData
 from saelab.distributed import World
 from saelab.errors import SaelabError
 from saelab.models import DEFAULT_PROCESSING, HookedModel, load_model

@@ -21,10 +21,10 @@ import torch
 
 from saelab import allocators
 from saelab.errors import SaelabError
-from saelab.init import init_sae
 from saelab.models import HookedModel
 from saelab.penalty import l1_penalty
 from saelab.sae import SAE, SAEConfig
+from saelab.sae_init import init_sae
 
 from .patching import result_hook
 

@@ -12,7 +12,7 @@ import torch
 from matplotlib.figure import Figure
 
 from saelab.evals.report import _save_png
-from saelab.io import write_json, write_text
+from saelab.storage.files import write_json, write_text
 
 from . import scoring
 from .discover import CircuitResult

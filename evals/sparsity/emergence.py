@@ -12,7 +12,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from saelab.data import TokenData
+from saelab.data.tokens import TokenData
 from saelab.errors import SaelabError
 from saelab.evals.sparsity.measure import measure
 from saelab.models import load_model, resolve_spec

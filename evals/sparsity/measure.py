@@ -21,10 +21,10 @@ import torch
 from tqdm import tqdm
 
 from saelab import __version__
-from saelab.activations import positions_to_keep
-from saelab.data import BUILTIN_STDLIB, TokenData
+from saelab.data.activations import positions_to_keep
+from saelab.data.heldout import heldout_rows
+from saelab.data.tokens import BUILTIN_STDLIB, TokenData
 from saelab.errors import SaelabError
-from saelab.heldout import heldout_rows
 from saelab.models import HookedModel, load_model
 from saelab.zoo import DEFAULT_MODEL
 

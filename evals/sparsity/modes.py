@@ -27,12 +27,12 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from saelab.activations import model_activations, positions_to_keep
-from saelab.data import TokenData
+from saelab.data.activations import model_activations, positions_to_keep
+from saelab.data.heldout import heldout_rows
+from saelab.data.tokens import TokenData
 from saelab.errors import SaelabError
 from saelab.evals.sparsity.measure import mlp_hooks
 from saelab.evals.spliced import SplicedLoss, prediction_mask
-from saelab.heldout import heldout_rows
 from saelab.kernels import topk_indices
 from saelab.models import HookedModel
 

@@ -20,12 +20,12 @@ from functools import partial
 import torch
 from tqdm import tqdm
 
-from saelab.activations import model_activations, positions_to_keep
-from saelab.data import TokenData
+from saelab.data.activations import model_activations, positions_to_keep
+from saelab.data.heldout import heldout_rows
+from saelab.data.tokens import TokenData
 from saelab.errors import SaelabError
 from saelab.evals.sparsity.measure import default_threshold, mlp_hook, mlp_hooks
 from saelab.evals.spliced import SplicedLoss, prediction_mask
-from saelab.heldout import heldout_rows
 from saelab.kernels import SparseMLP
 from saelab.models import HookedModel
 

@@ -12,7 +12,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import ScalarFormatter
 
 from saelab.evals.report import _md_cell, _save_png
-from saelab.io import write_json, write_text
+from saelab.storage.files import write_json, write_text
 
 JSON_FILE, MARKDOWN_FILE = "sparsity.json", "sparsity.md"
 DENSITY_PNG, UNION_PNG = "density_per_layer.png", "union_vs_batch.png"

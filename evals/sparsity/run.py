@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from saelab.data import TokenData
+from saelab.data.tokens import TokenData
 from saelab.errors import SaelabError
 from saelab.evals.sparsity.emergence import checkpoint_dirs, over_training
 from saelab.evals.sparsity.measure import check_args, measure, resolve

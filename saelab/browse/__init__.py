@@ -17,7 +17,7 @@ from saelab.browse.card import Context, LatentCard, build_cards
 from saelab.browse.collect import collect, load_dictionaries
 from saelab.browse.site import build_site
 from saelab.browse.stats import FeatureStats, StatsConfig
-from saelab.data import TokenData
+from saelab.data.tokens import TokenData
 from saelab.models import HookedModel
 
 

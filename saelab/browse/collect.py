@@ -1,7 +1,7 @@
 """The streaming pass and the decoder-side facts a feature page shows.
 
 One forward pass of the model per batch of held-out rows feeds every dictionary of a run (one
-per hook), each into its `FeatureStats`. Rows come from `saelab.heldout.heldout_rows`, the
+per hook), each into its `FeatureStats`. Rows come from `saelab.data.heldout.heldout_rows`, the
 same held-out rows `saelab eval` scores, and BOS/pad positions are skipped as there.
 
 Next-token effects ("promotes / suppresses") are the direct path only: the latent's decoder row
@@ -24,11 +24,11 @@ import torch
 from tqdm import tqdm
 
 import saelab
-from saelab.activations import positions_to_keep
 from saelab.browse.stats import FeatureStats, StatsConfig
-from saelab.data import TokenData
+from saelab.data.activations import positions_to_keep
+from saelab.data.heldout import heldout_rows, resolve_dictionary
+from saelab.data.tokens import TokenData
 from saelab.errors import SaelabError
-from saelab.heldout import heldout_rows, resolve_dictionary
 from saelab.models import HookedModel
 from saelab.sae import CONFIG_FILE
 

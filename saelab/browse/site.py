@@ -17,9 +17,9 @@ from saelab.browse import html
 from saelab.browse.card import build_cards
 from saelab.browse.collect import collect, find_dictionaries, load_dictionaries
 from saelab.browse.stats import StatsConfig
-from saelab.data import TokenData
+from saelab.data.tokens import TokenData
 from saelab.errors import SaelabError
-from saelab.io import check_output_dir, write_text
+from saelab.storage.files import check_output_dir, write_text
 
 INDEX = "index.html"
 

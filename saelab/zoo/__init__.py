@@ -46,10 +46,10 @@ class ZooRecipe:
             S/2^n .. S/2 (S = total steps; early steps are where sparsity emerges), and the
             final one. `saelab sparsity --checkpoints` plots density against step from them.
         corpus: "stdlib" (byte tokenizer, standard-library source) or "tasks" (word-level
-            tokenizer, synthetic circuit-task text mixed with stdlib source: `saelab.zoo.tasks`).
+            tokenizer, synthetic circuit-task text mixed with stdlib source: `saelab.zoo.task_corpus`).
         stdlib_fraction: for the tasks corpus, the share of each batch's rows that is stdlib.
         copy_steps: for the tasks corpus, steps of pure copying data before the task mix
-            (`saelab.zoo.tasks.copy_rows`): the copying the tasks need forms there first.
+            (`saelab.zoo.task_corpus.copy_rows`): the copying the tasks need forms there first.
     """
 
     name: str

@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from saelab.data import BUILTIN_STDLIB, TokenData
+from saelab.data.tokens import BUILTIN_STDLIB, TokenData
 from saelab.errors import SaelabError
-from saelab.io import check_output_dir, write_json
 from saelab.schedule import lr_factor
+from saelab.storage.files import check_output_dir, write_json
 from saelab.zoo import MODELS_DIR, ZooRecipe, user_dir
 from saelab.zoo import tasks as task_corpus
 
@@ -238,7 +238,7 @@ def build(recipe: ZooRecipe, out_dir: Path | None = None, heldout_rows: int = 51
         write_json(tmp / CARD_FILE, {
             "name": recipe.name,
             "recipe": dataclasses.asdict(recipe),
-            "data": ("synthetic circuit tasks (saelab.zoo.tasks) + " if recipe.corpus == "tasks"
+            "data": ("synthetic circuit tasks (saelab.zoo.task_corpus) + " if recipe.corpus == "tasks"
                      else "") + f"{BUILTIN_STDLIB} (train split), Python {platform.python_version()}",
             "heldout_tokens": int(rows[:, 1:].numel()),
             "heldout_loss_nats": round(model_loss, 4),

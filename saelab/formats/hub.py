@@ -1,4 +1,5 @@
-"""Reaching the Hugging Face hub: one quick probe instead of huggingface_hub's retry loop.
+"""Reaching the Hugging Face hub: one quick probe instead of huggingface_hub's retry loop, and
+fetching a dictionary directory from it (`hub_snapshot`, data files only).
 
 With no network, huggingface_hub retries each request five times with backoff (1+2+4+8+8 s) and
 logs two warning lines per try, so a hub spec took about 30 s and 13 lines to fail. Before a hub
@@ -12,7 +13,10 @@ from __future__ import annotations
 import socket
 import threading
 import urllib.request
+from pathlib import Path
 from urllib.parse import urlsplit
+
+from saelab.errors import SaelabError
 
 PROBE_SECONDS = 3.0
 
@@ -69,3 +73,27 @@ def unreachable() -> str | None:
     host, port = _probe_address(endpoint())
     error = _connect_error(host, port)
     return None if error is None else f"the hub {endpoint()} is unreachable ({error})"
+
+
+def hub_snapshot(spec: str) -> Path:
+    """Fetch `owner/name[/folder]` from the Hugging Face hub, only the dictionary files (data,
+    never code); from the local cache alone when the hub is unreachable (`unreachable`)."""
+    from huggingface_hub import snapshot_download
+
+    from saelab.formats.saelens import SAELENS_WEIGHTS_FILE
+    from saelab.sae import CONFIG_FILE, WEIGHTS_FILE
+
+    parts = spec.split("/")
+    repo_id, folder = "/".join(parts[:2]), "/".join(parts[2:])
+    prefix = f"{folder}/" if folder else ""
+    offline = unreachable()
+    try:
+        root = snapshot_download(repo_id, local_files_only=offline is not None, allow_patterns=[
+            prefix + name for name in (CONFIG_FILE, WEIGHTS_FILE, SAELENS_WEIGHTS_FILE)])
+    except Exception as e:  # offline, unknown or gated repo, proxy: all end the same way for the user
+        why = f"{offline}, and it is not in the local cache" if offline else type(e).__name__
+        raise SaelabError(
+            f"no local directory {spec!r} and could not download it from the Hugging Face hub "
+            f"({why}); pass a local dictionary directory"
+        ) from None
+    return Path(root) / folder

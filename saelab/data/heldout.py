@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 
 from saelab import load
-from saelab.activations import model_activations, positions_to_keep
-from saelab.data import BUILTIN_STDLIB, TokenData
+from saelab.data.activations import model_activations, positions_to_keep
+from saelab.data.tokens import BUILTIN_STDLIB, TokenData
 from saelab.errors import SaelabError
 from saelab.models import DEFAULT_PROCESSING, HookedModel, load_model
 

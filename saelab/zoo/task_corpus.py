@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from saelab import tasks
-from saelab.data import BUILTIN_STDLIB, TokenData, stdlib_texts
+from saelab.data.tokens import BUILTIN_STDLIB, TokenData, stdlib_texts
 
 EOT, UNK = "<|endoftext|>", "[UNK]"
 PIECE = r"\d\d|\d|[A-Za-z_]+|\n| {2,}|[^\sA-Za-z_\d]"

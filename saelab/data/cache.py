@@ -9,7 +9,7 @@ On disk a cache is a directory:
 
 BOS and pad positions are dropped when caching (their activations are outliers that no SAE
 should spend capacity on). Every file is written atomically and the manifest last, so a cache
-whose manifest exists is complete. One process writes a cache at a time (`saelab.lock`).
+whose manifest exists is complete. One process writes a cache at a time (`saelab.storage.lock`).
 
 Integrity: each shard's entry in the manifest holds its byte size and the SHA-256 of its bytes,
 hashed from the buffer as it is written (no second pass). A reader checks the size when it opens
@@ -24,7 +24,7 @@ Two streams yield shuffled (B, d) batches for training:
   (seed, e): shards are permuted, taken in groups of `buffer_shards`, and the rows of a group
   permuted; batches are consecutive slices of that order. Its position is just
   (epoch, offset), so `state_dict()` / `load_state_dict()` resume exactly.
-(`saelab.activations.ModelStream` yields the same batches from a model run on the fly.)
+(`saelab.data.activations.ModelStream` yields the same batches from a model run on the fly.)
 """
 
 from __future__ import annotations
@@ -41,14 +41,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from saelab.activations import Layout, model_activations
 from saelab.checks import Cost, check_memory
-from saelab.data import TokenData
+from saelab.data.activations import Layout, model_activations
+from saelab.data.tokens import TokenData
 from saelab.distributed import World
 from saelab.errors import SaelabError
-from saelab.io import check_output_dir, read_safetensors, write_json, write_safetensors
-from saelab.lock import hold
 from saelab.models import DEFAULT_PROCESSING, PROCESSINGS, HookedModel, grad_key
+from saelab.storage.files import check_output_dir, read_safetensors, write_json, write_safetensors
+from saelab.storage.lock import hold
 
 MANIFEST = "manifest.json"
 FORMAT = "saelab-activation-cache/1"

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
+from saelab.data.specs import hub_name
 from saelab.errors import SaelabError, first_line
-from saelab.specs import hub_name
 
 BUILTIN_STDLIB = "builtin:stdlib"
 SPLITS = ("train", "heldout")
@@ -96,11 +96,11 @@ def _hf_texts(name: str, split: str) -> list[str]:
     """A Hugging Face dataset: its `test`/`validation` split is held out when it has one.
 
     Never runs a dataset's loading script (trust_remote_code=False; datasets >= 4 refuses
-    scripts anyway). An unreachable hub fails at once (`saelab.hub`): datasets has no
+    scripts anyway). An unreachable hub fails at once (`saelab.formats.hub`): datasets has no
     cache-only switch but HF_HUB_OFFLINE, so the message names it."""
     import datasets
 
-    from saelab import hub
+    from saelab.formats import hub
 
     path, _, config = name.partition(":")
     why = hub.unreachable()

@@ -64,9 +64,9 @@ import torch
 
 from saelab import __version__
 from saelab.errors import SaelabError
-from saelab.io import check_output_dir, read_safetensors, write_json, write_safetensors
 from saelab.models import DEFAULT_PROCESSING, PROCESSINGS
-from saelab.sae import CONFIG_FILE, SAE, WEIGHTS_FILE, SAEConfig
+from saelab.sae import CONFIG_FILE, SAE, SAEConfig
+from saelab.storage.files import check_output_dir, read_safetensors, write_json, write_safetensors
 
 SAELENS_WEIGHTS_FILE = "sae_weights.safetensors"
 SAELENS_FORMAT = "6.0.0"  # the cfg.json layout written here is SAELens >= 6.0's
@@ -236,27 +236,4 @@ def import_saelens(path: str | Path, device: str | torch.device = "cpu") -> SAE:
     return sae
 
 
-def hub_snapshot(spec: str) -> Path:
-    """Fetch `owner/name[/folder]` from the Hugging Face hub, only the dictionary files (data,
-    never code); from the local cache alone when the hub is unreachable (`saelab.hub`)."""
-    from huggingface_hub import snapshot_download
-
-    from saelab import hub
-
-    parts = spec.split("/")
-    repo_id, folder = "/".join(parts[:2]), "/".join(parts[2:])
-    prefix = f"{folder}/" if folder else ""
-    offline = hub.unreachable()
-    try:
-        root = snapshot_download(repo_id, local_files_only=offline is not None, allow_patterns=[
-            prefix + name for name in (CONFIG_FILE, WEIGHTS_FILE, SAELENS_WEIGHTS_FILE)])
-    except Exception as e:  # offline, unknown or gated repo, proxy: all end the same way for the user
-        why = f"{offline}, and it is not in the local cache" if offline else type(e).__name__
-        raise SaelabError(
-            f"no local directory {spec!r} and could not download it from the Hugging Face hub "
-            f"({why}); pass a local dictionary directory"
-        ) from None
-    return Path(root) / folder
-
-
-__all__ = ["export_saelens", "import_saelens", "is_saelens_dir", "hub_snapshot"]
+__all__ = ["export_saelens", "import_saelens", "is_saelens_dir"]

@@ -15,7 +15,7 @@ SUMMARY_KEYS = ("tokens", "fvu", "explained_variance", "l0", "dead_frac", "rare_
                 "ce_sae", "delta_loss", "ce_loss_recovered", "kl_sae")
 
 
-def train(cfg: TrainConfig, resume: bool = False) -> dict[str, TrainResult]:
+def train_and_evaluate(cfg: TrainConfig, resume: bool = False) -> dict[str, TrainResult]:
     """`saelab.training.train`, with each dictionary evaluated on `cfg.eval_tokens` held-out
     tokens (report files beside it; `heldout_*` entries in its summary and metrics.json)."""
     return train_only(cfg, resume, evaluate=heldout_eval)

@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from saelab.errors import SaelabError
-from saelab.io import remove_stale_temps
+from saelab.storage.files import remove_stale_temps
 
 LOCK_FILE = ".saelab.lock"
 

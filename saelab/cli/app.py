@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from saelab.cli_options import field_options, given, with_options
+from saelab.cli.options import field_options, given, with_options
 from saelab.errors import SaelabError
 from saelab.training.config import TrainConfig
 from saelab.zoo import DEFAULT_MODEL
@@ -39,10 +39,10 @@ def _print_summary(title: str, rows: dict) -> None:
         typer.echo(f"  {k:<{width}}  {shown}")
 
 
-def train(config: Path | None = None, resume: Path | None = None, **flags) -> None:
+def train_command(config: Path | None = None, resume: Path | None = None, **flags) -> None:
     """Train an SAE. With no flags: a TopK SAE on the shipped zoo model, offline, in minutes."""
+    from saelab.cli.pipeline import train_and_evaluate
     from saelab.distributed import is_main_process
-    from saelab.pipeline import train as run
     from saelab.training import resume_config
 
     values = given(flags)
@@ -50,14 +50,14 @@ def train(config: Path | None = None, resume: Path | None = None, **flags) -> No
         if values or config:
             raise SaelabError(f"--resume continues a run with its own config; drop "
                               f"{sorted(values) or ['--config']}")
-        result = run(resume_config(resume), resume=True)
+        result = train_and_evaluate(resume_config(resume), resume=True)
     else:
-        result = run(TrainConfig.from_file_and_flags(str(config) if config else None, values))
+        result = train_and_evaluate(TrainConfig.from_file_and_flags(str(config) if config else None, values))
     for one in result.values() if is_main_process() else []:  # rank 0 evaluated and prints
         _print_train_summary(one.summary)
 
 
-app.command()(with_options(train, [
+app.command("train")(with_options(train_command, [
     inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Path | None, default=Opt(
         None, help="YAML/JSON file of training fields; flags override it.")),
     inspect.Parameter("resume", inspect.Parameter.KEYWORD_ONLY, annotation=Path | None, default=Opt(
@@ -112,11 +112,11 @@ def cache_cmd(
     overwrite: Annotated[bool, Opt("--overwrite", help="Allow writing into a non-empty directory.")] = False,
 ) -> None:
     """Cache activations of one or more hooks to disk (safetensors shards + JSON manifest)."""
-    from saelab.cache import DTYPES, build_cache
     from saelab.checks import check_device, check_number
-    from saelab.data import SPLITS, TokenData
-    from saelab.io import check_output_dir
+    from saelab.data.cache import DTYPES, build_cache
+    from saelab.data.tokens import SPLITS, TokenData
     from saelab.models import check_processing, load_model
+    from saelab.storage.files import check_output_dir
 
     check_processing(processing)
     for name, value, low in (("--tokens", tokens, 1), ("--shard-rows", shard_rows, 1),
@@ -164,7 +164,7 @@ def eval_cmd(
     """Evaluate a dictionary: FVU, L0, dead/dense latents, spliced CE loss, KL; JSON + markdown + PNGs."""
     from saelab.checks import check_device, check_number
     from saelab.evals import evaluate, format_summary, write_report
-    from saelab.io import check_output_dir
+    from saelab.storage.files import check_output_dir
 
     for name, value, low in (("--tokens", tokens, 1), ("--batch-rows", batch_rows, 1),
                              ("--context-length", context_length, 2)):
@@ -195,9 +195,9 @@ def export_cmd(
     """Convert a dictionary between saelab's, SAELens's and sparsify's on-disk formats."""
     import saelab
     from saelab.checks import check_number
-    from saelab.io import check_output_dir
-    from saelab.saelens import export_saelens
-    from saelab.sparsify_format import export_sparsify
+    from saelab.formats.saelens import export_saelens
+    from saelab.formats.sparsify import export_sparsify
+    from saelab.storage.files import check_output_dir
 
     if format not in ("saelens", "sparsify", "saelab"):
         raise SaelabError(f"unknown export format {format!r}; use saelens, sparsify or saelab")
@@ -222,9 +222,9 @@ def info(
     target: Annotated[str, typer.Argument(help="A dictionary directory, a run directory of them (one per hook), a cache directory, or a model spec (zoo:NAME, a local HF directory, hf:NAME).")],
 ) -> None:
     """Describe a dictionary, a run directory, an activation cache, or a model (its hook names)."""
-    from saelab.cache import MANIFEST, Manifest
+    from saelab.data.cache import MANIFEST, Manifest
+    from saelab.formats.sparsify import is_run_dir
     from saelab.sae import CONFIG_FILE
-    from saelab.sparsify_format import is_run_dir
 
     path = Path(target)
     if (path / CONFIG_FILE).exists():
@@ -329,10 +329,10 @@ def sparsity_cmd(
 ) -> None:
     """Measure lazy-neuron MLP activation sparsity per layer (density, dead/always-on neurons, union over batches) and the loss of sparsifying it further."""
     from saelab.checks import check_device, check_number
-    from saelab.data import TokenData
+    from saelab.data.tokens import TokenData
     from saelab.evals.sparsity import format_summary, run, write_report
     from saelab.evals.sparsity.modes import DEFAULT_DENSITIES, MODES
-    from saelab.io import check_output_dir
+    from saelab.storage.files import check_output_dir
 
     for name, value in (("--tokens", tokens), ("--batch-rows", batch_rows), ("--sweep-tokens", sweep_tokens),
                         ("--calibration-tokens", calibration_tokens), ("--predictor-tokens", predictor_tokens),
@@ -417,7 +417,7 @@ def circuits(
     """Find a task's circuit from SAE codes of per-head outputs and score it against patching."""
     from saelab.checks import check_device, check_number
     from saelab.evals.circuits import DiscoverConfig, discover, format_summary, write_report
-    from saelab.io import check_output_dir
+    from saelab.storage.files import check_output_dir
 
     for name, value in (("--train-prompts", train_prompts), ("--prompts", prompts), ("--trials", trials),
                         ("--n-latents", n_latents), ("--epochs", epochs), ("--truth-prompts", truth_prompts)):

@@ -1,6 +1,6 @@
 """Activations computed from a model as it runs (no cache): per-batch extraction with BOS/pad
 positions dropped, and `ModelStream`, shuffled training batches of the same form as
-`saelab.cache.CacheStream`'s."""
+`saelab.data.cache.CacheStream`'s."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import torch
 
-from saelab.data import TokenData
+from saelab.data.tokens import TokenData
 from saelab.models import HookedModel, grad_key
 
 

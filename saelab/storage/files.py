@@ -3,7 +3,7 @@
 A write goes to a hidden temp file beside its target (`.NAME.XXXXXXXX.tmp`) and is renamed
 over it; a full disk removes the temp file and leaves the old target as it was. Temp files left
 by a killed process are ignored by `check_output_dir` and removed by the next writer that takes
-the directory's lock (`saelab.lock`).
+the directory's lock (`saelab.storage.lock`).
 """
 
 from __future__ import annotations
@@ -187,6 +187,6 @@ def _why_unwritable(directory: Path) -> str:
 
 def _is_content(p: Path) -> bool:
     """Whether `p` is a result someone may want kept (not a lock file, not a dead temp file)."""
-    from saelab.lock import LOCK_FILE  # saelab.lock builds on this module
+    from saelab.storage.lock import LOCK_FILE  # saelab.storage.lock builds on this module
 
     return p.name != LOCK_FILE and not is_temp(p)

@@ -48,9 +48,9 @@ import torch
 
 from saelab import __version__, allocators
 from saelab.errors import SaelabError
-from saelab.io import check_output_dir, read_safetensors, write_json, write_safetensors
 from saelab.models import DEFAULT_PROCESSING
 from saelab.sae import CONFIG_FILE, SAE, WEIGHTS_FILE, SAEConfig
+from saelab.storage.files import check_output_dir, read_safetensors, write_json, write_safetensors
 
 
 def exportable() -> tuple[str, ...]:
