@@ -18,7 +18,7 @@ to `blocks.N.hook_resid_post`, `….mlp` to `blocks.N.hook_mlp_out`, `….attn` 
 the Hugging Face model itself, so an import is recorded as trained on "raw" activations
 (`SAEConfig.processing`): it runs on `load_model(spec, processing="raw")`, and splicing it into
 a folded model (saelab's default, whose residual stream is the raw one minus its per-token mean)
-is refused (tests/test_sparsify_peer.py checks both facts against sparsify on the zoo model).
+is refused (tests/formats/test_sparsify_peer.py checks both facts against sparsify on the zoo model).
 
 saelab -> sparsify (`export_sparsify`): topk and gradient_topk (plain topk at inference) only;
 the other allocators are not TopK and have no sparsify form (export them as SAELens). Only

@@ -26,8 +26,7 @@ from saelab.data.tokens import BUILTIN_STDLIB, TokenData
 from saelab.errors import SaelabError
 from saelab.schedule import lr_factor
 from saelab.storage.files import check_output_dir, write_json
-from saelab.zoo import MODELS_DIR, ZooRecipe, user_dir
-from saelab.zoo import tasks as task_corpus
+from saelab.zoo import MODELS_DIR, ZooRecipe, task_corpus, user_dir
 
 EOT = "<|endoftext|>"
 EOT_ID = 256

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 SUBPACKAGES = ("saelab", "saelab.training", "saelab.evals", "saelab.kernels")
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_subpackages_import_under_saelab():

@@ -13,7 +13,7 @@ from saelab.allocators.base import Allocator, Selection, topk
 from saelab.errors import SaelabError
 from saelab.sae import SAE, SAEConfig
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 NAME_TEST = re.compile(r"allocator\s*(==|!=|\bin\b|\bnot in\b)|(==|!=)\s*\S*\.allocator\b")
 
 

@@ -1,7 +1,7 @@
 """Activation-sparse MLP forwards (saelab.kernels.SparseMLP) against the dense MLP in float64.
 
 Runs on the torch backend here, and on the Triton backend in a TRITON_INTERPRET=1 subprocess
-(as tests/test_kernels_triton.py does): the same tests, rerouted by `auto` dispatch.
+(as tests/kernels/test_kernels_triton.py does): the same tests, rerouted by `auto` dispatch.
 """
 
 from __future__ import annotations

@@ -164,7 +164,7 @@ def test_task_file_missing_or_empty(tmp_path):
 
 
 def test_task_model_copy_warmup_then_the_mix(tokenizer):
-    from saelab.zoo import tasks as corpus
+    from saelab.zoo import task_corpus as corpus
 
     stream = corpus.batches(tokenizer, 4, 48, seed=0, stdlib_fraction=0.25, copy_steps=2)
     eot = tokenizer.eos_token_id
