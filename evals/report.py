@@ -1,8 +1,7 @@
 """Eval reports: eval.json, eval.md, two PNG histograms, and a one-screen terminal summary.
 
 Everything is drawn from the report dict alone (`evaluate`'s return value, or eval.json read
-back), so a report can be re-rendered without re-running the model. Plots use matplotlib's Agg
-canvas directly, never pyplot, so a notebook's backend is left alone.
+back), so a report can be re-rendered without re-running the model.
 """
 
 from __future__ import annotations
@@ -10,13 +9,12 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from saelab.evals.latents import RARE_FIRES
-from saelab.storage.files import write_atomic, write_json, write_text
+from saelab.evals.render import Plot, md_images, md_table, text_table, write_report_files
 
-JSON_FILE, MARKDOWN_FILE = "eval.json", "eval.md"
+NAME = "eval"  # eval.json, eval.md
 DENSITY_PNG, L0_PNG = "latent_density.png", "l0_histogram.png"
 
 
@@ -66,33 +64,9 @@ def _title(r: dict) -> str:
 
 def format_summary(report: dict) -> str:
     """A one-screen text summary for the terminal."""
-    rows = _rows(report)
-    width = max(len(name) for name, _, _ in rows)
-    vwidth = max(len(value) for _, value, _ in rows)
     lines = [f"Evaluated {_title(report)}",
              f"  data: {report['data']} ({report['split']})"]
-    lines += [f"  {name:<{width}}  {value:<{vwidth}}  {meaning}" for name, value, meaning in rows]
-    return "\n".join(lines)
-
-
-def _md_cell(text: str) -> str:
-    """Escape the pipes of norms and KL(p || q) so they do not split a table cell."""
-    return text.replace("|", "\\|")
-
-
-def _markdown(r: dict) -> str:
-    lines = [f"# SAE evaluation: {r['hook']}", "", f"{_title(r)}.", "",
-             f"Dictionary: `{r['dictionary'] or '(in memory)'}`. Data: `{r['data']}` ({r['split']} split). "
-             f"saelab {r['saelab_version']}, {r['seconds']} s.", "",
-             "| metric | value | meaning |", "| --- | --- | --- |"]
-    lines += [f"| {_md_cell(name)} | {value} | {_md_cell(meaning)} |" for name, value, meaning in _rows(r)]
-    lines += ["", f"![latent density]({DENSITY_PNG})", "", f"![per-token L0]({L0_PNG})", ""]
-    return "\n".join(lines)
-
-
-def _save_png(fig: Figure, path: Path) -> None:
-    FigureCanvasAgg(fig)
-    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    return "\n".join(lines + text_table(_rows(report)))
 
 
 def _density_plot(r: dict) -> Figure:
@@ -124,17 +98,21 @@ def _l0_plot(r: dict) -> Figure:
     return fig
 
 
+PLOTS = (Plot(DENSITY_PNG, "latent density", _density_plot), Plot(L0_PNG, "per-token L0", _l0_plot))
+
+
+def _markdown(r: dict) -> str:
+    lines = [f"# SAE evaluation: {r['hook']}", "", f"{_title(r)}.", "",
+             f"Dictionary: `{r['dictionary'] or '(in memory)'}`. Data: `{r['data']}` ({r['split']} split). "
+             f"saelab {r['saelab_version']}, {r['seconds']} s.", ""]
+    lines += [*md_table(("metric", "value", "meaning"), _rows(r)), "", *md_images(PLOTS)]
+    return "\n".join(lines)
+
+
 def write_report(report: dict, out_dir: str | Path) -> list[Path]:
     """Write eval.json, eval.md and the two histograms into `out_dir`; returns their paths.
 
     Each file is replaced atomically; other files in `out_dir` are left alone, so the report
     can sit beside the dictionary it describes.
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = [out / JSON_FILE, out / MARKDOWN_FILE, out / DENSITY_PNG, out / L0_PNG]
-    write_json(paths[0], report)
-    write_text(paths[1], _markdown(report))
-    _save_png(_density_plot(report), paths[2])
-    _save_png(_l0_plot(report), paths[3])
-    return paths
+    return write_report_files(out_dir, NAME, report, _markdown(report), PLOTS, report)

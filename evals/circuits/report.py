@@ -11,13 +11,12 @@ from pathlib import Path
 import torch
 from matplotlib.figure import Figure
 
-from saelab.evals.report import _save_png
-from saelab.storage.files import write_json, write_text
+from saelab.evals.render import Plot, md_images, md_table, text_table, write_report_files
 
 from . import scoring
 from .discover import CircuitResult
 
-JSON_FILE, MARKDOWN_FILE = "circuits.json", "circuits.md"
+NAME = "circuits"  # circuits.json, circuits.md
 GRID_PNG, ROC_PNG = "circuit_heads.png", "circuit_roc.png"
 
 
@@ -59,23 +58,11 @@ def _rows(s: dict) -> list[tuple[str, str]]:
 def format_summary(result: CircuitResult | dict) -> str:
     s = result.summary() if isinstance(result, CircuitResult) else result
     c = s["config"]
-    rows = _rows(s)
-    width = max(len(k) for k, _ in rows)
     where = "at the last position" if c["position"] == "last" else "averaged over positions"
     lines = [f"Circuit discovery: {s['task']} on {s['model']} ({c['sae']} SAE, {c['n_latents']} "
              f"latents, head outputs {where}, {c['train_prompts']} "
              f"training prompts, {c['prompts']} held-out prompts)"]
-    return "\n".join(lines + [f"  {k:<{width}}  {v}" for k, v in rows])
-
-
-def _markdown(s: dict) -> str:
-    lines = [f"# Circuit discovery: {s['task']} on {s['model']}", "", "| | |", "| --- | --- |"]
-    lines += [f"| {k} | {v} |" for k, v in _rows(s)]
-    lines += ["", "Forward passes are counted per prompt (a batched pass over P prompts is P). "
-              "ROC AUC is computed on held-out prompts the SAE did not train on; edges are "
-              "scored as edges against path-patched edges.", "",
-              f"![per-head scores]({GRID_PNG})", "", f"![ROC curves]({ROC_PNG})", ""]
-    return "\n".join(lines)
+    return "\n".join(lines + text_table(_rows(s)))
 
 
 def _grid_plot(r: CircuitResult) -> Figure:
@@ -125,15 +112,20 @@ def _roc_plot(r: CircuitResult) -> Figure:
     return fig
 
 
+PLOTS = (Plot(GRID_PNG, "per-head scores", _grid_plot), Plot(ROC_PNG, "ROC curves", _roc_plot))
+
+
+def _markdown(s: dict) -> str:
+    lines = [f"# Circuit discovery: {s['task']} on {s['model']}", "", *md_table(("", ""), _rows(s))]
+    lines += ["", "Forward passes are counted per prompt (a batched pass over P prompts is P). "
+              "ROC AUC is computed on held-out prompts the SAE did not train on; edges are "
+              "scored as edges against path-patched edges.", "", *md_images(PLOTS)]
+    return "\n".join(lines)
+
+
 def write_report(result: CircuitResult, out_dir: str | Path) -> list[Path]:
     """Write circuits.json, circuits.md and the two PNGs into `out_dir`; returns their paths."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     s = result.summary()
-    paths = [out / JSON_FILE, out / MARKDOWN_FILE, out / GRID_PNG, out / ROC_PNG]
-    write_json(paths[0], {**s, "node_counts": result.node_counts.tolist(),
-                          "edge_counts": [e.nan_to_num(-1).tolist() for e in result.edge_counts]})
-    write_text(paths[1], _markdown(s))
-    _save_png(_grid_plot(result), paths[2])
-    _save_png(_roc_plot(result), paths[3])
-    return paths
+    data = {**s, "node_counts": result.node_counts.tolist(),
+            "edge_counts": [e.nan_to_num(-1).tolist() for e in result.edge_counts]}
+    return write_report_files(out_dir, NAME, data, _markdown(s), PLOTS, result)

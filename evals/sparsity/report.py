@@ -11,10 +11,9 @@ from pathlib import Path
 from matplotlib.figure import Figure
 from matplotlib.ticker import ScalarFormatter
 
-from saelab.evals.report import _md_cell, _save_png
-from saelab.storage.files import write_json, write_text
+from saelab.evals.render import Plot, md_images, md_table, text_table, write_report_files
 
-JSON_FILE, MARKDOWN_FILE = "sparsity.json", "sparsity.md"
+NAME = "sparsity"  # sparsity.json, sparsity.md
 DENSITY_PNG, UNION_PNG = "density_per_layer.png", "union_vs_batch.png"
 MODES_PNG, STEPS_PNG = "loss_vs_density.png", "density_vs_step.png"
 
@@ -64,17 +63,6 @@ def _steps_table(r: dict) -> tuple[list[str], list[list[str]]]:
     return head, rows
 
 
-def _text_table(head: list[str], rows: list[list[str]]) -> list[str]:
-    widths = [max(len(x) for x in col) for col in zip(head, *rows, strict=True)]
-    fmt = "  ".join(f"{{:>{w}}}" for w in widths)
-    return ["  " + fmt.format(*head), *("  " + fmt.format(*row) for row in rows)]
-
-
-def _md_table(head: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head),
-            *("| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows)]
-
-
 def _header(r: dict) -> list[str]:
     return [
         f"MLP activation sparsity of {r['model']} ({r['activation']} MLPs; active: {r['active_means']})",
@@ -107,20 +95,7 @@ def _sections(r: dict):
 def format_summary(r: dict) -> str:
     lines = _header(r)
     for title, (head, rows) in _sections(r):
-        lines += ["", title, *_text_table(head, rows)]
-    return "\n".join(lines)
-
-
-def _markdown(r: dict) -> str:
-    lines = [f"# Activation sparsity: {r['model']}", "", *(f"{x}." for x in _header(r)), ""]
-    for title, (head, rows) in _sections(r):
-        lines += [f"## {title}", "", *_md_table(head, rows), ""]
-    lines += [f"![density per layer]({DENSITY_PNG})", "", f"![union vs batch]({UNION_PNG})", ""]
-    if "modes" in r:
-        lines += [f"![loss vs density]({MODES_PNG})", ""]
-    if "checkpoints" in r:
-        lines += [f"![density vs step]({STEPS_PNG})", ""]
-    lines += [f"saelab {r['saelab_version']}, {r['seconds']} s.", ""]
+        lines += ["", title, *text_table([head, *rows], right=True)]
     return "\n".join(lines)
 
 
@@ -190,19 +165,25 @@ def _steps_plot(r: dict) -> Figure:
     return fig
 
 
+def _plots(r: dict) -> list[Plot]:
+    """The density and union plots, then one per optional section the report holds."""
+    plots = [Plot(DENSITY_PNG, "density per layer", _density_plot),
+             Plot(UNION_PNG, "union vs batch", _union_plot)]
+    if "modes" in r:
+        plots.append(Plot(MODES_PNG, "loss vs density", _modes_plot))
+    if "checkpoints" in r:
+        plots.append(Plot(STEPS_PNG, "density vs step", _steps_plot))
+    return plots
+
+
+def _markdown(r: dict) -> str:
+    lines = [f"# Activation sparsity: {r['model']}", "", *(f"{x}." for x in _header(r)), ""]
+    for title, (head, rows) in _sections(r):
+        lines += [f"## {title}", "", *md_table(head, rows), ""]
+    lines += [*md_images(_plots(r)), f"saelab {r['saelab_version']}, {r['seconds']} s.", ""]
+    return "\n".join(lines)
+
+
 def write_report(r: dict, out_dir: str | Path) -> list[Path]:
     """Write sparsity.json, sparsity.md and the PNGs into `out_dir` (each atomically)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = [out / JSON_FILE, out / MARKDOWN_FILE]
-    write_json(paths[0], r)
-    write_text(paths[1], _markdown(r))
-    plots = [(DENSITY_PNG, _density_plot), (UNION_PNG, _union_plot)]
-    if "modes" in r:
-        plots.append((MODES_PNG, _modes_plot))
-    if "checkpoints" in r:
-        plots.append((STEPS_PNG, _steps_plot))
-    for name, draw in plots:
-        _save_png(draw(r), out / name)
-        paths.append(out / name)
-    return paths
+    return write_report_files(out_dir, NAME, r, _markdown(r), _plots(r), r)
