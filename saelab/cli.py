@@ -13,7 +13,8 @@ from typing import Annotated
 
 import typer
 
-from saelab.cli_options import config_fields, field_options, from_flags, given, with_options
+from saelab.cache import CacheConfig
+from saelab.cli_options import argument, config_fields, field_options, from_flags, given, with_options
 from saelab.errors import SaelabError
 from saelab.evals.circuits.discover import CircuitsConfig
 from saelab.evals.sparsity.run import SparsityCommandConfig
@@ -96,49 +97,25 @@ def _training_dead(s: dict) -> str:
     return f"{s['train_dead_frac']:.2%} not active in the last {window:,} training tokens"
 
 
-@app.command("cache")
-def cache_cmd(
-    out: Annotated[Path, typer.Argument(help="Directory to write shards and manifest.json into.")],
-    model: Annotated[str, Opt(help="Model spec: zoo:NAME, a local HF directory, or hf:NAME on the hub.")] = DEFAULT_MODEL,
-    hook: Annotated[list[str] | None, Opt(help="Hook to capture; repeat for several (one forward pass). [default: blocks.{n_layers//2}.hook_resid_post]")] = None,
-    processing: Annotated[str, Opt(help="The model's weight processing: folded (LayerNorm folded, writing weights centred), centred (writing weights centred only) or raw (the Hugging Face model's own activations).")] = "folded",
-    data: Annotated[str, Opt(help="Token data: builtin:stdlib, a .txt/.jsonl file or directory, or hf:NAME.")] = "builtin:stdlib",
-    split: Annotated[str, Opt(help="Data split: train or heldout.")] = "train",
-    tokens: Annotated[int, Opt(help="Activation rows (token positions) to cache.")] = 1_000_000,
-    context_length: Annotated[int | None, Opt(help="Tokens per row, BOS included. [default: min(model context, 128)]")] = None,
-    shard_rows: Annotated[int, Opt(help="Rows per shard file.")] = 65536,
-    dtype: Annotated[str, Opt(help="Storage dtype: float32, float16 or bfloat16.")] = "float32",
-    seed: Annotated[int, Opt(help="Seed for the document order.")] = 0,
-    device: Annotated[str, Opt(help="Torch device.")] = "cpu",
-    with_grads: Annotated[bool, Opt("--with-grads", help="Also store the gradient of the next-token loss w.r.t. each activation (for gradient_topk).")] = False,
-    overwrite: Annotated[bool, Opt("--overwrite", help="Allow writing into a non-empty directory.")] = False,
-) -> None:
+def cache_cmd(out: Path, **flags) -> None:
     """Cache activations of one or more hooks to disk (safetensors shards + JSON manifest)."""
-    from saelab.cache import DTYPES, build_cache
-    from saelab.checks import check_device, check_number
-    from saelab.data import SPLITS, TokenData
+    from saelab.cache import build_cache
+    from saelab.data import TokenData
     from saelab.io import check_output_dir
-    from saelab.models import check_processing, load_model
+    from saelab.models import load_model
 
-    check_processing(processing)
-    for name, value, low in (("--tokens", tokens, 1), ("--shard-rows", shard_rows, 1),
-                             ("--context-length", context_length, 2), ("--seed", seed, 0)):
-        check_number(name, value, low)
-    if split not in SPLITS:
-        raise SaelabError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
-    if dtype not in DTYPES:
-        raise SaelabError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
-    check_device(device)
-    check_output_dir(out, overwrite)
+    cfg = from_flags(CacheConfig, flags)
+    check_output_dir(out, cfg.overwrite)
     from saelab.distributed import init
 
-    world = init(device)  # under torchrun: each process caches its own documents and rows
-    m = load_model(model, device, processing=processing)
-    hooks = hook or [m.default_hook]
-    share = tokens // world.size + (world.rank < tokens % world.size)
-    data_part = TokenData(data, split, m.check_context(context_length), seed, world.rank, world.size)
-    manifest = build_cache(m, data_part, hooks, out, share, shard_rows=shard_rows, dtype=dtype,
-                           overwrite=overwrite, with_grads=with_grads, world=world)
+    world = init(cfg.device)  # under torchrun: each process caches its own documents and rows
+    m = load_model(cfg.model, cfg.device, processing=cfg.processing)
+    hooks = list(cfg.hooks) or [m.default_hook]
+    share = cfg.tokens // world.size + (world.rank < cfg.tokens % world.size)
+    data_part = TokenData(cfg.data, cfg.split, m.check_context(cfg.context_length), cfg.seed, world.rank,
+                          world.size)
+    manifest = build_cache(m, data_part, hooks, out, share, shard_rows=cfg.shard_rows, dtype=cfg.dtype,
+                           overwrite=cfg.overwrite, with_grads=cfg.with_grads, world=world)
     world.close()
     if not world.is_main:
         return
@@ -149,6 +126,12 @@ def cache_cmd(
         "dtype": manifest.dtype,
         "gradients": "stored" if manifest.with_grads else "no",
     })
+
+
+app.command("cache")(with_options(cache_cmd, [
+    argument("out", Path, "Directory to write shards and manifest.json into."),
+    *field_options(config_fields(CacheConfig)),
+]))
 
 
 @app.command("eval")
