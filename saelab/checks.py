@@ -18,6 +18,17 @@ INT64 = 2**63  # integers go into torch tensors and seeds: they must fit int64
 _TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 
 
+def doc_field(default, doc: str, default_doc: str | None = None, path: bool = False,
+              flag: str | None = None):
+    """A config field with its documentation: a command's `--help` shows `doc` as is, and its
+    flag (`--NAME`, or `--FLAG`) is generated from the field (saelab.cli.options).
+
+    `default_doc` describes a default that is computed later (the field's default is None);
+    `path` marks fields the command line reads as paths."""
+    return dataclasses.field(default=default, metadata={"doc": doc, "default_doc": default_doc,
+                                                        "path": path, "flag": flag})
+
+
 def check_number(name: str, value: int | float | None, minimum: float | None = None,
                  maximum: float | None = None, strict_minimum: bool = False) -> None:
     """`value` (None passes) must be finite, fit int64 if an integer, and lie in

@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 from saelab import allocators
-from saelab.checks import Cost, check_device, check_field_types, check_memory, check_number
+from saelab.checks import Cost, check_device, check_field_types, check_memory, check_number, doc_field
 from saelab.data.tokens import BUILTIN_STDLIB
 from saelab.errors import SaelabError
 from saelab.models import check_processing
@@ -21,38 +21,29 @@ from saelab.zoo import DEFAULT_MODEL
 DEAD_TOKENS_CAP = 10_000_000  # Gao et al.'s dead window, the default's upper bound
 
 
-def _field(default, doc: str, default_doc: str | None = None, path: bool = False):
-    """A config field with its documentation, which `saelab train --help` shows as is.
-
-    `default_doc` describes a default that is computed later (the field's default is None);
-    `path` marks fields the command line reads as paths."""
-    return dataclasses.field(default=default, metadata={"doc": doc, "default_doc": default_doc,
-                                                        "path": path})
-
-
 @dataclass(frozen=True)
 class SourceConfig:
     """Where activations come from: the model (or a cache), its hooks and the token data."""
 
-    model: str | None = _field(
+    model: str | None = doc_field(
         None, "Model spec: zoo:NAME, a local HF directory, or hf:NAME on the Hugging Face hub. "
         "With --cache it may be left out (the manifest names the model).", DEFAULT_MODEL)
-    hook: str | list[str] | None = _field(
+    hook: str | list[str] | None = doc_field(
         None, "Hook to train on; repeat it to train one SAE per hook from one forward pass "
         "(written to OUT/HOOK).", "blocks.{n_layers//2}.hook_resid_post")
-    data: str = _field(BUILTIN_STDLIB, "Token data for on-the-fly activations and held-out "
-                       "evaluation: builtin:stdlib, a .txt/.jsonl file or directory, or hf:NAME.")
-    cache: str | None = _field(None, "Train from this activation cache (from `saelab cache`) "
-                               "instead of running the model.", path=True)
-    processing: str | None = _field(
+    data: str = doc_field(BUILTIN_STDLIB, "Token data for on-the-fly activations and held-out "
+                          "evaluation: builtin:stdlib, a .txt/.jsonl file or directory, or hf:NAME.")
+    cache: str | None = doc_field(None, "Train from this activation cache (from `saelab cache`) "
+                                  "instead of running the model.", path=True)
+    processing: str | None = doc_field(
         None, "The model's weight processing, recorded in cfg.json: folded (LayerNorm folded, "
         "writing weights centred, TransformerLens's default), centred (writing weights centred "
         "only) or raw (the Hugging Face model's own activations, as SAELens's trainer and "
         "sparsify use; needed to export to sparsify).", "folded; with --cache the cache's")
-    context_length: int | None = _field(None, "Tokens per row for on-the-fly activations (BOS "
-                                        "included).", "min(model context, 128)")
-    buffer_tokens: int = _field(2**17, "On-the-fly activations are shuffled in a buffer of this "
-                                "many tokens.")
+    context_length: int | None = doc_field(None, "Tokens per row for on-the-fly activations (BOS "
+                                           "included).", "min(model context, 128)")
+    buffer_tokens: int = doc_field(2**17, "On-the-fly activations are shuffled in a buffer of this "
+                                   "many tokens.")
 
     def __post_init__(self) -> None:
         check_field_types(self)
@@ -66,20 +57,20 @@ class SourceConfig:
 class DictionaryConfig:
     """The dictionary to train: its size, sparsity and allocator."""
 
-    n_latents: int | None = _field(None, "Dictionary size.", "expansion * d_in")
-    expansion: int = _field(16, "Latents per input dimension when --n-latents is not given.")
-    k: int = _field(32, "Active latents per token; for relu, whose sparsity comes from "
-                    "--l1-coefficient, the L0 it starts training from.")
-    allocator: str = _field("topk", "Sparsity allocator: topk, gradient_topk, feature_choice, "
-                            "mutual_choice or relu (L1-trained, see --l1-coefficient); jumprelu "
-                            "dictionaries are imported, not trained here.")
-    beta: float = _field(1.0, "gradient_topk: weight of the gradient term in the score "
-                         "pre + beta*pre*e, e = |W_dec g| (see --grad-score).")
-    grad_score: str = _field("normalised", "gradient_topk: normalised (e over its per-token mean; "
-                             "beta scale-free) or raw (the published score; tune beta per model).")
-    capacity: str = _field("zipf", "feature_choice: tokens-per-latent curve, zipf (the paper's) "
-                           "or uniform (an ablation).")
-    zipf_alpha: float = _field(0.5, "feature_choice: exponent of the zipf capacity curve.")
+    n_latents: int | None = doc_field(None, "Dictionary size.", "expansion * d_in")
+    expansion: int = doc_field(16, "Latents per input dimension when --n-latents is not given.")
+    k: int = doc_field(32, "Active latents per token; for relu, whose sparsity comes from "
+                       "--l1-coefficient, the L0 it starts training from.")
+    allocator: str = doc_field("topk", "Sparsity allocator: topk, gradient_topk, feature_choice, "
+                               "mutual_choice or relu (L1-trained, see --l1-coefficient); jumprelu "
+                               "dictionaries are imported, not trained here.")
+    beta: float = doc_field(1.0, "gradient_topk: weight of the gradient term in the score "
+                            "pre + beta*pre*e, e = |W_dec g| (see --grad-score).")
+    grad_score: str = doc_field("normalised", "gradient_topk: normalised (e over its per-token mean; "
+                                "beta scale-free) or raw (the published score; tune beta per model).")
+    capacity: str = doc_field("zipf", "feature_choice: tokens-per-latent curve, zipf (the paper's) "
+                              "or uniform (an ablation).")
+    zipf_alpha: float = doc_field(0.5, "feature_choice: exponent of the zipf capacity curve.")
 
     def __post_init__(self) -> None:
         check_field_types(self)
@@ -111,30 +102,30 @@ class OptimConfig:
     """How long and how it learns: tokens, batch, learning-rate schedule, Adam, penalties, the
     auxiliary loss."""
 
-    tokens: int = _field(4_000_000, "Training tokens.")
-    batch_size: int = _field(4096, "Tokens per optimiser step and process (data parallel: the "
-                             "global batch is batch_size times the number of processes).")
-    lr: float | None = _field(None, "Adam learning rate; the default is Gao et al.'s rule raised "
-                              "for narrow inputs, as measured by benchmarks/allocators.py.",
-                              "2e-4 / sqrt(n_latents / 2^14) * clamp(768 / d_in, 1, 6)^1.5")
-    warmup_steps: int = _field(50, "Linear learning-rate warmup steps.")
-    decay_fraction: float = _field(0.2, "Final fraction of steps over which the lr decays "
-                                   "linearly to 0.")
-    adam_eps: float = _field(6.25e-10, "Adam epsilon (Gao et al. use 6.25e-10).")
-    topk_warmup_steps: int = _field(
+    tokens: int = doc_field(4_000_000, "Training tokens.")
+    batch_size: int = doc_field(4096, "Tokens per optimiser step and process (data parallel: the "
+                                "global batch is batch_size times the number of processes).")
+    lr: float | None = doc_field(None, "Adam learning rate; the default is Gao et al.'s rule raised "
+                                 "for narrow inputs, as measured by benchmarks/allocators.py.",
+                                 "2e-4 / sqrt(n_latents / 2^14) * clamp(768 / d_in, 1, 6)^1.5")
+    warmup_steps: int = doc_field(50, "Linear learning-rate warmup steps.")
+    decay_fraction: float = doc_field(0.2, "Final fraction of steps over which the lr decays "
+                                      "linearly to 0.")
+    adam_eps: float = doc_field(6.25e-10, "Adam epsilon (Gao et al. use 6.25e-10).")
+    topk_warmup_steps: int = doc_field(
         50, "feature_choice / mutual_choice: select per token (topk) for this many first steps. "
         "From the tied init batch selection piles latents onto the highest-norm tokens; a short "
         "topk start gives the encoder directions first.")
-    l1_coefficient: float = _field(0.1, "relu: weight of the L1 penalty sum_j z_j ||W_dec[j]|| "
-                                   "(divided by the batch's RMS distance to its mean, so scale-free).")
-    aux: str = _field("auxk", "Auxiliary loss for unused latents: auxk (dead latents) or aux_zipf "
-                      "(dead and under-used latents, see training.losses.underused; it raised FVU "
-                      "for topk, gradient_topk and mutual_choice in the allocator study).")
-    k_aux: int | None = _field(None, "Latents used by the auxiliary loss.", "d_in / 2")
-    auxk_coef: float = _field(1 / 32, "Auxiliary loss weight.", "1/32")
-    ema_decay: float = _field(0.99, "Decay of the moving average of latent firing frequency "
-                              "(aux_zipf).")
-    dead_tokens: int | None = _field(
+    l1_coefficient: float = doc_field(0.1, "relu: weight of the L1 penalty sum_j z_j ||W_dec[j]|| "
+                                      "(divided by the batch's RMS distance to its mean, so scale-free).")
+    aux: str = doc_field("auxk", "Auxiliary loss for unused latents: auxk (dead latents) or aux_zipf "
+                         "(dead and under-used latents, see training.losses.underused; it raised FVU "
+                         "for topk, gradient_topk and mutual_choice in the allocator study).")
+    k_aux: int | None = doc_field(None, "Latents used by the auxiliary loss.", "d_in / 2")
+    auxk_coef: float = doc_field(1 / 32, "Auxiliary loss weight.", "1/32")
+    ema_decay: float = doc_field(0.99, "Decay of the moving average of latent firing frequency "
+                                 "(aux_zipf).")
+    dead_tokens: int | None = doc_field(
         None, "A latent not active for this many training tokens counts as dead for the auxiliary "
         "loss (and in the run's training-time dead count). The default scales with the run: Gao "
         "et al.'s 10M tokens belong to runs of billions, and a 4M-token run would never reach it.",
@@ -182,19 +173,19 @@ class OptimConfig:
 class RunConfig:
     """The run around training: output, seed, device, logging, checkpoints, the end-of-run eval window."""
 
-    out: str = _field("runs/sae", "Output directory for the dictionary (sae.safetensors, cfg.json) "
-                      "and metrics.", path=True)
-    seed: int = _field(0, "Seed for init, data order and shuffling.")
-    device: str = _field("cpu", "Torch device.")
-    log_every: int = _field(20, "Steps between metric records.")
-    checkpoint_every: int = _field(500, "Steps between checkpoints (0: only at the end); "
-                                   "--resume continues from the latest one exactly.")
-    eval_tokens: int = _field(2**15, "Held-out tokens for the end-of-run evaluation.")
-    wandb: bool = _field(False, "Also log to Weights & Biases (offline into OUT/wandb without an "
-                         "account; WANDB_MODE=online to sync live); local JSON logs are always "
-                         "written.")
-    wandb_project: str = _field("saelab", "The wandb project name.")
-    overwrite: bool = _field(False, "Allow writing into a non-empty output directory.")
+    out: str = doc_field("runs/sae", "Output directory for the dictionary (sae.safetensors, cfg.json) "
+                         "and metrics.", path=True)
+    seed: int = doc_field(0, "Seed for init, data order and shuffling.")
+    device: str = doc_field("cpu", "Torch device.")
+    log_every: int = doc_field(20, "Steps between metric records.")
+    checkpoint_every: int = doc_field(500, "Steps between checkpoints (0: only at the end); "
+                                      "--resume continues from the latest one exactly.")
+    eval_tokens: int = doc_field(2**15, "Held-out tokens for the end-of-run evaluation.")
+    wandb: bool = doc_field(False, "Also log to Weights & Biases (offline into OUT/wandb without an "
+                            "account; WANDB_MODE=online to sync live); local JSON logs are always "
+                            "written.")
+    wandb_project: str = doc_field("saelab", "The wandb project name.")
+    overwrite: bool = doc_field(False, "Allow writing into a non-empty output directory.")
 
     def __post_init__(self) -> None:
         check_field_types(self)
@@ -217,7 +208,7 @@ class TrainConfig:
     Field names are unique across groups, so the flat name is the interface outside Python:
     `saelab train --k 16`, config files (flat, or grouped as `sae: {k: 16}`), cfg.json and
     checkpoints. In Python, `TrainConfig.of(k=16, out="runs/x")` builds from flat names and
-    `cfg.sae.k` reads one. Each field's documentation is its `doc` metadata (`fields_doc()`);
+    `cfg.sae.k` reads one. Each field's documentation is its `doc` metadata (`doc_field`);
     the `saelab train` command, its flags, defaults and help are generated from the groups.
     """
 
@@ -263,12 +254,6 @@ class TrainConfig:
     def replace(self, **values) -> TrainConfig:
         """A copy with some fields (flat names) changed."""
         return TrainConfig.of(**{**self.flat(), **values})
-
-    @classmethod
-    def fields_doc(cls) -> dict[str, str]:
-        """flat field name -> its documentation, with its default."""
-        return {name: f"{f.metadata['doc']} (default: {_default_text(f)})"
-                for name, (_, f) in cls.fields().items()}
 
     def check_latents(self, d_in: int) -> None:
         """k and k_aux fit the dictionary this config gives a `d_in`-wide hook (known once the
@@ -337,12 +322,6 @@ def _flatten(values: dict) -> dict:
         else:
             flat[key] = value
     return flat
-
-
-def _default_text(f: dataclasses.Field) -> str:
-    if f.metadata["default_doc"] is not None:
-        return f.metadata["default_doc"]
-    return str(f.default).lower() if isinstance(f.default, bool) else str(f.default)
 
 
 def _coerce(name: str, value, kind: str):

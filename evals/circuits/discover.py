@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
-from saelab.checks import Cost, check_memory
+from saelab.checks import Cost, check_device, check_field_types, check_memory, check_number, doc_field
 from saelab.errors import SaelabError
 from saelab.models import HookedModel, load_model
 from saelab.tasks import Task, generate, load_task_file, prompt_bytes, tokenize
@@ -35,56 +35,81 @@ from .patching import ABLATIONS, GroundTruth, edge_mask, ground_truth, head_shap
 # 0.98 / 0.54. The reported numbers are on another seed.
 DEFAULT_SAE = "relu"
 DEFAULT_POSITION = "last"
+DEFAULT_TASK = "ioi"
+CIRCUITS_MODEL = "zoo:tasks-4l"  # the zoo model trained on the tasks (saelab.zoo)
 TRUTH_SEED = 999_983  # ground-truth prompts: a seed no trial uses
 
 
 @dataclass(frozen=True)
 class DiscoverConfig:
-    """How discovery runs.
+    """How discovery runs; each field's documentation is its `doc` (what `saelab circuits
+    --help` shows). Defaults follow O'Neill & Bui (n_latents, l1, epochs, lr) except `sae` and
+    `position`, chosen on a development seed (see above)."""
 
-    Fields:
-        train_prompts: prompts (each with its counterfactual) the SAE trains on per trial.
-        prompts: held-out prompts (each with its counterfactual) scored per trial.
-        trials: independent trials (fresh prompts, fresh SAE seed).
-        sae: relu (L1, O'Neill & Bui's; the default) or topk (k = 1), see `codes`.
-        n_latents: SAE size (200, as O'Neill & Bui).
-        l1: relu SAE's L1 coefficient (0.02, as O'Neill & Bui for IOI / greater-than).
-        epochs, lr: full-batch Adam steps and learning rate (500 and 1e-3, as O'Neill & Bui).
-        truth_prompts: prompts patched for the ground truth (generated tasks only).
-        edges: also path-patch edges for the ground truth and score edges.
-        ablation: ground truth by counterfactual patching or mean ablation.
-        center: subtract each head's mean output over the training prompts (positive and
-            counterfactual) before the SAE, so its latents split what varies within a head
-            rather than which head it is (a saelab option; O'Neill & Bui do not centre).
-        position: each head's output at the prompt's last position ("last", the default: where
-            the logit difference is read) or averaged over it ("mean", O'Neill & Bui).
-        seed: base seed of prompts and SAEs.
-    """
-
-    train_prompts: int = 10
-    prompts: int = 100
-    trials: int = 10
-    sae: str = DEFAULT_SAE
-    n_latents: int = 200
-    l1: float = 0.02
-    epochs: int = 500
-    lr: float = 1e-3
-    truth_prompts: int = 64
-    edges: bool = True
-    ablation: str = "counterfactual"
-    center: bool = False
-    position: str = DEFAULT_POSITION
-    seed: int = 0
+    train_prompts: int = doc_field(
+        10, "Prompts (each with its counterfactual) the shared SAE trains on per trial.")
+    prompts: int = doc_field(100, "Held-out prompts (each with its counterfactual) scored per "
+                             "trial, disjoint from the training prompts.")
+    trials: int = doc_field(10, "Independent trials (fresh prompts and SAE seed); AUCs are "
+                            "reported as mean +- std.")
+    sae: str = doc_field(DEFAULT_SAE, "Shared SAE: relu (L1, as O'Neill & Bui) or topk (k=1, "
+                         "the argmax code).")
+    n_latents: int = doc_field(200, "Latents of the shared SAE.")
+    l1: float = doc_field(0.02, "L1 coefficient of the relu SAE (O'Neill & Bui's for IOI and "
+                          "greater-than).")
+    epochs: int = doc_field(500, "Full-batch Adam steps of the SAE.")
+    lr: float = doc_field(1e-3, "Adam learning rate of the SAE.")
+    truth_prompts: int = doc_field(64, "Prompts patched for the ground truth (generated tasks "
+                                   "only; a task file's prompts are all patched).")
+    edges: bool = doc_field(True, "Also path-patch edges for the ground truth and score edges "
+                            "(--no-edges skips both).")
+    ablation: str = doc_field("counterfactual", "Ground truth by counterfactual patching or "
+                              "mean ablation.")
+    center: bool = doc_field(False, "Subtract each head's mean output over the training prompts "
+                             "before the SAE, so its latents split what varies within a head "
+                             "rather than which head it is (O'Neill & Bui do not centre).")
+    position: str = doc_field(DEFAULT_POSITION, "Head outputs at the prompt's last position "
+                              "(last, where the metric is read) or averaged over it (mean, as "
+                              "O'Neill & Bui).")
+    seed: int = doc_field(0, "Base seed of prompts and SAEs.")
 
     def __post_init__(self) -> None:
-        if min(self.train_prompts, self.prompts, self.trials, self.truth_prompts) < 1:
-            raise SaelabError("train_prompts, prompts, trials and truth_prompts must be positive")
+        check_field_types(self)
+        for name in ("train_prompts", "prompts", "trials", "truth_prompts", "n_latents", "epochs"):
+            if getattr(self, name) < 1:
+                raise SaelabError(f"{name} must be positive, got {getattr(self, name)}")
+        check_number("l1", self.l1, 0)
+        check_number("lr", self.lr, 0, strict_minimum=True)
+        check_number("seed", self.seed, 0)
         if self.sae not in SAE_KINDS:
             raise SaelabError(f"unknown circuit SAE {self.sae!r}; use {' or '.join(SAE_KINDS)}")
         if self.ablation not in ABLATIONS:
             raise SaelabError(f"unknown ablation {self.ablation!r}; use {' or '.join(ABLATIONS)}")
         if self.position not in POSITIONS:
             raise SaelabError(f"unknown position {self.position!r}; use {' or '.join(POSITIONS)}")
+
+
+@dataclass(frozen=True)
+class CircuitsConfig:
+    """`saelab circuits`: the model and task, where the report goes, and how discovery runs
+    (`discover`, a DiscoverConfig: its flags are listed under Discovery)."""
+
+    model: str = doc_field(CIRCUITS_MODEL, "Model spec: zoo:NAME, a local HF directory, or a hub name.")
+    task: str = doc_field(DEFAULT_TASK, "Task: ioi, greater-than, docstring or induction "
+                          "(ignored with --task-file).")
+    task_file: str | None = doc_field(None, 'Your own task: JSONL, one {"prompt", '
+                                      '"counterfactual", "answer", "wrong"} object a line.',
+                                      path=True)
+    discover: DiscoverConfig = dataclasses.field(default_factory=DiscoverConfig,
+                                                 metadata={"panel": "Discovery"})
+    out: str = doc_field("runs/circuits", "Directory for circuits.json, circuits.md and the "
+                         "PNGs.", path=True)
+    overwrite: bool = doc_field(False, "Allow writing into a non-empty --out directory.")
+    device: str = doc_field("cpu", "Torch device.")
+
+    def __post_init__(self) -> None:
+        check_field_types(self)
+        check_device(self.device)
 
 
 @dataclass
@@ -228,7 +253,7 @@ def _trial_task(name: str, fixed: Task | None, n: int, trial: int, seed: int) ->
     return fixed.subset(torch.randperm(len(fixed), generator=g)[:n].tolist())
 
 
-def discover(model: str | HookedModel, task: str | Task = "ioi", *, task_file: str | None = None,
+def discover(model: str | HookedModel, task: str | Task = DEFAULT_TASK, *, task_file: str | None = None,
              config: DiscoverConfig | None = None, truth: GroundTruth | None = None,
              device: str = "cpu", progress: bool = True) -> CircuitResult:
     """Run SAE-code circuit discovery; see the module docstring."""

@@ -13,8 +13,11 @@ from typing import Annotated
 
 import typer
 
-from saelab.cli.options import field_options, given, with_options
+from saelab.cli.options import argument, config_fields, field_options, from_flags, given, with_options
+from saelab.data.cache import CacheConfig
 from saelab.errors import SaelabError
+from saelab.evals.circuits.discover import CircuitsConfig
+from saelab.evals.sparsity.run import SparsityCommandConfig
 from saelab.training.config import TrainConfig
 from saelab.zoo import DEFAULT_MODEL
 
@@ -63,7 +66,7 @@ app.command("train")(with_options(train_command, [
     inspect.Parameter("resume", inspect.Parameter.KEYWORD_ONLY, annotation=Path | None, default=Opt(
         None, help="Continue the run in this directory from its checkpoint, exactly; its own "
                    "config is used and other flags must be left out.")),
-    *field_options(TrainConfig.panels(), TrainConfig.fields_doc()),
+    *field_options(TrainConfig.panels()),
 ]))
 
 
@@ -94,49 +97,25 @@ def _training_dead(s: dict) -> str:
     return f"{s['train_dead_frac']:.2%} not active in the last {window:,} training tokens"
 
 
-@app.command("cache")
-def cache_cmd(
-    out: Annotated[Path, typer.Argument(help="Directory to write shards and manifest.json into.")],
-    model: Annotated[str, Opt(help="Model spec: zoo:NAME, a local HF directory, or hf:NAME on the hub.")] = DEFAULT_MODEL,
-    hook: Annotated[list[str] | None, Opt(help="Hook to capture; repeat for several (one forward pass). [default: blocks.{n_layers//2}.hook_resid_post]")] = None,
-    processing: Annotated[str, Opt(help="The model's weight processing: folded (LayerNorm folded, writing weights centred), centred (writing weights centred only) or raw (the Hugging Face model's own activations).")] = "folded",
-    data: Annotated[str, Opt(help="Token data: builtin:stdlib, a .txt/.jsonl file or directory, or hf:NAME.")] = "builtin:stdlib",
-    split: Annotated[str, Opt(help="Data split: train or heldout.")] = "train",
-    tokens: Annotated[int, Opt(help="Activation rows (token positions) to cache.")] = 1_000_000,
-    context_length: Annotated[int | None, Opt(help="Tokens per row, BOS included. [default: min(model context, 128)]")] = None,
-    shard_rows: Annotated[int, Opt(help="Rows per shard file.")] = 65536,
-    dtype: Annotated[str, Opt(help="Storage dtype: float32, float16 or bfloat16.")] = "float32",
-    seed: Annotated[int, Opt(help="Seed for the document order.")] = 0,
-    device: Annotated[str, Opt(help="Torch device.")] = "cpu",
-    with_grads: Annotated[bool, Opt("--with-grads", help="Also store the gradient of the next-token loss w.r.t. each activation (for gradient_topk).")] = False,
-    overwrite: Annotated[bool, Opt("--overwrite", help="Allow writing into a non-empty directory.")] = False,
-) -> None:
+def cache_cmd(out: Path, **flags) -> None:
     """Cache activations of one or more hooks to disk (safetensors shards + JSON manifest)."""
-    from saelab.checks import check_device, check_number
-    from saelab.data.cache import DTYPES, build_cache
-    from saelab.data.tokens import SPLITS, TokenData
-    from saelab.models import check_processing, load_model
+    from saelab.data.cache import build_cache
+    from saelab.data.tokens import TokenData
+    from saelab.models import load_model
     from saelab.storage.files import check_output_dir
 
-    check_processing(processing)
-    for name, value, low in (("--tokens", tokens, 1), ("--shard-rows", shard_rows, 1),
-                             ("--context-length", context_length, 2), ("--seed", seed, 0)):
-        check_number(name, value, low)
-    if split not in SPLITS:
-        raise SaelabError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
-    if dtype not in DTYPES:
-        raise SaelabError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
-    check_device(device)
-    check_output_dir(out, overwrite)
+    cfg = from_flags(CacheConfig, flags)
+    check_output_dir(out, cfg.overwrite)
     from saelab.distributed import init
 
-    world = init(device)  # under torchrun: each process caches its own documents and rows
-    m = load_model(model, device, processing=processing)
-    hooks = hook or [m.default_hook]
-    share = tokens // world.size + (world.rank < tokens % world.size)
-    data_part = TokenData(data, split, m.check_context(context_length), seed, world.rank, world.size)
-    manifest = build_cache(m, data_part, hooks, out, share, shard_rows=shard_rows, dtype=dtype,
-                           overwrite=overwrite, with_grads=with_grads, world=world)
+    world = init(cfg.device)  # under torchrun: each process caches its own documents and rows
+    m = load_model(cfg.model, cfg.device, processing=cfg.processing)
+    hooks = list(cfg.hooks) or [m.default_hook]
+    share = cfg.tokens // world.size + (world.rank < cfg.tokens % world.size)
+    data_part = TokenData(cfg.data, cfg.split, m.check_context(cfg.context_length), cfg.seed, world.rank,
+                          world.size)
+    manifest = build_cache(m, data_part, hooks, out, share, shard_rows=cfg.shard_rows, dtype=cfg.dtype,
+                           overwrite=cfg.overwrite, with_grads=cfg.with_grads, world=world)
     world.close()
     if not world.is_main:
         return
@@ -147,6 +126,12 @@ def cache_cmd(
         "dtype": manifest.dtype,
         "gradients": "stored" if manifest.with_grads else "no",
     })
+
+
+app.command("cache")(with_options(cache_cmd, [
+    argument("out", Path, "Directory to write shards and manifest.json into."),
+    *field_options(config_fields(CacheConfig)),
+]))
 
 
 @app.command("eval")
@@ -304,58 +289,25 @@ def zoo_build(
     typer.echo((path / "zoo_card.json").read_text())
 
 
-@app.command("sparsity")
-def sparsity_cmd(
-    model: Annotated[str, Opt(help="Model spec: zoo:NAME, a local HF directory, or a hub name.")] = DEFAULT_MODEL,
-    data: Annotated[str, Opt(help="Token data whose held-out split is measured: builtin:stdlib, a .txt/.jsonl file or directory, or hf:NAME.")] = "builtin:stdlib",
-    tokens: Annotated[int, Opt(help="Held-out tokens to measure on (whole rows until at least this many).")] = 65536,
-    threshold: Annotated[float | None, Opt(help="A neuron is active when |h| > this. [default: 0 (exact zeros) for ReLU MLPs, 0.01 for GELU/SiLU]")] = None,
-    context_length: Annotated[int | None, Opt(help="Tokens per row. [default: min(model context, 128)]")] = None,
-    batch_rows: Annotated[int, Opt(help="Rows per forward pass; union-of-active groups are drawn within one pass.")] = 32,
-    mode: Annotated[list[str] | None, Opt(help="Sparsification mode to sweep; repeat for several: relu, threshold, cats, topk, stat_topk. [default: all]")] = None,
-    density: Annotated[list[float] | None, Opt(help="Target density in (0, 1] for the sweep; repeat for several. [default: 0.5 0.25 0.1 0.05 0.02]")] = None,
-    no_modes: Annotated[bool, Opt("--no-modes", help="Only measure; skip the sparsification sweep.")] = False,
-    sweep_tokens: Annotated[int, Opt(help="Held-out tokens per sweep point.")] = 16384,
-    calibration_tokens: Annotated[int, Opt(help="Train tokens the threshold and CATS quantiles are calibrated on.")] = 16384,
-    no_predictor: Annotated[bool, Opt("--no-predictor", help="Skip training and scoring the low-rank active-set predictor.")] = False,
-    predictor_tokens: Annotated[int, Opt(help="Train tokens the active-set predictor is fit on.")] = 16384,
-    predictor_rank: Annotated[int | None, Opt(help="Rank of each layer's predictor. [default: d_model // 4]")] = None,
-    target_recall: Annotated[float, Opt(help="Share of truly active neurons the predictor's cut keeps, in (0, 1] (set on train tokens).")] = 0.95,
-    checkpoints: Annotated[bool, Opt("--checkpoints", help="Also measure the model's training checkpoints (kept by `saelab zoo build` in DIR/checkpoints) and plot density against step.")] = False,
-    checkpoint_tokens: Annotated[int, Opt(help="Held-out tokens per checkpoint.")] = 8192,
-    out: Annotated[Path, Opt(help="Where to write sparsity.json, sparsity.md and the PNGs.")] = Path("runs/sparsity"),
-    overwrite: Annotated[bool, Opt("--overwrite", help="Allow writing into a non-empty --out directory.")] = False,
-    device: Annotated[str, Opt(help="Torch device.")] = "cpu",
-) -> None:
+def sparsity_cmd(no_modes: bool = False, **flags) -> None:
     """Measure lazy-neuron MLP activation sparsity per layer (density, dead/always-on neurons, union over batches) and the loss of sparsifying it further."""
-    from saelab.checks import check_device, check_number
-    from saelab.data.tokens import TokenData
     from saelab.evals.sparsity import format_summary, run, write_report
-    from saelab.evals.sparsity.modes import DEFAULT_DENSITIES, MODES
     from saelab.storage.files import check_output_dir
 
-    for name, value in (("--tokens", tokens), ("--batch-rows", batch_rows), ("--sweep-tokens", sweep_tokens),
-                        ("--calibration-tokens", calibration_tokens), ("--predictor-tokens", predictor_tokens),
-                        ("--predictor-rank", predictor_rank), ("--checkpoint-tokens", checkpoint_tokens)):
-        check_number(name, value, 1)
-    check_number("--context-length", context_length, 2)
-    check_number("--threshold", threshold, 0)
-    check_number("--target-recall", target_recall, 0, 1, strict_minimum=True)
-    for d in density or ():
-        check_number("--density", d, 0, 1, strict_minimum=True)
-    check_device(device)
-    check_output_dir(out, overwrite)
-    data_arg = TokenData(data, "heldout", context_length) if context_length else data
-    report = run(model, data=data_arg, tokens=tokens, threshold=threshold, batch_rows=batch_rows,
-                 modes=() if no_modes else tuple(mode or MODES),
-                 densities=tuple(density or DEFAULT_DENSITIES), sweep_tokens=sweep_tokens,
-                 calibration_tokens=calibration_tokens, predictor=not no_predictor,
-                 predictor_tokens=predictor_tokens, predictor_rank=predictor_rank,
-                 target_recall=target_recall, checkpoints=checkpoints,
-                 checkpoint_tokens=checkpoint_tokens, device=device)
-    paths = write_report(report, out)
+    cfg = from_flags(SparsityCommandConfig, {**flags, **({"modes": ()} if no_modes else {})})
+    check_output_dir(Path(cfg.out), cfg.overwrite)
+    report = run(cfg.model, data=cfg.token_data(), config=cfg.sparsity, device=cfg.device)
+    paths = write_report(report, cfg.out)
     typer.echo(format_summary(report))
-    typer.echo(f"wrote {', '.join(p.name for p in paths)} -> {out}")
+    typer.echo(f"wrote {', '.join(p.name for p in paths)} -> {cfg.out}")
+
+
+app.command("sparsity")(with_options(sparsity_cmd, [
+    *field_options(config_fields(SparsityCommandConfig)),
+    inspect.Parameter("no_modes", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=Opt(
+        False, "--no-modes", help="Only measure: skip the sparsification sweep, whatever --mode says. (default: false)",
+        rich_help_panel="Measurement")),
+]))
 
 
 @app.command()
@@ -393,47 +345,20 @@ def browse(
 
 
 
-@app.command()
-def circuits(
-    model: Annotated[str, Opt(help="Model spec: zoo:NAME, a local HF directory, or a hub name.")] = "zoo:tasks-4l",
-    task: Annotated[str, Opt(help="Task: ioi, greater-than, docstring or induction (ignored with --task-file).")] = "ioi",
-    task_file: Annotated[Path | None, Opt(help='Your own task: JSONL, one {"prompt", "counterfactual", "answer", "wrong"} object a line.')] = None,
-    train_prompts: Annotated[int, Opt(help="Prompts (each with its counterfactual) the shared SAE trains on per trial.")] = 10,
-    prompts: Annotated[int, Opt(help="Held-out prompts (each with its counterfactual) scored per trial, disjoint from the training prompts.")] = 100,
-    trials: Annotated[int, Opt(help="Independent trials (fresh prompts and SAE seed); AUCs are reported as mean +- std.")] = 10,
-    sae: Annotated[str, Opt(help="Shared SAE: relu (L1, as O'Neill & Bui) or topk (k=1, the argmax code).")] = "relu",
-    position: Annotated[str, Opt(help="Head outputs at the prompt's last position (last, where the metric is read) or averaged over it (mean, as O'Neill & Bui).")] = "last",
-    n_latents: Annotated[int, Opt(help="Latents of the shared SAE.")] = 200,
-    l1: Annotated[float, Opt(help="L1 coefficient of the relu SAE.")] = 0.02,
-    epochs: Annotated[int, Opt(help="Full-batch Adam steps of the SAE.")] = 500,
-    truth_prompts: Annotated[int, Opt(help="Prompts patched for the ground truth (generated tasks).")] = 64,
-    ablation: Annotated[str, Opt(help="Ground truth by counterfactual patching or mean ablation.")] = "counterfactual",
-    no_edges: Annotated[bool, Opt("--no-edges", help="Skip edge path patching and edge scores.")] = False,
-    out: Annotated[Path, Opt(help="Directory for circuits.json, circuits.md and the PNGs.")] = Path("runs/circuits"),
-    overwrite: Annotated[bool, Opt("--overwrite", help="Allow writing into a non-empty --out directory.")] = False,
-    seed: Annotated[int, Opt(help="Seed of prompts and SAEs.")] = 0,
-    device: Annotated[str, Opt(help="Torch device.")] = "cpu",
-) -> None:
+def circuits(**flags) -> None:
     """Find a task's circuit from SAE codes of per-head outputs and score it against patching."""
-    from saelab.checks import check_device, check_number
-    from saelab.evals.circuits import DiscoverConfig, discover, format_summary, write_report
+    from saelab.evals.circuits import discover, format_summary, write_report
     from saelab.storage.files import check_output_dir
 
-    for name, value in (("--train-prompts", train_prompts), ("--prompts", prompts), ("--trials", trials),
-                        ("--n-latents", n_latents), ("--epochs", epochs), ("--truth-prompts", truth_prompts)):
-        check_number(name, value, 1)
-    check_number("--l1", l1, 0)
-    check_number("--seed", seed, 0)
-    check_device(device)
-    cfg = DiscoverConfig(train_prompts=train_prompts, prompts=prompts, trials=trials, sae=sae,
-                         position=position, n_latents=n_latents, l1=l1, epochs=epochs, truth_prompts=truth_prompts,
-                         edges=not no_edges, ablation=ablation, seed=seed)
-    check_output_dir(out, overwrite)
-    result = discover(model, task, task_file=str(task_file) if task_file else None, config=cfg,
-                      device=device)
-    paths = write_report(result, out)
+    cfg = from_flags(CircuitsConfig, flags)
+    check_output_dir(Path(cfg.out), cfg.overwrite)
+    result = discover(cfg.model, cfg.task, task_file=cfg.task_file, config=cfg.discover, device=cfg.device)
+    paths = write_report(result, cfg.out)
     typer.echo(format_summary(result))
-    typer.echo(f"wrote {', '.join(p.name for p in paths)} -> {out}")
+    typer.echo(f"wrote {', '.join(p.name for p in paths)} -> {cfg.out}")
+
+
+app.command()(with_options(circuits, field_options(config_fields(CircuitsConfig))))
 
 
 def _check_environment() -> None:

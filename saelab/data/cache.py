@@ -41,14 +41,15 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from saelab.checks import Cost, check_memory
+from saelab.checks import Cost, check_device, check_field_types, check_memory, check_number, doc_field
 from saelab.data.activations import Layout, model_activations
-from saelab.data.tokens import TokenData
+from saelab.data.tokens import BUILTIN_STDLIB, SPLITS, TokenData
 from saelab.distributed import World
 from saelab.errors import SaelabError
-from saelab.models import DEFAULT_PROCESSING, PROCESSINGS, HookedModel, grad_key
+from saelab.models import DEFAULT_PROCESSING, PROCESSINGS, HookedModel, check_processing, grad_key
 from saelab.storage.files import check_output_dir, read_safetensors, write_json, write_safetensors
 from saelab.storage.lock import hold
+from saelab.zoo import DEFAULT_MODEL
 
 MANIFEST = "manifest.json"
 FORMAT = "saelab-activation-cache/1"
@@ -177,6 +178,45 @@ def check_finite(t: torch.Tensor, where: str) -> None:
     finite tensor could also give) is confirmed element-wise before refusing."""
     if not torch.isfinite(t.float().sum()) and not torch.isfinite(t).all():
         raise SaelabError(f"{where} holds NaN or Inf values")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """`saelab cache`: what to run, which hooks to capture, how many rows and how to store them
+    (the output directory is the command's argument)."""
+
+    model: str = doc_field(DEFAULT_MODEL, "Model spec: zoo:NAME, a local HF directory, or hf:NAME "
+                           "on the hub.")
+    hooks: tuple[str, ...] = doc_field((), "Hook to capture; repeat for several (one forward "
+                                       "pass).", "blocks.{n_layers//2}.hook_resid_post", flag="hook")
+    processing: str = doc_field(DEFAULT_PROCESSING, "The model's weight processing: folded "
+                                "(LayerNorm folded, writing weights centred), centred (writing "
+                                "weights centred only) or raw (the Hugging Face model's own "
+                                "activations).")
+    data: str = doc_field(BUILTIN_STDLIB, "Token data: builtin:stdlib, a .txt/.jsonl file or "
+                          "directory, or hf:NAME.")
+    split: str = doc_field("train", f"Data split: {' or '.join(SPLITS)}.")
+    tokens: int = doc_field(1_000_000, "Activation rows (token positions) to cache.")
+    context_length: int | None = doc_field(None, "Tokens per row, BOS included.",
+                                           "min(model context, 128)")
+    shard_rows: int = doc_field(65536, "Rows per shard file.")
+    dtype: str = doc_field("float32", f"Storage dtype: {', '.join(DTYPES)}.")
+    seed: int = doc_field(0, "Seed for the document order.")
+    device: str = doc_field("cpu", "Torch device.")
+    with_grads: bool = doc_field(False, "Also store the gradient of the next-token loss w.r.t. "
+                                 "each activation (for gradient_topk).")
+    overwrite: bool = doc_field(False, "Allow writing into a non-empty directory.")
+
+    def __post_init__(self) -> None:
+        check_field_types(self)
+        check_processing(self.processing)
+        for name, low in (("tokens", 1), ("shard_rows", 1), ("context_length", 2), ("seed", 0)):
+            check_number(name, getattr(self, name), low)
+        if self.split not in SPLITS:
+            raise SaelabError(f"unknown split {self.split!r}; use one of {', '.join(SPLITS)}")
+        if self.dtype not in DTYPES:
+            raise SaelabError(f"unknown dtype {self.dtype!r}; use one of {', '.join(DTYPES)}")
+        check_device(self.device)
 
 
 def build_cache(

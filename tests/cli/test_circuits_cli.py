@@ -43,23 +43,6 @@ def test_circuits_cli_bad_input(tmp_path, monkeypatch, capsys):
     assert code == 2 and "unknown position 'first'" in cap.err and not out.exists()
 
 
-def test_cli_defaults_are_the_library_defaults():
-    """`saelab circuits` and `discover()` must not drift apart: every shared setting defaults
-    to DiscoverConfig's value."""
-    import dataclasses
-    import inspect
-
-    from saelab.cli.app import circuits
-    from saelab.evals.circuits import DiscoverConfig
-
-    flags = inspect.signature(circuits).parameters
-    shared = [f for f in dataclasses.fields(DiscoverConfig) if f.name in flags]
-    assert len(shared) >= 10
-    for f in shared:
-        assert flags[f.name].default == f.default, f.name
-    assert flags["no_edges"].default == (not DiscoverConfig.edges)
-
-
 def test_zoo_list_shows_task_accuracy(monkeypatch, capsys):
     code, cap = run_cli(["zoo", "list"], monkeypatch, capsys)
     assert code == 0

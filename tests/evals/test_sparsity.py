@@ -157,8 +157,8 @@ def test_cli_writes_report(tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["--tokens", "0"], "--tokens must be >= 1"),
-    (["--threshold", "-1"], "--threshold must be >= 0"),
+    (["--tokens", "0"], "tokens must be >= 1"),
+    (["--threshold", "-1"], "threshold must be >= 0"),
     (["--model", "/nonexistent/model"], "not a Hugging Face model directory"),
 ])
 def test_cli_bad_input(args, message, tmp_path, monkeypatch, capsys):
@@ -226,7 +226,7 @@ def test_sweep_on_zoo(zoo_sweep, zoo_report):
     (dict(modes=("relu", "magic")), "unknown sparsification mode 'magic'"),
     (dict(densities=(0.1, 0.0)), r"target density 0.0 is outside \(0, 1\]"),
     (dict(densities=(1.5,)), r"target density 1.5 is outside \(0, 1\]"),
-    (dict(target_recall=0.0), r"target recall 0.0 is outside \(0, 1\]"),
+    (dict(target_recall=0.0), r"target_recall must be > 0 and <= 1, got 0.0"),
 ])
 def test_sweep_bad_input(kwargs, message):
     with pytest.raises(SaelabError, match=message):  # checked before the model is even loaded
@@ -235,7 +235,7 @@ def test_sweep_bad_input(kwargs, message):
 
 @pytest.mark.parametrize(("args", "message"), [
     (["--mode", "magic"], "unknown sparsification mode"),
-    (["--density", "-0.1"], "--density must be > 0 and <= 1"),
+    (["--density", "-0.1"], "target density -0.1 is outside (0, 1]"),
 ])
 def test_cli_sweep_bad_input(args, message, tmp_path, monkeypatch, capsys):
     out = tmp_path / "sp"
