@@ -11,11 +11,11 @@ import math
 import pytest
 import torch
 from safetensors.torch import save_file
+from test_hardening_cli import run  # tests/cli is on the path (pyproject)
 
 import saelab
 from saelab.allocators import get as allocator
 from saelab.checks import MEMORY_ENV, Cost, check_memory, memory_budget
-from saelab.cli.app import main
 from saelab.errors import SaelabError
 from saelab.sae import SAE, SAEConfig
 from saelab.training.config import TrainConfig
@@ -36,14 +36,6 @@ def no_model(monkeypatch):
     monkeypatch.setattr(LOADERS[0], "_load_hf", refuse)
 
 
-def run(args: list[str], capsys) -> tuple[int, str]:
-    """(exit code, the one stderr line) of `saelab ARGS` in this process."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        main(args)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("saelab: error: "), err
-    return e.value.code, err[0]
 
 
 @pytest.mark.parametrize("args, name", [
