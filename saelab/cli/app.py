@@ -17,6 +17,7 @@ from saelab.cli.options import argument, config_fields, field_options, from_flag
 from saelab.data.cache import CacheConfig
 from saelab.errors import SaelabError
 from saelab.evals.circuits.discover import CircuitsConfig
+from saelab.evals.evaluate import EvalConfig
 from saelab.evals.sparsity.run import SparsityCommandConfig
 from saelab.training.config import TrainConfig
 from saelab.zoo import DEFAULT_MODEL
@@ -134,35 +135,25 @@ app.command("cache")(with_options(cache_cmd, [
 ]))
 
 
-@app.command("eval")
-def eval_cmd(
-    dictionary: Annotated[Path, typer.Argument(help="A dictionary directory (sae.safetensors + cfg.json).")],
-    tokens: Annotated[int | None, Opt(help="Held-out tokens to evaluate on (whole rows until at least this many); also the dead-latent window. [default: the end-of-run eval's window in cfg.json, else 32768]")] = None,
-    data: Annotated[str | None, Opt(help="Token data whose held-out split is used: builtin:stdlib, a .txt/.jsonl file or directory, or hf:NAME. [default: the data cfg.json says the SAE was trained on]")] = None,
-    context_length: Annotated[int | None, Opt(help="Tokens per row. [default: the SAE's training context from cfg.json, else min(model context, 128)]")] = None,
-    model: Annotated[str | None, Opt(help="Model spec to evaluate in. [default: the one cfg.json names]")] = None,
-    batch_rows: Annotated[int, Opt(help="Rows per forward pass.")] = 32,
-    out: Annotated[Path | None, Opt(help="Where to write eval.json, eval.md and the PNGs, a new or empty directory. [default: the dictionary directory, whose report they replace]")] = None,
-    overwrite: Annotated[bool, Opt("--overwrite", help="Allow writing into a non-empty --out directory.")] = False,
-    device: Annotated[str, Opt(help="Torch device.")] = "cpu",
-) -> None:
+def eval_cmd(dictionary: Path, **flags) -> None:
     """Evaluate a dictionary: FVU, L0, dead/dense latents, spliced CE loss, KL; JSON + markdown + PNGs."""
-    from saelab.checks import check_device, check_number
     from saelab.evals import evaluate, format_summary, write_report
     from saelab.storage.files import check_output_dir
 
-    for name, value, low in (("--tokens", tokens, 1), ("--batch-rows", batch_rows, 1),
-                             ("--context-length", context_length, 2)):
-        check_number(name, value, low)
-    check_device(device)
-    target = out or dictionary
-    own = out is None or _same_dir(out, dictionary)  # the dictionary's report is its own to replace
-    check_output_dir(target, overwrite or own)
-    report = evaluate(str(dictionary), tokens=tokens, model=model, data=data,
-                      context_length=context_length, batch_rows=batch_rows, device=device)
+    cfg = from_flags(EvalConfig, flags)
+    target = Path(cfg.out) if cfg.out else dictionary
+    own = cfg.out is None or _same_dir(target, dictionary)  # the dictionary's report is its own to replace
+    check_output_dir(target, cfg.overwrite or own)
+    report = evaluate(str(dictionary), **cfg.settings())
     paths = write_report(report, target)
     typer.echo(format_summary(report))
     typer.echo(f"wrote {', '.join(p.name for p in paths)} -> {target}")
+
+
+app.command("eval")(with_options(eval_cmd, [
+    argument("dictionary", Path, "A dictionary directory (sae.safetensors + cfg.json)."),
+    *field_options(config_fields(EvalConfig)),
+]))
 
 
 def _same_dir(a: Path, b: Path) -> bool:
