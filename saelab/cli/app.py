@@ -13,6 +13,7 @@ from typing import Annotated
 
 import typer
 
+from saelab.browse.site import BrowseConfig
 from saelab.cli.options import argument, config_fields, field_options, from_flags, given, with_options
 from saelab.data.cache import CacheConfig
 from saelab.errors import SaelabError
@@ -301,31 +302,12 @@ app.command("sparsity")(with_options(sparsity_cmd, [
 ]))
 
 
-@app.command()
-def browse(
-    dictionary: Annotated[Path, typer.Argument(help="A dictionary directory, or a run directory with one dictionary per hook (one site, a section per hook).")],
-    tokens: Annotated[int, Opt(help="Held-out tokens to gather contexts from (whole rows until at least this many).")] = 262_144,
-    latents: Annotated[str | None, Opt(help="Latents to include, e.g. 0-99,512. [default: all]")] = None,
-    out: Annotated[Path | None, Opt(help="Output directory for the site. [default: DICTIONARY/browse]")] = None,
-    data: Annotated[str | None, Opt(help="Token data whose held-out split is read: builtin:stdlib, a .txt/.jsonl file or directory, or hf:NAME. [default: the dictionary's training data]")] = None,
-    model: Annotated[str | None, Opt(help="Model spec. [default: the one cfg.json names]")] = None,
-    top_k: Annotated[int, Opt(help="Top-activating contexts per latent.")] = 12,
-    samples: Annotated[int, Opt(help="Sampled activations per latent, shown split at their quantiles.")] = 16,
-    batch_rows: Annotated[int, Opt(help="Rows per forward pass.")] = 32,
-    device: Annotated[str, Opt(help="Torch device.")] = "cpu",
-    overwrite: Annotated[bool, Opt("--overwrite", help="Allow writing into a non-empty --out directory.")] = False,
-) -> None:
+def browse(dictionary: Path, **flags) -> None:
     """Build a static feature browser (open index.html from disk): per latent its density, histogram, top and sampled contexts, next-token effects and nearest latents."""
-    from saelab.browse import StatsConfig, build_site
-    from saelab.checks import check_device, check_number
+    from saelab.browse import build_site
 
-    for name, value in (("--tokens", tokens), ("--top-k", top_k), ("--samples", samples),
-                        ("--batch-rows", batch_rows)):
-        check_number(name, value, 1)
-    check_device(device)
-    s = build_site(dictionary, out or dictionary / "browse", tokens=tokens, latents=latents, data=data,
-                   model=model, cfg=StatsConfig(top_k=top_k, samples=samples), batch_rows=batch_rows,
-                   device=device, overwrite=overwrite)
+    cfg = from_flags(BrowseConfig, flags)
+    s = build_site(dictionary, cfg.out_dir(dictionary), **cfg.settings())
     _print_summary(f"Feature browser -> {s['site']}", {
         "dictionaries": ", ".join(s["dictionaries"]),
         "tokens": f"{s['tokens']:,} in {s['pass_seconds']:.1f} s ({s['tokens_per_s']:,} tok/s)",
@@ -334,6 +316,11 @@ def browse(
     })
 
 
+app.command()(with_options(browse, [
+    argument("dictionary", Path, "A dictionary directory, or a run directory with one dictionary "
+                                 "per hook (one site, a section per hook)."),
+    *field_options(config_fields(BrowseConfig)),
+]))
 
 
 def circuits(**flags) -> None:
