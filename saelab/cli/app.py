@@ -20,6 +20,7 @@ from saelab.errors import SaelabError
 from saelab.evals.circuits.discover import CircuitsConfig
 from saelab.evals.evaluate import EvalConfig
 from saelab.evals.sparsity.run import SparsityCommandConfig
+from saelab.formats.export import ExportConfig
 from saelab.training.config import TrainConfig
 from saelab.zoo import DEFAULT_MODEL
 
@@ -161,37 +162,22 @@ def _same_dir(a: Path, b: Path) -> bool:
     return a.exists() and b.exists() and a.samefile(b)
 
 
-@app.command("export")
-def export_cmd(
-    dictionary: Annotated[str, typer.Argument(help="A saelab, SAELens or sparsify dictionary directory, or hf:OWNER/NAME[/FOLDER] on the hub.")],
-    out: Annotated[Path, typer.Argument(help="Directory to write the exported dictionary into.")],
-    format: Annotated[str, Opt("--format", help="saelens (cfg.json + sae_weights.safetensors), sparsify (cfg.json + sae.safetensors, TopK only) or saelab.")] = "saelens",
-    context_size: Annotated[int | None, Opt(help="SAELens metadata: context size the SAE was trained with.")] = None,
-    overwrite: Annotated[bool, Opt("--overwrite", help="Allow writing into a non-empty directory.")] = False,
-) -> None:
+def export_cmd(dictionary: str, out: Path, **flags) -> None:
     """Convert a dictionary between saelab's, SAELens's and sparsify's on-disk formats."""
-    import saelab
-    from saelab.checks import check_number
-    from saelab.formats.saelens import export_saelens
-    from saelab.formats.sparsify import export_sparsify
-    from saelab.storage.files import check_output_dir
+    from saelab.formats.export import export
 
-    if format not in ("saelens", "sparsify", "saelab"):
-        raise SaelabError(f"unknown export format {format!r}; use saelens, sparsify or saelab")
-    check_number("--context-size", context_size, 1)
-    check_output_dir(out, overwrite)
-    sae = saelab.load(dictionary)
-    if isinstance(sae, dict):
-        raise SaelabError(f"{dictionary} is a run directory of {len(sae)} dictionaries; "
-                          "export one hook's subdirectory at a time")
-    if format == "saelens":
-        export_saelens(sae, out, context_size=context_size, overwrite=overwrite)
-    elif format == "sparsify":
-        export_sparsify(sae, out, overwrite=overwrite)
-    else:
-        sae.save(check_output_dir(out, overwrite))
+    cfg = from_flags(ExportConfig, flags)
+    sae = export(dictionary, out, cfg)
     typer.echo(f"exported {sae.cfg.allocator} dictionary ({sae.cfg.n_latents} x {sae.cfg.d_in}) "
-               f"as {format} -> {out}")
+               f"as {cfg.format} -> {out}")
+
+
+app.command("export")(with_options(export_cmd, [
+    argument("dictionary", str, "A saelab, SAELens or sparsify dictionary directory, or "
+                                "hf:OWNER/NAME (or hf:OWNER/NAME/FOLDER) on the hub."),
+    argument("out", Path, "Directory to write the exported dictionary into."),
+    *field_options(config_fields(ExportConfig)),
+]))
 
 
 @app.command()
