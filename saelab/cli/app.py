@@ -9,7 +9,6 @@ import inspect
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
 
 import typer
 
@@ -23,6 +22,7 @@ from saelab.evals.sparsity.run import SparsityCommandConfig
 from saelab.formats.export import ExportConfig
 from saelab.training.config import TrainConfig
 from saelab.zoo import DEFAULT_MODEL
+from saelab.zoo.build import ZooBuildConfig
 
 app = typer.Typer(
     help="saelab: train, load and evaluate sparse autoencoders on transformer activations.",
@@ -180,10 +180,7 @@ app.command("export")(with_options(export_cmd, [
 ]))
 
 
-@app.command()
-def info(
-    target: Annotated[str, typer.Argument(help="A dictionary directory, a run directory of them (one per hook), a cache directory, or a model spec (zoo:NAME, a local HF directory, hf:NAME).")],
-) -> None:
+def info(target: str) -> None:
     """Describe a dictionary, a run directory, an activation cache, or a model (its hook names)."""
     from saelab.data.cache import MANIFEST, Manifest
     from saelab.formats.sparsify import is_run_dir
@@ -217,6 +214,12 @@ def info(
             typer.echo(f"  {name}")
 
 
+app.command()(with_options(info, [
+    argument("target", str, "A dictionary directory, a run directory of them (one per hook), a cache "
+                            "directory, or a model spec (zoo:NAME, a local HF directory, hf:NAME)."),
+]))
+
+
 @zoo_app.command("list")
 def zoo_list() -> None:
     """Show the installed zoo models (shipped and user-built), where each lives, and how well
@@ -243,28 +246,19 @@ def zoo_list() -> None:
         typer.echo("buildable with `saelab zoo build NAME`: " + ", ".join(buildable))
 
 
-@zoo_app.command("build")
-def zoo_build(
-    name: Annotated[str, typer.Argument(help="Recipe name (see `saelab zoo list`).")],
-    out: Annotated[Path | None, Opt(help="Output directory, new or empty. [default: NAME in the user's zoo directory, $SAELAB_ZOO_DIR or ~/.cache/saelab/zoo, where zoo:NAME finds it]")] = None,
-    tokens: Annotated[int | None, Opt(help="Override the recipe's training tokens.")] = None,
-    overwrite: Annotated[bool, Opt("--overwrite", help="Replace a previous zoo build at the output directory (only that: a directory holding other files is refused).")] = False,
-) -> None:
+def zoo_build(name: str, **flags) -> None:
     """Train a zoo model from its seeded recipe on the stdlib corpus and write its HF directory."""
-    import dataclasses
-
-    from saelab import zoo
-    from saelab.checks import check_number
     from saelab.zoo.build import build
 
-    if name not in zoo.RECIPES:
-        raise SaelabError(f"unknown zoo recipe {name!r}; available: {', '.join(zoo.RECIPES)}")
-    check_number("--tokens", tokens, 1)
-    recipe = zoo.RECIPES[name]
-    if tokens is not None:
-        recipe = dataclasses.replace(recipe, tokens=tokens)
-    path = build(recipe, out, overwrite=overwrite)
+    cfg = from_flags(ZooBuildConfig, flags)
+    path = build(cfg.recipe(name), cfg.out, overwrite=cfg.overwrite)
     typer.echo((path / "zoo_card.json").read_text())
+
+
+zoo_app.command("build")(with_options(zoo_build, [
+    argument("name", str, "Recipe name (see `saelab zoo list`)."),
+    *field_options(config_fields(ZooBuildConfig)),
+]))
 
 
 def sparsity_cmd(no_modes: bool = False, **flags) -> None:
