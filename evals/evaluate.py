@@ -9,11 +9,13 @@ mean ablation, whose mean is the first pass's mean activation over the whole eva
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
 
 from saelab import __version__
+from saelab.checks import check_device, check_field_types, check_number, doc_field
 from saelab.data.activations import positions_to_keep
 from saelab.data.heldout import heldout_rows, resolve_dictionary
 from saelab.data.tokens import TokenData
@@ -24,6 +26,40 @@ from saelab.evals.spliced import SplicedLoss, prediction_mask
 from saelab.models import HookedModel
 
 DEFAULT_TOKENS = 2**15  # the end-of-run eval's default window (`TrainConfig.eval_tokens`)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """`saelab eval`: `evaluate`'s settings as specs (each documented once: `saelab eval --help`
+    shows the same text), and where the report goes. `settings()` is what `evaluate` takes."""
+
+    tokens: int | None = doc_field(None, "Held-out tokens to evaluate on (whole rows until at "
+                                   "least this many); also the dead-latent window.",
+                                   f"the end-of-run eval's window in cfg.json, else {DEFAULT_TOKENS}")
+    data: str | None = doc_field(None, "Token data whose held-out split is used: builtin:stdlib, "
+                                 "a .txt/.jsonl file or directory, or hf:NAME.",
+                                 "the data cfg.json says the SAE was trained on")
+    context_length: int | None = doc_field(None, "Tokens per row.", "the SAE's training context "
+                                           "from cfg.json, else min(model context, 128)")
+    model: str | None = doc_field(None, "Model spec to evaluate in.", "the one cfg.json names")
+    batch_rows: int = doc_field(32, "Rows per forward pass.")
+    out: str | None = doc_field(None, "Where to write eval.json, eval.md and the PNGs, a new or "
+                                "empty directory.", "the dictionary directory, whose report they "
+                                "replace", path=True)
+    overwrite: bool = doc_field(False, "Allow writing into a non-empty --out directory.")
+    device: str = doc_field("cpu", "Torch device.")
+
+    def __post_init__(self) -> None:
+        check_field_types(self)
+        for name, low in (("tokens", 1), ("batch_rows", 1), ("context_length", 2)):
+            check_number(name, getattr(self, name), low)
+        check_device(self.device)
+
+    def settings(self) -> dict:
+        """`evaluate`'s keywords (all but where the report goes)."""
+        return {"tokens": self.tokens, "model": self.model, "data": self.data,
+                "context_length": self.context_length, "batch_rows": self.batch_rows,
+                "device": self.device}
 
 
 def _splice(keep: torch.Tensor, values: torch.Tensor | float):
@@ -44,8 +80,8 @@ def evaluate(
     model: HookedModel | str | None = None,
     data: TokenData | str | None = None,
     context_length: int | None = None,
-    batch_rows: int = 32,
-    device: str = "cpu",
+    batch_rows: int = EvalConfig.batch_rows,
+    device: str = EvalConfig.device,
 ) -> dict:
     """Score an SAE on held-out tokens; returns the report `write_report` writes.
 

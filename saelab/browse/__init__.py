@@ -15,7 +15,7 @@ from pathlib import Path
 
 from saelab.browse.card import Context, LatentCard, build_cards
 from saelab.browse.collect import collect, load_dictionaries
-from saelab.browse.site import build_site
+from saelab.browse.site import BrowseConfig, build_site
 from saelab.browse.stats import FeatureStats, StatsConfig
 from saelab.data.tokens import TokenData
 from saelab.models import HookedModel
@@ -38,4 +38,5 @@ def top_contexts(sae, latent: int, tokens: int = 65_536, n: int = 12, samples: i
     return build_cards(dicts[0].stats, dicts[0].sae, model)[0]
 
 
-__all__ = ["Context", "FeatureStats", "LatentCard", "StatsConfig", "build_site", "top_contexts"]
+__all__ = ["BrowseConfig", "Context", "FeatureStats", "LatentCard", "StatsConfig", "build_site",
+           "top_contexts"]

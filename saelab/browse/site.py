@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from saelab import __version__
@@ -17,6 +18,7 @@ from saelab.browse import html
 from saelab.browse.card import build_cards
 from saelab.browse.collect import collect, find_dictionaries, load_dictionaries
 from saelab.browse.stats import StatsConfig
+from saelab.checks import check_device, check_field_types, check_number, doc_field
 from saelab.data.tokens import TokenData
 from saelab.errors import SaelabError
 from saelab.storage.files import check_output_dir, write_text
@@ -37,6 +39,44 @@ def parse_latents(spec: str | None) -> list[int] | None:
     return sorted(out)
 
 
+@dataclass(frozen=True)
+class BrowseConfig:
+    """`saelab browse`: `build_site`'s settings as specs (each documented once: `saelab browse
+    --help` shows the same text); `top_k` and `samples` are the StatsConfig the site keeps."""
+
+    tokens: int = doc_field(262_144, "Held-out tokens to gather contexts from (whole rows until "
+                            "at least this many).")
+    latents: str | None = doc_field(None, "Latents to include, e.g. 0-99,512.", "all")
+    out: str | None = doc_field(None, "Output directory for the site.", "DICTIONARY/browse",
+                                path=True)
+    data: str | None = doc_field(None, "Token data whose held-out split is read: builtin:stdlib, "
+                                 "a .txt/.jsonl file or directory, or hf:NAME.",
+                                 "the dictionary's training data")
+    model: str | None = doc_field(None, "Model spec.", "the one cfg.json names")
+    top_k: int = doc_field(StatsConfig.top_k, "Top-activating contexts per latent.")
+    samples: int = doc_field(StatsConfig.samples, "Sampled activations per latent, shown split "
+                             "at their quantiles.")
+    batch_rows: int = doc_field(32, "Rows per forward pass.")
+    device: str = doc_field("cpu", "Torch device.")
+    overwrite: bool = doc_field(False, "Allow writing into a non-empty --out directory.")
+
+    def __post_init__(self) -> None:
+        check_field_types(self)
+        for name in ("tokens", "top_k", "samples", "batch_rows"):
+            check_number(name, getattr(self, name), 1)
+        check_device(self.device)
+
+    def out_dir(self, dictionary: str | Path) -> Path:
+        """Where the site goes: `out`, else the dictionary's `browse` folder."""
+        return Path(self.out) if self.out else Path(dictionary) / "browse"
+
+    def settings(self) -> dict:
+        """`build_site`'s keywords (all but where the site goes)."""
+        return {"tokens": self.tokens, "latents": self.latents, "data": self.data,
+                "model": self.model, "cfg": StatsConfig(top_k=self.top_k, samples=self.samples),
+                "batch_rows": self.batch_rows, "device": self.device, "overwrite": self.overwrite}
+
+
 def section_dir(name: str) -> str:
     """A file-system-safe directory name for a dictionary's section."""
     return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
@@ -45,13 +85,13 @@ def section_dir(name: str) -> str:
 def build_site(
     dictionary: str | Path,
     out: str | Path,
-    tokens: int = 262_144,
+    tokens: int = BrowseConfig.tokens,
     latents: str | list[int] | None = None,
     data: TokenData | str | None = None,
     model: str | None = None,
     cfg: StatsConfig | None = None,
-    batch_rows: int = 32,
-    device: str = "cpu",
+    batch_rows: int = BrowseConfig.batch_rows,
+    device: str = BrowseConfig.device,
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict:

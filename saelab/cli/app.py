@@ -9,17 +9,20 @@ import inspect
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
 
 import typer
 
+from saelab.browse.site import BrowseConfig
 from saelab.cli.options import argument, config_fields, field_options, from_flags, given, with_options
 from saelab.data.cache import CacheConfig
 from saelab.errors import SaelabError
 from saelab.evals.circuits.discover import CircuitsConfig
+from saelab.evals.evaluate import EvalConfig
 from saelab.evals.sparsity.run import SparsityCommandConfig
+from saelab.formats.export import ExportConfig
 from saelab.training.config import TrainConfig
 from saelab.zoo import DEFAULT_MODEL
+from saelab.zoo.build import ZooBuildConfig
 
 app = typer.Typer(
     help="saelab: train, load and evaluate sparse autoencoders on transformer activations.",
@@ -134,78 +137,50 @@ app.command("cache")(with_options(cache_cmd, [
 ]))
 
 
-@app.command("eval")
-def eval_cmd(
-    dictionary: Annotated[Path, typer.Argument(help="A dictionary directory (sae.safetensors + cfg.json).")],
-    tokens: Annotated[int | None, Opt(help="Held-out tokens to evaluate on (whole rows until at least this many); also the dead-latent window. [default: the end-of-run eval's window in cfg.json, else 32768]")] = None,
-    data: Annotated[str | None, Opt(help="Token data whose held-out split is used: builtin:stdlib, a .txt/.jsonl file or directory, or hf:NAME. [default: the data cfg.json says the SAE was trained on]")] = None,
-    context_length: Annotated[int | None, Opt(help="Tokens per row. [default: the SAE's training context from cfg.json, else min(model context, 128)]")] = None,
-    model: Annotated[str | None, Opt(help="Model spec to evaluate in. [default: the one cfg.json names]")] = None,
-    batch_rows: Annotated[int, Opt(help="Rows per forward pass.")] = 32,
-    out: Annotated[Path | None, Opt(help="Where to write eval.json, eval.md and the PNGs, a new or empty directory. [default: the dictionary directory, whose report they replace]")] = None,
-    overwrite: Annotated[bool, Opt("--overwrite", help="Allow writing into a non-empty --out directory.")] = False,
-    device: Annotated[str, Opt(help="Torch device.")] = "cpu",
-) -> None:
+def eval_cmd(dictionary: Path, **flags) -> None:
     """Evaluate a dictionary: FVU, L0, dead/dense latents, spliced CE loss, KL; JSON + markdown + PNGs."""
-    from saelab.checks import check_device, check_number
     from saelab.evals import evaluate, format_summary, write_report
     from saelab.storage.files import check_output_dir
 
-    for name, value, low in (("--tokens", tokens, 1), ("--batch-rows", batch_rows, 1),
-                             ("--context-length", context_length, 2)):
-        check_number(name, value, low)
-    check_device(device)
-    target = out or dictionary
-    own = out is None or _same_dir(out, dictionary)  # the dictionary's report is its own to replace
-    check_output_dir(target, overwrite or own)
-    report = evaluate(str(dictionary), tokens=tokens, model=model, data=data,
-                      context_length=context_length, batch_rows=batch_rows, device=device)
+    cfg = from_flags(EvalConfig, flags)
+    target = Path(cfg.out) if cfg.out else dictionary
+    own = cfg.out is None or _same_dir(target, dictionary)  # the dictionary's report is its own to replace
+    check_output_dir(target, cfg.overwrite or own)
+    report = evaluate(str(dictionary), **cfg.settings())
     paths = write_report(report, target)
     typer.echo(format_summary(report))
     typer.echo(f"wrote {', '.join(p.name for p in paths)} -> {target}")
+
+
+app.command("eval")(with_options(eval_cmd, [
+    argument("dictionary", Path, "A dictionary directory (sae.safetensors + cfg.json)."),
+    *field_options(config_fields(EvalConfig)),
+]))
 
 
 def _same_dir(a: Path, b: Path) -> bool:
     return a.exists() and b.exists() and a.samefile(b)
 
 
-@app.command("export")
-def export_cmd(
-    dictionary: Annotated[str, typer.Argument(help="A saelab, SAELens or sparsify dictionary directory, or hf:OWNER/NAME[/FOLDER] on the hub.")],
-    out: Annotated[Path, typer.Argument(help="Directory to write the exported dictionary into.")],
-    format: Annotated[str, Opt("--format", help="saelens (cfg.json + sae_weights.safetensors), sparsify (cfg.json + sae.safetensors, TopK only) or saelab.")] = "saelens",
-    context_size: Annotated[int | None, Opt(help="SAELens metadata: context size the SAE was trained with.")] = None,
-    overwrite: Annotated[bool, Opt("--overwrite", help="Allow writing into a non-empty directory.")] = False,
-) -> None:
+def export_cmd(dictionary: str, out: Path, **flags) -> None:
     """Convert a dictionary between saelab's, SAELens's and sparsify's on-disk formats."""
-    import saelab
-    from saelab.checks import check_number
-    from saelab.formats.saelens import export_saelens
-    from saelab.formats.sparsify import export_sparsify
-    from saelab.storage.files import check_output_dir
+    from saelab.formats.export import export
 
-    if format not in ("saelens", "sparsify", "saelab"):
-        raise SaelabError(f"unknown export format {format!r}; use saelens, sparsify or saelab")
-    check_number("--context-size", context_size, 1)
-    check_output_dir(out, overwrite)
-    sae = saelab.load(dictionary)
-    if isinstance(sae, dict):
-        raise SaelabError(f"{dictionary} is a run directory of {len(sae)} dictionaries; "
-                          "export one hook's subdirectory at a time")
-    if format == "saelens":
-        export_saelens(sae, out, context_size=context_size, overwrite=overwrite)
-    elif format == "sparsify":
-        export_sparsify(sae, out, overwrite=overwrite)
-    else:
-        sae.save(check_output_dir(out, overwrite))
+    cfg = from_flags(ExportConfig, flags)
+    sae = export(dictionary, out, cfg)
     typer.echo(f"exported {sae.cfg.allocator} dictionary ({sae.cfg.n_latents} x {sae.cfg.d_in}) "
-               f"as {format} -> {out}")
+               f"as {cfg.format} -> {out}")
 
 
-@app.command()
-def info(
-    target: Annotated[str, typer.Argument(help="A dictionary directory, a run directory of them (one per hook), a cache directory, or a model spec (zoo:NAME, a local HF directory, hf:NAME).")],
-) -> None:
+app.command("export")(with_options(export_cmd, [
+    argument("dictionary", str, "A saelab, SAELens or sparsify dictionary directory, or "
+                                "hf:OWNER/NAME (or hf:OWNER/NAME/FOLDER) on the hub."),
+    argument("out", Path, "Directory to write the exported dictionary into."),
+    *field_options(config_fields(ExportConfig)),
+]))
+
+
+def info(target: str) -> None:
     """Describe a dictionary, a run directory, an activation cache, or a model (its hook names)."""
     from saelab.data.cache import MANIFEST, Manifest
     from saelab.formats.sparsify import is_run_dir
@@ -239,6 +214,12 @@ def info(
             typer.echo(f"  {name}")
 
 
+app.command()(with_options(info, [
+    argument("target", str, "A dictionary directory, a run directory of them (one per hook), a cache "
+                            "directory, or a model spec (zoo:NAME, a local HF directory, hf:NAME)."),
+]))
+
+
 @zoo_app.command("list")
 def zoo_list() -> None:
     """Show the installed zoo models (shipped and user-built), where each lives, and how well
@@ -265,28 +246,19 @@ def zoo_list() -> None:
         typer.echo("buildable with `saelab zoo build NAME`: " + ", ".join(buildable))
 
 
-@zoo_app.command("build")
-def zoo_build(
-    name: Annotated[str, typer.Argument(help="Recipe name (see `saelab zoo list`).")],
-    out: Annotated[Path | None, Opt(help="Output directory, new or empty. [default: NAME in the user's zoo directory, $SAELAB_ZOO_DIR or ~/.cache/saelab/zoo, where zoo:NAME finds it]")] = None,
-    tokens: Annotated[int | None, Opt(help="Override the recipe's training tokens.")] = None,
-    overwrite: Annotated[bool, Opt("--overwrite", help="Replace a previous zoo build at the output directory (only that: a directory holding other files is refused).")] = False,
-) -> None:
+def zoo_build(name: str, **flags) -> None:
     """Train a zoo model from its seeded recipe on the stdlib corpus and write its HF directory."""
-    import dataclasses
-
-    from saelab import zoo
-    from saelab.checks import check_number
     from saelab.zoo.build import build
 
-    if name not in zoo.RECIPES:
-        raise SaelabError(f"unknown zoo recipe {name!r}; available: {', '.join(zoo.RECIPES)}")
-    check_number("--tokens", tokens, 1)
-    recipe = zoo.RECIPES[name]
-    if tokens is not None:
-        recipe = dataclasses.replace(recipe, tokens=tokens)
-    path = build(recipe, out, overwrite=overwrite)
+    cfg = from_flags(ZooBuildConfig, flags)
+    path = build(cfg.recipe(name), cfg.out, overwrite=cfg.overwrite)
     typer.echo((path / "zoo_card.json").read_text())
+
+
+zoo_app.command("build")(with_options(zoo_build, [
+    argument("name", str, "Recipe name (see `saelab zoo list`)."),
+    *field_options(config_fields(ZooBuildConfig)),
+]))
 
 
 def sparsity_cmd(no_modes: bool = False, **flags) -> None:
@@ -310,31 +282,12 @@ app.command("sparsity")(with_options(sparsity_cmd, [
 ]))
 
 
-@app.command()
-def browse(
-    dictionary: Annotated[Path, typer.Argument(help="A dictionary directory, or a run directory with one dictionary per hook (one site, a section per hook).")],
-    tokens: Annotated[int, Opt(help="Held-out tokens to gather contexts from (whole rows until at least this many).")] = 262_144,
-    latents: Annotated[str | None, Opt(help="Latents to include, e.g. 0-99,512. [default: all]")] = None,
-    out: Annotated[Path | None, Opt(help="Output directory for the site. [default: DICTIONARY/browse]")] = None,
-    data: Annotated[str | None, Opt(help="Token data whose held-out split is read: builtin:stdlib, a .txt/.jsonl file or directory, or hf:NAME. [default: the dictionary's training data]")] = None,
-    model: Annotated[str | None, Opt(help="Model spec. [default: the one cfg.json names]")] = None,
-    top_k: Annotated[int, Opt(help="Top-activating contexts per latent.")] = 12,
-    samples: Annotated[int, Opt(help="Sampled activations per latent, shown split at their quantiles.")] = 16,
-    batch_rows: Annotated[int, Opt(help="Rows per forward pass.")] = 32,
-    device: Annotated[str, Opt(help="Torch device.")] = "cpu",
-    overwrite: Annotated[bool, Opt("--overwrite", help="Allow writing into a non-empty --out directory.")] = False,
-) -> None:
+def browse(dictionary: Path, **flags) -> None:
     """Build a static feature browser (open index.html from disk): per latent its density, histogram, top and sampled contexts, next-token effects and nearest latents."""
-    from saelab.browse import StatsConfig, build_site
-    from saelab.checks import check_device, check_number
+    from saelab.browse import build_site
 
-    for name, value in (("--tokens", tokens), ("--top-k", top_k), ("--samples", samples),
-                        ("--batch-rows", batch_rows)):
-        check_number(name, value, 1)
-    check_device(device)
-    s = build_site(dictionary, out or dictionary / "browse", tokens=tokens, latents=latents, data=data,
-                   model=model, cfg=StatsConfig(top_k=top_k, samples=samples), batch_rows=batch_rows,
-                   device=device, overwrite=overwrite)
+    cfg = from_flags(BrowseConfig, flags)
+    s = build_site(dictionary, cfg.out_dir(dictionary), **cfg.settings())
     _print_summary(f"Feature browser -> {s['site']}", {
         "dictionaries": ", ".join(s["dictionaries"]),
         "tokens": f"{s['tokens']:,} in {s['pass_seconds']:.1f} s ({s['tokens_per_s']:,} tok/s)",
@@ -343,6 +296,11 @@ def browse(
     })
 
 
+app.command()(with_options(browse, [
+    argument("dictionary", Path, "A dictionary directory, or a run directory with one dictionary "
+                                 "per hook (one site, a section per hook)."),
+    *field_options(config_fields(BrowseConfig)),
+]))
 
 
 def circuits(**flags) -> None:

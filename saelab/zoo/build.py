@@ -17,20 +17,46 @@ import platform
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from saelab.checks import check_field_types, check_number, doc_field
 from saelab.data.tokens import BUILTIN_STDLIB, TokenData
 from saelab.errors import SaelabError
 from saelab.schedule import lr_factor
 from saelab.storage.files import check_output_dir, write_json
-from saelab.zoo import MODELS_DIR, ZooRecipe, task_corpus, user_dir
+from saelab.zoo import MODELS_DIR, RECIPES, ZooRecipe, task_corpus, user_dir
 
 EOT = "<|endoftext|>"
 EOT_ID = 256
 CARD_FILE = "zoo_card.json"
+
+
+@dataclass(frozen=True)
+class ZooBuildConfig:
+    """`saelab zoo build NAME`: where the model goes, whether a previous build there may be
+    replaced (`check_out_dir`), and the recipe's training tokens if not its own."""
+
+    out: str | None = doc_field(None, "Output directory, new or empty.", "NAME in the user's zoo "
+                                "directory, $SAELAB_ZOO_DIR or ~/.cache/saelab/zoo, where zoo:NAME "
+                                "finds it", path=True)
+    tokens: int | None = doc_field(None, "Override the recipe's training tokens.", "the recipe's")
+    overwrite: bool = doc_field(False, "Replace a previous zoo build at the output directory (only "
+                                "that: a directory holding other files is refused).")
+
+    def __post_init__(self) -> None:
+        check_field_types(self)
+        check_number("tokens", self.tokens, 1)
+
+    def recipe(self, name: str) -> ZooRecipe:
+        """The recipe `name`, with `tokens` if given."""
+        if name not in RECIPES:
+            raise SaelabError(f"unknown zoo recipe {name!r}; available: {', '.join(RECIPES)}")
+        recipe = RECIPES[name]
+        return recipe if self.tokens is None else dataclasses.replace(recipe, tokens=self.tokens)
 
 
 def _byte_to_unicode() -> dict[int, str]:

@@ -156,7 +156,7 @@ def test_mlp_effect_is_the_models_own_linear_map(zoo_model):
 @pytest.mark.parametrize("args, message", [
     (["--latents", "3-1"], "bad latent spec"),
     (["--latents", "999"], "latent 999 does not exist"),
-    (["--tokens", "0"], "--tokens must be >= 1"),
+    (["--tokens", "0"], "tokens must be >= 1, got 0"),
 ])
 def test_cli_bad_input_writes_nothing(site, tmp_path, args, message, monkeypatch, capsys):
     root, _, _ = site

@@ -105,6 +105,29 @@ def test_every_option_refuses_bad_values_in_one_line(path, name, probe, tmp_path
     assert [p.name for p in tmp_path.iterdir()] == []  # nothing written
 
 
+NO_DEFAULT = {("train", "config"), ("train", "resume")}  # files to read, not settings
+
+
+@pytest.mark.parametrize("path", [path for path, _ in _commands()], ids=" ".join)
+def test_help_lists_every_option_with_its_default(path, capsys, monkeypatch):
+    """Every command's --help renders (help text is rich markup: a stray `[/X]` once crashed
+    `export --help`) and shows each option (wide enough that rich cuts no name), its help
+    ending in the default."""
+    monkeypatch.setenv("COLUMNS", "200")
+    cmd = dict(_commands())[path]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main([*path, "--help"])
+    shown = capsys.readouterr().out
+    assert e.value.code == 0 and "Usage: saelab" in shown
+    for p in cmd.params:
+        if p.param_type_name != "option" or p.name == "help":
+            continue
+        assert p.opts[0] in shown, p.name
+        if (path[-1], p.name) not in NO_DEFAULT:
+            assert "(default: " in p.help, (p.name, p.help)
+
+
 @pytest.mark.parametrize("args, match", [
     (["train", "--k", "abc"], "Invalid value for '--k'"),
     (["train", "--no-such-flag"], "No such option: --no-such-flag"),
