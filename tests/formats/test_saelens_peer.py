@@ -12,6 +12,16 @@ sae_lens = pytest.importorskip("sae_lens")
 from test_saelens import PRE_6, PRE_6_CASES, D, K, N, dense_code, random_sae, write_saelens  # noqa: E402
 
 
+def assert_same_codes(sae, lens) -> None:
+    """sae-lens's own encode and decode equal saelab's on random inputs (and some latent fires)."""
+    x = torch.randn(64, D)
+    with torch.no_grad():
+        z = lens.encode(x)
+        assert (z != 0).any()
+        torch.testing.assert_close(dense_code(sae, x), z)
+        torch.testing.assert_close(sae(x), lens.decode(z))
+
+
 @pytest.mark.parametrize(("allocator", "lens_class"), [
     ("topk", "TopKSAE"), ("gradient_topk", "TopKSAE"),
     ("mutual_choice", "JumpReLUSAE"), ("feature_choice", "JumpReLUSAE"),
@@ -22,12 +32,7 @@ def test_sae_lens_loads_saelab_exports(tmp_path, allocator, lens_class):
     lens = sae_lens.SAE.load_from_disk(str(export_saelens(sae, tmp_path / "lens")))
     assert type(lens).__name__ == lens_class
     assert (lens.cfg.metadata.hook_name, lens.cfg.metadata.model_name) == (sae.cfg.hook, sae.cfg.model)
-    x = torch.randn(64, D)
-    with torch.no_grad():
-        z = lens.encode(x)
-        assert (z != 0).any()
-        torch.testing.assert_close(dense_code(sae, x), z)
-        torch.testing.assert_close(sae(x), lens.decode(z))
+    assert_same_codes(sae, lens)
 
 
 def _random(lens):
@@ -86,12 +91,7 @@ def test_saelab_reads_pre_6_saves_as_sae_lens_does(tmp_path, case):
     sae = saelab.load(tmp_path / case)
     assert type(lens).__name__ == {"relu": "StandardSAE", "topk": "TopKSAE"}[allocator]
     assert (sae.cfg.allocator, sae.cfg.hook) == (allocator, lens.cfg.metadata.hook_name)
-    x = torch.randn(64, D)
-    with torch.no_grad():
-        z = lens.encode(x)
-        assert (z != 0).any()
-        torch.testing.assert_close(dense_code(sae, x), z)
-        torch.testing.assert_close(sae(x), lens.decode(z))
+    assert_same_codes(sae, lens)
 
 
 @pytest.mark.parametrize("processing", ["folded", "centred", "raw"])

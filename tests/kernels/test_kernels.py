@@ -7,6 +7,7 @@ The reference builds the dense (B, n) code matrix ``Z`` with ``scatter_add``
 from __future__ import annotations
 
 import ast
+import importlib.util
 import os
 import subprocess
 import sys
@@ -47,6 +48,24 @@ CASES = [
 ]
 CASE_IDS = [f"B{b}-k{k}-n{n}-d{d}-{kind}" for b, k, n, d, kind in CASES]
 
+
+
+def rerun_interpreted(test_file: str) -> str:
+    """Run `test_file` again in a subprocess with TRITON_INTERPRET=1 (the Triton kernels on the
+    CPU; the variable must be set before triton imports); its stdout, after asserting it passed."""
+    from saelab.kernels import backend
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    env = {k: v for k, v in os.environ.items() if k != backend.ENV_VAR}
+    env["TRITON_INTERPRET"] = "1"
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test_file],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    assert " passed" in done.stdout
+    return done.stdout
 
 def make_code(
     B: int, k: int, n: int, kind: str, seed: int = 0, dtype: torch.dtype = F64

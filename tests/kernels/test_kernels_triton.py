@@ -9,14 +9,11 @@ Shapes stay tiny: the interpreter executes every program instance in Python.
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from test_kernels import F64, dense_codes, make_code, randn, reference, run
+from test_kernels import F64, dense_codes, make_code, randn, reference, rerun_interpreted, run
 from torch.testing import assert_close
 
 from saelab.kernels import backend, sparse_decode, sparse_encode
@@ -39,16 +36,7 @@ OPS = ["gather_weighted_sum", "gather_dot", "scatter_outer_add"]
 
 @pytest.mark.skipif(INTERPRETED, reason="this is the subprocess")
 def test_under_interpreter():
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("triton is not installed")
-    env = {k: v for k, v in os.environ.items() if k != backend.ENV_VAR}
-    env["TRITON_INTERPRET"] = "1"
-    done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-        env=env, capture_output=True, text=True, timeout=600,
-    )
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
-    assert " passed" in done.stdout
+    rerun_interpreted(__file__)
 
 
 @interpreted
