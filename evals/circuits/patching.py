@@ -237,9 +237,12 @@ def ground_truth_sets(model: HookedModel, tokens: TaskTokens, sets: list[TaskTok
     `sets` (heads only; a set that is `tokens` itself reuses its circuit)."""
     truth = ground_truth(model, tokens, **kwargs)
     if len(sets) > 1:
-        circuits = [truth.nodes if t is tokens else
-                    ground_truth(model, t, **{**kwargs, "edges": False}).nodes for t in sets]
-        truth.stability = stability(circuits, len(sets[0]), truth.n_heads)
+        extra = {i: ground_truth(model, t, **{**kwargs, "edges": False})
+                 for i, t in enumerate(sets) if t is not tokens}
+        circuits = [extra[i].nodes if i in extra else truth.nodes for i in range(len(sets))]
+        truth.stability = {**stability(circuits, len(sets[0]), truth.n_heads),
+                           "forward_passes": sum(g.node_passes for g in extra.values()),
+                           "seconds": round(sum(g.node_seconds for g in extra.values()), 3)}
     return truth
 
 

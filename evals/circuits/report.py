@@ -70,7 +70,8 @@ def _stability(st: dict | None) -> str:
     verdict = "stable" if st["stable"] else "NOT STABLE: left out of cross-task means"
     return (f"{verdict}; Jaccard {' / '.join(f'{j:.2f}' for j in st['jaccard'])} between "
             f"{st['sets']} disjoint sets of {st['prompts_per_set']} prompts (min "
-            f"{st['min_jaccard']:.2f}, stable at >= {st['threshold']})")
+            f"{st['min_jaccard']:.2f}, stable at >= {st['threshold']}); "
+            f"{st['forward_passes']} more forward passes, {st['seconds']:.1f} s")
 
 
 def headline(summaries: list[dict], key: str = "node_roc_auc") -> dict:

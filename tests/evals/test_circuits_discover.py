@@ -9,7 +9,7 @@ import torch
 from test_circuits_patching import tiny_model
 
 from saelab.errors import SaelabError
-from saelab.evals.circuits import DiscoverConfig, discover, published, scoring, write_report
+from saelab.evals.circuits import DiscoverConfig, discover, headline, published, scoring, write_report
 from saelab.evals.circuits.codes import codes, train_sae
 from saelab.evals.circuits.discover import _trial_task
 from saelab.evals.circuits.patching import edge_mask
@@ -230,3 +230,14 @@ def test_published_head_sets():
     with pytest.raises(SaelabError, match="12x12 head grid"):
         published.head_mask(c["gpt2/ioi"], 4, 8)
     assert edge_mask(2, 2).sum() == 4
+
+
+def test_headline_leaves_unstable_tasks_out():
+    def summary(task, stable, auc):
+        return {"task": task, "in_headline": stable, "node_roc_auc": {"mean": auc, "std": 0.0}}
+
+    h = headline([summary("ioi", True, 0.9), summary("greater-than", False, 0.5),
+                  summary("docstring", True, 0.7)])
+    assert h["mean"] == pytest.approx(0.8) and h["tasks"] == ["ioi", "docstring"]
+    assert h["excluded"] == ["greater-than"]
+    assert headline([summary("x", False, 0.5)])["mean"] is None

@@ -124,6 +124,7 @@ def test_ground_truth_sets_reports_stability(tmp_path):
     gt = ground_truth_sets(model, sets[0], sets, edges=False, progress=False)
     assert gt.prompts == 1 and gt.stability["circuits"] == [["1.0"]] * 3
     assert gt.stability["jaccard"] == [1.0, 1.0, 1.0] and gt.stability["stable"]
+    assert gt.stability["forward_passes"] == 2 * (2 + 4)  # sets 1 and 2: clean, cf, 4 heads
 
 
 def test_path_patching_finds_the_live_edge(tmp_path):
