@@ -274,11 +274,13 @@ def check_prompt_memory(cfg: DiscoverConfig, name: str, fixed: Task | None,
     check_memory(costs, sizes, where, lower_bound=model is None)
 
 
-def _check_sizes(cfg: DiscoverConfig, name: str, fixed: Task | None) -> None:
-    """One line, before any work, for trial or ground-truth sizes the task cannot fill with
-    distinct texts."""
+def _check_sizes(cfg: DiscoverConfig, name: str, fixed: Task | None, truth: bool) -> None:
+    """One line, before any work, for trial (and, with `truth`, ground-truth) sizes the task
+    cannot fill with distinct texts."""
     check_capacity(fixed if fixed is not None else name, cfg.train_prompts + cfg.prompts,
                    f"train_prompts + prompts = {cfg.train_prompts} + {cfg.prompts}")
+    if not truth:
+        return
     if fixed is None:
         check_capacity(name, cfg.truth_prompts * cfg.truth_sets,
                        f"truth_prompts x truth_sets = {cfg.truth_prompts} x {cfg.truth_sets}",
@@ -320,12 +322,8 @@ def discover(model: str | HookedModel, task: str | Task = DEFAULT_TASK, *, task_
     cfg = config or DiscoverConfig()
     name, fixed = _resolve_task(task, task_file)
     need = cfg.train_prompts + cfg.prompts
-    if truth is None:
-        _check_sizes(cfg, name, fixed)
-    else:
-        check_capacity(fixed if fixed is not None else name, need,
-                       f"train_prompts + prompts = {cfg.train_prompts} + {cfg.prompts}")
     check_prompt_memory(cfg, name, fixed, truth=truth is None)  # before the model loads
+    _check_sizes(cfg, name, fixed, truth=truth is None)
     m = load_model(model, device) if isinstance(model, str) else model
     n_layers, n_heads = head_shape(m)
     sample = fixed.subset(range(min(64, len(fixed)))) if fixed is not None else generate(name, 64)
