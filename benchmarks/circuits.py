@@ -25,7 +25,7 @@ from saelab.evals.circuits import DiscoverConfig, discover, ground_truth
 from saelab.evals.circuits.codes import POSITIONS
 from saelab.evals.circuits.discover import DEFAULT_POSITION, DEFAULT_SAE, TRUTH_SEED
 from saelab.models import load_model
-from saelab.tasks import GENERATORS, generate, tokenize
+from saelab.tasks import GENERATORS, default_metric, generate, tokenize
 
 PUBLISHED = {  # O'Neill & Bui 2024, node / edge ROC AUC, mean +- std over 10 trials
     "ioi": ((0.868, 0.008), (0.840, 0.024)),
@@ -55,15 +55,16 @@ def main() -> None:
     for task in args.tasks:
         start = time.perf_counter()
         truth = ground_truth(model, tokenize(generate(task, args.truth_prompts, TRUTH_SEED),
-                                             model.tokenizer, model.context_length), progress=False)
+                                             model.tokenizer, model.context_length),
+                             metric=default_metric(task), progress=False)
         t = truth.to_dict()
         print(f"\n{task}: ground truth {len(t['heads'])} heads {' '.join(t['heads'])}, "
               f"{len(t['edges'])} of {int(truth.edge_mask.sum())} edges; patching heads "
               f"{truth.node_passes} passes {truth.node_seconds:.1f} s, heads + edges "
               f"{truth.node_passes + truth.edge_passes} passes "
               f"{truth.node_seconds + truth.edge_seconds:.1f} s "
-              f"(clean logit diff {truth.clean_logit_diff:.2f}, counterfactual "
-              f"{truth.counterfactual_logit_diff:.2f}) [{time.perf_counter() - start:.0f} s]")
+              f"({truth.metric}: clean {truth.clean_metric:.2f}, counterfactual "
+              f"{truth.counterfactual_metric:.2f}) [{time.perf_counter() - start:.0f} s]")
         for sae, position, n_train in ((kind, pos, n) for kind in args.sae for pos in args.position
                                        for n in args.train_prompts):
             cfg = DiscoverConfig(train_prompts=n_train, prompts=args.prompts, trials=args.trials,

@@ -2,9 +2,17 @@
 
 A task holds, per prompt, the text the model should complete, a counterfactual that differs by
 as little as possible yet takes away what the model needs, the answer token(s) and the wrong
-token(s). Its metric is the logit difference at the last prompt token: mean logit of the answer
-tokens minus mean logit of the wrong ones (one token each for IOI, docstring and induction; for
-greater-than every year above YY against every year up to YY, as in Hanna et al.).
+token(s). Its metric, read at the last prompt token, is one of `METRICS`:
+- logit-diff: mean logit of the answer tokens minus mean logit of the wrong ones (one token each
+  for IOI, docstring and induction; for greater-than every year above YY against every year up
+  to YY);
+- prob-diff: probability mass (softmax over the whole vocabulary) on the answer tokens minus
+  mass on the wrong ones; for greater-than this is Hanna et al.'s metric, p(years > YY) -
+  p(years <= YY), and it is that task's default (`default_metric`).
+
+Every generator can say how many distinct prompt and counterfactual texts it can make
+(`distinct_texts`, counted from its word lists and templates), and `draw_distinct` draws rows
+whose texts are all distinct, so a trial's training and held-out sets never share a text.
 
 The generators write text in GPT-2's convention (a word's leading space belongs to it, " Mary"),
 after the published setups:
@@ -27,9 +35,10 @@ after the published setups:
 from __future__ import annotations
 
 import json
+import math
 import random
 import tracemalloc
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -204,6 +213,35 @@ def logit_diff(last: torch.Tensor, tokens: TaskTokens) -> torch.Tensor:
     return a - w
 
 
+def prob_diff(last: torch.Tensor, tokens: TaskTokens) -> torch.Tensor:
+    """(P,) probability on the answer tokens minus probability on the wrong ones, from (P, V)
+    last-position logits (softmax over the whole vocabulary: Hanna et al.'s metric)."""
+    p = last.float().softmax(-1)
+    a = (p.gather(1, tokens.answer) * tokens.answer_mask).sum(1)
+    w = (p.gather(1, tokens.wrong) * tokens.wrong_mask).sum(1)
+    return a - w
+
+
+METRICS: dict[str, Callable[[torch.Tensor, TaskTokens], torch.Tensor]] = {
+    "logit-diff": logit_diff, "prob-diff": prob_diff,
+}
+# greater-than: on zoo:tasks-4l's 200 card prompts the 01 counterfactual removes 55% of the
+# probability difference and 41% of the logit difference (README, "Circuit identification")
+TASK_METRICS = {"greater-than": "prob-diff"}
+
+
+def default_metric(name: str) -> str:
+    """The metric a task is scored by unless one is asked for."""
+    return TASK_METRICS.get(name, "logit-diff")
+
+
+def metric(kind: str) -> Callable[[torch.Tensor, TaskTokens], torch.Tensor]:
+    """The (P, V) last logits -> (P,) metric function named `kind`."""
+    if kind not in METRICS:
+        raise SaelabError(f"unknown task metric {kind!r}; use {' or '.join(METRICS)}")
+    return METRICS[kind]
+
+
 def correct(last: torch.Tensor, tokens: TaskTokens) -> torch.Tensor:
     """(P,) bool: the best answer token's logit beats every wrong token's."""
     neg = torch.finfo(last.dtype).min
@@ -282,6 +320,42 @@ def _task(name: str, rows: list[tuple]) -> Task:
     return Task(name, *(tuple(col) for col in zip(*rows, strict=True)))
 
 
+# ---- how many distinct texts each generator makes ------------------------------------------
+# Counted from the generators' choices: each choice below changes the text (the word lists hold
+# distinct words, and words are delimited), and prompt texts never equal counterfactual texts
+# (IOI's counterfactual has three different names, greater-than's YY is 01, the docstring's def
+# arguments differ from its :param names, induction's first copy differs from its second).
+
+
+def _ioi_texts() -> tuple[int, int]:
+    t, n = len(IOI_TEMPLATES), len(NAMES)
+    return t * math.perm(n, 2) * 2, t * math.perm(n, 3)  # (IO, S) x ABBA/BABA; (A, B, C)
+
+
+def _greater_than_texts() -> tuple[int, int]:
+    frames = len(GT_NOUNS) * len(GT_CENTURIES)
+    return frames * len(range(2, 99)), frames  # the counterfactual keeps only noun and century
+
+
+def _docstring_texts() -> tuple[int, int]:
+    w, f, fills = len(WORDS), len(FUNC_NAMES), len(WORDS) * (len(WORDS) - 1)
+    head = f * math.perm(w, 6) * math.perm(w - 6, 3)  # def's arguments, docstring words
+    prompts = head * sum(fills ** m for m in range(2, 5))
+    cfs = head * sum(math.perm(w - 9, m) * fills ** m for m in range(2, 5))  # + the :param names
+    return prompts, cfs
+
+
+def _induction_texts(length: int = 10) -> tuple[int, int]:
+    n = math.perm(len(WORDS), length) * (length - length // 2)  # the sequence, where it stops
+    return n, n
+
+
+DISTINCT: dict[str, Callable[[], tuple[int, int]]] = {
+    "ioi": _ioi_texts, "greater-than": _greater_than_texts, "docstring": _docstring_texts,
+    "induction": _induction_texts,
+}
+
+
 GENERATORS: dict[str, Callable[..., Task]] = {
     "ioi": ioi, "greater-than": greater_than, "docstring": docstring, "induction": induction,
 }
@@ -295,6 +369,73 @@ def generate(name: str, n: int, seed: int = 0) -> Task:
     if n < 1:
         raise SaelabError(f"the number of prompts must be positive, got {n}")
     return GENERATORS[name](n, seed)
+
+
+def distinct_texts(name: str) -> tuple[int, int]:
+    """(distinct prompts, distinct counterfactuals) the generator of task `name` can make."""
+    generate(name, 1)  # an unknown name fails as generate's error
+    return DISTINCT[name]()
+
+
+def capacity(source: str | Task, counterfactuals: bool = True) -> int:
+    """Rows `draw_distinct` can return: rows whose prompts (and, with `counterfactuals`, also
+    counterfactuals) are all distinct texts. A task file's rows are taken in file order, a row
+    whose text occurred before left out."""
+    if isinstance(source, Task):
+        return len(_distinct_rows(source, counterfactuals))
+    prompts, cfs = distinct_texts(source)
+    return min(prompts, cfs) if counterfactuals else prompts
+
+
+def check_capacity(source: str | Task, n: int, sizes: str, counterfactuals: bool = True) -> None:
+    """One line, before any work, when `n` rows with distinct texts (`sizes` says what adds up
+    to `n`) are more than the task can make."""
+    cap = capacity(source, counterfactuals)
+    if n > cap:
+        name, can = (source.name, "has") if isinstance(source, Task) else (source, "can make")
+        what = "prompts and counterfactuals" if counterfactuals else "prompts"
+        raise SaelabError(
+            f"task {name!r} {can} only {cap:,} rows whose {what} are distinct texts; "
+            f"{sizes} = {n:,} must not exceed it (no text may repeat across the sets)"
+        )
+
+
+def _distinct_rows(task: Task, counterfactuals: bool, order: Iterator[int] | None = None,
+                   n: int | None = None) -> list[int]:
+    """Indices (in `order`, default file order) of the rows whose texts have not occurred yet,
+    up to `n`: a prompt is never another row's prompt or counterfactual, and likewise."""
+    seen: set[str] = set()
+    keep = []
+    for i in order if order is not None else range(len(task)):
+        texts = {task.prompts[i], task.counterfactuals[i]} if counterfactuals else {task.prompts[i]}
+        if texts & seen:
+            continue
+        seen |= texts
+        keep.append(i)
+        if n is not None and len(keep) == n:
+            break
+    return keep
+
+
+def draw_distinct(source: str | Task, n: int, seed: int, counterfactuals: bool = True) -> Task:
+    """`n` rows of a generated task (or of a task file, in a seeded order) whose prompts (and,
+    with `counterfactuals`, counterfactuals) are all distinct texts, so any split of them into
+    training and held-out sets shares no text. Refuses, in one line, more than `capacity`."""
+    check_capacity(source, n, "the rows asked for", counterfactuals)
+    if isinstance(source, Task):
+        pool = _distinct_rows(source, counterfactuals)
+        g = torch.Generator().manual_seed(seed)
+        return source.subset([pool[i] for i in torch.randperm(len(pool), generator=g)[:n].tolist()])
+    draws = 2 * n + 16
+    while True:  # a generator's rows for one seed are a prefix of its rows for more: extend them
+        task = generate(source, draws, seed)
+        keep = _distinct_rows(task, counterfactuals, n=n)
+        if len(keep) == n:
+            return task.subset(keep)
+        if draws > 64 * n + 4096:  # far past the coupon collector's n log n: a generator bug
+            raise SaelabError(f"task {source!r}: only {len(keep)} distinct rows in {draws:,} "
+                              f"draws, {n} asked for")
+        draws *= 2
 
 
 def prompt_bytes(name: str, sample: int = 64) -> float:

@@ -7,8 +7,8 @@
 """
 
 from saelab.evals.circuits.discover import DEFAULT_SAE, CircuitResult, DiscoverConfig, discover
-from saelab.evals.circuits.patching import GroundTruth, ground_truth
-from saelab.evals.circuits.report import format_summary, write_report
+from saelab.evals.circuits.patching import GroundTruth, ground_truth, ground_truth_sets
+from saelab.evals.circuits.report import format_summary, headline, write_report
 
 __all__ = ["DEFAULT_SAE", "CircuitResult", "DiscoverConfig", "GroundTruth", "discover",
-           "format_summary", "ground_truth", "write_report"]
+           "format_summary", "ground_truth", "ground_truth_sets", "headline", "write_report"]

@@ -1,8 +1,12 @@
 """SAE-code circuit discovery (after O'Neill & Bui 2024), scored honestly.
 
-Per trial: draw `train_prompts + prompts` task prompts; the shared SAE trains on the per-head
-outputs of the first `train_prompts` (positive and counterfactual), and node and edge scores
-come only from the codes of the other `prompts`, which the SAE never saw. Scores are compared
+Per trial: draw `train_prompts + prompts` task rows whose prompts and counterfactuals are all
+distinct texts (`saelab.tasks.draw_distinct`; sizes a generator cannot fill are refused before
+any work); the shared SAE trains on the per-head outputs of the first `train_prompts` (positive
+and counterfactual), and node and edge scores come only from the codes of the other `prompts`,
+which the SAE never saw, not even as the same text in another row. Positives are the prompts
+and negatives their counterfactuals; the task metric plays no part in that split, only in the
+ground truth. Scores are compared
 with the patching ground truth (ROC AUC, and precision / recall / F1 of the predicted circuit)
 and, where the model has one, with the published head set. Every trial counts its own forward
 passes (per prompt) and wall time, the numbers set beside the patching baseline's.
@@ -22,11 +26,23 @@ from tqdm import tqdm
 from saelab.checks import Cost, check_device, check_field_types, check_memory, check_number, doc_field
 from saelab.errors import SaelabError
 from saelab.models import HookedModel, load_model
-from saelab.tasks import Task, generate, load_task_file, prompt_bytes, tokenize
+from saelab.tasks import (
+    METRICS,
+    Task,
+    TaskTokens,
+    capacity,
+    check_capacity,
+    default_metric,
+    draw_distinct,
+    generate,
+    load_task_file,
+    prompt_bytes,
+    tokenize,
+)
 
 from . import published, scoring
 from .codes import POSITIONS, SAE_KINDS, codes, head_outputs, train_sae
-from .patching import ABLATIONS, GroundTruth, edge_mask, ground_truth, head_shape
+from .patching import ABLATIONS, GroundTruth, edge_mask, ground_truth_sets, head_shape
 
 # Chosen on a development seed (benchmarks/circuits.py --seed 1, zoo:tasks-4l, 10 trials of 10
 # training prompts; node ROC AUC on held-out prompts): relu at the last position 0.84 / 0.70 /
@@ -61,6 +77,14 @@ class DiscoverConfig:
     lr: float = doc_field(1e-3, "Adam learning rate of the SAE.")
     truth_prompts: int = doc_field(64, "Prompts patched for the ground truth (generated tasks "
                                    "only; a task file's prompts are all patched).")
+    truth_sets: int = doc_field(3, "Disjoint prompt sets whose head circuits are compared "
+                                "(Jaccard) to say whether the ground truth is stable: the first "
+                                "is the ground truth, the others are patched for heads only "
+                                "(a task file's prompts are split into this many sets); 1 skips.")
+    metric: str | None = doc_field(None, "Task metric of the ground truth: logit-diff or "
+                                   "prob-diff (Hanna et al.'s probability difference).",
+                                   default_doc="the task's own: prob-diff for greater-than, "
+                                   "logit-diff otherwise")
     edges: bool = doc_field(True, "Also path-patch edges for the ground truth and score edges "
                             "(--no-edges skips both).")
     ablation: str = doc_field("counterfactual", "Ground truth by counterfactual patching or "
@@ -75,7 +99,8 @@ class DiscoverConfig:
 
     def __post_init__(self) -> None:
         check_field_types(self)
-        for name in ("train_prompts", "prompts", "trials", "truth_prompts", "n_latents", "epochs"):
+        for name in ("train_prompts", "prompts", "trials", "truth_prompts", "truth_sets",
+                     "n_latents", "epochs"):
             if getattr(self, name) < 1:
                 raise SaelabError(f"{name} must be positive, got {getattr(self, name)}")
         check_number("l1", self.l1, 0)
@@ -87,6 +112,8 @@ class DiscoverConfig:
             raise SaelabError(f"unknown ablation {self.ablation!r}; use {' or '.join(ABLATIONS)}")
         if self.position not in POSITIONS:
             raise SaelabError(f"unknown position {self.position!r}; use {' or '.join(POSITIONS)}")
+        if self.metric is not None and self.metric not in METRICS:
+            raise SaelabError(f"unknown task metric {self.metric!r}; use {' or '.join(METRICS)}")
 
 
 @dataclass(frozen=True)
@@ -186,6 +213,7 @@ class CircuitResult:
             "threshold": "predicted circuit: heads (edges) with a count above the mean count",
             "recovered_heads_trial0": self.recovered_heads(),
             "ground_truth": truth.to_dict(),
+            "in_headline": truth.stability is None or truth.stability["stable"],
             "method_seconds_per_trial": ms(self.seconds),
             "method_forward_passes_per_trial": self.passes[0],
             "patching_node_forward_passes": truth.node_passes,
@@ -246,11 +274,45 @@ def check_prompt_memory(cfg: DiscoverConfig, name: str, fixed: Task | None,
     check_memory(costs, sizes, where, lower_bound=model is None)
 
 
-def _trial_task(name: str, fixed: Task | None, n: int, trial: int, seed: int) -> Task:
+def _check_sizes(cfg: DiscoverConfig, name: str, fixed: Task | None, truth: bool) -> None:
+    """One line, before any work, for trial (and, with `truth`, ground-truth) sizes the task
+    cannot fill with distinct texts."""
+    check_capacity(fixed if fixed is not None else name, cfg.train_prompts + cfg.prompts,
+                   f"train_prompts + prompts = {cfg.train_prompts} + {cfg.prompts}")
+    if not truth:
+        return
     if fixed is None:
-        return generate(name, n, seed=seed * 1000 + trial + 1)
-    g = torch.Generator().manual_seed(seed * 1000 + trial + 1)
-    return fixed.subset(torch.randperm(len(fixed), generator=g)[:n].tolist())
+        check_capacity(name, cfg.truth_prompts * cfg.truth_sets,
+                       f"truth_prompts x truth_sets = {cfg.truth_prompts} x {cfg.truth_sets}",
+                       counterfactuals=False)
+    elif cfg.truth_sets > 1:
+        check_capacity(fixed, cfg.truth_sets, f"truth_sets = {cfg.truth_sets} sets of one prompt "
+                       "or more", counterfactuals=False)
+
+
+def _truth_tokens(cfg: DiscoverConfig, name: str, fixed: Task | None,
+                  model: HookedModel) -> tuple[TaskTokens, list[TaskTokens]]:
+    """The ground truth's prompts and the disjoint sets its stability is measured on: for a
+    generated task `truth_sets` draws of `truth_prompts` distinct prompts, the first being the
+    ground truth's; for a task file all its prompts, and its distinct prompts split in
+    `truth_sets` parts."""
+    def tok(t: Task) -> TaskTokens:
+        return tokenize(t, model.tokenizer, model.context_length)
+
+    if fixed is None:
+        n = cfg.truth_prompts
+        rows = draw_distinct(name, n * cfg.truth_sets, TRUTH_SEED, counterfactuals=False)
+        sets = [tok(rows.subset(range(i * n, (i + 1) * n))) for i in range(cfg.truth_sets)]
+        return sets[0], sets
+    if cfg.truth_sets == 1:
+        return tok(fixed), []
+    rows = draw_distinct(fixed, capacity(fixed, False), TRUTH_SEED, counterfactuals=False)
+    n = len(rows) // cfg.truth_sets
+    return tok(fixed), [tok(rows.subset(range(i * n, (i + 1) * n))) for i in range(cfg.truth_sets)]
+
+
+def _trial_task(name: str, fixed: Task | None, n: int, trial: int, seed: int) -> Task:
+    return draw_distinct(fixed if fixed is not None else name, n, seed * 1000 + trial + 1)
 
 
 def discover(model: str | HookedModel, task: str | Task = DEFAULT_TASK, *, task_file: str | None = None,
@@ -260,21 +322,17 @@ def discover(model: str | HookedModel, task: str | Task = DEFAULT_TASK, *, task_
     cfg = config or DiscoverConfig()
     name, fixed = _resolve_task(task, task_file)
     need = cfg.train_prompts + cfg.prompts
-    if fixed is not None and need > len(fixed):
-        raise SaelabError(
-            f"task {name!r} has {len(fixed)} prompts; train_prompts + prompts = {need} must not "
-            "exceed it (held-out prompts are disjoint from training prompts)"
-        )
     check_prompt_memory(cfg, name, fixed, truth=truth is None)  # before the model loads
+    _check_sizes(cfg, name, fixed, truth=truth is None)
     m = load_model(model, device) if isinstance(model, str) else model
     n_layers, n_heads = head_shape(m)
     sample = fixed.subset(range(min(64, len(fixed)))) if fixed is not None else generate(name, 64)
     longest = tokenize(sample, m.tokenizer, m.context_length).pos.shape[1]
     check_prompt_memory(cfg, name, fixed, m, longest, truth=truth is None)
     if truth is None:
-        gt_task = fixed if fixed is not None else generate(name, cfg.truth_prompts, seed=TRUTH_SEED)
-        truth = ground_truth(m, tokenize(gt_task, m.tokenizer, m.context_length),
-                             ablation=cfg.ablation, edges=cfg.edges, progress=progress)
+        truth = ground_truth_sets(m, *_truth_tokens(cfg, name, fixed, m), ablation=cfg.ablation,
+                                  edges=cfg.edges, metric=cfg.metric or default_metric(name),
+                                  progress=progress)
     if (truth.n_layers, truth.n_heads) != (n_layers, n_heads):
         raise SaelabError("the ground truth's head grid does not match the model")
     pub = published.lookup(m.spec, name)

@@ -1,7 +1,10 @@
 """Circuit reports: circuits.json, circuits.md, a head-grid PNG and a ROC PNG, and a summary.
 
 The JSON holds `CircuitResult.summary()` (keys `node_roc_auc`, `edge_roc_auc`, ...) plus the
-per-trial counts, so the plots can be redrawn from it alone.
+per-trial counts, so the plots can be redrawn from it alone. Its ground-truth part gives each
+head's patched effect with its standard error over prompts and, where measured, the circuit's
+Jaccard across disjoint prompt sets; a task whose circuit is not stable has `in_headline` false,
+and `headline` leaves it out of cross-task means.
 """
 
 from __future__ import annotations
@@ -40,6 +43,12 @@ def _rows(s: dict) -> list[tuple[str, str]]:
         ("recovered heads (trial 0)", " ".join(s["recovered_heads_trial0"]) or "none"),
         ("ground-truth heads", " ".join(gt["heads"]) + f" ({gt['ablation']} patching, "
          f"{gt['prompts']} prompts, |effect| > {gt['share']:.3g} of the total)"),
+        ("ground-truth effects (+- SE over prompts)", ", ".join(
+            f"{h} {gt['node_effect'][h]:.3f} +- {gt['node_effect_se'][h]:.3f}" for h in gt["heads"])
+         or "none"),
+        ("task metric", f"{gt['metric']}: clean {gt['clean_metric']:.3f}, counterfactual "
+         f"{gt['counterfactual_metric']:.3f}"),
+        ("ground-truth stability", _stability(gt["stability"])),
         ("ground-truth edges", f"{len(gt['edges'])}"),
         ("SAE method cost", f"{_pm(s['method_seconds_per_trial'], 2)} s, "
          f"{s['method_forward_passes_per_trial']} forward passes per trial"),
@@ -53,6 +62,26 @@ def _rows(s: dict) -> list[tuple[str, str]]:
         rows.append(("published heads", f"{' '.join(p['heads'])} ({p['source']}); node ROC AUC "
                                         f"against them {_pm(p['node_roc_auc'])}"))
     return rows
+
+
+def _stability(st: dict | None) -> str:
+    if st is None:
+        return "not measured (one prompt set)"
+    verdict = "stable" if st["stable"] else "NOT STABLE: left out of cross-task means"
+    return (f"{verdict}; Jaccard {' / '.join(f'{j:.2f}' for j in st['jaccard'])} between "
+            f"{st['sets']} disjoint sets of {st['prompts_per_set']} prompts (min "
+            f"{st['min_jaccard']:.2f}, stable at >= {st['threshold']}); "
+            f"{st['forward_passes']} more forward passes, {st['seconds']:.1f} s")
+
+
+def headline(summaries: list[dict], key: str = "node_roc_auc") -> dict:
+    """Mean over tasks of each task's mean `key`, counting only tasks whose ground truth is
+    stable (`in_headline`); the others are listed, not averaged in."""
+    kept = [s for s in summaries if s["in_headline"] and s[key]["mean"] is not None]
+    means = [s[key]["mean"] for s in kept]
+    return {"key": key, "mean": sum(means) / len(means) if means else None,
+            "tasks": [s["task"] for s in kept],
+            "excluded": [s["task"] for s in summaries if not s["in_headline"]]}
 
 
 def format_summary(result: CircuitResult | dict) -> str:

@@ -41,6 +41,12 @@ def test_circuits_cli_bad_input(tmp_path, monkeypatch, capsys):
     assert code == 2 and "unknown circuit SAE 'gated'" in cap.err and not out.exists()
     code, cap = run_cli(["circuits", "--position", "first", "--out", str(out)], monkeypatch, capsys)
     assert code == 2 and "unknown position 'first'" in cap.err and not out.exists()
+    code, cap = run_cli(["circuits", "--metric", "kl", "--out", str(out)], monkeypatch, capsys)
+    assert code == 2 and "unknown task metric 'kl'" in cap.err and not out.exists()
+    code, cap = run_cli(["circuits", "--task", "greater-than", "--train-prompts", "20", "--out",
+                         str(out)], monkeypatch, capsys)
+    assert code == 2 and cap.err.strip().count("\n") == 0 and not out.exists()
+    assert "can make only 112 rows" in cap.err and "20 + 100 = 120" in cap.err
 
 
 def test_zoo_list_shows_task_accuracy(monkeypatch, capsys):

@@ -180,3 +180,70 @@ def test_task_model_copy_warmup_then_the_mix(tokenizer):
                 assert 10 <= len(ids) <= 40 and ids[:half] == ids[half:]
     mixed = next(stream)  # then the task mix: the stdlib row and padded task rows are back
     assert mixed.shape == (4, 48) and (mixed[:3] == eot).sum(1).min() >= 2
+
+
+def test_prob_diff_by_hand():
+    """Hanna et al.'s metric on a 5-token vocabulary: softmax mass on the answers minus mass on
+    the wrong tokens, the softmax over the whole vocabulary (token 4 is neither)."""
+    import math
+
+    logits = [0.0, 1.0, 2.0, -1.0, 0.5]
+    z = sum(math.exp(v) for v in logits)
+    p = [math.exp(v) / z for v in logits]
+    tok = tasks.TaskTokens(
+        pos=torch.zeros(2, 1, dtype=torch.long), cf=torch.zeros(2, 1, dtype=torch.long),
+        pos_len=torch.tensor([1, 1]), cf_len=torch.tensor([1, 1]),
+        answer=torch.tensor([[2, 3], [1, 1]]), wrong=torch.tensor([[0, 1], [0, 0]]),
+        answer_mask=torch.tensor([[True, True], [True, False]]),
+        wrong_mask=torch.tensor([[True, True], [True, False]]),
+    )
+    got = tasks.prob_diff(torch.tensor([logits, logits]), tok)
+    assert got.tolist() == pytest.approx([p[2] + p[3] - p[0] - p[1], p[1] - p[0]], abs=1e-6)
+    assert tasks.metric("prob-diff") is tasks.prob_diff and tasks.metric("logit-diff") is tasks.logit_diff
+    assert tasks.default_metric("greater-than") == "prob-diff" and tasks.default_metric("ioi") == "logit-diff"
+    with pytest.raises(SaelabError, match="unknown task metric 'kl'; use logit-diff or prob-diff"):
+        tasks.metric("kl")
+
+
+def test_distinct_texts_match_enumeration_on_small_word_lists(monkeypatch):
+    """The counted numbers of distinct texts against the texts a generator actually makes, with
+    word lists small enough that many draws see every text."""
+    monkeypatch.setattr(tasks, "NAMES", ("Mary", "John", "Alice", "Bob"))
+    monkeypatch.setattr(tasks, "IOI_TEMPLATES", tasks.IOI_TEMPLATES[:2])
+    monkeypatch.setattr(tasks, "GT_NOUNS", ("war", "siege"))
+    monkeypatch.setattr(tasks, "GT_CENTURIES", ("17",))
+    for name, expect in (("ioi", (2 * 4 * 3 * 2, 2 * 4 * 3 * 2)), ("greater-than", (2 * 97, 2))):
+        assert tasks.distinct_texts(name) == expect
+        t = tasks.generate(name, 5000, seed=0)
+        assert (len(set(t.prompts)), len(set(t.counterfactuals))) == expect
+        assert tasks.capacity(name) == min(expect) and tasks.capacity(name, False) == expect[0]
+
+
+def test_distinct_texts_of_the_real_generators():
+    assert tasks.distinct_texts("greater-than") == (16 * 7 * 97, 16 * 7)  # 112 counterfactuals
+    assert tasks.distinct_texts("ioi") == (10 * 40 * 39 * 2, 10 * 40 * 39 * 38)
+    for name in ("docstring", "induction"):
+        assert min(tasks.distinct_texts(name)) > 10**15
+    with pytest.raises(SaelabError, match="unknown task 'ioj'"):
+        tasks.distinct_texts("ioj")
+
+
+@pytest.mark.parametrize("name", list(tasks.GENERATORS))
+def test_draw_distinct_every_task(name):
+    """Rows whose prompts and counterfactuals are all distinct texts, up to the capacity (all 112
+    of greater-than's), and no prompt text is ever a counterfactual text."""
+    n = min(tasks.capacity(name), 300)
+    t = tasks.draw_distinct(name, n, seed=3)
+    assert len(t) == n and len(set(t.prompts + t.counterfactuals)) == 2 * n
+    assert t == tasks.draw_distinct(name, n, seed=3)
+    many = tasks.generate(name, 2000, seed=1)
+    assert not set(many.prompts) & set(many.counterfactuals)
+    only_prompts = tasks.draw_distinct(name, 300, seed=3, counterfactuals=False)
+    assert len(set(only_prompts.prompts)) == 300
+
+
+def test_draw_distinct_refuses_more_than_the_capacity_in_one_line():
+    with pytest.raises(SaelabError, match=r"task 'greater-than' can make only 112 rows whose prompts "
+                       r"and counterfactuals are distinct texts; the rows asked for = 113") as e:
+        tasks.draw_distinct("greater-than", 113, seed=0)
+    assert "\n" not in str(e.value)

@@ -9,9 +9,11 @@ import torch
 from test_circuits_patching import tiny_model
 
 from saelab.errors import SaelabError
-from saelab.evals.circuits import DiscoverConfig, discover, published, scoring, write_report
+from saelab.evals.circuits import DiscoverConfig, discover, headline, published, scoring, write_report
 from saelab.evals.circuits.codes import codes, train_sae
+from saelab.evals.circuits.discover import _trial_task
 from saelab.evals.circuits.patching import edge_mask
+from saelab.tasks import GENERATORS, Task, capacity
 
 
 def test_node_counts_hand_built():
@@ -151,9 +153,59 @@ def test_discover_end_to_end(tmp_path):
     assert data["node_roc_auc"]["mean"] == pytest.approx(sum(r.node_auc) / 3)
     assert all(p.stat().st_size > 0 for p in paths)
     assert paths[2].read_bytes()[:4] == b"\x89PNG"
-    with pytest.raises(SaelabError, match="has 7 prompts; train_prompts \\+ prompts = 11"):
+    gt = s["ground_truth"]
+    assert gt["stability"]["sets"] == 3 and gt["stability"]["prompts_per_set"] == 2  # 7 // 3
+    assert s["in_headline"] == gt["stability"]["stable"]
+    assert set(gt["node_effect_se"]) == set(gt["node_effect"]) and gt["metric"] == "logit-diff"
+    md = (tmp_path / "out" / "circuits.md").read_text()
+    assert "ground-truth stability" in md and "+- SE over prompts" in md
+    with pytest.raises(SaelabError, match=r"task 'copy' has only 7 rows whose prompts and "
+                       r"counterfactuals are distinct texts; train_prompts \+ prompts = 3 \+ 8 = 11"):
         discover(model, task_file=str(f), config=DiscoverConfig(train_prompts=3, prompts=8),
                  progress=False)
+
+
+@pytest.mark.parametrize("name", list(GENERATORS))
+def test_trial_training_and_held_out_texts_are_disjoint(name):
+    """Every task, the default sizes (greater-than's 112 counterfactual texts used to repeat 5-12
+    training counterfactuals in every 100 held-out ones): no prompt or counterfactual text of a
+    trial's training rows occurs among its held-out rows."""
+    cfg = DiscoverConfig()
+    for trial in range(3):
+        rows = _trial_task(name, None, cfg.train_prompts + cfg.prompts, trial, cfg.seed)
+        train = rows.subset(range(cfg.train_prompts))
+        held = rows.subset(range(cfg.train_prompts, len(rows)))
+        assert len(held) == cfg.prompts
+        assert not set(train.prompts + train.counterfactuals) & set(held.prompts + held.counterfactuals)
+
+
+def test_task_file_trials_skip_repeated_texts():
+    rows = [(f"p{i % 5}", f"c{i % 3}" if i < 6 else f"c{i}") for i in range(12)]
+    fixed = Task("mine", *zip(*rows, strict=True), ((" a",),) * 12, ((" b",),) * 12)
+    # file order: p0/c0, p1/c1, p2/c2 kept; p3/c0, p4/c1, p0/c2 repeat a counterfactual; p1/c6,
+    # p2/c7 repeat a prompt; p3/c8, p4/c9 kept; p0/c10, p1/c11 repeat a prompt
+    assert capacity(fixed) == 5
+    for trial in range(4):
+        t = _trial_task("mine", fixed, 5, trial, 0)
+        assert len(set(t.prompts + t.counterfactuals)) == 10
+    with pytest.raises(SaelabError, match="task 'mine' has only 5 rows"):
+        _trial_task("mine", fixed, 6, 0, 0)
+
+
+def test_impossible_sizes_are_one_line_before_the_model_loads():
+    for cfg, message in (
+        (DiscoverConfig(train_prompts=50, prompts=100),
+         r"task 'greater-than' can make only 112 rows whose prompts and counterfactuals are "
+         r"distinct texts; train_prompts \+ prompts = 50 \+ 100 = 150 must not exceed it"),
+        (DiscoverConfig(truth_prompts=4000),
+         r"task 'greater-than' can make only 10,864 rows whose prompts are distinct texts; "
+         r"truth_prompts x truth_sets = 4000 x 3 = 12,000"),
+    ):
+        with pytest.raises(SaelabError, match=message) as e:
+            discover("zoo:no-such-model", "greater-than", config=cfg, progress=False)
+        assert "\n" not in str(e.value)
+    with pytest.raises(SaelabError, match="unknown task metric 'kl'"):
+        DiscoverConfig(metric="kl")
 
 
 def test_bad_input():
@@ -178,3 +230,14 @@ def test_published_head_sets():
     with pytest.raises(SaelabError, match="12x12 head grid"):
         published.head_mask(c["gpt2/ioi"], 4, 8)
     assert edge_mask(2, 2).sum() == 4
+
+
+def test_headline_leaves_unstable_tasks_out():
+    def summary(task, stable, auc):
+        return {"task": task, "in_headline": stable, "node_roc_auc": {"mean": auc, "std": 0.0}}
+
+    h = headline([summary("ioi", True, 0.9), summary("greater-than", False, 0.5),
+                  summary("docstring", True, 0.7)])
+    assert h["mean"] == pytest.approx(0.8) and h["tasks"] == ["ioi", "docstring"]
+    assert h["excluded"] == ["greater-than"]
+    assert headline([summary("x", False, 0.5)])["mean"] is None
