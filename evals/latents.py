@@ -39,7 +39,7 @@ class LatentStats:
     def result(self) -> dict:
         density = self.fires.double() / self.tokens
         rare = (self.fires > 0) & (self.fires < RARE_FIRES)
-        out = {
+        out: dict[str, float | list[float]] = {
             "l0": (self.fires.sum() / self.tokens).item(),
             "dead_latents": int((self.fires == 0).sum()),
             "dead_frac": (self.fires == 0).double().mean().item(),

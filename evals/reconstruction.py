@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from saelab.errors import SaelabError
 from saelab.evals.latents import LatentStats
 
 
@@ -40,6 +41,8 @@ class ReconstructionStats:
     @property
     def mean(self) -> torch.Tensor:
         """Mean activation (d,) over every row seen, float64."""
+        if self.shift is None:
+            raise SaelabError("ReconstructionStats.mean needs at least one update")
         return self.shift + self.sum / self.rows
 
     def result(self) -> dict:

@@ -17,7 +17,7 @@ if __name__ == "kernels":
     _root = Path(__file__).resolve().parent.parent
     _spec = importlib.machinery.PathFinder.find_spec(
         "kernels", [p for p in sys.path if Path(p or ".").resolve() != _root])
-    if _spec is None:
+    if _spec is None or _spec.loader is None:
         raise ModuleNotFoundError("No module named 'kernels' (saelab's is saelab.kernels)", name="kernels")
     sys.modules["kernels"] = importlib.util.module_from_spec(_spec)
     _spec.loader.exec_module(sys.modules["kernels"])

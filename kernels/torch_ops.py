@@ -85,7 +85,7 @@ def gather_weighted_sum(
     # Half types (or a W needing an upcast): upcast only the gathered rows, chunk by chunk,
     # rather than rely on how a given embedding_bag kernel accumulates half inputs.
     out = torch.zeros((idx.shape[0], W.shape[1]), dtype=acc, device=W.device)
-    for rows, cols in _blocks(*idx.shape, W.shape[1]):
+    for rows, cols in _blocks(idx.shape[0], idx.shape[1], W.shape[1]):
         gathered = _gather_rows(W, idx[rows, cols], acc)
         out[rows] += torch.bmm(vals[rows, cols].to(acc).unsqueeze(1), gathered).squeeze(1)
     return out.to(dtype)
@@ -113,7 +113,7 @@ def gather_dot(
     if acc == dtype == g.dtype == W.dtype and idx.numel() > 0 and idx.device.type == "cpu":
         return _sampled_dot(idx, g, W)
     out = torch.empty(idx.shape, dtype=dtype, device=g.device)
-    for rows, cols in _blocks(*idx.shape, W.shape[1]):
+    for rows, cols in _blocks(idx.shape[0], idx.shape[1], W.shape[1]):
         gathered = _gather_rows(W, idx[rows, cols], acc)
         out[rows, cols] = torch.bmm(gathered, g[rows].to(acc).unsqueeze(2)).squeeze(2)
     return out

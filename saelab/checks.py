@@ -10,8 +10,12 @@ import dataclasses
 import math
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from saelab.errors import SaelabError
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 INT64 = 2**63  # integers go into torch tensors and seeds: they must fit int64
 
@@ -48,7 +52,7 @@ def check_number(name: str, value: int | float | None, minimum: float | None = N
         raise SaelabError(f"{name} must be {' and '.join(b for b in (lo, hi) if b)}, got {value}")
 
 
-def check_field_types(obj: object) -> None:
+def check_field_types(obj: DataclassInstance) -> None:
     """Every field of dataclass `obj` holds a value of its annotated type (annotations written
     like `int | None`, `float`, `str | list[str] | None`); ints pass for floats, bools never
     pass for numbers. Catches config files and cfg.json holding a list where a number belongs."""

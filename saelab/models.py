@@ -28,12 +28,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from importlib.metadata import version
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -146,7 +146,8 @@ def _load_hf(spec: str, device: str, dtype: torch.dtype):
         config = try_to_load_from_cache(name, "config.json")
         if isinstance(config, str):
             check_no_custom_code(Path(config).parent, f"model {spec!r}")
-    return name, hf.to(device).eval(), tokenizer
+    # transformers decorates PreTrainedModel.to with functools.wraps, whose stub leaves it unbound
+    return name, hf.to(device).eval(), tokenizer  # type: ignore[arg-type]
 
 
 def _load_tl4(name: str, hf, tokenizer, device: str, processing: str):
@@ -173,6 +174,31 @@ def _load_tl3(name: str, hf, tokenizer, device: str, processing: str):
     return model.to(device).eval()
 
 
+class TransformerLensModel(Protocol):
+    """What saelab uses of a transformer-lens model: the surface TransformerBridge (4.x) and
+    HookedTransformer (3.x) share. Only one line is installed at a time and their config and
+    block classes differ, so `cfg` (n_layers, n_ctx, d_model, act_fn, ...) and `blocks` are Any."""
+
+    @property
+    def cfg(self) -> Any: ...
+    @property
+    def blocks(self) -> Any: ...
+    @property
+    def W_U(self) -> torch.Tensor: ...
+    @property
+    def W_O(self) -> torch.Tensor: ...
+    @property
+    def W_out(self) -> torch.Tensor: ...
+    @property
+    def hook_dict(self) -> Mapping[str, Any]: ...
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
+    def run_with_hooks(self, *args: Any, **kwargs: Any) -> Any: ...
+    def hooks(self, *args: Any, **kwargs: Any) -> AbstractContextManager[Any]: ...
+    def set_use_attn_result(self, use_attn_result: bool) -> None: ...
+    def parameters(self, recurse: bool = True) -> Iterator[torch.nn.Parameter]: ...
+
+
 class _StopForward(Exception):
     """Raised from the last needed hook to skip the rest of the forward pass."""
 
@@ -194,7 +220,7 @@ class HookedModel:
     """
 
     spec: str
-    model: torch.nn.Module
+    model: TransformerLensModel
     tokenizer: object
     processing: str = DEFAULT_PROCESSING
 
@@ -301,7 +327,10 @@ class HookedModel:
                 )
                 loss.backward()
             out = {h: a.detach().flatten(2) for h, a in acts.items()}
-            out.update({grad_key(h): a.grad.flatten(2) for h, a in acts.items()})
+            for h, a in acts.items():
+                # retain_grad() above, and every hooked activation lies on the loss's graph
+                assert a.grad is not None, f"no loss gradient reached {h}"
+                out[grad_key(h)] = a.grad.flatten(2)
             return out
         with torch.no_grad():
             try:

@@ -188,19 +188,21 @@ class SAE(torch.nn.Module):
     A new SAE is usable at once: unit-norm random decoder rows and W_enc = W_dec (training
     re-initialises from data, `saelab.sae_init`)."""
 
+    threshold: torch.Tensor  # per-latent buffer (n_latents,), only when cfg.has_thresholds
+
     def __init__(self, cfg: SAEConfig, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32):
         super().__init__()
         self.cfg = cfg
         n, d = cfg.n_latents, cfg.d_in
-        like = {"device": device, "dtype": dtype}
-        self.W_enc = torch.nn.Parameter(torch.empty(n, d, **like))
-        self.b_enc = torch.nn.Parameter(torch.zeros(n, **like))
-        self.W_dec = torch.nn.Parameter(torch.empty(n, d, **like))
-        self.b_dec = torch.nn.Parameter(torch.zeros(d, **like))
+        self.W_enc = torch.nn.Parameter(torch.empty(n, d, device=device, dtype=dtype))
+        self.b_enc = torch.nn.Parameter(torch.zeros(n, device=device, dtype=dtype))
+        self.W_dec = torch.nn.Parameter(torch.empty(n, d, device=device, dtype=dtype))
+        self.b_dec = torch.nn.Parameter(torch.zeros(d, device=device, dtype=dtype))
         if cfg.has_thresholds:
             # until trained (`Trainer.calibrate_thresholds`) or loaded: the kind's fill value
-            self.register_buffer("threshold", torch.full((n,), cfg.kind.threshold_fill, **like))
+            self.register_buffer("threshold", torch.full((n,), cfg.kind.threshold_fill, device=device,
+                                                         dtype=dtype))
         if torch.device(device).type != "meta":
             self.reset_parameters()
 

@@ -61,7 +61,8 @@ class Run:
         self.steps = max(1, cfg.optim.tokens // (cfg.optim.batch_size * world.size))
         self.trainers = {h: Trainer(self._new_sae(h, d_in), cfg.optim, self.steps, world)
                          for h, d_in in self.src.dims.items()}
-        self.seen, records = 0, []
+        self.seen = 0
+        records: list[dict] = []
         if saved is None:
             self.batches = self._init_from_first_batch()
         else:
@@ -94,6 +95,7 @@ class Run:
         then trained on like any other."""
         batches = iter(self.src.stream)
         first = next(batches)
+        assert isinstance(first, dict), "streams over a list of hooks yield {hook: batch}"
         for h, trainer in self.trainers.items():
             init_sae(trainer.sae, unpack(first[h], self.cfg.run.device)[0], self.cfg.run.seed,
                      l0=None if self.cfg.sae.kind.budget else self.cfg.sae.k)

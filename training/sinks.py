@@ -50,7 +50,8 @@ class WandbSink(Sink):
         import wandb
 
         mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
-        self.run = wandb.init(project=cfg.run.wandb_project, name=out.name, dir=str(out), mode=mode,
+        self.run = wandb.init(project=cfg.run.wandb_project, name=out.name, dir=str(out),
+                              mode=mode,  # type: ignore[arg-type]  # WANDB_MODE as set; wandb checks it
                               config=cfg.flat())
 
     def log(self, record: dict, step: int) -> None:
@@ -62,7 +63,9 @@ class WandbSink(Sink):
         if report is not None:
             density = torch.tensor(report["latent_density"], dtype=torch.float64)
             live = density[density > 0].log10()
-            self.run.log({f"{prefix}heldout/log10_latent_density": wandb.Histogram(live.numpy()),
+            # wandb's stub says Sequence; Histogram takes numpy arrays (np.histogram's input)
+            hist = wandb.Histogram(live.numpy())  # type: ignore[arg-type]
+            self.run.log({f"{prefix}heldout/log10_latent_density": hist,
                           f"{prefix}heldout/dead_latents": int((density == 0).sum())})
         self.run.summary.update({prefix + k: v for k, v in summary.items()})
 

@@ -39,38 +39,39 @@ def hook_list(hook: str | list[str] | None, default: str) -> list[str]:
 
 def open_sources(cfg: TrainConfig, world: World) -> Sources:
     """This process's share of the training data, from `cfg.source.cache` or the model on the fly."""
-    src = _from_cache(cfg, world) if cfg.source.cache is not None else _on_the_fly(cfg, world)
+    cache = cfg.source.cache
+    src = _from_cache(cfg, cache, world) if cache is not None else _on_the_fly(cfg, world)
     src.heldout.require_rows(src.model.tokenizer)  # the end-of-run eval reads it: fail now
     return src
 
 
-def _from_cache(cfg: TrainConfig, world: World) -> Sources:
-    manifest = Manifest.read(Path(cfg.source.cache))
+def _from_cache(cfg: TrainConfig, cache: str, world: World) -> Sources:
+    manifest = Manifest.read(Path(cache))
     if cfg.source.model is not None and cfg.source.model != manifest.model:
         raise SaelabError(
-            f"cache {cfg.source.cache} was built from model {manifest.model}, not {cfg.source.model}; "
+            f"cache {cache} was built from model {manifest.model}, not {cfg.source.model}; "
             "drop --model or pass the matching cache"
         )
     if cfg.source.processing not in (None, manifest.processing):
         raise SaelabError(
-            f"cache {cfg.source.cache} holds {manifest.processing} activations, not "
+            f"cache {cache} holds {manifest.processing} activations, not "
             f"{cfg.source.processing}; drop --processing or build a cache with --processing "
             f"{cfg.source.processing}"
         )
     if manifest.data.get("split", "train") != "train":
         raise SaelabError(
-            f"cache {cfg.source.cache} holds the {manifest.data['split']!r} split, which the end-of-run "
+            f"cache {cache} holds the {manifest.data['split']!r} split, which the end-of-run "
             "eval also reads; train on a cache built with --split train"
         )
     hooks = hook_list(cfg.source.hook, next(iter(manifest.hooks)))
-    dims = {h: manifest.check_hook(h, Path(cfg.source.cache)) for h in hooks}
+    dims = {h: manifest.check_hook(h, Path(cache)) for h in hooks}
     if len(manifest.shards) < world.size:
         raise SaelabError(
-            f"cache {cfg.source.cache} has {len(manifest.shards)} shard(s) for {world.size} processes; "
+            f"cache {cache} has {len(manifest.shards)} shard(s) for {world.size} processes; "
             "each process needs at least one (rebuild with a smaller --shard-rows)"
         )
     mine = list(range(world.rank, len(manifest.shards), world.size))
-    stream = CacheStream(cfg.source.cache, hooks, cfg.optim.batch_size, seed=cfg.run.seed, shards=mine,
+    stream = CacheStream(cache, hooks, cfg.optim.batch_size, seed=cfg.run.seed, shards=mine,
                          with_grads=cfg.sae.kind.needs_grad, drop_last=True)
     data = TokenData(manifest.data["spec"], "heldout", manifest.data["context_length"], cfg.run.seed)
     model = load_model(manifest.model, cfg.run.device, processing=manifest.processing)

@@ -17,6 +17,7 @@ from saelab.training.losses import auxk_loss, fvu, underused
 def _remove_parallel_grad(sae: SAE) -> None:
     """Drop the gradient component along each (unit-norm) decoder row: it only changes norms."""
     w, g = sae.W_dec, sae.W_dec.grad
+    assert g is not None, "called after backward(), which gives W_dec a gradient"
     g.addcmul_(w, torch.einsum("ij,ij->i", g, w).unsqueeze(1), value=-1)  # no (n, d) temporaries
 
 
@@ -146,6 +147,7 @@ class Trainer:
         count = torch.zeros_like(self.sae.threshold)
         for x in batches:
             boundary = self.sae.select(self.sae.pre_acts(x), batch=True).boundary
+            assert boundary is not None, "a batch allocator's selection reports its boundary"
             ok = boundary.isfinite()
             total += torch.where(ok, boundary, 0.0)
             count += ok

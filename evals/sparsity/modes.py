@@ -21,7 +21,7 @@ natural density (they only zero more), so the density reached is what the sweep 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -34,7 +34,7 @@ from saelab.errors import SaelabError
 from saelab.evals.sparsity.measure import mlp_hooks
 from saelab.evals.spliced import SplicedLoss, prediction_mask
 from saelab.kernels import topk_indices
-from saelab.models import HookedModel
+from saelab.models import HookedModel, Splice
 
 MODES = ("relu", "threshold", "cats", "topk", "stat_topk")
 DEFAULT_DENSITIES = (0.5, 0.25, 0.1, 0.05, 0.02)
@@ -48,7 +48,7 @@ def check_modes(modes: tuple[str, ...] | list[str]) -> None:
             raise SaelabError(f"unknown sparsification mode {mode!r}; use one of {', '.join(MODES)}")
 
 
-def check_densities(densities: tuple[float, ...] | list[float]) -> None:
+def check_densities(densities: Sequence[float | None]) -> None:
     for d in densities:
         if not (isinstance(d, (int, float)) and 0 < d <= 1):
             raise SaelabError(f"target density {d} is outside (0, 1]; give a fraction such as 0.1")
@@ -145,6 +145,7 @@ class Sparsifier:
         if mode == "relu":
             return cls(mode, None)
         check_densities([target])
+        assert target is not None  # check_densities refused None
         if mode in ("threshold", "cats"):
             if calibration is None:
                 raise SaelabError(f"mode {mode} needs calibration thresholds (run calibrate first)")
@@ -161,14 +162,16 @@ class Sparsifier:
             return h
         if self.thresholds is not None:
             return h * (h.abs() > self.thresholds[layer])
+        assert self.target is not None, "every mode but relu has a target (Sparsifier.build)"
         if self.mode == "topk":
             return _keep_topk(h, max(1, round(self.target * h.shape[-1])))
+        assert pre is not None, "stat_topk reads the layer's hook_pre (Sparsifier.hooks)"
         return h * (pre > stat_topk_threshold(pre, self.target))  # stat_topk
 
-    def hooks(self, n_layers: int, on_output: Callable[[int, torch.Tensor], None]) -> dict:
+    def hooks(self, n_layers: int, on_output: Callable[[int, torch.Tensor], None]) -> dict[str, Splice]:
         """`HookedModel.logits` replacements for every layer; `on_output(layer, h)` sees each result."""
         pre: dict[int, torch.Tensor] = {}
-        fns = {}
+        fns: dict[str, Splice] = {}
         for layer in range(n_layers):
             def post_fn(h: torch.Tensor, layer: int = layer) -> torch.Tensor:
                 out = self.apply(layer, h, pre.pop(layer, None))

@@ -14,8 +14,10 @@ Cost per token: 2 r (d + d_ff) FLOPs for the predictor, against 4 d d_ff for the
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -29,7 +31,7 @@ from saelab.evals.spliced import SplicedLoss, prediction_mask
 from saelab.kernels import SparseMLP
 from saelab.models import HookedModel
 
-ACTIVATIONS = {
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "relu": torch.relu,
     "gelu": torch.nn.functional.gelu,
     "gelu_new": partial(torch.nn.functional.gelu, approximate="tanh"),
@@ -203,7 +205,7 @@ def evaluate_predictors(model: HookedModel, preds: list[LayerPredictor], heldout
     bar.close()
     d_ff = [p.B.shape[1] for p in preds]
     d = preds[0].A.shape[0]
-    layers = [{
+    layers: list[dict[str, Any]] = [{
         "layer": i,
         "rank": p.rank,
         "cut": p.cut,

@@ -23,14 +23,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-import saelab
 from saelab.browse.stats import FeatureStats, StatsConfig
 from saelab.data.activations import positions_to_keep
-from saelab.data.heldout import heldout_rows, resolve_dictionary
+from saelab.data.heldout import heldout_rows, load_one, resolve_dictionary
 from saelab.data.tokens import TokenData
 from saelab.errors import SaelabError
 from saelab.models import HookedModel
-from saelab.sae import CONFIG_FILE
+from saelab.sae import CONFIG_FILE, SAE
 
 _RESID = re.compile(
     r"^(hook_embed|hook_pos_embed|blocks\.\d+\.hook_(resid_pre|resid_mid|resid_post|attn_out|mlp_out))$")
@@ -59,13 +58,13 @@ class Dictionary:
     """One dictionary of the site and its pass over the data.
 
     Fields:
-        name: its section title (the hook; the directory name if it has none).
+        name: its hook, which titles its section.
         sae: the loaded dictionary.
         stats: its streaming statistics, filled by `collect`.
     """
 
     name: str
-    sae: saelab.SAE
+    sae: SAE
     stats: FeatureStats
 
 
@@ -77,8 +76,7 @@ def load_dictionaries(saes: list, latents: list[int] | None, cfg: StatsConfig,
     `latents` must exist in every dictionary; None means all. Bad input fails here, before any
     pass over the data.
     """
-    loaded = [(saelab.load(s, device=device), str(s)) if isinstance(s, (str, Path)) else (s, None)
-              for s in saes]
+    loaded = [(load_one(s, device), str(s)) if isinstance(s, (str, Path)) else (s, None) for s in saes]
     for sae, path in loaded:  # checks that need no model come first
         if latents and max(latents) >= sae.cfg.n_latents:
             raise SaelabError(f"latent {max(latents)} does not exist: {path or 'the dictionary'} "
@@ -89,10 +87,13 @@ def load_dictionaries(saes: list, latents: list[int] | None, cfg: StatsConfig,
         if sae.cfg.model not in (None, model.spec):
             raise SaelabError(f"{path or 'a dictionary'} was trained on {sae.cfg.model}, not on "
                               f"{model.spec}; browse dictionaries of one model together")
-        name = sae.cfg.hook or Path(path).name
-        out.append(Dictionary(name, sae.eval(), FeatureStats(sae.cfg.n_latents, cfg, latents)))
+        hook = sae.cfg.hook
+        assert hook is not None  # resolve_dictionary refuses a dictionary that names no hook
+        out.append(Dictionary(hook, sae.eval(), FeatureStats(sae.cfg.n_latents, cfg, latents)))
     if len({d.name for d in out}) != len(out):
         raise SaelabError(f"the dictionaries share hooks ({[d.name for d in out]}); browse them one by one")
+    if not isinstance(model, HookedModel) or not isinstance(data, TokenData):  # resolved unless no saes
+        raise SaelabError("no dictionary to browse; pass at least one")
     return out, model, data
 
 
@@ -102,7 +103,7 @@ def collect(dicts: list[Dictionary], model: HookedModel, data: TokenData, tokens
     """One streaming pass over `tokens` held-out positions into every dictionary's stats;
     returns the positions seen (whole rows, so at least `tokens` unless the split runs out)."""
     tok = model.tokenizer
-    hooks = [d.sae.cfg.hook for d in dicts]
+    hooks = [d.name for d in dicts]
     rows = heldout_rows(tok, data, tokens)
     bar = tqdm(total=int(positions_to_keep(rows, tok).sum()), unit="tok", unit_scale=True,
                desc="browse", disable=not progress)
@@ -111,7 +112,7 @@ def collect(dicts: list[Dictionary], model: HookedModel, data: TokenData, tokens
         keep = positions_to_keep(batch, tok)
         acts = model.activations(batch, hooks)
         for d in dicts:
-            idx, vals = d.sae.encode(acts[d.sae.cfg.hook][keep])
+            idx, vals = d.sae.encode(acts[d.name][keep])
             d.stats.update(batch, keep, idx, vals)
         bar.update(int(keep.sum()))
     bar.close()

@@ -157,7 +157,7 @@ def card_html(card: LatentCard, link: Callable[[int], str | None] | None = None)
                 f'<h3>Top contexts</h3><div class="top">{top}</div>'
                 f'<h3>Samples across its activations</h3><p class="muted">a uniform random sample '
                 f'of its activations, split at the sample\'s quantiles</p>{bands}')
-    if card.promoted is None:
+    if card.promoted is None or card.suppressed is None:  # both set or neither (card.py)
         effects = f'<p class="muted">Next-token effects: {esc(card.effect_note)}.</p>'
     else:
         effects = (f'<div class="cols">{_effects("Promotes", card.promoted)}'

@@ -163,6 +163,7 @@ class _Batch:
     def windows(self, entry: torch.Tensor, slot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids (E, W) around each entry and the activation (E, W) of the latent tracked in
         `slot` at each, read from the batch's dense code map."""
+        assert self.dense is not None, "FeatureStats sets the dense map before reading windows"
         cfg, T = self.cfg, self.tokens.shape[1]
         offsets = torch.arange(-cfg.before, cfg.after + 1)
         toks, acts = [], []

@@ -11,6 +11,9 @@ import torch
 from saelab.data.tokens import TokenData
 from saelab.models import HookedModel, grad_key
 
+HookBatch = torch.Tensor | tuple[torch.Tensor, torch.Tensor]  # x, or (x, grad) with gradients
+Batch = HookBatch | dict[str, HookBatch]  # one hook's, or {hook: ...} for a list of hooks
+
 
 def positions_to_keep(tokens: torch.Tensor, tokenizer) -> torch.Tensor:
     """Boolean mask (B, T) of positions that are not BOS or pad tokens."""
@@ -45,13 +48,15 @@ class Layout:
 
     def __init__(self, hooks: str | list[str], with_grads: bool):
         self.single = isinstance(hooks, str)
-        self.hooks = [hooks] if self.single else list(hooks)
+        self.hooks = [hooks] if isinstance(hooks, str) else list(hooks)
         self.with_grads = with_grads
         self.keys = [k for h in self.hooks for k in ([h, grad_key(h)] if with_grads else [h])]
 
-    def split(self, rows: torch.Tensor, widths: list[int]):
+    def split(self, rows: torch.Tensor, widths: list[int]) -> Batch:
         parts = dict(zip(self.keys, rows.split(widths, dim=1), strict=True))
-        out = {h: (parts[h], parts[grad_key(h)]) if self.with_grads else parts[h] for h in self.hooks}
+        out: dict[str, HookBatch] = {
+            h: (parts[h], parts[grad_key(h)]) if self.with_grads else parts[h] for h in self.hooks
+        }
         return out[self.hooks[0]] if self.single else out
 
 
@@ -88,7 +93,7 @@ class ModelStream:
     def load_state_dict(self, state: dict) -> None:
         self.served, self.seed = state["batches"], state["seed"]
 
-    def __iter__(self) -> Iterator[torch.Tensor]:
+    def __iter__(self) -> Iterator[Batch]:
         generator = torch.Generator().manual_seed(self.seed)
         skip, self.served = self.served, 0
         buf: list[torch.Tensor] = []

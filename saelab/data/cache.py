@@ -42,7 +42,7 @@ import torch
 from tqdm import tqdm
 
 from saelab.checks import Cost, check_device, check_field_types, check_memory, check_number, doc_field
-from saelab.data.activations import Layout, model_activations
+from saelab.data.activations import Batch, Layout, model_activations
 from saelab.data.tokens import BUILTIN_STDLIB, SPLITS, TokenData
 from saelab.distributed import World
 from saelab.errors import SaelabError
@@ -408,13 +408,13 @@ class CacheStream:
         g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) * 7919 + gi)
         return x[torch.randperm(x.shape[0], generator=g)]
 
-    def __iter__(self) -> Iterator[torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[Batch]:
         """Batches forever, epoch after epoch, from the current position."""
         while True:
             yield from self._epoch_from_offset()
             self.epoch, self.offset = self.epoch + 1, 0
 
-    def _epoch_from_offset(self) -> Iterator[torch.Tensor]:
+    def _epoch_from_offset(self) -> Iterator[Batch]:
         groups = self._groups(self.epoch)
         sizes = [sum(self.shards[i]["rows"] for i in grp) for grp in groups]
         start, first = 0, 0

@@ -12,6 +12,7 @@ from saelab.data.activations import model_activations, positions_to_keep
 from saelab.data.tokens import BUILTIN_STDLIB, TokenData
 from saelab.errors import SaelabError
 from saelab.models import DEFAULT_PROCESSING, HookedModel, load_model
+from saelab.sae import SAE
 
 
 def heldout_rows(tokenizer, data: TokenData, tokens: int) -> torch.Tensor:
@@ -30,12 +31,25 @@ def heldout_rows(tokenizer, data: TokenData, tokens: int) -> torch.Tensor:
     return torch.stack(rows)
 
 
-def resolve_dictionary(sae_or_path, model, data, context_length: int | None, device: str):
+def load_one(path: str | Path, device: str = "cpu") -> SAE:
+    """The one dictionary at `path`; a run directory ({hook: SAE}) is refused in one line."""
+    sae = load(path, device=device)
+    if isinstance(sae, dict):
+        raise SaelabError(f"{path} is a run directory of {len(sae)} dictionaries ({', '.join(sae)}); "
+                          "pass one hook's subdirectory")
+    return sae
+
+
+def resolve_dictionary(
+    sae_or_path: SAE | str | Path, model: HookedModel | str | None, data: TokenData | str | None,
+    context_length: int | None, device: str,
+) -> tuple[SAE, str | None, HookedModel, TokenData]:
     """(sae, dictionary path or None, model, data) with the defaults filled in from cfg.json; a
     model spec loads with the dictionary's processing, a loaded model must have it."""
     path = None
     if isinstance(sae_or_path, (str, Path)):
-        path, sae_or_path = str(sae_or_path), load(str(sae_or_path), device=device)
+        path = str(sae_or_path)
+        sae_or_path = load_one(path, device)
     cfg = sae_or_path.cfg
     if cfg.hook is None:
         raise SaelabError("the SAE's cfg.json names no hook; set `hook` to the hook it was trained on")

@@ -127,8 +127,8 @@ def load_texts(spec: str, split: str = "train") -> list[str]:
     """Documents of a data spec (see module docstring) for one split."""
     if spec == BUILTIN_STDLIB:
         return stdlib_texts(split)
-    if hub_name(spec) is not None:
-        return _hf_texts(hub_name(spec), split)
+    if (repo := hub_name(spec)) is not None:
+        return _hf_texts(repo, split)
     path = Path(spec)
     if path.exists():
         return _local_texts(path, split)

@@ -49,7 +49,7 @@ def _no_space(path: Path, existed: bool) -> SaelabError:
     return SaelabError(f"no space left on the device while writing {path}; {kept}; free some space and retry")
 
 
-def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
     """Write through `write(tmp)` into a temp file beside `path`, then rename over it.
 
     Out of space, the temp file is removed and the old `path` (if any) is left untouched."""

@@ -82,3 +82,17 @@ def test_default_zoo_model_ships_and_is_small():
     for name in ("config.json", "model.safetensors", "tokenizer.json", "zoo_card.json"):
         assert (d / name).exists(), name
     assert sum(f.stat().st_size for f in d.iterdir()) <= 10 * 2**20
+
+
+def test_ci_runs_the_readmes_test_command():
+    """The README's second set-up command (after installing the dev extra) is, step for step,
+    what CI runs in its main venv: lint, type check, tests."""
+    readme = (ROOT / "README.md").read_text()
+    command = next(line for line in readme.splitlines() if 'pip install ".[dev]" && ' in line)
+    steps = command.split('pip install ".[dev]" && ', 1)[1].split(" && ")
+    assert steps[:2] == ["ruff check .", "mypy"] and steps[-1] == "pytest"
+    ci = (ROOT / ".ci" / "run").read_text()
+    main_venv = ci.split('pip install -q ".[dev]"\n', 1)[1].split(")\n", 1)[0]
+    ran = [line.split("#")[0].strip() for line in main_venv.splitlines()]
+    ran = [r.replace("pytest -q", "pytest") for r in ran if r]
+    assert ran[: len(steps)] == steps, (steps, ran)
