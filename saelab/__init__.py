@@ -22,7 +22,8 @@ from saelab.errors import SaelabError  # noqa: E402
 from saelab.sae import SAE, SAEConfig, SparseCode  # noqa: E402
 
 
-def load(path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None) -> SAE | dict[str, SAE]:
+def load(path: str | Path, device: str | torch.device = "cpu",
+         dtype: torch.dtype | None = None) -> SAE | dict[str, SAE]:
     """Load a dictionary, in eval() mode: a saelab directory (`sae.safetensors` + `cfg.json`),
     a SAELens one (`sae_weights.safetensors` + `cfg.json`), a sparsify one (told apart from
     saelab's by cfg.json), or `hf:OWNER/NAME[/FOLDER]`, a Hugging Face hub repo holding one.

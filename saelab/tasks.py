@@ -41,10 +41,13 @@ import tracemalloc
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
 from saelab.errors import SaelabError
+
+T = TypeVar("T")
 
 NAMES = (
     "Mary", "John", "Alice", "Bob", "Sarah", "James", "Emma", "David", "Laura", "Michael",
@@ -73,7 +76,7 @@ GT_NOUNS = (
 GT_CENTURIES = tuple(str(c) for c in range(11, 18))
 YEARS = tuple(f"{y:02d}" for y in range(100))
 # docstring words: argument names and docstring filler, each a single lowercase word
-WORDS = (
+WORDS: tuple[str, ...] = (
     "load", "size", "files", "last", "page", "names", "read", "first", "value", "item",
     "state", "order", "count", "user", "key", "node", "path", "text", "data", "token",
     "group", "block", "field", "index", "label", "model", "image", "shape", "score", "table",
@@ -83,6 +86,10 @@ WORDS = (
 )
 WORDS = tuple(dict.fromkeys(WORDS))  # de-duplicated, order kept
 FUNC_NAMES = ("port", "run", "check", "update", "build", "parse", "render", "fetch", "apply", "merge")
+
+
+def _take(items: tuple[T, ...], index: list[int]) -> tuple[T, ...]:
+    return tuple(items[i] for i in index)
 
 
 @dataclass(frozen=True)
@@ -118,8 +125,8 @@ class Task:
     def subset(self, index) -> Task:
         """The task restricted to the prompts at `index` (a sequence of ints)."""
         index = list(index)
-        return Task(self.name, *(tuple(f[i] for i in index) for f in
-                                 (self.prompts, self.counterfactuals, self.answers, self.wrongs)))
+        return Task(self.name, _take(self.prompts, index), _take(self.counterfactuals, index),
+                    _take(self.answers, index), _take(self.wrongs, index))
 
 
 @dataclass

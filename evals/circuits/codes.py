@@ -54,8 +54,14 @@ def head_outputs(model: HookedModel, tokens: torch.Tensor, lengths: torch.Tensor
     return torch.cat(out)
 
 
+class CircuitSAE(SAE):
+    """The shared SAE and the scale its training rows were divided by (every input is)."""
+
+    input_scale: float = 1.0
+
+
 def train_sae(x: torch.Tensor, kind: str = "relu", n_latents: int = 200, l1: float = 0.02,
-              epochs: int = 500, lr: float = 1e-3, seed: int = 0) -> SAE:
+              epochs: int = 500, lr: float = 1e-3, seed: int = 0) -> CircuitSAE:
     """Train the shared SAE on rows x (M, d) full-batch; see the module docstring."""
     if kind not in SAE_KINDS:
         raise SaelabError(f"unknown circuit SAE {kind!r}; use {' or '.join(SAE_KINDS)}")
@@ -63,7 +69,7 @@ def train_sae(x: torch.Tensor, kind: str = "relu", n_latents: int = 200, l1: flo
         raise SaelabError("n_latents and epochs must be positive, lr > 0 and l1 >= 0")
     budget = allocators.get(kind).budget
     cfg = SAEConfig(d_in=x.shape[1], n_latents=n_latents, k=1 if budget else 0, allocator=kind)
-    sae = SAE(cfg)
+    sae = CircuitSAE(cfg)
     sae.input_scale = float(x.pow(2).sum(1).mean().sqrt().clamp_min(1e-12))
     x = x / sae.input_scale
     init_sae(sae, x, seed)
@@ -75,7 +81,7 @@ def train_sae(x: torch.Tensor, kind: str = "relu", n_latents: int = 200, l1: flo
             x_hat = torch.addmm(sae.b_dec, vals, sae.W_dec)
             penalty = l1_penalty(sae, x, every, vals)
         else:
-            x_hat, penalty = sae.decode(*sae.encode(x)), 0.0
+            x_hat, penalty = sae.decode(*sae.encode(x)), torch.zeros(())
         loss = (x - x_hat).pow(2).sum(1).mean() + l1 * penalty
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -85,7 +91,7 @@ def train_sae(x: torch.Tensor, kind: str = "relu", n_latents: int = 200, l1: flo
 
 
 @torch.no_grad()
-def codes(sae: SAE, outputs: torch.Tensor) -> torch.Tensor:
+def codes(sae: CircuitSAE, outputs: torch.Tensor) -> torch.Tensor:
     """(P, N) argmax latent of each (prompt, head) output (P, N, d)."""
     flat = outputs.reshape(-1, outputs.shape[-1]) / sae.input_scale
     return sae.pre_acts(flat.to(sae.W_enc.dtype)).argmax(1).reshape(outputs.shape[:2])

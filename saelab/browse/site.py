@@ -136,7 +136,11 @@ def build_site(
         c = d.sae.cfg
         meta = {"allocator": c.allocator, "latents": f"{c.n_latents:,}", "k": c.k, "d_in": c.d_in,
                 "shown": f"{len(cards):,}", "dead": sum(card.dead for card in cards)}
-        sections.append(html.index_section(d.name, cards, lambda j, f=folder: f"{f}/{j}.html", meta))
+
+        def page(j: int, folder: str = folder) -> str:
+            return f"{folder}/{j}.html"
+
+        sections.append(html.index_section(d.name, cards, page, meta))
     meta = {"model": hooked.spec, "data": f"{token_data.spec} ({token_data.split})",
             "tokens": f"{seen:,}", "dictionary": str(dictionary), "saelab": __version__}
     write_text(out / INDEX, html.index_page("saelab feature browser", sections, meta))

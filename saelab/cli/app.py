@@ -24,6 +24,11 @@ from saelab.training.config import TrainConfig
 from saelab.zoo import DEFAULT_MODEL
 from saelab.zoo.build import ZooBuildConfig
 
+try:  # typer >= 0.26 vendors click
+    from typer._click.exceptions import NoArgsIsHelpError, UsageError
+except ImportError:  # older typer: click itself; same classes, another module
+    from click.exceptions import NoArgsIsHelpError, UsageError  # type: ignore[assignment]
+
 app = typer.Typer(
     help="saelab: train, load and evaluate sparse autoencoders on transformer activations.",
     no_args_is_help=True,
@@ -193,24 +198,24 @@ def info(target: str) -> None:
         except json.JSONDecodeError as e:
             raise SaelabError(f"{path / CONFIG_FILE} is not valid JSON ({e})") from None
     elif is_run_dir(path):  # before the model spec: a sparsify run also holds a config.json
-        import saelab
+        from saelab.formats.sparsify import load_run
 
         _print_summary(f"Run directory {path}", {
             hook: f"{s.cfg.allocator}, {s.cfg.n_latents} x {s.cfg.d_in}, k={s.cfg.k}"
-            for hook, s in saelab.load(path).items()})
+            for hook, s in load_run(path).items()})
     elif (path / MANIFEST).exists():
-        m = Manifest.read(path)
+        cache = Manifest.read(path)
         _print_summary(f"Activation cache {path}", {
-            "model": m.model, "hooks": json.dumps(m.hooks), "rows": f"{m.rows:,}",
-            "shards": len(m.shards), "dtype": m.dtype, "data": json.dumps(m.data),
+            "model": cache.model, "hooks": json.dumps(cache.hooks), "rows": f"{cache.rows:,}",
+            "shards": len(cache.shards), "dtype": cache.dtype, "data": json.dumps(cache.data),
         })
     else:
         from saelab.models import load_model
 
-        m = load_model(target)
-        typer.echo(f"{target}: {m.n_layers} layers, context {m.context_length}, {m.backend}")
+        model = load_model(target)
+        typer.echo(f"{target}: {model.n_layers} layers, context {model.context_length}, {model.backend}")
         typer.echo("hooks:")
-        for name in m.hook_names:
+        for name in model.hook_names:
             typer.echo(f"  {name}")
 
 
@@ -329,7 +334,7 @@ def _check_environment() -> None:
         raise SaelabError(str(e)) from None
 
 
-def _usage_line(e: Exception) -> str:
+def _usage_line(e: UsageError) -> str:
     """Click's usage error as one line, naming the command so `--help` is easy to find."""
     ctx = getattr(e, "ctx", None)
     where = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
@@ -338,10 +343,6 @@ def _usage_line(e: Exception) -> str:
 
 def main(args: list[str] | None = None) -> None:
     """Entry point: user errors become one line on stderr and exit code 2 (usage errors too)."""
-    try:
-        from typer._click.exceptions import NoArgsIsHelpError, UsageError  # typer >= 0.26 vendors click
-    except ImportError:
-        from click.exceptions import NoArgsIsHelpError, UsageError
     try:
         _check_environment()
         code = app(args=args, prog_name="saelab", standalone_mode=False)

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import typer
 
 KINDS = {"int": int, "float": float, "bool": bool, "str": str}
-Fields = dict[str, tuple[str | None, dataclasses.Field]]
+Fields = Mapping[str, tuple[str | None, dataclasses.Field]]
 
 
 def _options(f: dataclasses.Field) -> list[str]:
@@ -34,12 +35,13 @@ def _item(kind: str) -> str | None:
     return None
 
 
-def _kind(f: dataclasses.Field) -> type:
+def _kind(f: dataclasses.Field) -> Any:
     """The option's value type: a repeatable flag for list and tuple fields, else the one kind."""
     options = _options(f)
     for k in options:
-        if _item(k) is not None:
-            return list[KINDS[_item(k)]]
+        item = _item(k)
+        if item is not None:
+            return list[KINDS[item]]  # type: ignore[valid-type]  # built at run time for typer
     if f.metadata.get("path"):
         return Path
     (name,) = options
@@ -66,7 +68,7 @@ def flag(f: dataclasses.Field) -> str:
 def config_fields(cls: type, panel: str | None = None) -> Fields:
     """flat field name -> (help panel, field) of a config dataclass; a nested config's fields
     are listed under the panel its field's metadata names."""
-    out: Fields = {}
+    out: dict[str, tuple[str | None, dataclasses.Field]] = {}
     for f in dataclasses.fields(cls):
         if dataclasses.is_dataclass(f.default_factory):
             out.update(config_fields(f.default_factory, f.metadata.get("panel", panel)))
@@ -130,6 +132,6 @@ def from_flags(cls: type, flags: dict):
 def with_options(func: Callable, params: list[inspect.Parameter]) -> Callable:
     """`func` presented with the signature `params` (which is what typer reads to build the
     command); it is called with them as keywords."""
-    func.__signature__ = inspect.Signature(params)
+    setattr(func, "__signature__", inspect.Signature(params))  # noqa: B010  # typer reads it
     func.__annotations__ = {p.name: p.annotation for p in params}
     return func

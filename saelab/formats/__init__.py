@@ -13,7 +13,7 @@ from saelab.errors import SaelabError
 from saelab.sae import SAE
 
 
-def open_dictionary(path: str | Path, device: str = "cpu",
+def open_dictionary(path: str | Path, device: str | torch.device = "cpu",
                     dtype: torch.dtype | None = None) -> SAE | dict[str, SAE]:
     """The dictionary (or {hook: SAE} of a run directory) at `path`, in eval() mode; see
     `saelab.load`."""

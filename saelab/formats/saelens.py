@@ -214,8 +214,11 @@ def import_saelens(path: str | Path, device: str | torch.device = "cpu") -> SAE:
     if scale is not None and not torch.all(scale == 1):
         raise SaelabError(f"{w_path}: a fine-tuned scaling_factor is not supported (SAELens >= 6 "
                           "dropped it too); only all-ones scaling factors import")
-    expected = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
-    expected |= {"jumprelu": {"threshold": (d_sae,)}, "batchtopk": {"topk_threshold": ()}}.get(arch, {})
+    expected: dict[str, tuple[int, ...]] = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,),
+                                            "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
+    extra: dict[str, dict[str, tuple[int, ...]]] = {"jumprelu": {"threshold": (d_sae,)},
+                                                     "batchtopk": {"topk_threshold": ()}}
+    expected |= extra.get(arch, {})
     found = {name: tuple(t.shape) for name, t in state.items()}
     if found != expected:
         raise SaelabError(f"{w_path} holds {found}, but {cfg_path} implies {expected}")

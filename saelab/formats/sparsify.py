@@ -143,7 +143,8 @@ def import_sparsify(path: str | Path, device: str | torch.device = "cpu",
         n = int(cfg.get("num_latents") or 0) or d_in * int(cfg.get("expansion_factor", 32))
     except (TypeError, ValueError) as e:
         raise SaelabError(f"{cfg_path} has a non-integer size ({e})") from None
-    saved = cfg.get("saelab") if isinstance(cfg.get("saelab"), dict) else {}
+    recorded = cfg.get("saelab")
+    saved: dict = recorded if isinstance(recorded, dict) else {}
     allocator = saved.get("allocator") if saved.get("allocator") in exportable() else "topk"
     hook = hook_from_hookpoint(path.name if not re.fullmatch(r"seed\d+", path.name) else path.parent.name)
     # sparsify trains on the raw model; a saelab export records its own (absent: written before
@@ -192,12 +193,17 @@ def export_sparsify(sae: SAE, out_dir: str | Path, overwrite: bool = False) -> P
 def load_run(path: str | Path, device: str | torch.device = "cpu",
              dtype: torch.dtype | None = None) -> dict[str, SAE]:
     """{hook: SAE} for every dictionary subdirectory of a run directory (module docstring)."""
-    import saelab
+    from saelab.formats import open_dictionary
 
     subs = _dictionary_subdirs(Path(path))
-    saes = [saelab.load(sub, device=device, dtype=dtype) for sub in subs]
-    hooks = [sae.cfg.hook for sae in saes]
-    if None in hooks or len(set(hooks)) < len(hooks):
+    saes = []
+    for sub in subs:
+        sae = open_dictionary(sub, device=device, dtype=dtype)
+        if not isinstance(sae, SAE):
+            raise SaelabError(f"{sub} is itself a run directory; a run directory holds dictionaries")
+        saes.append(sae)
+    hooks = [sae.cfg.hook or "" for sae in saes]
+    if "" in hooks or len(set(hooks)) < len(hooks):
         hooks = [sub.name for sub in subs]
     return dict(zip(hooks, saes, strict=True))
 

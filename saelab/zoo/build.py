@@ -217,7 +217,7 @@ def build(recipe: ZooRecipe, out_dir: Path | None = None, heldout_rows: int = 51
                                 recipe.seed).batches(tokenizer, recipe.batch_size,
                                                      buffer_rows=recipe.shuffle_rows)
         vocab_size, eot = len(tokenizer), tokenizer.eos_token_id
-        config = GPT2Config(
+        config = GPT2Config(  # type: ignore[call-arg]  # n_ctx goes through **kwargs; the stub omits it
             vocab_size=vocab_size, n_positions=recipe.context_length, n_embd=recipe.d_model,
             n_layer=recipe.n_layer, n_head=recipe.n_head, n_inner=recipe.d_mlp,
             n_ctx=recipe.context_length,  # transformer-lens 3.x reads n_ctx, not n_positions
