@@ -25,7 +25,7 @@ from saelab.evals.circuits import DiscoverConfig, discover, ground_truth
 from saelab.evals.circuits.codes import POSITIONS
 from saelab.evals.circuits.discover import DEFAULT_POSITION, DEFAULT_SAE, TRUTH_SEED
 from saelab.models import load_model
-from saelab.tasks import GENERATORS, default_metric, generate, tokenize
+from saelab.tasks import GENERATORS, capacity, default_metric, generate, tokenize
 
 PUBLISHED = {  # O'Neill & Bui 2024, node / edge ROC AUC, mean +- std over 10 trials
     "ioi": ((0.868, 0.008), (0.840, 0.024)),
@@ -65,8 +65,12 @@ def main() -> None:
               f"{truth.node_seconds + truth.edge_seconds:.1f} s "
               f"({truth.metric}: clean {truth.clean_metric:.2f}, counterfactual "
               f"{truth.counterfactual_metric:.2f}) [{time.perf_counter() - start:.0f} s]")
+        fits = capacity(task) - args.prompts  # training prompts the task can add, all texts distinct
+        for n in (n for n in args.train_prompts if n > fits):
+            print(f"  {task}: {n} training prompts skipped (+ {args.prompts} held out exceeds its "
+                  f"{capacity(task)} distinct rows)")
         for sae, position, n_train in ((kind, pos, n) for kind in args.sae for pos in args.position
-                                       for n in args.train_prompts):
+                                       for n in args.train_prompts if n <= fits):
             cfg = DiscoverConfig(train_prompts=n_train, prompts=args.prompts, trials=args.trials,
                                  sae=sae, position=position, center=args.center, seed=args.seed)
             r = discover(model, task, config=cfg, truth=truth, progress=False)
