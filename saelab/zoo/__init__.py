@@ -88,9 +88,9 @@ RECIPES = {r.name: r for r in [
     ZooRecipe("tasks-4l", n_head=8, context_length=96, tokens=12_600_000, batch_size=32,
               lr=3e-3, corpus="tasks", stdlib_fraction=0.125, copy_steps=1500, init_std=0.08,
               tie_embeddings=False, checkpoints=0),
-    ZooRecipe("tasks-4l-v2", n_head=8, context_length=96, tokens=12_600_000, batch_size=32,
-              lr=3e-3, corpus="tasks", stdlib_fraction=0.125, copy_steps=1000, init_std=0.08,
-              tie_embeddings=False, checkpoints=0, copy_fraction=0.25, gt_all_starts=True,
+    ZooRecipe("tasks-4l-v2", n_head=8, context_length=96, tokens=15_000_000, batch_size=32,
+              lr=3e-3, corpus="tasks", stdlib_fraction=0.125, copy_steps=2000, init_std=0.08,
+              tie_embeddings=False, checkpoints=0, copy_fraction=0.125, gt_all_starts=True,
               pack_rows=True),
 ]}
 
