@@ -3,6 +3,7 @@ tasks-4l-v2's has greater-than starts at 00 and 01, copy rows after the warm-up,
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import random
@@ -11,7 +12,7 @@ import re
 import pytest
 import torch
 
-from saelab import tasks
+from saelab import tasks, zoo
 from saelab.zoo import MODELS_DIR, RECIPES
 from saelab.zoo import task_corpus as corpus
 
@@ -115,3 +116,12 @@ def test_prob_diff_and_removed_share():
     got = corpus._prob_diff(logits, tok)
     assert torch.allclose(got, torch.tensor([0.7 - 0.3, 0.4 - 0.2]))
     assert corpus._removed(4.0, 1.0) == 0.75 and corpus._removed(0.0, 1.0) is None
+
+
+def test_shipped_v2_is_its_recipe():
+    """The shipped tasks-4l-v2 was built from the recipe as it stands (a recipe change needs a
+    rebuild), and its card holds the task numbers of 200 fresh prompts per task."""
+    card = zoo.card("tasks-4l-v2")
+    assert card["recipe"] == dataclasses.asdict(V2)
+    assert set(card["tasks"]) == set(tasks.GENERATORS)
+    assert all(t["prompts"] == corpus.EVAL_PROMPTS == 200 for t in card["tasks"].values())
