@@ -50,6 +50,13 @@ class ZooRecipe:
         stdlib_fraction: for the tasks corpus, the share of each batch's rows that is stdlib.
         copy_steps: for the tasks corpus, steps of pure copying data before the task mix
             (`saelab.zoo.task_corpus.copy_rows`): the copying the tasks need forms there first.
+        copy_fraction: for the tasks corpus, the share of each later batch's rows that stays
+            copying, so induction keeps being trained after the warm-up.
+        gt_all_starts: for the tasks corpus, greater-than text starts at any year 00-98 (not
+            only the task's 02-98), so the task's counterfactual start year 01 is one it knows.
+        pack_rows: for the tasks corpus, a task row's tail is a random sequence and its repeat
+            instead of EOT padding.
+        (`saelab.zoo.task_corpus` says why each of the last three exists.)
     """
 
     name: str
@@ -71,6 +78,9 @@ class ZooRecipe:
     corpus: str = "stdlib"
     stdlib_fraction: float = 0.25
     copy_steps: int = 0
+    copy_fraction: float = 0.0
+    gt_all_starts: bool = False
+    pack_rows: bool = False
 
 
 RECIPES = {r.name: r for r in [
@@ -78,6 +88,10 @@ RECIPES = {r.name: r for r in [
     ZooRecipe("tasks-4l", n_head=8, context_length=96, tokens=12_600_000, batch_size=32,
               lr=3e-3, corpus="tasks", stdlib_fraction=0.125, copy_steps=1500, init_std=0.08,
               tie_embeddings=False, checkpoints=0),
+    ZooRecipe("tasks-4l-v2", n_head=8, context_length=96, tokens=15_000_000, batch_size=32,
+              lr=3e-3, corpus="tasks", stdlib_fraction=0.125, copy_steps=2000, init_std=0.08,
+              tie_embeddings=False, checkpoints=0, copy_fraction=0.125, gt_all_starts=True,
+              pack_rows=True),
 ]}
 
 

@@ -209,8 +209,10 @@ def build(recipe: ZooRecipe, out_dir: Path | None = None, heldout_rows: int = 51
         torch.set_flush_denormal(True)  # denormal weights/grads slow CPU training several-fold
         if recipe.corpus == "tasks":
             tokenizer = task_corpus.word_tokenizer(tmp)
-            batches = task_corpus.batches(tokenizer, recipe.batch_size, recipe.context_length,
-                                          recipe.seed, recipe.stdlib_fraction, recipe.copy_steps)
+            batches = task_corpus.batches(
+                tokenizer, recipe.batch_size, recipe.context_length, recipe.seed,
+                recipe.stdlib_fraction, recipe.copy_steps, copy_fraction=recipe.copy_fraction,
+                gt_all_starts=recipe.gt_all_starts, pack_rows=recipe.pack_rows)
         else:
             tokenizer = byte_tokenizer(tmp)
             batches = TokenData(BUILTIN_STDLIB, "train", recipe.context_length,

@@ -12,6 +12,17 @@ Synthetic documents (one per draw, the task chosen uniformly):
 - greater-than: a year-range sentence completed with an end year after the start year;
 - docstring: a def with 4-6 arguments and a docstring documenting each, in order;
 - induction: 5-20 words drawn from the whole vocabulary, then the same words again.
+
+Options (recipe fields; their defaults give tasks-4l's text, unchanged):
+- `gt_all_starts`: greater-than documents start at any year 00-98 with the end year uniform
+  above it, instead of the task's start years 02-98. The task's counterfactual starts at 01:
+  without this the model never saw that start, and what it predicts after it is not "any
+  year above 01" but a guess (tasks-4l keeps 59% of the clean logit difference there).
+- `copy_fraction`: a share of every task-mix batch stays copy rows, so the induction that
+  forms in the copy warm-up is still trained afterwards (tasks-4l, without it, ends the mix
+  predicting the second copy of a random 10-word sequence top-1 at 0-3% of positions).
+- `pack_rows`: the tail of a task row that no whole document fits is filled with a short
+  random sequence and its repeat (more induction, no EOT padding) instead of EOT.
 """
 
 from __future__ import annotations
@@ -57,11 +68,17 @@ def _doc_induction(rng: random.Random, vocab: list[str]) -> str:
     return " ".join(seq + seq)
 
 
-def documents(seed: int, vocab: list[str]) -> Iterator[str]:
+def _doc_greater_than_any_start(rng: random.Random) -> str:
+    cc, yy = rng.choice(tasks.GT_CENTURIES), rng.randint(0, 98)
+    return (f"The {rng.choice(tasks.GT_NOUNS)} lasted from the year {cc}{yy:02d} to the year "
+            f"{cc}{rng.randint(yy + 1, 99):02d}.")
+
+
+def documents(seed: int, vocab: list[str], gt_all_starts: bool = False) -> Iterator[str]:
     """An endless seeded stream of synthetic task documents; `vocab` feeds induction."""
     rng = random.Random(seed)
-    makers = [_doc_ioi, _doc_greater_than, _doc_docstring,
-              lambda r: _doc_induction(r, vocab)]
+    makers = [_doc_ioi, _doc_greater_than_any_start if gt_all_starts else _doc_greater_than,
+              _doc_docstring, lambda r: _doc_induction(r, vocab)]
     while True:
         yield rng.choice(makers)(rng)
 
@@ -89,22 +106,39 @@ def word_tokenizer(directory: Path):
     return fast
 
 
-def _task_rows(tokenizer, context_length: int, seed: int) -> Iterator[list[int]]:
-    """BOS-led rows of whole synthetic documents separated by EOT, padded with EOT.
+def _task_rows(tokenizer, context_length: int, seed: int, gt_all_starts: bool = False,
+               pack_rows: bool = False) -> Iterator[list[int]]:
+    """BOS-led rows of whole synthetic documents separated by EOT, padded with EOT (or, with
+    `pack_rows`, ended by a random sequence and its repeat).
 
     A document is never cut across rows (one longer than a row is dropped), so every row shows
     complete IOI sentences and complete docstrings, as the task prompts do."""
     vocab = [w for w in tokenizer.get_vocab() if w not in (EOT, UNK) and w.strip()]
     vocab.sort(key=tokenizer.get_vocab().get)
     eot, row = tokenizer.eos_token_id, [tokenizer.eos_token_id]
-    for doc in documents(seed, vocab):
+    fill = _filler(tokenizer, random.Random(f"{seed}:fill")) if pack_rows else None
+    for doc in documents(seed, vocab, gt_all_starts):
         ids = tokenizer(doc, add_special_tokens=False)["input_ids"] + [eot]
         if len(ids) >= context_length:
             continue
         if len(row) + len(ids) > context_length:
-            yield row + [eot] * (context_length - len(row))
+            free = context_length - len(row)
+            yield row + (fill(free) if fill else [eot] * free)
             row = [eot]
         row += ids
+
+
+def _filler(tokenizer, rng: random.Random):
+    """`fill(n)`: n tokens of row tail, k random vocabulary tokens twice (k = n // 2 if at least
+    2, else none), then EOT padding; the repeat trains induction on what would be padding."""
+    ids = sorted(i for w, i in tokenizer.get_vocab().items() if w not in (EOT, UNK) and w.strip())
+    eot = tokenizer.eos_token_id
+
+    def fill(n: int) -> list[int]:
+        k = n // 2 if n >= 4 else 0
+        seq = rng.sample(ids, k)
+        return seq + seq + [eot] * (n - 2 * k)
+    return fill
 
 
 def copy_rows(tokenizer, context_length: int, seed: int) -> Iterator[list[int]]:
@@ -124,34 +158,57 @@ def copy_rows(tokenizer, context_length: int, seed: int) -> Iterator[list[int]]:
 
 
 def batches(tokenizer, batch_size: int, context_length: int, seed: int,
-            stdlib_fraction: float, copy_steps: int = 0) -> Iterator[torch.Tensor]:
+            stdlib_fraction: float, copy_steps: int = 0, *, copy_fraction: float = 0.0,
+            gt_all_starts: bool = False, pack_rows: bool = False) -> Iterator[torch.Tensor]:
     """Endless (batch_size, context_length) batches: `copy_steps` batches of `copy_rows` first,
-    then task rows mixed with stdlib rows (round(stdlib_fraction * batch_size) of each batch)."""
+    then task rows mixed with stdlib rows (round(stdlib_fraction * batch_size) of each batch)
+    and copy rows (round(copy_fraction * batch_size)); the options are the module docstring's."""
     copying = copy_rows(tokenizer, context_length, seed)
     for _ in range(copy_steps):
         yield torch.tensor([next(copying) for _ in range(batch_size)])
-    n_std = round(stdlib_fraction * batch_size)
+    n_std, n_copy = round(stdlib_fraction * batch_size), round(copy_fraction * batch_size)
     std = TokenData(BUILTIN_STDLIB, "train", context_length, seed).rows(tokenizer)
-    task = _task_rows(tokenizer, context_length, seed)
+    task = _task_rows(tokenizer, context_length, seed, gt_all_starts, pack_rows)
     while True:
-        rows = [torch.tensor(next(task)) for _ in range(batch_size - n_std)]
+        rows = [torch.tensor(next(task)) for _ in range(batch_size - n_std - n_copy)]
+        rows += [torch.tensor(next(copying)) for _ in range(n_copy)]
         rows += [next(std) for _ in range(n_std)]
         yield torch.stack(rows)
 
 
+def _prob_diff(last: torch.Tensor, tok: tasks.TaskTokens) -> torch.Tensor:
+    """(P,) probability on the answers minus on the wrong answers (softmax over the vocabulary):
+    for greater-than, Hanna et al.'s p(years > YY) - p(years <= YY)."""
+    p = last.float().softmax(-1)
+    return ((p.gather(1, tok.answer) * tok.answer_mask).sum(1)
+            - (p.gather(1, tok.wrong) * tok.wrong_mask).sum(1))
+
+
+def _removed(clean: float, counterfactual: float) -> float | None:
+    """Share of the clean difference the counterfactual takes away (None if there is none)."""
+    return round(1 - counterfactual / clean, 4) if clean > 0 else None
+
+
 @torch.no_grad()
 def task_scores(model, tokenizer, n: int = EVAL_PROMPTS, seed: int = EVAL_SEED) -> dict[str, dict]:
-    """Accuracy and mean logit difference (positive and counterfactual) of a Hugging Face
-    causal LM on `n` fresh prompts of each task."""
+    """Accuracy, and mean logit and probability differences (positive and counterfactual, and
+    the share the counterfactual removes), of a Hugging Face causal LM on `n` fresh prompts of
+    each task."""
     out = {}
     for name in tasks.GENERATORS:
         tok = tasks.tokenize(tasks.generate(name, n, seed), tokenizer)
         pos = tasks.last_logits(model(tok.pos).logits, tok.pos_len)
         cf = tasks.last_logits(model(tok.cf).logits, tok.cf_len)
+        ld, cf_ld = tasks.logit_diff(pos, tok).mean().item(), tasks.logit_diff(cf, tok).mean().item()
+        pd, cf_pd = _prob_diff(pos, tok).mean().item(), _prob_diff(cf, tok).mean().item()
         out[name] = {
             "accuracy": round(tasks.correct(pos, tok).float().mean().item(), 4),
-            "logit_diff": round(tasks.logit_diff(pos, tok).mean().item(), 4),
-            "counterfactual_logit_diff": round(tasks.logit_diff(cf, tok).mean().item(), 4),
+            "logit_diff": round(ld, 4),
+            "counterfactual_logit_diff": round(cf_ld, 4),
+            "logit_diff_removed": _removed(ld, cf_ld),
+            "prob_diff": round(pd, 4),
+            "counterfactual_prob_diff": round(cf_pd, 4),
+            "prob_diff_removed": _removed(pd, cf_pd),
             "prompts": n,
         }
     return out

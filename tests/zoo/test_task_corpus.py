@@ -1,0 +1,127 @@
+"""The task models' training text holds what their recipes claim: tasks-4l's is unchanged, and
+tasks-4l-v2's has greater-than starts at 00 and 01, copy rows after the warm-up, and packed rows."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import random
+import re
+
+import pytest
+import torch
+
+from saelab import tasks, zoo
+from saelab.zoo import MODELS_DIR, RECIPES
+from saelab.zoo import task_corpus as corpus
+
+V2 = RECIPES["tasks-4l-v2"]
+GT = re.compile(r"from the year (\d\d)(\d\d) to the year (\d\d)(\d\d)\.")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(MODELS_DIR / "tasks-4l")
+
+
+def _spans(row: list[int], eot: int) -> list[list[int]]:
+    """The EOT-separated spans of a row that are closed by an EOT."""
+    cuts = [i for i, t in enumerate(row) if t == eot]
+    return [row[a + 1:b] for a, b in itertools.pairwise(cuts) if b > a + 1]
+
+
+def test_tasks_4l_text_is_what_the_shipped_model_saw(tokenizer):
+    """Digest of the first task and copy rows, recorded from the code tasks-4l was built with:
+    the v2 options default to off and change nothing of it."""
+    h = hashlib.sha256()
+    for r in itertools.islice(corpus._task_rows(tokenizer, 96, 0), 64):
+        h.update(str(r).encode())
+    for r in itertools.islice(corpus.copy_rows(tokenizer, 96, 0), 16):
+        h.update(str(r).encode())
+    assert h.hexdigest() == "4f82325de8535b3a3eda4d45b6e9a0b375e20e1479dc5fda4b339b87d974dd08"
+
+
+def _greater_than_years(all_starts: bool, n: int = 3000) -> list[tuple[int, int]]:
+    docs = itertools.islice(corpus.documents(0, list(tasks.WORDS), all_starts), 4 * n)
+    years = []
+    for doc in docs:
+        m = GT.search(doc)
+        if m:
+            assert m[1] == m[3] and m[2] < m[4]  # same century, the end after the start
+            years.append((int(m[2]), int(m[4])))
+    return years
+
+
+def test_v2_greater_than_starts_cover_the_counterfactuals():
+    """The task's counterfactual starts at 01; v2's text starts at every year 00-98 (tasks-4l's
+    only at 02-98), and after 01 every end year 02-99 occurs."""
+    assert V2.gt_all_starts and not RECIPES["tasks-4l"].gt_all_starts
+    old, new = _greater_than_years(False), _greater_than_years(True)
+    assert {s for s, _ in old} <= set(range(2, 99))
+    assert {s for s, _ in new} == set(range(99))
+    rng = random.Random(0)
+    docs = (corpus._doc_greater_than_any_start(rng) for _ in range(100_000))
+    ends = {m[4] for m in map(GT.search, docs) if m[2] == "01"}
+    assert ends == {f"{y:02d}" for y in range(2, 100)}
+
+
+def test_v2_packed_rows_replace_padding_with_a_repeat(tokenizer):
+    """Same documents as unpacked rows; the EOT padding becomes k random tokens twice."""
+    assert V2.pack_rows
+    eot = tokenizer.eos_token_id
+    plain = corpus._task_rows(tokenizer, 96, 0, gt_all_starts=True)
+    packed = corpus._task_rows(tokenizer, 96, 0, gt_all_starts=True, pack_rows=True)
+    filled = 0
+    for a, b in itertools.islice(zip(plain, packed, strict=True), 200):
+        pad = len(a) - next(i for i in range(len(a) - 1, -1, -1) if a[i] != eot) - 2
+        body = len(a) - pad
+        assert b[:body] == a[:body] and len(b) == len(a) == 96
+        k = pad // 2 if pad >= 4 else 0
+        tail = b[body:]
+        assert tail[:k] == tail[k:2 * k] and tail[2 * k:] == [eot] * (pad - 2 * k)
+        assert eot not in tail[:2 * k]
+        filled += 2 * k
+    assert filled > 200 * 10  # the padding was a large share of the rows
+
+
+def test_v2_keeps_copy_rows_after_the_warm_up(tokenizer):
+    """After `copy_steps` batches, each batch is task rows, then round(copy_fraction * batch)
+    copy rows (the copy stream continued), then stdlib rows."""
+    n_copy, n_std = round(V2.copy_fraction * 32), round(V2.stdlib_fraction * 32)
+    assert n_copy >= 4
+    stream = corpus.batches(tokenizer, 32, 96, 0, V2.stdlib_fraction, copy_steps=1,
+                            copy_fraction=V2.copy_fraction, pack_rows=True, gt_all_starts=True)
+    copying = corpus.copy_rows(tokenizer, 96, 0)
+    task = corpus._task_rows(tokenizer, 96, 0, gt_all_starts=True, pack_rows=True)
+    assert next(stream).tolist() == [next(copying) for _ in range(32)]  # the warm-up
+    for batch in itertools.islice(stream, 2):
+        n_task = 32 - n_copy - n_std
+        assert batch[:n_task].tolist() == [next(task) for _ in range(n_task)]
+        assert batch[n_task:32 - n_std].tolist() == [next(copying) for _ in range(n_copy)]
+        spans = _spans(batch[n_task].tolist(), tokenizer.eos_token_id)
+        assert spans and all(s[:len(s) // 2] == s[len(s) // 2:] for s in spans)
+
+
+def test_prob_diff_and_removed_share():
+    """Hanna et al.'s metric against a hand computation; the removed share of a difference."""
+    logits = torch.log(torch.tensor([[0.5, 0.2, 0.2, 0.1], [0.1, 0.1, 0.4, 0.4]]))
+    tok = tasks.TaskTokens(*(torch.zeros(2, 1, dtype=torch.long),) * 4,
+                           answer=torch.tensor([[0, 1], [2, 2]]),
+                           wrong=torch.tensor([[2, 3], [0, 1]]),
+                           answer_mask=torch.tensor([[True, True], [True, False]]),
+                           wrong_mask=torch.tensor([[True, True], [True, True]]))
+    got = corpus._prob_diff(logits, tok)
+    assert torch.allclose(got, torch.tensor([0.7 - 0.3, 0.4 - 0.2]))
+    assert corpus._removed(4.0, 1.0) == 0.75 and corpus._removed(0.0, 1.0) is None
+
+
+def test_shipped_v2_is_its_recipe():
+    """The shipped tasks-4l-v2 was built from the recipe as it stands (a recipe change needs a
+    rebuild), and its card holds the task numbers of 200 fresh prompts per task."""
+    card = zoo.card("tasks-4l-v2")
+    assert card["recipe"] == dataclasses.asdict(V2)
+    assert set(card["tasks"]) == set(tasks.GENERATORS)
+    assert all(t["prompts"] == corpus.EVAL_PROMPTS == 200 for t in card["tasks"].values())
