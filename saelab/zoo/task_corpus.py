@@ -176,14 +176,6 @@ def batches(tokenizer, batch_size: int, context_length: int, seed: int,
         yield torch.stack(rows)
 
 
-def _prob_diff(last: torch.Tensor, tok: tasks.TaskTokens) -> torch.Tensor:
-    """(P,) probability on the answers minus on the wrong answers (softmax over the vocabulary):
-    for greater-than, Hanna et al.'s p(years > YY) - p(years <= YY)."""
-    p = last.float().softmax(-1)
-    return ((p.gather(1, tok.answer) * tok.answer_mask).sum(1)
-            - (p.gather(1, tok.wrong) * tok.wrong_mask).sum(1))
-
-
 def _removed(clean: float, counterfactual: float) -> float | None:
     """Share of the clean difference the counterfactual takes away (None if there is none)."""
     return round(1 - counterfactual / clean, 4) if clean > 0 else None
@@ -200,7 +192,7 @@ def task_scores(model, tokenizer, n: int = EVAL_PROMPTS, seed: int = EVAL_SEED) 
         pos = tasks.last_logits(model(tok.pos).logits, tok.pos_len)
         cf = tasks.last_logits(model(tok.cf).logits, tok.cf_len)
         ld, cf_ld = tasks.logit_diff(pos, tok).mean().item(), tasks.logit_diff(cf, tok).mean().item()
-        pd, cf_pd = _prob_diff(pos, tok).mean().item(), _prob_diff(cf, tok).mean().item()
+        pd, cf_pd = tasks.prob_diff(pos, tok).mean().item(), tasks.prob_diff(cf, tok).mean().item()
         out[name] = {
             "accuracy": round(tasks.correct(pos, tok).float().mean().item(), 4),
             "logit_diff": round(ld, 4),

@@ -113,7 +113,7 @@ def test_prob_diff_and_removed_share():
                            wrong=torch.tensor([[2, 3], [0, 1]]),
                            answer_mask=torch.tensor([[True, True], [True, False]]),
                            wrong_mask=torch.tensor([[True, True], [True, True]]))
-    got = corpus._prob_diff(logits, tok)
+    got = tasks.prob_diff(logits, tok)
     assert torch.allclose(got, torch.tensor([0.7 - 0.3, 0.4 - 0.2]))
     assert corpus._removed(4.0, 1.0) == 0.75 and corpus._removed(0.0, 1.0) is None
 
