@@ -25,9 +25,10 @@ from tqdm import tqdm
 
 from saelab.browse.stats import FeatureStats, StatsConfig
 from saelab.data.activations import positions_to_keep
-from saelab.data.heldout import heldout_rows, load_one, resolve_dictionary
+from saelab.data.heldout import heldout_rows, resolve_dictionary
 from saelab.data.tokens import TokenData
 from saelab.errors import SaelabError
+from saelab.formats import load_one
 from saelab.models import HookedModel
 from saelab.sae import CONFIG_FILE, SAE
 

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import torch
 
-from saelab import load
 from saelab.data.activations import model_activations, positions_to_keep
 from saelab.data.tokens import BUILTIN_STDLIB, TokenData
 from saelab.errors import SaelabError
+from saelab.formats import load_one
 from saelab.models import DEFAULT_PROCESSING, HookedModel, load_model
 from saelab.sae import SAE
 
@@ -29,15 +29,6 @@ def heldout_rows(tokenizer, data: TokenData, tokens: int) -> torch.Tensor:
     if not rows:
         raise SaelabError(f"data {data.spec!r} has no rows in split {data.split!r}")
     return torch.stack(rows)
-
-
-def load_one(path: str | Path, device: str = "cpu") -> SAE:
-    """The one dictionary at `path`; a run directory ({hook: SAE}) is refused in one line."""
-    sae = load(path, device=device)
-    if isinstance(sae, dict):
-        raise SaelabError(f"{path} is a run directory of {len(sae)} dictionaries ({', '.join(sae)}); "
-                          "pass one hook's subdirectory")
-    return sae
 
 
 def resolve_dictionary(

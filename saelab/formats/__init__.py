@@ -31,3 +31,12 @@ def open_dictionary(path: str | Path, device: str | torch.device = "cpu",
     sae = saelens.import_saelens(path, device=device) if saelens.is_saelens_dir(path) \
         else SAE.load(path, device=device)
     return sae.to(dtype).eval() if dtype is not None else sae.eval()
+
+
+def load_one(path: str | Path, device: str | torch.device = "cpu") -> SAE:
+    """The one dictionary at `path`; a run directory ({hook: SAE}) is refused in one line."""
+    sae = open_dictionary(path, device=device)
+    if isinstance(sae, dict):
+        raise SaelabError(f"{path} is a run directory of {len(sae)} dictionaries ({', '.join(sae)}); "
+                          "pass one hook's subdirectory")
+    return sae

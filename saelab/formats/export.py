@@ -10,7 +10,7 @@ from pathlib import Path
 
 from saelab.checks import check_field_types, check_number, doc_field
 from saelab.errors import SaelabError
-from saelab.formats import open_dictionary
+from saelab.formats import load_one
 from saelab.formats.saelens import export_saelens
 from saelab.formats.sparsify import export_sparsify
 from saelab.sae import SAE
@@ -42,10 +42,7 @@ def export(dictionary: str | Path, out: str | Path, config: ExportConfig | None 
     `out` is checked before the dictionary is read."""
     cfg = config or ExportConfig()
     out = check_output_dir(Path(out), cfg.overwrite)
-    sae = open_dictionary(dictionary)
-    if isinstance(sae, dict):
-        raise SaelabError(f"{dictionary} is a run directory of {len(sae)} dictionaries; "
-                          "export one hook's subdirectory at a time")
+    sae = load_one(dictionary)
     if cfg.format == "saelens":
         export_saelens(sae, out, context_size=cfg.context_size, overwrite=cfg.overwrite)
     elif cfg.format == "sparsify":

@@ -1,7 +1,8 @@
 import pytest
 
-from saelab.data.heldout import load_one, resolve_dictionary
+from saelab.data.heldout import resolve_dictionary
 from saelab.errors import SaelabError
+from saelab.formats import load_one
 from saelab.sae import SAE, SAEConfig
 
 
