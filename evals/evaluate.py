@@ -48,10 +48,13 @@ class EvalConfig:
                                 "replace", path=True)
     overwrite: bool = doc_field(False, "Allow writing into a non-empty --out directory.")
     device: str = doc_field("cpu", "Torch device.")
+    probes: bool = doc_field(False, "Also probe the latents for exact Python labels (sparse "
+                             "probing, absorption): probing.json, probing.md, probing.png.")
+    probe_tokens: int = doc_field(2**16, "Held-out positions the probes read (with --probes).")
 
     def __post_init__(self) -> None:
         check_field_types(self)
-        for name, low in (("tokens", 1), ("batch_rows", 1), ("context_length", 2)):
+        for name, low in (("tokens", 1), ("batch_rows", 1), ("context_length", 2), ("probe_tokens", 1)):
             check_number(name, getattr(self, name), low)
         check_device(self.device)
 
