@@ -1,10 +1,12 @@
 """Positions to probe: rows of held-out Python files through the model and the SAE, with the
 label fields of every token.
 
-Each file is tokenised once (with offsets) and labelled once (`labels.char_labels`); it is cut
-into rows of context_length - 1 tokens, each run with BOS first as the model was trained. Rows
-are drawn at random over all files (seeded) until the budget of positions is met, so every
-file contributes from anywhere in it, not only its license header. Whole files are held out
+Files are taken in a seeded random order until they hold several times the characters wanted
+(`_pick_files`). Each is tokenised once (with offsets) and labelled once
+(`labels.char_labels`); it is cut into rows of context_length - 1 tokens, each run with BOS
+first as the model was trained. Rows are drawn at random over those files (seeded) until the
+budget of positions is met, so a file contributes from anywhere in it, not only its license
+header. Whole files are held out
 for testing (`TEST_FRACTION` of them, seeded). Files that do not tokenize as Python are skipped
 and counted.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -24,6 +27,7 @@ from saelab.evals.probes.probing import Features
 from saelab.models import HookedModel
 
 TEST_FRACTION = 0.3
+CHARS_PER_POSITION, MIN_FILES = 16, 12
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,22 @@ class _Row:
     ids: list[int]
     fields: torch.Tensor
     test: bool
+
+
+def _pick_files(texts: list[str], tokens: int, seed: int) -> list[str]:
+    """Files in a seeded random order until they hold `CHARS_PER_POSITION` characters per
+    position wanted (and at least `MIN_FILES` files): labelling all of a large corpus would
+    cost more than probing it."""
+    order = list(range(len(texts)))
+    random.Random(f"{seed}:files").shuffle(order)
+    picked: list[str] = []
+    chars = 0
+    for i in order:
+        if chars >= CHARS_PER_POSITION * tokens and len(picked) >= MIN_FILES:
+            break
+        picked.append(texts[i])
+        chars += len(texts[i])
+    return picked
 
 
 def _file_rows(tokenizer, texts: list[str], body: int, seed: int) -> tuple[list[_Row], int, int]:
@@ -68,10 +88,11 @@ def _file_rows(tokenizer, texts: list[str], body: int, seed: int) -> tuple[list[
 @torch.no_grad()
 def collect(model: HookedModel, sae, data: TokenData, tokens: int, batch_rows: int, seed: int) -> Collected:
     """Run `tokens` positions (rounded up to whole rows) of `data`'s held-out files."""
-    tok = model.tokenizer
+    tok: Any = model.tokenizer  # a Hugging Face tokenizer
     bos = tok.bos_token_id
     body = data.context_length - (bos is not None)
-    rows, used, skipped = _file_rows(tok, load_texts(data.spec, "heldout"), body, seed)
+    texts = _pick_files(load_texts(data.spec, "heldout"), tokens, seed)
+    rows, used, skipped = _file_rows(tok, texts, body, seed)
     if not rows:
         raise SaelabError(
             f"no held-out file of {data.spec!r} tokenizes as Python ({skipped} skipped): probes need "

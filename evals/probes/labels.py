@@ -90,20 +90,17 @@ def char_labels(source: str) -> torch.Tensor | None:
     Characters no token covers (spaces, the leading whitespace of a line) take the depths of
     the next token; a bracket itself sits at the depth outside it.
     """
-    n = len(source)
-    out = torch.full((n, len(FIELDS)), NONE, dtype=torch.long)
-    out[:, _col("docstring")] = out[:, _col("fstring")] = 0
     starts = _line_starts(source)
     try:
         tokens = list(tokenize.generate_tokens(io.StringIO(source).readline))
     except (tokenize.TokenError, SyntaxError, ValueError):
         return None
+    spans: list[tuple[int, int]] = []
+    rows: list[list[int]] = []  # one row of FIELDS values per span
     indent = bracket = fdepth = 0
     expect_doc, header = True, None  # module docstring first; a def/class body's after INDENT
     line_first: str | None = None
     for tok in tokens:
-        a = starts[tok.start[0]] + tok.start[1]
-        b = starts[tok.end[0]] + tok.end[1]
         kind = tok.type
         if kind == tokenize.INDENT:
             indent += 1
@@ -112,50 +109,65 @@ def char_labels(source: str) -> torch.Tensor | None:
         if kind == tokenize.DEDENT:
             indent -= 1
             continue
-        if kind in (tokenize.NL, tokenize.COMMENT, tokenize.ENCODING, tokenize.ENDMARKER):
-            if kind == tokenize.COMMENT:
-                out[a:b, _col("type")] = TYPES.index("COMMENT")
-                out[a:b, _col("indent")], out[a:b, _col("bracket")] = indent, bracket
-            continue
         if kind == tokenize.NEWLINE:
             header, line_first = line_first, None
             continue
+        if kind in (tokenize.NL, tokenize.ENCODING, tokenize.ENDMARKER):
+            continue
+        span = (starts[tok.start[0]] + tok.start[1], starts[tok.end[0]] + tok.end[1])
+        if kind == tokenize.COMMENT:
+            spans.append(span)
+            rows.append([TYPES.index("COMMENT"), NONE, NONE, 0, 0, indent, bracket])
+            continue
         if line_first is None:
             line_first = "def" if tok.string == "async" else tok.string
-        closing = kind == tokenize.OP and tok.string in _CLOSE and bracket > 0
-        bracket -= closing
-        out[a:b, _col("indent")], out[a:b, _col("bracket")] = indent, bracket
-        bracket += kind == tokenize.OP and tok.string in _OPEN
+        bracket -= kind == tokenize.OP and tok.string in _CLOSE and bracket > 0
         if _FSTRING_START is not None and kind == _FSTRING_START:
             fdepth += 1
-        if fdepth or (kind == tokenize.STRING and _is_fstring(tok)):
-            out[a:b, _col("fstring")] = 1
+        fstring = bool(fdepth) or (kind == tokenize.STRING and _is_fstring(tok))
+        doc = kind == tokenize.STRING and expect_doc
+        spans.append(span)
+        rows.append([*_type_word_letter(tok), int(doc), int(fstring), indent, bracket])
         if _FSTRING_END is not None and kind == _FSTRING_END:
             fdepth -= 1
-        _type_and_word(out, tok, a, b)
-        if kind == tokenize.STRING and expect_doc:
-            out[a:b, _col("docstring")] = 1
+        bracket += kind == tokenize.OP and tok.string in _OPEN
         expect_doc = False
-    _fill_gaps(out)
-    return out
+    return _expand(len(source), spans, rows)
 
 
-def _type_and_word(out: torch.Tensor, tok: tokenize.TokenInfo, a: int, b: int) -> None:
+def _type_word_letter(tok: tokenize.TokenInfo) -> tuple[int, int, int]:
+    """A token's type, common word and first letter (NONE where they do not apply)."""
     kind = tok.type
     if kind == tokenize.NAME:
         kw = keyword.iskeyword(tok.string)
-        out[a:b, _col("type")] = TYPES.index("KEYWORD" if kw else "NAME")
-        if tok.string in WORDS:
-            out[a:b, _col("word")] = WORDS.index(tok.string)
         first = tok.string[0].lower()
-        if not kw and first in LETTERS:
-            out[a + 1 : b, _col("letter")] = LETTERS.index(first)
-    elif kind in (tokenize.STRING, *_FSTRING_PARTS):
-        out[a:b, _col("type")] = TYPES.index("STRING")
-    elif kind == tokenize.NUMBER:
-        out[a:b, _col("type")] = TYPES.index("NUMBER")
-    elif kind == tokenize.OP:
-        out[a:b, _col("type")] = TYPES.index("OP")
+        return (TYPES.index("KEYWORD" if kw else "NAME"),
+                WORDS.index(tok.string) if tok.string in WORDS else NONE,
+                LETTERS.index(first) if not kw and first in LETTERS else NONE)
+    if kind in (tokenize.STRING, *_FSTRING_PARTS):
+        return TYPES.index("STRING"), NONE, NONE
+    if kind == tokenize.NUMBER:
+        return TYPES.index("NUMBER"), NONE, NONE
+    if kind == tokenize.OP:
+        return TYPES.index("OP"), NONE, NONE
+    return NONE, NONE, NONE
+
+
+def _expand(n: int, spans: list[tuple[int, int]], rows: list[list[int]]) -> torch.Tensor:
+    """Per-character fields from per-span rows, all at once (a file has ~10^5 characters); the
+    letter is left off each span's first character."""
+    out = torch.full((n, len(FIELDS)), NONE, dtype=torch.long)
+    out[:, _col("docstring")] = out[:, _col("fstring")] = 0
+    if spans:
+        se = torch.tensor(spans, dtype=torch.long)
+        lengths = se[:, 1] - se[:, 0]
+        which = torch.repeat_interleave(torch.arange(len(spans)), lengths)
+        pos = torch.arange(len(which)) - torch.repeat_interleave(lengths.cumsum(0) - lengths, lengths)
+        vals = torch.tensor(rows, dtype=torch.long)[which]
+        vals[pos == 0, _col("letter")] = NONE
+        out[se[which, 0] + pos] = vals
+    _fill_gaps(out)
+    return out
 
 
 def _fill_gaps(out: torch.Tensor) -> None:

@@ -7,10 +7,11 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
+from saelab.browse.card import PROBES_FILE
 from saelab.evals.probes.absorption import MIN_PROBE_F1
 from saelab.evals.render import Plot, md_images, md_table, text_table, write_report_files
 
-NAME = "probing"
+NAME = PROBES_FILE.removesuffix(".json")  # probing.json, probing.md; the browser reads the json
 PNG = "probing.png"
 
 
