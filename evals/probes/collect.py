@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from saelab.data.tokens import TokenData, load_texts
 from saelab.errors import SaelabError
+from saelab.evals.probes import task_labels
 from saelab.evals.probes.labels import char_labels, token_fields
 from saelab.evals.probes.probing import Features
 from saelab.models import HookedModel
@@ -85,12 +86,10 @@ def _file_rows(tokenizer, texts: list[str], body: int, seed: int) -> tuple[list[
     return rows, used, skipped
 
 
-@torch.no_grad()
 def collect(model: HookedModel, sae, data: TokenData, tokens: int, batch_rows: int, seed: int) -> Collected:
     """Run `tokens` positions (rounded up to whole rows) of `data`'s held-out files."""
     tok: Any = model.tokenizer  # a Hugging Face tokenizer
-    bos = tok.bos_token_id
-    body = data.context_length - (bos is not None)
+    body = data.context_length - (tok.bos_token_id is not None)
     texts = _pick_files(load_texts(data.spec, "heldout"), tokens, seed)
     rows, used, skipped = _file_rows(tok, texts, body, seed)
     if not rows:
@@ -100,19 +99,44 @@ def collect(model: HookedModel, sae, data: TokenData, tokens: int, batch_rows: i
         )
     random.Random(f"{seed}:rows").shuffle(rows)
     rows = rows[: -(-tokens // body)]
+    return Collected(encode_rows(model, sae, rows, batch_rows), torch.cat([r.fields for r in rows]),
+                     used, skipped, len(rows))
+
+
+def collect_tasks(model: HookedModel, sae, tokens: int, batch_rows: int, seed: int) -> Collected:
+    """Prompts of the circuit tasks (`task_labels`), about `tokens` positions in all."""
+    tok: Any = model.tokenizer
+    rng = random.Random(f"{seed}:test-prompts")
+    rows = []
+    for task, text, spans in task_labels.prompts(max(50, -(-tokens // 75)), seed):
+        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        fields = task_labels.token_fields(task, text, spans, enc["offset_mapping"])
+        rows.append(_Row(enc["input_ids"], fields, rng.random() < TEST_FRACTION))
+    return Collected(encode_rows(model, sae, rows, batch_rows), torch.cat([r.fields for r in rows]),
+                     len(rows), 0, len(rows))
+
+
+@torch.no_grad()
+def encode_rows(model: HookedModel, sae, rows: list[_Row], batch_rows: int) -> Features:
+    """The hook activation and the SAE's code at every token of `rows` (each run with BOS
+    first; rows of a batch padded on the right, the padding dropped)."""
     if not any(r.test for r in rows) or all(r.test for r in rows):
         raise SaelabError(f"the {len(rows)} rows drawn come from too few files to hold some out; "
                           "raise --probe-tokens or use data with more files")
+    tok: Any = model.tokenizer
+    head = [] if tok.bos_token_id is None else [tok.bos_token_id]
+    pad = tok.eos_token_id if tok.eos_token_id is not None else 0
     xs, idxs, valss = [], [], []
     hook = sae.cfg.hook
     for start in tqdm(range(0, len(rows), batch_rows), desc=f"probes {hook}", unit="batch"):
         part = rows[start : start + batch_rows]
-        ids = torch.tensor([([bos] if bos is not None else []) + r.ids for r in part], device=model.device)
-        x = model.activations(ids, [hook])[hook][:, ids.shape[1] - body :].reshape(-1, sae.cfg.d_in)
+        width = max(len(r.ids) for r in part)
+        ids = torch.tensor([head + r.ids + [pad] * (width - len(r.ids)) for r in part], device=model.device)
+        real = torch.tensor([[i < len(r.ids) for i in range(width)] for r in part])
+        x = model.activations(ids, [hook])[hook][:, len(head):][real.to(model.device)]
         idx, vals = sae.encode(x.to(sae.W_dec.dtype))
         xs.append(x.float().cpu())
         idxs.append(idx.long().cpu())
         valss.append(vals.float().cpu())
-    test = torch.cat([torch.full((body,), r.test, dtype=torch.bool) for r in rows])
-    feats = Features(torch.cat(xs), torch.cat(idxs), torch.cat(valss), sae.cfg.n_latents, test)
-    return Collected(feats, torch.cat([r.fields for r in rows]), used, skipped, len(rows))
+    test = torch.cat([torch.full((len(r.ids),), r.test, dtype=torch.bool) for r in rows])
+    return Features(torch.cat(xs), torch.cat(idxs), torch.cat(valss), sae.cfg.n_latents, test)

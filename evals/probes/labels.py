@@ -37,12 +37,14 @@ _FSTRING_PARTS = {t for t in (_FSTRING_START, getattr(tokenize, "FSTRING_MIDDLE"
 
 @dataclass(frozen=True)
 class Label:
-    """One binary label: its name, its family in the report, and the predicate on a
-    (positions, fields) LongTensor of per-position field values (columns in `FIELDS` order)."""
+    """One binary label: its name, its family in the report, the predicate on a (positions,
+    fields) LongTensor of per-position field values (columns in `FIELDS` order), and where it
+    is defined (its scope; None: everywhere): positions outside are neither class."""
 
     name: str
     family: str
     test: Callable[[torch.Tensor], torch.Tensor]
+    scope: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 def _col(field: str) -> int:
@@ -192,6 +194,9 @@ def token_fields(chars: torch.Tensor, offsets: list[tuple[int, int]]) -> torch.T
     return fields
 
 
-def label_matrix(fields: torch.Tensor, labels: tuple[Label, ...] = LABELS) -> torch.Tensor:
-    """(positions, labels) bool: each label's predicate on each position's fields."""
-    return torch.stack([lab.test(fields) for lab in labels], dim=1)
+def label_matrix(fields: torch.Tensor, labels: tuple[Label, ...] = LABELS
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positions, labels) bool twice: each label's predicate, and its scope, at each position."""
+    every = torch.ones(len(fields), dtype=torch.bool)
+    return (torch.stack([lab.test(fields) for lab in labels], dim=1),
+            torch.stack([every if lab.scope is None else lab.scope(fields) for lab in labels], dim=1))

@@ -52,12 +52,12 @@ class Split:
     y_test: torch.Tensor
 
 
-def balanced(y: torch.Tensor, test: torch.Tensor, max_train: int, max_test: int, min_per_class: int,
-             gen: torch.Generator) -> Split | None:
-    """Equal positives and negatives, at most `max_*` per class; None when a class has fewer
-    than `min_per_class` positions on either side."""
+def balanced(y: torch.Tensor, scope: torch.Tensor, test: torch.Tensor, max_train: int, max_test: int,
+             min_per_class: int, gen: torch.Generator) -> Split | None:
+    """Equal positives and negatives from the label's scope, at most `max_*` per class; None
+    when a class has fewer than `min_per_class` positions on either side."""
     parts = []
-    for side, cap in ((~test, max_train), (test, max_test)):
+    for side, cap in ((~test & scope, max_train), (test & scope, max_test)):
         pos, neg = (torch.nonzero(side & y).flatten(), torch.nonzero(side & ~y).flatten())
         n = min(len(pos), len(neg), cap)
         if n < min_per_class:

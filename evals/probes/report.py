@@ -92,6 +92,13 @@ def _floor(row: dict, k: int) -> float:
 PLOTS = (Plot(PNG, "sparse probing and absorption", _plot),)
 
 
+def _source(r: dict) -> str:
+    if r.get("label_source") == "tasks":
+        return f"{r['positions']:,} positions of {r['files']:,} prompts of the {r['data']}"
+    return (f"{r['positions']:,} positions ({r['rows']:,} rows of up to {r['context_length']}) from "
+            f"{r['files']} held-out files of `{r['data']}` ({r['files_skipped']} skipped: not Python)")
+
+
 def _title(r: dict) -> str:
     return (f"{r['allocator']} SAE, {r['n_latents']:,} latents, k={r['k']}, on {r['model']} {r['hook']}")
 
@@ -99,10 +106,8 @@ def _title(r: dict) -> str:
 def _markdown(r: dict) -> str:
     ks = [str(k) for k in r["ks"]]
     a = r["absorption"]
-    lines = [f"# Feature quality: {r['hook']}", "", f"{_title(r)}.", "",
-             f"{r['positions']:,} positions ({r['rows']:,} rows of {r['context_length']}) from "
-             f"{r['files']} held-out files of `{r['data']}` ({r['files_skipped']} skipped: not "
-             f"Python); {r['test_fraction_files']:.0%} of files held out for testing. Logistic "
+    lines = [f"# Feature quality: {r['hook']}", "", f"{_title(r)}.", "", f"{_source(r)}; "
+             f"{r['test_fraction_files']:.0%} of them held out for testing. Logistic "
              f"probes: L-BFGS, L2 {r['l2']} on standardised features. saelab {r['saelab_version']}, "
              f"{r['seconds']} s.", "", "## Sparse probing, per family (mean held-out accuracy)", "",
              *md_table(["family", "labels", "ceiling", *(f"k={k}" for k in ks), f"floor k={ks[0]}",
@@ -129,8 +134,7 @@ def format_probes_summary(r: dict) -> str:
     rows = [[row[0], *row[2:]] for row in _family_rows(r)]
     a = r["absorption"]
     return "\n".join([f"Probed {_title(r)}",
-                      f"  {r['positions']:,} positions, {r['files']} files ({r['files_skipped']} skipped), "
-                      f"{r['seconds']} s", *text_table([head, *rows], right=True),
+                      f"  {_source(r)}, {r['seconds']} s", *text_table([head, *rows], right=True),
                       f"  absorption: mean rate {_fmt_rate(a['mean_rate'])} over {a['letters_included']} "
                       f"letters, {a['split_letters']} split"])
 

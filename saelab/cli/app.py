@@ -168,7 +168,7 @@ def _probes(dictionary: Path, cfg: EvalConfig) -> dict:
     from saelab.evals.probes import probes
 
     settings = {k: v for k, v in cfg.settings().items() if k != "tokens"}
-    return probes(str(dictionary), tokens=cfg.probe_tokens, **settings)
+    return probes(str(dictionary), tokens=cfg.probe_tokens, labels=cfg.probe_labels, **settings)
 
 
 app.command("eval")(with_options(eval_cmd, [

@@ -137,3 +137,30 @@ def test_planted_absorption_is_found_at_the_planted_rate():
     assert a["probe_true_positives"] == int((pos & feats.test).sum())
     assert abs(a["rate"] - planted) < 1e-9 and 0.15 < planted < 0.25
     assert r["absorption"]["mean_rate"] == a["rate"]
+
+
+def test_task_roles_align_to_the_word_tokenizer_by_hand():
+    from transformers import AutoTokenizer
+
+    from saelab.evals.probes import task_labels as T
+    from saelab.zoo import MODELS_DIR
+
+    tokenizer = AutoTokenizer.from_pretrained(MODELS_DIR / "tasks-4l-v2")
+    got = []
+    for task, text, spans in T.prompts(1, seed=0):
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        fields = T.token_fields(task, text, spans, enc["offset_mapping"])
+        assert (fields[:, 0] == task).all()
+        got.append([(text[a:b], T.ROLES[r]) for (a, b), (_, r) in
+                    zip(enc["offset_mapping"], fields.tolist(), strict=True) if r != NONE])
+    # the prompts, read by eye: tasks.generate(name, 1, seed=0)
+    # "The local big hospital Alice and Claire went to had a bed. Alice offered the bed to"
+    # "The occupation lasted from the year 1755 to the year 17"
+    # 'def merge(self, stone, label, tree, image, files, path):\n    """width user gap\n\n
+    #     :param stone: data value\n    :param label: tree read\n    :param'
+    assert got == [
+        [("Alice", "S"), ("Claire", "IO"), ("Alice", "S")],
+        [("55", "year")],
+        [(a, "def arg") for a in ("stone", "label", "tree", "image", "files", "path")]
+        + [("stone", "param"), ("label", "param")],
+    ]
