@@ -60,10 +60,9 @@ class EvalConfig:
         for name, low in (("tokens", 1), ("batch_rows", 1), ("context_length", 2), ("probe_tokens", 1)):
             check_number(name, getattr(self, name), low)
         check_device(self.device)
-        if self.probes:
-            from saelab.evals.probes.run import check_label_source
+        from saelab.evals.probes.run import check_label_source  # here: saelab.evals imports both
 
-            check_label_source(self.probe_labels)
+        check_label_source(self.probe_labels)
 
     def settings(self) -> dict:
         """`evaluate`'s keywords (all but where the report goes)."""

@@ -152,7 +152,7 @@ def eval_cmd(dictionary: Path, **flags) -> None:
     target = Path(cfg.out) if cfg.out else dictionary
     own = cfg.out is None or _same_dir(target, dictionary)  # the dictionary's report is its own to replace
     check_output_dir(target, cfg.overwrite or own)
-    probed = _probes(dictionary, cfg) if cfg.probes else None  # first: it checks its data before work
+    probed = _probes(dictionary, cfg) if cfg.probes else None  # first: data that is not Python fails before the eval's pass
     report = evaluate(str(dictionary), **cfg.settings())
     paths = write_report(report, target)
     typer.echo(format_summary(report))
