@@ -48,12 +48,21 @@ class EvalConfig:
                                 "replace", path=True)
     overwrite: bool = doc_field(False, "Allow writing into a non-empty --out directory.")
     device: str = doc_field("cpu", "Torch device.")
+    probes: bool = doc_field(False, "Also probe the latents for exact Python labels (sparse "
+                             "probing, absorption): probing.json, probing.md, probing.png.")
+    probe_tokens: int = doc_field(2**16, "Held-out positions the probes read (with --probes).")
+    probe_labels: str = doc_field("python", "With --probes: python (tokenize labels on the data's "
+                                  "held-out files) or tasks (roles from the circuit-task "
+                                  "generators, for zoo:tasks-4l-v2).")
 
     def __post_init__(self) -> None:
         check_field_types(self)
-        for name, low in (("tokens", 1), ("batch_rows", 1), ("context_length", 2)):
+        for name, low in (("tokens", 1), ("batch_rows", 1), ("context_length", 2), ("probe_tokens", 1)):
             check_number(name, getattr(self, name), low)
         check_device(self.device)
+        from saelab.evals.probes.run import check_label_source  # here: saelab.evals imports both
+
+        check_label_source(self.probe_labels)
 
     def settings(self) -> dict:
         """`evaluate`'s keywords (all but where the report goes)."""

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -11,6 +13,7 @@ import torch
 from saelab.browse import collect
 from saelab.browse.stats import Contexts, FeatureStats, hist_edges, quantile_bands
 from saelab.browse.text import Piece, byte_text, display_pieces, token_bytes
+from saelab.sae import WEIGHTS_FILE
 
 HIST_BARS = 30
 SNIPPET_BEFORE = 8  # tokens of left context in a one-line summary
@@ -70,6 +73,8 @@ class LatentCard:
             raises / lowers most, or None when the hook has no linear path to the logits.
         effect_note: how those were computed (or why there are none).
         neighbours: (latent, cosine) of the nearest decoder directions.
+        label: (label, F1) of the exact Python label its firing predicts best, when
+            `saelab eval --probes` wrote PROBES_FILE beside the dictionary; else None.
     """
 
     latent: int
@@ -85,6 +90,7 @@ class LatentCard:
     suppressed: list[tuple[str, float]] | None
     effect_note: str
     neighbours: list[tuple[int, float]]
+    label: tuple[str, float] | None = None
 
     @property
     def density(self) -> float:
@@ -181,3 +187,20 @@ def build_cards(stats: FeatureStats, sae, model, bands: int = 4, effects: int = 
             neighbours=[(int(i), float(c)) for i, c in zip(nb_ids[slot], nb_cos[slot], strict=True)],
         ))
     return cards
+
+
+PROBES_FILE = "probing.json"  # written by saelab.evals.probes beside the dictionary
+
+
+def probe_labels(dictionary: Path) -> dict[int, tuple[str, float]]:
+    """Each latent's best label and its F1 from the dictionary's PROBES_FILE; empty when there
+    is none, it does not parse, or it is older than the weights (probed before a retrain)."""
+    path, weights = dictionary / PROBES_FILE, dictionary / WEIGHTS_FILE
+    if not path.is_file() or (weights.is_file() and path.stat().st_mtime < weights.stat().st_mtime):
+        return {}
+    try:
+        got = json.loads(path.read_text())["latent_labels"]
+        names, best, f1 = got["names"], got["best"], got["f1"]
+        return {j: (names[b], float(v)) for j, (b, v) in enumerate(zip(best, f1, strict=True)) if v > 0}
+    except (ValueError, KeyError, TypeError, IndexError):
+        return {}

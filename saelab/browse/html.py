@@ -139,13 +139,22 @@ def _effects(title: str, rows: list[tuple[str, float]]) -> str:
     return f'<div><h3>{title}</h3><table class="kv effects">{body}</table></div>'
 
 
+def _label_row(card: LatentCard) -> str:
+    """The best-matching exact label (from `saelab eval --probes`), when there is one."""
+    if card.label is None:
+        return ""
+    name, f1 = card.label
+    return (f'<tr><td>best label</td><td class="label">{esc(name)} (F1 {f1:.2f}: firing as a '
+            f'predictor of the label)</td></tr>')
+
+
 def card_html(card: LatentCard, link: Callable[[int], str | None] | None = None) -> str:
     """The latent's card; `link(latent)` gives the href of a neighbour's page (None: no link)."""
     head = (f'<h2>Latent {card.latent} <span class="muted">{esc(card.hook)}</span></h2>'
             f'<table class="kv"><tr><td>density</td><td class="density">{card.density:.4%} '
             f'({card.count:,} of {card.window:,} tokens)</td></tr>'
             f'<tr><td>max activation</td><td class="max">{fmt(card.max)}</td></tr>'
-            f'<tr><td>mean nonzero activation</td><td>{fmt(card.mean)}</td></tr></table>')
+            f'<tr><td>mean nonzero activation</td><td>{fmt(card.mean)}</td></tr>{_label_row(card)}</table>')
     if card.dead:
         body = f'<p class="deadnote"><b>Dead</b>: never active over these {card.window:,} tokens.</p>'
     else:

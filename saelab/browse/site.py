@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from saelab import __version__
 from saelab.browse import html
-from saelab.browse.card import build_cards
+from saelab.browse.card import build_cards, probe_labels
 from saelab.browse.collect import collect, find_dictionaries, load_dictionaries
 from saelab.browse.stats import StatsConfig
 from saelab.checks import check_device, check_field_types, check_number, doc_field
@@ -119,10 +119,11 @@ def build_site(
     seconds = time.perf_counter() - start
 
     sections, pages = [], 0
-    for d in dicts:
+    for d, path in zip(dicts, paths, strict=True):
         folder = section_dir(d.name)
         (out / folder).mkdir(parents=True, exist_ok=True)
-        cards = build_cards(d.stats, d.sae, hooked)
+        labels = probe_labels(path)
+        cards = [replace(c, label=labels.get(c.latent)) for c in build_cards(d.stats, d.sae, hooked)]
         present = set(d.stats.latents)
 
         def href(j: int, present: set = present) -> str | None:

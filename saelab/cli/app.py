@@ -143,7 +143,8 @@ app.command("cache")(with_options(cache_cmd, [
 
 
 def eval_cmd(dictionary: Path, **flags) -> None:
-    """Evaluate a dictionary: FVU, L0, dead/dense latents, spliced CE loss, KL; JSON + markdown + PNGs."""
+    """Evaluate a dictionary: FVU, L0, dead/dense latents, spliced CE loss, KL; JSON + markdown + PNGs
+    (with --probes, also sparse probing and absorption on exact Python labels)."""
     from saelab.evals import evaluate, format_summary, write_report
     from saelab.storage.files import check_output_dir
 
@@ -151,10 +152,23 @@ def eval_cmd(dictionary: Path, **flags) -> None:
     target = Path(cfg.out) if cfg.out else dictionary
     own = cfg.out is None or _same_dir(target, dictionary)  # the dictionary's report is its own to replace
     check_output_dir(target, cfg.overwrite or own)
+    probed = _probes(dictionary, cfg) if cfg.probes else None  # first: data that is not Python fails before the eval's pass
     report = evaluate(str(dictionary), **cfg.settings())
     paths = write_report(report, target)
     typer.echo(format_summary(report))
+    if probed is not None:
+        from saelab.evals.probes import format_probes_summary, write_probes_report
+
+        paths += write_probes_report(probed, target)
+        typer.echo(format_probes_summary(probed))
     typer.echo(f"wrote {', '.join(p.name for p in paths)} -> {target}")
+
+
+def _probes(dictionary: Path, cfg: EvalConfig) -> dict:
+    from saelab.evals.probes import probes
+
+    settings = {k: v for k, v in cfg.settings().items() if k != "tokens"}
+    return probes(str(dictionary), tokens=cfg.probe_tokens, labels=cfg.probe_labels, **settings)
 
 
 app.command("eval")(with_options(eval_cmd, [
