@@ -27,6 +27,7 @@ or `hf:NAME` on the hub.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
@@ -58,6 +59,40 @@ PROCESSINGS = {
     "raw": {"fold_ln": False, "center_writing_weights": False, "center_unembed": False,
             "fold_value_biases": False},
 }
+
+
+# the hooks of a transformer-lens block in the order a forward pass reaches them
+_BLOCK_ORDER = ("hook_resid_pre", "ln1.hook_scale", "ln1.hook_normalized", "hook_q_input",
+                "hook_k_input", "hook_v_input", "hook_attn_in", "attn.hook_q", "attn.hook_k",
+                "attn.hook_v", "attn.hook_rot_q", "attn.hook_rot_k", "attn.hook_attn_scores",
+                "attn.hook_pattern", "attn.hook_z", "attn.hook_result", "hook_attn_out",
+                "hook_resid_mid", "ln2.hook_scale", "ln2.hook_normalized", "hook_mlp_in",
+                "mlp.hook_pre", "mlp.hook_post", "hook_mlp_out", "hook_resid_post")
+
+
+def hook_position(hook: str) -> tuple[float, int] | None:
+    """Where a forward pass reaches `hook`: (block, place in the block); the embeddings come
+    before block 0 and the final LayerNorm after every block. None for a name not listed."""
+    if hook in ("hook_embed", "hook_pos_embed"):
+        return (-1, 0)
+    if hook.startswith("ln_final."):
+        return (float("inf"), 0)
+    m = re.fullmatch(r"blocks\.(\d+)\.(.+)", hook)
+    if m is None or m[2] not in _BLOCK_ORDER:
+        return None
+    return (int(m[1]), _BLOCK_ORDER.index(m[2]))
+
+
+def check_hook_order(hook: str, target: str) -> None:
+    """A transcoder reads `hook` and replaces `target` in the same forward pass, so `target`
+    must come after `hook` (checked for transformer-lens's standard names; for others, splicing
+    refuses a target reached before its input)."""
+    at, to = hook_position(hook), hook_position(target)
+    if hook == target or (at is not None and to is not None and to <= at):
+        raise SaelabError(
+            f"target hook {target!r} does not come after input hook {hook!r}; a transcoder "
+            "reconstructs a later hook from an earlier one, e.g. --hook blocks.1.ln2.hook_normalized "
+            "--target-hook blocks.1.hook_mlp_out")
 
 
 def check_processing(processing: str) -> str:
