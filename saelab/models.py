@@ -384,22 +384,45 @@ class HookedModel:
         replacement (an SAE: its reconstruction). With `error_term`, the SAE's error
         x - x_hat is added back as a constant: the forward pass is the clean one (to float
         rounding) while gradients flow through the SAE's latents, as attribution needs.
+
+        A transcoder (keyed by its target hook or its input hook) replaces its target with its
+        output computed from its input hook's activation in the same pass (after any splice at
+        the input hook, so upstream replacements reach it); its error term is the target's.
         """
-        self.check_hooks(list(replace))
+        inputs = {h: input_hook(h, fn) for h, fn in replace.items()}
+        targets = {h: _target_hook(h, fn) for h, fn in replace.items()}
+        self.check_hooks(list(inputs.values()) + list(targets.values()))
         for hook, fn in replace.items():
             self.check_dictionary(fn, hook)
 
-        def splice(fn: Splice):
+        def splice(fn: Splice, source: dict[str, torch.Tensor] | None, name: str):
             def hook_fn(x: torch.Tensor, hook) -> torch.Tensor:
                 flat = x.flatten(2)
-                out = fn(flat).to(x.dtype)
+                if source is not None and "x" not in source:
+                    raise SaelabError(f"the transcoder's target {name} ran before its input hook; "
+                                      "its target must come after its input")
+                out = fn(flat if source is None else source.pop("x")).to(x.dtype)
                 if error_term:
                     out = out + (flat - out).detach()
                 return out.reshape(x.shape)
 
             return hook_fn
 
-        with self.model.hooks(fwd_hooks=[(h, splice(fn)) for h, fn in replace.items()]):
+        def record(store: dict[str, torch.Tensor]):
+            def hook_fn(x: torch.Tensor, hook) -> torch.Tensor:
+                store["x"] = x.flatten(2)
+                return x
+
+            return hook_fn
+
+        fwd, recorders = [], []
+        for h, fn in replace.items():
+            store: dict[str, torch.Tensor] | None = None
+            if targets[h] != inputs[h]:
+                store = {}
+                recorders.append((inputs[h], record(store)))
+            fwd.append((targets[h], splice(fn, store, targets[h])))
+        with self.model.hooks(fwd_hooks=fwd + recorders):
             yield self
 
     def logits(self, tokens: torch.Tensor, replace: Mapping[str, Splice] | None = None,
@@ -425,9 +448,36 @@ class HookedModel:
         saes = {saes.cfg.hook: saes} if single else dict(saes)
         for hook, sae in saes.items():
             self.check_dictionary(sae, hook)
-        acts = self.activations(tokens, list(saes))
-        codes = {h: sae.encode(acts[h]) for h, sae in saes.items()}
+        reads = {h: input_hook(h, sae) for h, sae in saes.items()}  # a transcoder reads its input
+        acts = self.activations(tokens, sorted(set(reads.values())))
+        codes = {h: sae.encode(acts[reads[h]]) for h, sae in saes.items()}
         return next(iter(codes.values())) if single else codes
+
+
+def _transcoder_hooks(key: str, fn) -> tuple[str, str] | None:
+    """(input hook, target hook) of a transcoder given under `key`, None for anything else; a
+    key that is neither of its hooks is refused."""
+    cfg = getattr(fn, "cfg", None)
+    target = getattr(cfg, "target_hook", None)
+    if target is None:
+        return None
+    if key not in (cfg.hook, target):
+        raise SaelabError(f"a transcoder from {cfg.hook} to {target} was given for hook {key}; key it "
+                          f"by its target {target} (which it replaces) or its input {cfg.hook}")
+    return cfg.hook, target
+
+
+def input_hook(key: str, fn) -> str:
+    """The hook whose activation `fn` reads when given under `key`: a transcoder's input hook,
+    else `key` itself."""
+    hooks = _transcoder_hooks(key, fn)
+    return key if hooks is None else hooks[0]
+
+
+def _target_hook(key: str, fn) -> str:
+    """The hook `fn` replaces when spliced under `key`: a transcoder's target, else `key`."""
+    hooks = _transcoder_hooks(key, fn)
+    return key if hooks is None else hooks[1]
 
 
 def check_model_dir(path: Path) -> None:
