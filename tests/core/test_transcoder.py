@@ -110,3 +110,45 @@ def test_hook_order_across_blocks_and_unknown_names():
     check_hook_order("blocks.1.custom_hook", "blocks.1.hook_mlp_out")  # unknown: splicing checks it
     with pytest.raises(SaelabError):
         check_hook_order("blocks.1.mlp.hook_post", "blocks.1.mlp.hook_pre")
+
+
+def model_transcoder(model, skip: bool, hooks=(IN, OUT)) -> SAE:
+    d = model.hook_dims(list(hooks))
+    torch.manual_seed(1)
+    sae = SAE(SAEConfig(d_in=d[hooks[0]], n_latents=64, k=8, hook=hooks[0], target_hook=hooks[1],
+                        d_out=d[hooks[1]], skip=skip, processing=model.processing))
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.copy_(0.1 * torch.randn_like(p))
+    return sae.eval()
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_spliced_transcoder_replaces_its_target_from_its_input(zoo_model, skip):
+    """run_with_saes with a transcoder equals splicing, by hand, its output computed from the
+    clean input activation; keyed by either hook; with the error term the clean logits."""
+    sae = model_transcoder(zoo_model, skip)
+    tokens = torch.randint(0, 256, (2, 12))
+    with torch.no_grad():
+        x = zoo_model.activations(tokens, [IN])[IN]
+        y_hat = sae(x)
+        by_hand = zoo_model.logits(tokens, {OUT: lambda act: y_hat})
+        clean = zoo_model.logits(tokens)
+        for key in (OUT, IN):
+            torch.testing.assert_close(zoo_model.run_with_saes(tokens, {key: sae}), by_hand)
+        assert not torch.allclose(by_hand, clean)
+        torch.testing.assert_close(zoo_model.run_with_saes(tokens, {OUT: sae}, error_term=True), clean)
+        # latents read the input hook, keyed either way
+        torch.testing.assert_close(zoo_model.latents(tokens, {OUT: sae})[OUT].to_dense(),
+                                   sae.encode(x).to_dense())
+        with pytest.raises(SaelabError, match="was given for hook blocks.0.hook_resid_post"):
+            zoo_model.run_with_saes(tokens, {"blocks.0.hook_resid_post": sae})
+
+
+def test_splicing_refuses_a_target_reached_before_its_input(zoo_model):
+    """Names the static order check does not know are checked as the forward pass runs."""
+    cfg = SAEConfig(d_in=128, n_latents=64, k=8, target_hook="blocks.1.hook_resid_mid", d_out=128)
+    object.__setattr__(cfg, "hook", "blocks.1.hook_mlp_out")  # past SAEConfig's name check
+    sae = SAE(cfg).eval()
+    with pytest.raises(SaelabError, match="ran before its input hook"):
+        zoo_model.run_with_saes(torch.randint(0, 256, (1, 8)), {"blocks.1.hook_resid_mid": sae})

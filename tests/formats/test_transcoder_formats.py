@@ -12,6 +12,7 @@ from saelab.errors import SaelabError
 from saelab.formats.export import ExportConfig, export
 from saelab.formats.saelens import export_saelens
 from saelab.formats.sparsify import export_sparsify, transcoder_hooks_from_hookpoint
+from saelab.models import TL_MAJOR
 from saelab.sae import SAE, SAEConfig
 
 D, D_OUT, N, K = 16, 24, 40, 4
@@ -124,3 +125,29 @@ def test_export_command_keeps_the_transcoder(tmp_path, fmt):
     back = saelab.load(tmp_path / "out")
     assert back.cfg.target_hook == OUT and back.cfg.skip
     assert_same(sae, back)
+
+
+@pytest.mark.skipif(TL_MAJOR < 4, reason="transformer-lens 3.x has no hook at the MLP module's input")
+def test_sparsify_hookpoints_read_what_sparsify_hooks():
+    """A sparsify transcoder at layers.N.mlp / h.N reads its module's input and predicts its
+    output; the hooks its import records give exactly those on a raw model."""
+    from transformers import AutoModel
+
+    from saelab.models import load_model
+    from saelab.zoo import model_dir
+
+    spec = "zoo:pystdlib-4l"
+    hf = AutoModel.from_pretrained(model_dir(spec.removeprefix("zoo:"))).eval()
+    seen = {}
+    for point in ("h.1.mlp", "h.2"):
+        hf.get_submodule(point).register_forward_hook(
+            lambda mod, args, out, point=point: seen.update({point: (args[0], out[0] if isinstance(out, tuple) else out)}))
+    tokens = torch.randint(1, 256, (2, 12))
+    with torch.no_grad():
+        hf(tokens)
+    model = load_model(spec, processing="raw")
+    for point, (inp, out) in seen.items():
+        hook, target = transcoder_hooks_from_hookpoint(point)
+        acts = model.activations(tokens, [hook, target])
+        torch.testing.assert_close(acts[hook], inp, atol=1e-5, rtol=1e-5, msg=point)
+        torch.testing.assert_close(acts[target], out, atol=1e-5, rtol=1e-5, msg=point)
