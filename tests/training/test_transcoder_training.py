@@ -78,3 +78,38 @@ def test_bad_combinations_fail_in_one_line_before_any_work(tmp_path, fields, mes
         TrainConfig.of(out=str(tmp_path / "never"), **fields)
     assert "\n" not in str(e.value)
     assert not (tmp_path / "never").exists()
+
+
+@pytest.mark.slow
+def test_skip_transcoder_resumes_bitwise(small_cache, tmp_path):
+    """Killed after a checkpoint and resumed, a skip transcoder ends equal to an uninterrupted
+    run (W_skip and its Adam state in the checkpoint; the target stream's position too)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from safetensors.torch import load_file
+
+    from saelab.training import resume_config
+    from saelab.training.checkpoint import CHECKPOINT_FILE
+
+    run = {**SMALL, "skip": True, "tokens": 150 * 256, "checkpoint_every": 10}
+    (ref,) = train_and_evaluate(TrainConfig.of(cache=str(small_cache), out=str(tmp_path / "ref"), **run)).values()
+    killed = tmp_path / "killed"
+    args = [sys.executable, "-m", "saelab", "train", "--cache", str(small_cache), "--out", str(killed), "--skip"]
+    for key, value in run.items():
+        if key != "skip":
+            args += [f"--{key.replace('_', '-')}", str(value)]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (killed / CHECKPOINT_FILE).exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "sae.safetensors").exists()  # killed mid-run
+    (resumed,) = train_and_evaluate(resume_config(killed), resume=True).values()
+    a, b = load_file(str(ref.out / "sae.safetensors")), load_file(str(resumed.out / "sae.safetensors"))
+    assert a.keys() == b.keys() and "W_skip" in a
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
