@@ -457,7 +457,7 @@ class HookedModel:
 def _transcoder_hooks(key: str, fn) -> tuple[str, str] | None:
     """(input hook, target hook) of a transcoder given under `key`, None for anything else; a
     key that is neither of its hooks is refused."""
-    cfg = getattr(fn, "cfg", None)
+    cfg: Any = getattr(fn, "cfg", None)
     target = getattr(cfg, "target_hook", None)
     if target is None:
         return None

@@ -358,7 +358,8 @@ class SAE(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The reconstruction of x (an SAE) or of the target hook from x (a transcoder)."""
-        return self.decode(*self.encode(x), x)
+        code = self.encode(x)
+        return self.decode(code.idx, code.vals, x)
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:

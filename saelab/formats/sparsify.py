@@ -10,7 +10,15 @@ names, so the format is told by cfg.json's content: saelab's names `n_latents`, 
 
 sparsify -> saelab (`import_sparsify`): topk with k; n = num_latents, or d_in * expansion_factor
 when num_latents is 0 (sparsify's rule). Refused with a one-line reason: groupmax activation,
-signed (no relu) SAEs of early versions.
+signed (no relu) SAEs of early versions, autoencoders with a skip connection. The hook comes
+from the directory's name, which sparsify sets to the hookpoint, a module path of the Hugging
+Face model: `layers.N` / `h.N` (a block's output) maps to `blocks.N.hook_resid_post`, `….mlp` to
+`blocks.N.hook_mlp_out`, `….attn` / `self_attn` / `attention` to `blocks.N.hook_attn_out`; for
+other names the hook is left unset. sparsify hooks the Hugging Face model itself, so an import
+is recorded as trained on "raw" activations (`SAEConfig.processing`): it runs on
+`load_model(spec, processing="raw")`, and splicing it into a folded model (saelab's default,
+whose residual stream is the raw one minus its per-token mean) is refused
+(tests/formats/test_sparsify_peer.py checks both facts against sparsify on the zoo model).
 
 Transcoders (`transcode`, with or without `skip_connection`), both ways: sparsify's transcoder at
 hookpoint P reads P's module input and predicts its output, with no b_dec on the input and
@@ -20,14 +28,7 @@ replaces blocks.N.hook_resid_post; `….mlp` reads blocks.N.mlp.hook_in (the MLP
 after ln_2's weight and bias: a transformer-lens 4.x hook; 3.x has no hook there, and its
 ln2.hook_normalized lacks that affine map) and replaces blocks.N.hook_mlp_out. A transcoder at
 any other hookpoint is refused (saelab could not tell which hooks it joins). Only TopK
-transcoders of raw activations with d_out = d_in export. The hook comes from the directory's name, which sparsify sets to the
-hookpoint, a module path of the Hugging Face model: `layers.N` / `h.N` (a block's output) maps
-to `blocks.N.hook_resid_post`, `….mlp` to `blocks.N.hook_mlp_out`, `….attn` / `self_attn` /
-`attention` to `blocks.N.hook_attn_out`; for other names the hook is left unset. sparsify hooks
-the Hugging Face model itself, so an import is recorded as trained on "raw" activations
-(`SAEConfig.processing`): it runs on `load_model(spec, processing="raw")`, and splicing it into
-a folded model (saelab's default, whose residual stream is the raw one minus its per-token mean)
-is refused (tests/formats/test_sparsify_peer.py checks both facts against sparsify on the zoo model).
+transcoders of raw activations with d_out = d_in export.
 
 saelab -> sparsify (`export_sparsify`): topk and gradient_topk (plain topk at inference) only;
 the other allocators are not TopK and have no sparsify form (export them as SAELens). Only
@@ -209,7 +210,8 @@ def export_sparsify(sae: SAE, out_dir: str | Path, overwrite: bool = False) -> P
                           "transcoders keep the width; export it with --format saelab")
     out = check_output_dir(Path(out_dir), overwrite)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {"encoder.weight": sae.W_enc, "encoder.bias": sae.b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec}
+    tensors: dict[str, torch.Tensor] = {"encoder.weight": sae.W_enc, "encoder.bias": sae.b_enc,
+                                        "W_dec": sae.W_dec, "b_dec": sae.b_dec}
     write_safetensors(out / WEIGHTS_FILE, tensors | ({"W_skip": sae.W_skip} if cfg.skip else {}))
     write_json(out / CONFIG_FILE, {  # after the weights, like `SAE.save`
         "activation": "topk", "expansion_factor": max(1, cfg.n_latents // cfg.d_in),

@@ -134,7 +134,7 @@ def test_sae_lens_model_kwargs_give_the_activations_saelab_records(tmp_path, pro
 def test_transcoders_both_ways(tmp_path, allocator, skip, lens_class):
     """saelab's transcoders load in sae-lens as its own transcoder classes with equal codes and
     outputs (forward: the skip included), and sae-lens's saves of them import back equal."""
-    from test_transcoder_formats import D, D_OUT, OUT, random_transcoder
+    from test_transcoder_formats import D_OUT, OUT, D, random_transcoder
 
     sae = random_transcoder(allocator, skip)
     lens = sae_lens.SAE.load_from_disk(str(export_saelens(sae, tmp_path / "lens")))

@@ -64,7 +64,8 @@ def test_saelens_import_without_saelab_metadata(tmp_path):
     del cfg["metadata"]["saelab"]
     (out / "cfg.json").write_text(json.dumps(cfg))
     back = saelab.load(out)
-    assert (back.cfg.allocator, back.cfg.target_hook, back.cfg.d_out, back.cfg.skip) == ("relu", OUT, D_OUT, True)
+    got = (back.cfg.allocator, back.cfg.target_hook, back.cfg.d_out, back.cfg.skip)
+    assert got == ("relu", OUT, D_OUT, True)
     assert_same(sae, back)
     del cfg["metadata"]["hook_name_out"]
     (out / "cfg.json").write_text(json.dumps(cfg))
@@ -114,7 +115,8 @@ def test_sparsify_refusals(tmp_path):
 
 def test_transcoder_hookpoints():
     assert transcoder_hooks_from_hookpoint("h.3") == ("blocks.3.hook_resid_pre", "blocks.3.hook_resid_post")
-    assert transcoder_hooks_from_hookpoint("layers.2.mlp") == ("blocks.2.mlp.hook_in", "blocks.2.hook_mlp_out")
+    mlp = ("blocks.2.mlp.hook_in", "blocks.2.hook_mlp_out")
+    assert transcoder_hooks_from_hookpoint("layers.2.mlp") == mlp
     assert transcoder_hooks_from_hookpoint("layers.2.self_attn") is None
 
 
@@ -139,9 +141,13 @@ def test_sparsify_hookpoints_read_what_sparsify_hooks():
     spec = "zoo:pystdlib-4l"
     hf = AutoModel.from_pretrained(model_dir(spec.removeprefix("zoo:"))).eval()
     seen = {}
+    def grab(point):
+        def hook(module, args, out):
+            seen[point] = (args[0], out[0] if isinstance(out, tuple) else out)
+        return hook
+
     for point in ("h.1.mlp", "h.2"):
-        hf.get_submodule(point).register_forward_hook(
-            lambda mod, args, out, point=point: seen.update({point: (args[0], out[0] if isinstance(out, tuple) else out)}))
+        hf.get_submodule(point).register_forward_hook(grab(point))
     tokens = torch.randint(1, 256, (2, 12))
     with torch.no_grad():
         hf(tokens)

@@ -95,9 +95,10 @@ def test_skip_transcoder_resumes_bitwise(small_cache, tmp_path):
     from saelab.training.checkpoint import CHECKPOINT_FILE
 
     run = {**SMALL, "skip": True, "tokens": 150 * 256, "checkpoint_every": 10}
-    (ref,) = train_and_evaluate(TrainConfig.of(cache=str(small_cache), out=str(tmp_path / "ref"), **run)).values()
+    cache = str(small_cache)
+    (ref,) = train_and_evaluate(TrainConfig.of(cache=cache, out=str(tmp_path / "ref"), **run)).values()
     killed = tmp_path / "killed"
-    args = [sys.executable, "-m", "saelab", "train", "--cache", str(small_cache), "--out", str(killed), "--skip"]
+    args = [sys.executable, "-m", "saelab", "train", "--cache", cache, "--out", str(killed), "--skip"]
     for key, value in run.items():
         if key != "skip":
             args += [f"--{key.replace('_', '-')}", str(value)]
