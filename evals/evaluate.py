@@ -117,6 +117,10 @@ def evaluate(
     mean over those predictions, KL(clean || spliced) too (`saelab.evals.spliced`). Spliced
     runs replace the hook's activation at non-BOS/pad positions only, with the reconstruction
     (ce_sae), zeros (ce_zero) or the eval set's mean activation (ce_mean).
+
+    A transcoder (cfg `target_hook`) is scored on its target: FVU of the target hook's
+    activation, and spliced runs that replace the target (with the transcoder's output
+    computed from the input hook in the clean pass, with zeros, or with the target's mean).
     """
     start = time.perf_counter()
     sae, path, model, data = resolve_dictionary(sae_or_path, model, data, context_length, device)
@@ -137,14 +141,18 @@ def evaluate(
 def _evaluate(sae, path, model: HookedModel, data: TokenData, tokens: int, batch_rows: int,
               start: float) -> dict:
     hook, cfg, tok = sae.cfg.hook, sae.cfg, model.tokenizer
+    target = getattr(cfg, "target_hook", None) or hook  # what is reconstructed and replaced
+    skip = getattr(cfg, "skip", False)
     batches = heldout_rows(tok, data, tokens).split(batch_rows)
     recon, latents, loss = ReconstructionStats(), LatentStats(cfg.n_latents), SplicedLoss()
 
     seen: dict[str, torch.Tensor] = {}
 
-    def probe(act: torch.Tensor) -> torch.Tensor:
-        seen["x"] = act
-        return act
+    def probe(name: str):
+        def fn(act: torch.Tensor) -> torch.Tensor:
+            seen[name] = act
+            return act
+        return fn
 
     total = sum(b.numel() for b in batches)
     bar = tqdm(total=2 * total, unit="tok", unit_scale=True, desc=f"eval {hook}")
@@ -152,21 +160,21 @@ def _evaluate(sae, path, model: HookedModel, data: TokenData, tokens: int, batch
         batch = batch.to(model.device)
         keep = positions_to_keep(batch, tok)
         mask = prediction_mask(keep)
-        clean = model.logits(batch, {hook: probe})
-        x = seen["x"][keep]
+        clean = model.logits(batch, {h: probe(h) for h in (hook, target)})
+        x, y = seen[hook][keep], seen[target][keep]
         idx, vals = sae.encode(x)
-        x_hat = sae.decode(idx, vals)
-        recon.update(x, x_hat)
+        y_hat = sae.decode(idx, vals, x) if skip else sae.decode(idx, vals)
+        recon.update(y, y_hat)
         latents.update(idx, vals)
         ref = loss.add("clean", clean, batch, mask)
-        loss.add("sae", model.logits(batch, {hook: _splice(keep, x_hat)}), batch, mask, ref)
-        loss.add("zero", model.logits(batch, {hook: _splice(keep, 0.0)}), batch, mask, ref)
+        loss.add("sae", model.logits(batch, {target: _splice(keep, y_hat)}), batch, mask, ref)
+        loss.add("zero", model.logits(batch, {target: _splice(keep, 0.0)}), batch, mask, ref)
         bar.update(batch.numel())
     mean = recon.mean
     for batch in batches:  # mean ablation needs the whole set's mean first
         batch = batch.to(model.device)
         keep = positions_to_keep(batch, tok)
-        loss.add("mean", model.logits(batch, {hook: _splice(keep, mean)}), batch, prediction_mask(keep))
+        loss.add("mean", model.logits(batch, {target: _splice(keep, mean)}), batch, prediction_mask(keep))
         bar.update(batch.numel())
     bar.close()
 
@@ -177,6 +185,8 @@ def _evaluate(sae, path, model: HookedModel, data: TokenData, tokens: int, batch
         "model": model.spec,
         "processing": model.processing,
         "hook": hook,
+        "target_hook": getattr(cfg, "target_hook", None),
+        "skip": skip,
         "d_in": cfg.d_in,
         "n_latents": cfg.n_latents,
         "k": cfg.k,

@@ -57,13 +57,16 @@ class ReconstructionStats:
 
 
 @torch.no_grad()
-def reconstruction_stats(sae, x: torch.Tensor, chunk: int = 8192) -> dict:
+def reconstruction_stats(sae, x: torch.Tensor, chunk: int = 8192,
+                         target: torch.Tensor | None = None) -> dict:
     """FVU, explained variance, MSE, L0 and dead/rare/dense latent fractions over the rows of x
-    (`tokens` is the dead-latent window)."""
+    (`tokens` is the dead-latent window). A transcoder's FVU is of `target`, its target hook's
+    rows of the same tokens."""
     recon, latents = ReconstructionStats(), LatentStats(sae.cfg.n_latents)
-    for rows in x.split(chunk):
+    skip = getattr(sae.cfg, "skip", False)
+    for rows, want in zip(x.split(chunk), (x if target is None else target).split(chunk), strict=True):
         idx, vals = sae.encode(rows)
-        recon.update(rows, sae.decode(idx, vals))
+        recon.update(want, sae.decode(idx, vals, rows) if skip else sae.decode(idx, vals))
         latents.update(idx, vals)
     r, lat = recon.result(), latents.result()
     return {

@@ -58,6 +58,10 @@ def _rows(r: dict) -> list[tuple[str, str, str]]:
 
 
 def _title(r: dict) -> str:
+    if r.get("target_hook"):  # a transcoder: scored on its target, spliced in there
+        kind = "skip transcoder" if r.get("skip") else "transcoder"
+        return (f"{r['allocator']} {kind}, {r['n_latents']:,} latents, k={r['k']}, on {r['model']} "
+                f"{r['hook']} -> {r['target_hook']} (FVU and splices at the target)")
     return (f"{r['allocator']} SAE, {r['n_latents']:,} latents, k={r['k']}, on {r['model']} "
             f"{r['hook']}")
 

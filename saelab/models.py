@@ -27,6 +27,7 @@ or `hf:NAME` on the hub.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
@@ -58,6 +59,40 @@ PROCESSINGS = {
     "raw": {"fold_ln": False, "center_writing_weights": False, "center_unembed": False,
             "fold_value_biases": False},
 }
+
+
+# the hooks of a transformer-lens block in the order a forward pass reaches them
+_BLOCK_ORDER = ("hook_resid_pre", "ln1.hook_scale", "ln1.hook_normalized", "hook_q_input",
+                "hook_k_input", "hook_v_input", "hook_attn_in", "attn.hook_q", "attn.hook_k",
+                "attn.hook_v", "attn.hook_rot_q", "attn.hook_rot_k", "attn.hook_attn_scores",
+                "attn.hook_pattern", "attn.hook_z", "attn.hook_result", "hook_attn_out",
+                "hook_resid_mid", "ln2.hook_scale", "ln2.hook_normalized", "hook_mlp_in",
+                "mlp.hook_pre", "mlp.hook_post", "hook_mlp_out", "hook_resid_post")
+
+
+def hook_position(hook: str) -> tuple[float, int] | None:
+    """Where a forward pass reaches `hook`: (block, place in the block); the embeddings come
+    before block 0 and the final LayerNorm after every block. None for a name not listed."""
+    if hook in ("hook_embed", "hook_pos_embed"):
+        return (-1, 0)
+    if hook.startswith("ln_final."):
+        return (float("inf"), 0)
+    m = re.fullmatch(r"blocks\.(\d+)\.(.+)", hook)
+    if m is None or m[2] not in _BLOCK_ORDER:
+        return None
+    return (int(m[1]), _BLOCK_ORDER.index(m[2]))
+
+
+def check_hook_order(hook: str, target: str) -> None:
+    """A transcoder reads `hook` and replaces `target` in the same forward pass, so `target`
+    must come after `hook` (checked for transformer-lens's standard names; for others, splicing
+    refuses a target reached before its input)."""
+    at, to = hook_position(hook), hook_position(target)
+    if hook == target or (at is not None and to is not None and to <= at):
+        raise SaelabError(
+            f"target hook {target!r} does not come after input hook {hook!r}; a transcoder "
+            "reconstructs a later hook from an earlier one, e.g. --hook blocks.1.ln2.hook_normalized "
+            "--target-hook blocks.1.hook_mlp_out")
 
 
 def check_processing(processing: str) -> str:
@@ -349,22 +384,45 @@ class HookedModel:
         replacement (an SAE: its reconstruction). With `error_term`, the SAE's error
         x - x_hat is added back as a constant: the forward pass is the clean one (to float
         rounding) while gradients flow through the SAE's latents, as attribution needs.
+
+        A transcoder (keyed by its target hook or its input hook) replaces its target with its
+        output computed from its input hook's activation in the same pass (after any splice at
+        the input hook, so upstream replacements reach it); its error term is the target's.
         """
-        self.check_hooks(list(replace))
+        inputs = {h: input_hook(h, fn) for h, fn in replace.items()}
+        targets = {h: _target_hook(h, fn) for h, fn in replace.items()}
+        self.check_hooks(list(inputs.values()) + list(targets.values()))
         for hook, fn in replace.items():
             self.check_dictionary(fn, hook)
 
-        def splice(fn: Splice):
+        def splice(fn: Splice, source: dict[str, torch.Tensor] | None, name: str):
             def hook_fn(x: torch.Tensor, hook) -> torch.Tensor:
                 flat = x.flatten(2)
-                out = fn(flat).to(x.dtype)
+                if source is not None and "x" not in source:
+                    raise SaelabError(f"the transcoder's target {name} ran before its input hook; "
+                                      "its target must come after its input")
+                out = fn(flat if source is None else source.pop("x")).to(x.dtype)
                 if error_term:
                     out = out + (flat - out).detach()
                 return out.reshape(x.shape)
 
             return hook_fn
 
-        with self.model.hooks(fwd_hooks=[(h, splice(fn)) for h, fn in replace.items()]):
+        def record(store: dict[str, torch.Tensor]):
+            def hook_fn(x: torch.Tensor, hook) -> torch.Tensor:
+                store["x"] = x.flatten(2)
+                return x
+
+            return hook_fn
+
+        fwd, recorders = [], []
+        for h, fn in replace.items():
+            store: dict[str, torch.Tensor] | None = None
+            if targets[h] != inputs[h]:
+                store = {}
+                recorders.append((inputs[h], record(store)))
+            fwd.append((targets[h], splice(fn, store, targets[h])))
+        with self.model.hooks(fwd_hooks=fwd + recorders):
             yield self
 
     def logits(self, tokens: torch.Tensor, replace: Mapping[str, Splice] | None = None,
@@ -390,9 +448,36 @@ class HookedModel:
         saes = {saes.cfg.hook: saes} if single else dict(saes)
         for hook, sae in saes.items():
             self.check_dictionary(sae, hook)
-        acts = self.activations(tokens, list(saes))
-        codes = {h: sae.encode(acts[h]) for h, sae in saes.items()}
+        reads = {h: input_hook(h, sae) for h, sae in saes.items()}  # a transcoder reads its input
+        acts = self.activations(tokens, sorted(set(reads.values())))
+        codes = {h: sae.encode(acts[reads[h]]) for h, sae in saes.items()}
         return next(iter(codes.values())) if single else codes
+
+
+def _transcoder_hooks(key: str, fn) -> tuple[str, str] | None:
+    """(input hook, target hook) of a transcoder given under `key`, None for anything else; a
+    key that is neither of its hooks is refused."""
+    cfg: Any = getattr(fn, "cfg", None)
+    target = getattr(cfg, "target_hook", None)
+    if target is None:
+        return None
+    if key not in (cfg.hook, target):
+        raise SaelabError(f"a transcoder from {cfg.hook} to {target} was given for hook {key}; key it "
+                          f"by its target {target} (which it replaces) or its input {cfg.hook}")
+    return cfg.hook, target
+
+
+def input_hook(key: str, fn) -> str:
+    """The hook whose activation `fn` reads when given under `key`: a transcoder's input hook,
+    else `key` itself."""
+    hooks = _transcoder_hooks(key, fn)
+    return key if hooks is None else hooks[0]
+
+
+def _target_hook(key: str, fn) -> str:
+    """The hook `fn` replaces when spliced under `key`: a transcoder's target, else `key`."""
+    hooks = _transcoder_hooks(key, fn)
+    return key if hooks is None else hooks[1]
 
 
 def check_model_dir(path: Path) -> None:

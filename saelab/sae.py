@@ -8,6 +8,17 @@
 Weights are stored row-per-latent: W_enc and W_dec are both (n, d). A dictionary directory holds
 `sae.safetensors` (weights, no pickle) and `cfg.json` (this config).
 
+A transcoder (`SAEConfig.target_hook`; Dunefsky et al. 2024) reads one hook and reconstructs a
+later one, e.g. an MLP's input (blocks.L.ln2.hook_normalized) to its output (blocks.L.hook_mlp_out):
+
+    pre   = W_enc x + b_enc                    x is the input hook's activation; no b_dec on
+                                               the input, which lives in the target's space
+    y_hat = sum_j vals_j W_dec[idx_j] + b_dec [+ W_skip x]
+
+W_dec is (n, d_out) and b_dec (d_out,); with `skip` (Paulo et al. 2025, sparsify's skip
+connection) a dense learned W_skip (d_out, d_in), zero at init, adds a linear map of the input.
+Selection, the sparse decode and every allocator are the SAE's.
+
 Like torch's BatchNorm (and SAELens's BatchTopK), the batch-level allocators (feature_choice,
 mutual_choice) allocate over the batch in train() mode and use their learned per-latent
 thresholds in eval() mode; `saelab.load` returns a dictionary in eval() mode.
@@ -27,7 +38,7 @@ from saelab import allocators
 from saelab.checks import Cost, check_field_types, check_memory
 from saelab.errors import SaelabError
 from saelab.kernels import sparse_decode, sparse_encode
-from saelab.models import DEFAULT_PROCESSING, check_processing
+from saelab.models import DEFAULT_PROCESSING, check_hook_order, check_processing
 from saelab.storage.files import read_safetensors, write_json, write_safetensors
 
 WEIGHTS_FILE = "sae.safetensors"
@@ -52,7 +63,14 @@ class SAEConfig:
         capacity: feature_choice's tokens-per-latent curve: zipf (the paper's) or uniform (an
             ablation).
         zipf_alpha: exponent of the zipf capacity curve.
-        hook: hook name the SAE was trained on, e.g. `blocks.2.hook_resid_post`.
+        hook: hook name the SAE was trained on, e.g. `blocks.2.hook_resid_post`; a
+            transcoder's input hook.
+        target_hook: a transcoder's output: the (later) hook it reconstructs from `hook`'s
+            activation, e.g. `blocks.1.hook_mlp_out` from `blocks.1.ln2.hook_normalized`; None
+            for an SAE, which reconstructs `hook` itself.
+        d_out: width of `target_hook` (None: d_in).
+        skip: a transcoder with a learned linear skip connection W_skip x (d_out, d_in) added
+            to its output (Paulo et al. 2025; sparsify's `skip_connection`).
         model: model spec the activations came from (`zoo:NAME`, a local path, or `hf:NAME`).
         processing: the model's weight processing those activations came from (see
             `saelab.models`): "folded" (LayerNorm folded, writing weights centred: saelab's and
@@ -77,6 +95,9 @@ class SAEConfig:
     capacity: str = "zipf"
     zipf_alpha: float = 0.5
     hook: str | None = None
+    target_hook: str | None = None
+    d_out: int | None = None
+    skip: bool = False
     model: str | None = None
     processing: str = DEFAULT_PROCESSING
     data: str | None = None
@@ -100,10 +121,39 @@ class SAEConfig:
                 "choose k <= n_latents"
             )
         check_processing(self.processing)
+        self._check_transcoder()
         # before any tensor exists (a meta SAE too overflows torch on a 10^18-latent config)
-        n, d = self.n_latents, self.d_in
-        check_memory([Cost("float32 weights", 4 * n * (2 * d + 2), ("n_latents",)),
-                      Cost("b_dec", 4 * d, ("d_in",))], {"n_latents": n}, f"d_in {d}")
+        n, d, o = self.n_latents, self.d_in, self.out_dim
+        check_memory([Cost("float32 weights", 4 * n * (d + o + 2), ("n_latents",)),
+                      Cost("b_dec and W_skip", 4 * o * (1 + d * self.skip), ("d_in",))],
+                     {"n_latents": n}, f"d_in {d}")
+
+    def _check_transcoder(self) -> None:
+        """skip and d_out belong to transcoders; a target comes after its input hook."""
+        if self.target_hook is None:
+            if self.skip or self.d_out is not None:
+                raise SaelabError("skip and d_out describe transcoders; set target_hook (--target-hook, "
+                                  "the hook to reconstruct) or drop them")
+            return
+        if self.d_out is not None and self.d_out < 1:
+            raise SaelabError(f"d_out must be positive, got {self.d_out}")
+        if self.hook is not None:
+            check_hook_order(self.hook, self.target_hook)
+
+    @property
+    def transcoder(self) -> bool:
+        """Whether it reconstructs another hook (`target_hook`) than the one it reads."""
+        return self.target_hook is not None
+
+    @property
+    def out_dim(self) -> int:
+        """Width of what it reconstructs: d_out for a transcoder, else d_in."""
+        return self.d_out if self.d_out is not None else self.d_in
+
+    @property
+    def out_hook(self) -> str | None:
+        """The hook it reconstructs (and replaces when spliced): target_hook, else hook."""
+        return self.target_hook if self.target_hook is not None else self.hook
 
     @property
     def batch_level(self) -> bool:
@@ -189,16 +239,19 @@ class SAE(torch.nn.Module):
     re-initialises from data, `saelab.sae_init`)."""
 
     threshold: torch.Tensor  # per-latent buffer (n_latents,), only when cfg.has_thresholds
+    W_skip: torch.nn.Parameter  # (d_out, d_in), only for a transcoder with cfg.skip
 
     def __init__(self, cfg: SAEConfig, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32):
         super().__init__()
         self.cfg = cfg
-        n, d = cfg.n_latents, cfg.d_in
+        n, d, o = cfg.n_latents, cfg.d_in, cfg.out_dim
         self.W_enc = torch.nn.Parameter(torch.empty(n, d, device=device, dtype=dtype))
         self.b_enc = torch.nn.Parameter(torch.zeros(n, device=device, dtype=dtype))
-        self.W_dec = torch.nn.Parameter(torch.empty(n, d, device=device, dtype=dtype))
-        self.b_dec = torch.nn.Parameter(torch.zeros(d, device=device, dtype=dtype))
+        self.W_dec = torch.nn.Parameter(torch.empty(n, o, device=device, dtype=dtype))
+        self.b_dec = torch.nn.Parameter(torch.zeros(o, device=device, dtype=dtype))
+        if cfg.skip:
+            self.W_skip = torch.nn.Parameter(torch.zeros(o, d, device=device, dtype=dtype))
         if cfg.has_thresholds:
             # until trained (`Trainer.calibrate_thresholds`) or loaded: the kind's fill value
             self.register_buffer("threshold", torch.full((n,), cfg.kind.threshold_fill, device=device,
@@ -208,13 +261,20 @@ class SAE(torch.nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        """Random unit-norm decoder rows, W_enc = W_dec, zero biases (Gao et al.'s init)."""
+        """Random unit-norm decoder rows, W_enc = W_dec, zero biases (Gao et al.'s init). A
+        transcoder's encoder reads another space than its decoder writes: its rows are drawn
+        apart (unit norm too); W_skip starts at zero (sparsify's and SAELens's init)."""
         w = torch.randn(self.W_dec.shape, generator=generator, dtype=torch.float32)
         w /= w.norm(dim=1, keepdim=True)
         self.W_dec.copy_(w)
+        if self.cfg.transcoder:
+            w = torch.randn(self.W_enc.shape, generator=generator, dtype=torch.float32)
+            w /= w.norm(dim=1, keepdim=True)
         self.W_enc.copy_(w)
         self.b_enc.zero_()
         self.b_dec.zero_()
+        if self.cfg.skip:
+            self.W_skip.zero_()
 
     @property
     def device(self) -> torch.device:
@@ -224,17 +284,22 @@ class SAE(torch.nn.Module):
     def dtype(self) -> torch.dtype:
         return self.W_dec.dtype
 
+    def encoder_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What W_enc multiplies: x - b_dec for an SAE, x itself for a transcoder."""
+        return x if self.cfg.transcoder else x - self.b_dec
+
     def pre_acts(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """Dense (B, n) pre-activations, without grad: they only pick the active set.
 
         `out`, a (B, n) buffer to write into, spares a training loop a fresh B x n allocation
         (and its page faults, ~10% of the matmul on CPU) every step."""
         with torch.no_grad():
-            return torch.addmm(self.b_enc, x - self.b_dec, self.W_enc.T, out=out)
+            return torch.addmm(self.b_enc, self.encoder_input(x), self.W_enc.T, out=out)
 
     def select(self, pre: torch.Tensor, grad: torch.Tensor | None = None,
                batch: bool = False) -> allocators.Selection:
-        """The active set. `grad` (B, d_in) steers gradient_topk; `batch` makes the
+        """The active set. `grad` (B, d_out), the LM-loss gradient w.r.t. what the dictionary
+        reconstructs, steers gradient_topk; `batch` makes the
         batch-level allocators allocate over this batch instead of using their thresholds."""
         return self.cfg.kind.select(self, pre, grad, batch)
 
@@ -244,14 +309,15 @@ class SAE(torch.nn.Module):
 
         Given the dense `pre` the selection came from, the values are gathered from it rather
         than recomputed (B*k dot products saved); the gradient is the same either way."""
-        vals = torch.relu(sparse_encode(x - self.b_dec, self.W_enc, self.b_enc, sel.idx, pre))
+        vals = torch.relu(sparse_encode(self.encoder_input(x), self.W_enc, self.b_enc, sel.idx, pre))
         return vals if sel.mask is None else vals * sel.mask
 
     def encode(self, x: torch.Tensor, grad: torch.Tensor | None = None,
                batch: bool | None = None) -> SparseCode:
         """The sparse code of x (..., d_in): `SparseCode` with idx and vals (..., k_max).
 
-        `grad`: gradient of the LM loss w.r.t. x, for gradient_topk (without it: plain topk).
+        `grad`: gradient of the LM loss w.r.t. x (a transcoder's: w.r.t. its target), for
+        gradient_topk (without it: plain topk).
         `batch`: whether feature/mutual choice allocate over these tokens (as in training) or
         use their thresholds; default: allocate in train() mode, thresholds in eval() mode.
         """
@@ -262,7 +328,7 @@ class SAE(torch.nn.Module):
         lead = x.shape[:-1]
         x = x.reshape(-1, x.shape[-1]).to(self.dtype)
         if grad is not None:
-            grad = grad.reshape(x.shape)
+            grad = grad.reshape(-1, grad.shape[-1])
         pre = self.pre_acts(x)
         sel = self.select(pre, grad, self.training if batch is None else batch)
         if torch.is_grad_enabled():
@@ -277,14 +343,23 @@ class SAE(torch.nn.Module):
         """The dense code (..., n_latents) of x (..., d_in); `encode`'s arguments apply."""
         return self.encode(x, **kwargs).to_dense()
 
-    def decode(self, idx: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:
-        """x_hat (..., d_in) from idx and vals (..., k), without building the dense code."""
+    def decode(self, idx: torch.Tensor, vals: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
+        """x_hat (..., d_out) from idx and vals (..., k), without building the dense code.
+
+        A skip transcoder's output also depends on its input: pass `x` (..., d_in), whose
+        W_skip x is added (refused without it: the output would silently lack the skip)."""
         lead, k = idx.shape[:-1], idx.shape[-1]
         x_hat = sparse_decode(idx.reshape(-1, k), vals.reshape(-1, k), self.W_dec, self.b_dec)
-        return x_hat.reshape(*lead, self.cfg.d_in)
+        if self.cfg.skip:
+            if x is None:
+                raise SaelabError("a skip transcoder's output needs its input: decode(idx, vals, x)")
+            x_hat = x_hat + x.reshape(-1, self.cfg.d_in).to(x_hat.dtype) @ self.W_skip.T
+        return x_hat.reshape(*lead, self.cfg.out_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decode(*self.encode(x))
+        """The reconstruction of x (an SAE) or of the target hook from x (a transcoder)."""
+        code = self.encode(x)
+        return self.decode(code.idx, code.vals, x)
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:

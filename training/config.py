@@ -15,7 +15,7 @@ from saelab import allocators
 from saelab.checks import Cost, check_device, check_field_types, check_memory, check_number, doc_field
 from saelab.data.tokens import BUILTIN_STDLIB
 from saelab.errors import SaelabError
-from saelab.models import check_processing
+from saelab.models import check_hook_order, check_processing
 from saelab.zoo import DEFAULT_MODEL
 
 DEAD_TOKENS_CAP = 10_000_000  # Gao et al.'s dead window, the default's upper bound
@@ -31,6 +31,11 @@ class SourceConfig:
     hook: str | list[str] | None = doc_field(
         None, "Hook to train on; repeat it to train one SAE per hook from one forward pass "
         "(written to OUT/HOOK).", "blocks.{n_layers//2}.hook_resid_post")
+    target_hook: str | None = doc_field(
+        None, "Train a transcoder: reconstruct this later hook from --hook's activation (e.g. "
+        "--hook blocks.1.ln2.hook_normalized --target-hook blocks.1.hook_mlp_out, an MLP's input "
+        "to its output); one --hook. Both hooks come from one forward pass (or one cache that "
+        "holds both).", "none: an SAE reconstructs --hook")
     data: str = doc_field(BUILTIN_STDLIB, "Token data for on-the-fly activations and held-out "
                           "evaluation: builtin:stdlib, a .txt/.jsonl file or directory, or hf:NAME.")
     cache: str | None = doc_field(None, "Train from this activation cache (from `saelab cache`) "
@@ -71,6 +76,8 @@ class DictionaryConfig:
     capacity: str = doc_field("zipf", "feature_choice: tokens-per-latent curve, zipf (the paper's) "
                               "or uniform (an ablation).")
     zipf_alpha: float = doc_field(0.5, "feature_choice: exponent of the zipf capacity curve.")
+    skip: bool = doc_field(False, "Transcoders (--target-hook): add a learned linear skip connection "
+                           "W_skip x to the output (Paulo et al. 2025, sparsify's skip transcoders).")
 
     def __post_init__(self) -> None:
         check_field_types(self)
@@ -222,7 +229,22 @@ class TrainConfig:
             if not isinstance(getattr(self, name), cls):
                 raise SaelabError(f"TrainConfig.{name} must be a {cls.__name__}; build configs "
                                   "from flat field names with TrainConfig.of(...)")
+        self.check_transcoder()
         self.check_memory()  # before the model opens: a lower bound
+
+    def check_transcoder(self) -> None:
+        """--skip needs --target-hook, which needs one --hook that comes before it."""
+        target, hook = self.source.target_hook, self.source.hook
+        if target is None:
+            if self.sae.skip:
+                raise SaelabError("--skip adds a skip connection to a transcoder; also pass "
+                                  "--target-hook (the hook to reconstruct), or drop --skip")
+            return
+        hooks = [hook] if isinstance(hook, str) else list(hook or [])
+        if len(hooks) != 1:
+            raise SaelabError(f"--target-hook needs exactly one --hook (the transcoder's input), got "
+                              f"{len(hooks)}")
+        check_hook_order(hooks[0], target)
 
     @staticmethod
     def fields() -> dict[str, tuple[str, dataclasses.Field]]:

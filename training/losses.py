@@ -54,15 +54,17 @@ def underused(freq: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
 
 
 def auxk_loss(sae, x: torch.Tensor, x_hat: torch.Tensor, pre: torch.Tensor,
-              pool: torch.Tensor, k_aux: int, world: World | None = None) -> torch.Tensor:
+              pool: torch.Tensor, k_aux: int, world: World | None = None,
+              target: torch.Tensor | None = None) -> torch.Tensor:
     """AuxK (Gao et al. 2024): latents in `pool` (dead, or under-used) reconstruct the residual.
 
     The top `k_aux` pre-activations within the pool decode (without b_dec) the detached
-    residual e = x - x_hat; the loss is FVU(e, e_hat), so it is scale-free like the main loss.
+    residual e = x - x_hat (a transcoder's: target - x_hat, x being its input); the loss is
+    FVU(e, e_hat), so it is scale-free like the main loss.
     """
     k = min(k_aux, int(pool.sum()))
     if k == 0:
         return x.new_zeros(())
     idx = topk_indices(pre.masked_fill(~pool, float("-inf")), k)
     e_hat = sparse_decode(idx, sae.encode_values(x, Selection(idx), pre), sae.W_dec)
-    return fvu((x - x_hat).detach(), e_hat, world)
+    return fvu(((x if target is None else target) - x_hat).detach(), e_hat, world)

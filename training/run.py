@@ -81,7 +81,8 @@ class Run:
         sae_cfg = SAEConfig(
             d_in=d_in, n_latents=dic.latents(d_in), k=dic.k if dic.kind.budget else 0,
             allocator=dic.allocator, beta=dic.beta, grad_score=dic.grad_score, capacity=dic.capacity,
-            zipf_alpha=dic.zipf_alpha, hook=hook, model=src.model.spec,
+            zipf_alpha=dic.zipf_alpha, hook=hook, target_hook=src.target, d_out=src.d_out,
+            skip=dic.skip, model=src.model.spec,
             processing=src.model.processing, data=src.heldout.spec,
             context_length=src.heldout.context_length,
             train_tokens=self.steps * cfg.optim.batch_size * self.world.size,
@@ -97,11 +98,24 @@ class Run:
         first = next(batches)
         assert isinstance(first, dict), "streams over a list of hooks yield {hook: batch}"
         for h, trainer in self.trainers.items():
-            init_sae(trainer.sae, unpack(first[h], self.cfg.run.device)[0], self.cfg.run.seed,
-                     l0=None if self.cfg.sae.kind.budget else self.cfg.sae.k)
+            x, _, y = self._batch(first, h)
+            init_sae(trainer.sae, x, self.cfg.run.seed,
+                     l0=None if self.cfg.sae.kind.budget else self.cfg.sae.k, target=y)
             for t in trainer.sae.state_dict().values():
                 self.world.broadcast_(t)
         return itertools.chain([first], batches)
+
+    def _batch(self, batch: dict, hook: str) -> tuple[torch.Tensor, torch.Tensor | None,
+                                                      torch.Tensor | None]:
+        """(x, grad, target) of one hook's dictionary on `device`: a transcoder's target is its
+        target hook's rows of the same tokens, and its gradient (gradient_topk) the loss's
+        gradient w.r.t. that target, the activation it replaces; an SAE's target is None (x)."""
+        device, target = self.cfg.run.device, self.src.target
+        x, grad = unpack(batch[hook], device)
+        if target is None:
+            return x, grad, None
+        y, grad = unpack(batch[target], device)
+        return x, grad, y
 
     def fit(self) -> None:
         """Train to `steps`, logging every `log_every` steps and checkpointing; then calibrate
@@ -115,8 +129,8 @@ class Run:
             batch = next(self.batches)
             losses = {}
             for h, trainer in self.trainers.items():
-                x, grad = unpack(batch[h], cfg.run.device)
-                losses[h] = trainer.step(x, grad)
+                x, grad, y = self._batch(batch, h)
+                losses[h] = trainer.step(x, grad, y)
             self.seen += x.shape[0] * world.size
             bar.update(x.shape[0] * world.size)
             if step % cfg.run.log_every == 0 or step == self.steps - 1:
@@ -182,7 +196,9 @@ class Run:
     def _summary(self, hook: str, path: Path) -> dict:
         sae = self.trainers[hook].sae
         return {
-            "dictionary": str(path), "model": self.src.model.spec, "hook": hook, "d_in": sae.cfg.d_in,
+            "dictionary": str(path), "model": self.src.model.spec, "hook": hook,
+            **({"target_hook": sae.cfg.target_hook, "skip": sae.cfg.skip} if sae.cfg.transcoder else {}),
+            "d_in": sae.cfg.d_in,
             "n_latents": sae.cfg.n_latents, "k": sae.cfg.k, "allocator": sae.cfg.allocator,
             "train_tokens": self.seen, "train_seconds": round(self.seconds, 2),
             "tokens_per_s": round((self.seen - self.seen_at_start) / self.seconds, 1),

@@ -21,12 +21,16 @@ from saelab.zoo import DEFAULT_MODEL
 
 @dataclass
 class Sources:
-    """Training batches, the model, and held-out text."""
+    """Training batches, the model, and held-out text. A transcoder run's stream also carries
+    its target hook's activations (the same tokens, one forward pass), which `dims` leaves out:
+    they are what the dictionary reconstructs, not a hook it reads."""
 
     stream: CacheStream | ModelStream  # {hook: x} or {hook: (x, grad)} for gradient_topk
     model: HookedModel
     dims: dict[str, int]  # hook -> d_in, in the order given
     heldout: TokenData
+    target: str | None = None  # a transcoder's target hook
+    d_out: int | None = None  # its width
 
 
 def hook_list(hook: str | list[str] | None, default: str) -> list[str]:
@@ -65,31 +69,40 @@ def _from_cache(cfg: TrainConfig, cache: str, world: World) -> Sources:
         )
     hooks = hook_list(cfg.source.hook, next(iter(manifest.hooks)))
     dims = {h: manifest.check_hook(h, Path(cache)) for h in hooks}
+    target = cfg.source.target_hook
+    d_out = None if target is None else manifest.check_hook(target, Path(cache))
     if len(manifest.shards) < world.size:
         raise SaelabError(
             f"cache {cache} has {len(manifest.shards)} shard(s) for {world.size} processes; "
             "each process needs at least one (rebuild with a smaller --shard-rows)"
         )
     mine = list(range(world.rank, len(manifest.shards), world.size))
-    stream = CacheStream(cache, hooks, cfg.optim.batch_size, seed=cfg.run.seed, shards=mine,
-                         with_grads=cfg.sae.kind.needs_grad, drop_last=True)
+    stream = CacheStream(cache, streamed(hooks, target), cfg.optim.batch_size, seed=cfg.run.seed,
+                         shards=mine, with_grads=cfg.sae.kind.needs_grad, drop_last=True)
     data = TokenData(manifest.data["spec"], "heldout", manifest.data["context_length"], cfg.run.seed)
     model = load_model(manifest.model, cfg.run.device, processing=manifest.processing)
-    return Sources(stream, model, dims, data)
+    return Sources(stream, model, dims, data, target, d_out)
 
 
 def _on_the_fly(cfg: TrainConfig, world: World) -> Sources:
     model = load_model(cfg.source.model or DEFAULT_MODEL, cfg.run.device,
                        processing=cfg.source.processing or DEFAULT_PROCESSING)
     hooks = hook_list(cfg.source.hook, model.default_hook)
-    model.check_hooks(hooks)
+    target = cfg.source.target_hook
+    model.check_hooks(streamed(hooks, target))
     dims = model.hook_dims(hooks)
+    d_out = None if target is None else model.hook_dims([target])[target]
     ctx = model.check_context(cfg.source.context_length)
     data = TokenData(cfg.source.data, "train", ctx, cfg.run.seed, world.rank, world.size)
-    stream = ModelStream(model, data, hooks, cfg.optim.batch_size, cfg.source.buffer_tokens,
+    stream = ModelStream(model, data, streamed(hooks, target), cfg.optim.batch_size, cfg.source.buffer_tokens,
                          seed=cfg.run.seed, with_grads=cfg.sae.kind.needs_grad)
     heldout = dataclasses.replace(data, split="heldout", rank=0, world=1)
-    return Sources(stream, model, dims, heldout)
+    return Sources(stream, model, dims, heldout, target, d_out)
+
+
+def streamed(hooks: list[str], target: str | None) -> list[str]:
+    """The hooks a stream must carry: the dictionaries' inputs, and a transcoder's target."""
+    return hooks + [target] if target is not None and target not in hooks else hooks
 
 
 def unpack(batch, device: str) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -38,8 +38,9 @@ class _Loss(torch.nn.Module):
         self.sae = trainer.sae
         self.trainer = trainer  # a plain attribute: not a module, no parameters of its own
 
-    def forward(self, x: torch.Tensor, grad: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
-        return self.trainer.losses(x, grad)
+    def forward(self, x: torch.Tensor, grad: torch.Tensor | None,
+                y: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
+        return self.trainer.losses(x, grad, y)
 
 
 class Trainer:
@@ -53,7 +54,7 @@ class Trainer:
         self.sae, self.cfg, self.steps, self.world = sae, cfg, steps, world or World()
         self.lr = cfg.learning_rate(sae.cfg.n_latents, sae.cfg.d_in)
         self.opt = _adam(list(sae.parameters()), self.lr, cfg.adam_eps)
-        self.k_aux = cfg.k_aux or sae.cfg.d_in // 2
+        self.k_aux = cfg.k_aux or sae.cfg.out_dim // 2  # half the reconstructed width
         self.dead_tokens = cfg.dead_window()
         n, device = sae.cfg.n_latents, sae.W_dec.device
         self.since_fired = torch.zeros(n, dtype=torch.long, device=device)
@@ -63,20 +64,26 @@ class Trainer:
         self._loss = _Loss(self)
         self._ddp: torch.nn.Module | None = None
 
-    def step(self, x: torch.Tensor, grad: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def step(self, x: torch.Tensor, grad: torch.Tensor | None = None,
+             y: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Forward, backward, optimiser update, decoder renormalisation; returns loss tensors.
 
-        `grad` (B, d_in) is the LM-loss gradient w.r.t. x, used by gradient_topk's selection;
-        it must be given for gradient_topk (silently training plain topk would hide broken wiring).
+        `grad` (B, d_out) is the LM-loss gradient w.r.t. what is reconstructed, used by
+        gradient_topk's selection; it must be given for gradient_topk (silently training plain
+        topk would hide broken wiring). `y` (B, d_out): a transcoder's target, the target hook's
+        activations of the same tokens (an SAE reconstructs x itself).
         """
         sae, cfg = self.sae, self.cfg
+        if (y is None) == sae.cfg.transcoder:
+            raise SaelabError(f"a {'transcoder' if sae.cfg.transcoder else 'sparse autoencoder'} "
+                              f"training step {'needs' if sae.cfg.transcoder else 'takes no'} a target y")
         if grad is None and sae.cfg.kind.needs_grad:
             raise SaelabError(f"{sae.cfg.allocator} training got no loss gradient for its batch; train "
                               "from a cache built with --with-grads, or on the fly")
         for group in self.opt.param_groups:
             group["lr"] = self.lr * lr_factor(self.step_count, self.steps, cfg.warmup_steps,
                                              cfg.decay_fraction)
-        loss, parts = self._objective()(x, grad)
+        loss, parts = self._objective()(x, grad, y)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()  # data parallel: DDP averages the gradients over the ranks meanwhile
         _remove_parallel_grad(sae)
@@ -110,9 +117,12 @@ class Trainer:
             self._ddp = torch.nn.parallel.DistributedDataParallel(self._loss, broadcast_buffers=False)
         return self._ddp
 
-    def losses(self, x: torch.Tensor, grad: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
-        """The step's loss (FVU + AuxK [+ L1]) and the parts `step` reads afterwards."""
+    def losses(self, x: torch.Tensor, grad: torch.Tensor | None,
+               y: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+        """The step's loss (FVU + AuxK [+ L1]) and the parts `step` reads afterwards; every
+        term measures the target `y` (a transcoder's), or x itself."""
         sae, cfg = self.sae, self.cfg
+        y = x if y is None else y
         if self._pre is None or self._pre.shape[0] != x.shape[0]:
             self._pre = x.new_empty(x.shape[0], sae.cfg.n_latents)
         pre = sae.pre_acts(x, out=self._pre)  # reused every step; nothing keeps it past the step
@@ -121,13 +131,13 @@ class Trainer:
         else:
             sel = sae.select(pre, grad, batch=True)
         vals = sae.encode_values(x, sel, pre)
-        x_hat = sae.decode(sel.idx, vals)
-        main = fvu(x, x_hat, self.world)
+        x_hat = sae.decode(sel.idx, vals, x)
+        main = fvu(y, x_hat, self.world)
         dead = self.dead()
         pool = underused(self.freq, dead) if cfg.aux == "aux_zipf" else dead
-        aux = auxk_loss(sae, x, x_hat, pre, pool, self.k_aux, self.world)
+        aux = auxk_loss(sae, x, x_hat, pre, pool, self.k_aux, self.world, target=y)
         loss = main + cfg.auxk_coef * aux
-        penalty = sae.cfg.kind.penalty(sae, x, sel, vals, self.world)
+        penalty = sae.cfg.kind.penalty(sae, y, sel, vals, self.world)
         if penalty is not None:  # relu's L1
             loss = loss + cfg.l1_coefficient * penalty
         return loss, {"sel": sel, "vals": vals, "main": main, "aux": aux, "dead": dead, "pool": pool}

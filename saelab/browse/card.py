@@ -59,7 +59,8 @@ class LatentCard:
 
     Fields:
         latent: its index in the dictionary.
-        hook: the dictionary's hook.
+        hook: the dictionary's hook; a transcoder's "input -> target" (contexts are where it
+            reads, effects where it writes).
         window: held-out tokens the statistics cover.
         count: tokens on which it was active (value > 0).
         max, mean: largest and mean nonzero activation (0 if dead).
@@ -159,8 +160,11 @@ def build_cards(stats: FeatureStats, sae, model, bands: int = 4, effects: int = 
                 neighbours: int = 8) -> list[LatentCard]:
     """Cards of every latent `stats` tracked, in its order."""
     hook, latents = sae.cfg.hook, stats.latents
+    # a transcoder's contexts are where it reads (its input hook), its effects where it writes
+    out_hook = getattr(sae.cfg, "target_hook", None) or hook
+    label = hook if out_hook == hook else f"{hook} -> {out_hook}"
     W_dec = sae.W_dec.detach().cpu()
-    eff = collect.logit_effects(model, hook, W_dec, latents, effects)
+    eff = collect.logit_effects(model, out_hook, W_dec, latents, effects)
     nb_ids, nb_cos = collect.decoder_neighbours(W_dec, latents, neighbours)
     ids = torch.cat([stats.top.tokens.flatten(), stats.sample.tokens.flatten()]).unique()
     if eff is not None:
@@ -179,11 +183,11 @@ def build_cards(stats: FeatureStats, sae, model, bands: int = 4, effects: int = 
             promoted = [(text[int(t)], float(v)) for t, v in zip(eff[0][slot], eff[1][slot], strict=True)]
             suppressed = [(text[int(t)], float(v)) for t, v in zip(eff[2][slot], eff[3][slot], strict=True)]
         cards.append(LatentCard(
-            latent=j, hook=hook, window=stats.tokens, count=count, max=vmax,
+            latent=j, hook=label, window=stats.tokens, count=count, max=vmax,
             mean=float(stats.sum[slot]) / count if count else 0.0,
             histogram=linear_histogram(stats.histogram(slot), vmax),
             top=_contexts(stats.top, slot, stats.cfg.before, raw, text), bands=band_list,
-            promoted=promoted, suppressed=suppressed, effect_note=collect.effect_note(hook),
+            promoted=promoted, suppressed=suppressed, effect_note=collect.effect_note(out_hook),
             neighbours=[(int(i), float(c)) for i, c in zip(nb_ids[slot], nb_cos[slot], strict=True)],
         ))
     return cards

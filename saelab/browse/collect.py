@@ -12,6 +12,10 @@ hook_attn_out, hook_mlp_out: identity), attention head outputs (attn.hook_z: thr
 head; attn.hook_result: summed over heads) and MLP neurons (mlp.hook_post: through W_out). The
 effect through later layers is not linear and is not shown; for any other hook (queries, keys,
 MLP pre-activations, ...) there is no linear path to the output, and the page says so.
+
+A transcoder's latents are read at its input hook (contexts, counts, activations) and write at
+its target hook: their effects map the decoder row from the target (e.g. hook_mlp_out, the
+residual stream's own space). Its skip connection W_skip x belongs to no latent and is not shown.
 """
 
 from __future__ import annotations

@@ -79,8 +79,10 @@ app.command("train")(with_options(train_command, [
 
 
 def _print_train_summary(s: dict) -> None:
-    _print_summary(f"Trained {s['allocator']} SAE -> {s['dictionary']}", {
-        "model / hook": f"{s['model']} / {s['hook']}",
+    target = s.get("target_hook")
+    kind = "SAE" if target is None else "skip transcoder" if s.get("skip") else "transcoder"
+    _print_summary(f"Trained {s['allocator']} {kind} -> {s['dictionary']}", {
+        "model / hook": f"{s['model']} / {s['hook']}" + (f" -> {target}" if target else ""),
         "latents x k": f"{s['n_latents']} x {s['k']} (d_in {s['d_in']})",
         "train tokens": f"{s['train_tokens']:,} in {s['train_seconds']:.1f} s "
                         f"({s['tokens_per_s']:,.0f} tok/s)",

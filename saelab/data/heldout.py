@@ -51,12 +51,15 @@ def resolve_dictionary(
     if isinstance(model, str):  # loaded as the dictionary's activations were computed
         model = load_model(model, device, processing=getattr(cfg, "processing", DEFAULT_PROCESSING))
     model.check_dictionary(sae_or_path)
-    model.check_hooks([cfg.hook])
-    width = model.hook_dims([cfg.hook])[cfg.hook]
-    if width != cfg.d_in:
-        raise SaelabError(
-            f"the SAE expects d_in={cfg.d_in}, but {cfg.hook} of {model.spec} has width {width}"
-        )
+    target = getattr(cfg, "target_hook", None)
+    hooks = [cfg.hook] + ([target] if target else [])
+    model.check_hooks(hooks)
+    widths = model.hook_dims(hooks)
+    expected = {cfg.hook: ("d_in", cfg.d_in)} | ({target: ("d_out", cfg.out_dim)} if target else {})
+    for hook, (name, want) in expected.items():
+        if widths[hook] != want:
+            raise SaelabError(
+                f"the SAE expects {name}={want}, but {hook} of {model.spec} has width {widths[hook]}")
     if data is None or isinstance(data, str):
         if context_length is None and data is None:
             context_length = getattr(cfg, "context_length", None)

@@ -47,8 +47,17 @@ SAELens -> saelab (`import_saelens`):
   has no model that gives their activations). SAELens's registry can add kwargs when it loads a
   release by name (gpt2-small-res-jb: center_writing_weights); a directory read here has only
   what its cfg.json says.
-Other architectures (gated, matching pursuit, transcoders...) and normalize_activations other
-than "none" are refused.
+Transcoders, both ways: SAELens has ReLU and JumpReLU transcoders, with and without skip
+("transcoder", "skip_transcoder", "jumprelu_transcoder", "jumprelu_skip_transcoder"): d_out, no
+b_dec on the input (apply_b_dec_to_input false), W_dec (d_sae, d_out), W_skip (d_out, d_in), the
+target in metadata["hook_name_out"]. A saelab relu transcoder exports as the first pair, a
+jumprelu, mutual_choice or feature_choice one as the JumpReLU pair (thresholds, as for SAEs);
+SAELens has no TopK transcoder, so topk and gradient_topk transcoders are refused (export them
+as saelab, or as sparsify). Importing maps them back (a JumpReLU transcoder whose metadata
+records a batch budget k -> mutual_choice, as for SAEs); one without hook_name_out is refused,
+since saelab could not tell what it replaces.
+Other architectures (gated, matching pursuit, ...) and normalize_activations other than "none"
+are refused.
 rescale_acts_by_decoder_norm is folded into the weights (as SAELens's fold_W_dec_norm does) and
 apply_b_dec_to_input=False into b_enc; both give the same codes and reconstructions (up to
 float rounding). Weights load as float32, like `SAE.load`.
@@ -73,6 +82,19 @@ SAELENS_FORMAT = "6.0.0"  # the cfg.json layout written here is SAELens >= 6.0's
 # which saelab allocators each SAELens architecture can stand for; the first is the default
 ARCHITECTURES = {"topk": ("topk", "gradient_topk"), "batchtopk": ("mutual_choice",),
                  "jumprelu": ("jumprelu", "mutual_choice", "feature_choice"), "standard": ("relu",)}
+# SAELens's transcoder architectures: (the SAE architecture whose selection it uses, skip)
+TRANSCODERS = {"transcoder": ("standard", False), "skip_transcoder": ("standard", True),
+               "jumprelu_transcoder": ("jumprelu", False), "jumprelu_skip_transcoder": ("jumprelu", True)}
+
+
+def _transcoder_architecture(cfg: SAEConfig) -> str:
+    """The SAELens architecture of a saelab transcoder (module docstring), or a one-line refusal."""
+    arch = cfg.kind.saelens_architecture
+    for name, (base, skip) in TRANSCODERS.items():
+        if (base, skip) == (arch, cfg.skip):
+            return name
+    raise SaelabError(f"SAELens has no {cfg.allocator} transcoder (its transcoders are ReLU or "
+                      "JumpReLU); export this one with --format saelab, or --format sparsify (TopK)")
 
 
 def export_saelens(sae: SAE, out_dir: str | Path, context_size: int | None = None,
@@ -85,6 +107,7 @@ def export_saelens(sae: SAE, out_dir: str | Path, context_size: int | None = Non
     cfg = sae.cfg
     if cfg.has_thresholds and torch.isnan(sae.threshold).any():
         raise SaelabError(f"this {cfg.allocator} SAE has no inference thresholds yet; train it first")
+    arch = _transcoder_architecture(cfg) if cfg.transcoder else cfg.kind.saelens_architecture
     out = check_output_dir(Path(out_dir), overwrite)
     out.mkdir(parents=True, exist_ok=True)
     metadata = {
@@ -95,19 +118,23 @@ def export_saelens(sae: SAE, out_dir: str | Path, context_size: int | None = Non
         "saelab": dataclasses.asdict(cfg),
     }
     tensors = {"W_enc": sae.W_enc.T, "b_enc": sae.b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec}
-    arch, extra = cfg.kind.saelens_architecture, {}
+    extra: dict = {}
+    if cfg.transcoder:
+        metadata["hook_name_out"], extra["d_out"] = cfg.target_hook, cfg.out_dim
+    if cfg.skip:
+        tensors["W_skip"] = sae.W_skip
     if cfg.has_thresholds:
         tensors["threshold"] = sae.threshold
     if cfg.kind.saelens_training_architecture:
         metadata |= {"training_architecture": cfg.kind.saelens_training_architecture,
                      "training_architecture_details": {"k": cfg.k}}
     if arch == "topk":
-        extra = {"k": cfg.k, "rescale_acts_by_decoder_norm": False}
+        extra |= {"k": cfg.k, "rescale_acts_by_decoder_norm": False}
     write_safetensors(out / SAELENS_WEIGHTS_FILE, tensors)  # weights first, like `SAE.save`
     write_json(out / CONFIG_FILE, {
         "architecture": arch, "d_in": cfg.d_in, "d_sae": cfg.n_latents, **extra,
         "dtype": str(sae.W_enc.dtype).removeprefix("torch."), "device": "cpu",
-        "apply_b_dec_to_input": True, "normalize_activations": "none",
+        "apply_b_dec_to_input": not cfg.transcoder, "normalize_activations": "none",
         "reshape_activations": "hook_z" if (cfg.hook or "").endswith("hook_z") else "none",
         "metadata": metadata,
     })
@@ -177,12 +204,14 @@ def import_saelens(path: str | Path, device: str | torch.device = "cpu") -> SAE:
     try:
         lens = _upgrade_pre_6(json.loads(cfg_path.read_text()))
         d_in, d_sae, arch = int(lens["d_in"]), int(lens["d_sae"]), lens["architecture"]
+        arch, skip = TRANSCODERS.get(arch, (arch, None))  # skip is None for an SAE
+        d_out = d_in if skip is None else int(lens["d_out"])
     except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
         raise SaelabError(f"{cfg_path} is not a SAELens config ({type(e).__name__}: {e})") from None
     if arch not in ARCHITECTURES:
         raise SaelabError(
             f"{path}: SAELens architecture {arch!r} has no saelab equivalent; "
-            f"saelab imports {', '.join(ARCHITECTURES)}"
+            f"saelab imports {', '.join(ARCHITECTURES)} and {', '.join(TRANSCODERS)}"
         )
     if lens.get("normalize_activations", "none") != "none":
         raise SaelabError(
@@ -191,6 +220,10 @@ def import_saelens(path: str | Path, device: str | torch.device = "cpu") -> SAE:
         )
     meta = lens.get("metadata") or {}
     saved = meta.get("saelab") or {}
+    target = meta.get("hook_name_out", lens.get("hook_name_out"))
+    if skip is not None and not target:
+        raise SaelabError(f"{path}: this SAELens transcoder names no hook_name_out (the hook it "
+                          "replaces); add it to cfg.json's metadata to import it")
     k = lens.get("k", 0)
     if arch == "jumprelu":  # SAELens keeps a BatchTopK's k in the metadata of its JumpReLU form
         k = saved.get("k", (meta.get("training_architecture_details") or {}).get("k")) or 0
@@ -203,6 +236,7 @@ def import_saelens(path: str | Path, device: str | torch.device = "cpu") -> SAE:
     cfg = SAEConfig.from_dict({
         **saved, "d_in": d_in, "n_latents": d_sae, "k": int(k), "allocator": allocator,
         "hook": meta.get("hook_name", lens.get("hook_name")),
+        **({} if skip is None else {"target_hook": target, "d_out": d_out, "skip": skip}),
         "model": meta.get("model_name", lens.get("model_name")),
         "processing": _processing(lens, meta, saved, path),
     })
@@ -215,7 +249,9 @@ def import_saelens(path: str | Path, device: str | torch.device = "cpu") -> SAE:
         raise SaelabError(f"{w_path}: a fine-tuned scaling_factor is not supported (SAELens >= 6 "
                           "dropped it too); only all-ones scaling factors import")
     expected: dict[str, tuple[int, ...]] = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,),
-                                            "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
+                                            "W_dec": (d_sae, d_out), "b_dec": (d_out,)}
+    if skip:
+        expected["W_skip"] = (d_out, d_in)
     extra: dict[str, dict[str, tuple[int, ...]]] = {"jumprelu": {"threshold": (d_sae,)},
                                                      "batchtopk": {"topk_threshold": ()}}
     expected |= extra.get(arch, {})
@@ -228,7 +264,7 @@ def import_saelens(path: str | Path, device: str | torch.device = "cpu") -> SAE:
         norm = state["W_dec"].norm(dim=1).clamp_min(1e-8)
         state["W_enc"], state["b_enc"], state["W_dec"] = (
             state["W_enc"] * norm, state["b_enc"] * norm, state["W_dec"] / norm[:, None])
-    if not lens.get("apply_b_dec_to_input", True):
+    if skip is None and not lens.get("apply_b_dec_to_input", True):  # transcoders never apply it
         state["b_enc"] = state["b_enc"] + state["b_dec"] @ state["W_enc"]  # x @ W == (x - b) @ W + b @ W
 
     state["W_enc"] = state["W_enc"].T  # saelab keeps a row per latent

@@ -9,16 +9,26 @@ names, so the format is told by cfg.json's content: saelab's names `n_latents`, 
 `d_sae`, sparsify's `num_latents` / `expansion_factor` beside `d_in`.
 
 sparsify -> saelab (`import_sparsify`): topk with k; n = num_latents, or d_in * expansion_factor
-when num_latents is 0 (sparsify's rule). Refused with a one-line reason: transcoders (they
-predict another hook's output), skip connections (W_skip), groupmax activation, signed (no relu)
-SAEs of early versions. The hook comes from the directory's name, which sparsify sets to the
-hookpoint, a module path of the Hugging Face model: `layers.N` / `h.N` (a block's output) maps
-to `blocks.N.hook_resid_post`, `….mlp` to `blocks.N.hook_mlp_out`, `….attn` / `self_attn` /
-`attention` to `blocks.N.hook_attn_out`; for other names the hook is left unset. sparsify hooks
-the Hugging Face model itself, so an import is recorded as trained on "raw" activations
-(`SAEConfig.processing`): it runs on `load_model(spec, processing="raw")`, and splicing it into
-a folded model (saelab's default, whose residual stream is the raw one minus its per-token mean)
-is refused (tests/formats/test_sparsify_peer.py checks both facts against sparsify on the zoo model).
+when num_latents is 0 (sparsify's rule). Refused with a one-line reason: groupmax activation,
+signed (no relu) SAEs of early versions, autoencoders with a skip connection. The hook comes
+from the directory's name, which sparsify sets to the hookpoint, a module path of the Hugging
+Face model: `layers.N` / `h.N` (a block's output) maps to `blocks.N.hook_resid_post`, `….mlp` to
+`blocks.N.hook_mlp_out`, `….attn` / `self_attn` / `attention` to `blocks.N.hook_attn_out`; for
+other names the hook is left unset. sparsify hooks the Hugging Face model itself, so an import
+is recorded as trained on "raw" activations (`SAEConfig.processing`): it runs on
+`load_model(spec, processing="raw")`, and splicing it into a folded model (saelab's default,
+whose residual stream is the raw one minus its per-token mean) is refused
+(tests/formats/test_sparsify_peer.py checks both facts against sparsify on the zoo model).
+
+Transcoders (`transcode`, with or without `skip_connection`), both ways: sparsify's transcoder at
+hookpoint P reads P's module input and predicts its output, with no b_dec on the input and
+`sae_out += x @ W_skip.T`, which is saelab's transcoder with the same weights (W_skip (d, d));
+its d_out is d_in. On import, `layers.N` / `h.N` (a block) reads blocks.N.hook_resid_pre and
+replaces blocks.N.hook_resid_post; `….mlp` reads blocks.N.mlp.hook_in (the MLP module's input,
+after ln_2's weight and bias: a transformer-lens 4.x hook; 3.x has no hook there, and its
+ln2.hook_normalized lacks that affine map) and replaces blocks.N.hook_mlp_out. A transcoder at
+any other hookpoint is refused (saelab could not tell which hooks it joins). Only TopK
+transcoders of raw activations with d_out = d_in export.
 
 saelab -> sparsify (`export_sparsify`): topk and gradient_topk (plain topk at inference) only;
 the other allocators are not TopK and have no sparsify form (export them as SAELens). Only
@@ -63,6 +73,8 @@ _HOOKPOINT = re.compile(r"^(?:h|layers)\.(\d+)(?:\.(mlp|attn|self_attn|attention
 _HOOK = re.compile(r"^blocks\.(\d+)\.hook_(resid_post|mlp_out|attn_out)$")
 _SITE = {None: "resid_post", "mlp": "mlp_out", "attn": "attn_out", "self_attn": "attn_out",
          "attention": "attn_out"}
+# a transcoder's hookpoint module -> the hooks of its input and its output (module docstring)
+_TRANSCODER_SITES = {None: ("hook_resid_pre", "hook_resid_post"), "mlp": ("mlp.hook_in", "hook_mlp_out")}
 
 
 def _read_cfg(path: Path) -> dict | None:
@@ -108,6 +120,15 @@ def hook_from_hookpoint(name: str) -> str | None:
     return f"blocks.{m[1]}.hook_{_SITE[m[2]]}" if m else None
 
 
+def transcoder_hooks_from_hookpoint(name: str) -> tuple[str, str] | None:
+    """(input hook, target hook) of a sparsify transcoder at hookpoint `name`; None where saelab
+    cannot tell (module docstring)."""
+    m = _HOOKPOINT.match(name)
+    if not m or m[2] not in _TRANSCODER_SITES:
+        return None
+    return tuple(f"blocks.{m[1]}.{site}" for site in _TRANSCODER_SITES[m[2]])  # type: ignore[return-value]
+
+
 def hookpoint_from_hook(hook: str) -> str:
     """The sparsify hookpoint (`layers.N[.mlp|.self_attn]`) of a saelab hook name, for run layouts."""
     m = _HOOK.match(hook)
@@ -127,14 +148,12 @@ def import_sparsify(path: str | Path, device: str | torch.device = "cpu",
     cfg = _read_cfg(path)
     if cfg is None or not is_sparsify_dir(path):
         raise SaelabError(f"{cfg_path} is not a sparsify config (expected d_in, k and num_latents)")
-    refusals = {
-        "transcode": "it is a transcoder (it predicts another hook's output), not an autoencoder",
-        "skip_connection": "it has a skip connection (W_skip), which saelab SAEs have no form for",
-        "signed": "it is signed (no relu), which saelab SAEs have no form for",
-    }
-    for key, why in refusals.items():
-        if cfg.get(key):
-            raise SaelabError(f"{path}: cannot import this sparsify dictionary: {why}")
+    if cfg.get("signed"):
+        raise SaelabError(f"{path}: cannot import this sparsify dictionary: it is signed (no relu), "
+                          "which saelab SAEs have no form for")
+    if cfg.get("skip_connection") and not cfg.get("transcode"):
+        raise SaelabError(f"{path}: cannot import this sparsify dictionary: an autoencoder with a skip "
+                          "connection, which saelab has no form for (its transcoders have one)")
     if cfg.get("activation", "topk") != "topk":
         raise SaelabError(f"{path}: sparsify activation {cfg['activation']!r} is not supported; "
                           "saelab imports topk")
@@ -146,21 +165,30 @@ def import_sparsify(path: str | Path, device: str | torch.device = "cpu",
     recorded = cfg.get("saelab")
     saved: dict = recorded if isinstance(recorded, dict) else {}
     allocator = saved.get("allocator") if saved.get("allocator") in exportable() else "topk"
-    hook = hook_from_hookpoint(path.name if not re.fullmatch(r"seed\d+", path.name) else path.parent.name)
+    hookpoint = path.name if not re.fullmatch(r"seed\d+", path.name) else path.parent.name
+    hooks = {"hook": saved.get("hook") or hook_from_hookpoint(hookpoint)}
+    skip = bool(cfg.get("skip_connection"))
+    if cfg.get("transcode"):
+        pair = (saved["hook"], saved["target_hook"]) if saved.get("target_hook") else \
+            transcoder_hooks_from_hookpoint(hookpoint)
+        if pair is None:
+            raise SaelabError(f"{path}: a sparsify transcoder at hookpoint {hookpoint!r}, whose hooks saelab "
+                              "cannot tell; it imports transcoders at layers.N and layers.N.mlp")
+        hooks = {"hook": pair[0], "target_hook": pair[1], "d_out": d_in, "skip": skip}
     # sparsify trains on the raw model; a saelab export records its own (absent: written before
     # saelab recorded it, when every dictionary was folded)
     processing = saved.get("processing", DEFAULT_PROCESSING) if saved else "raw"
     sae_cfg = SAEConfig.from_dict({**saved, "d_in": d_in, "n_latents": n, "k": k, "allocator": allocator,
-                                   "hook": saved.get("hook") or hook, "processing": processing})
+                                   **hooks, "processing": processing})
 
     state, _ = read_safetensors(w_path, what="sparsify dictionary", device=str(device))
     expected = {"encoder.weight": (n, d_in), "encoder.bias": (n,), "W_dec": (n, d_in), "b_dec": (d_in,)}
+    expected |= {"W_skip": (d_in, d_in)} if skip else {}
     found = {name: tuple(t.shape) for name, t in state.items()}
     if found != expected:
         raise SaelabError(f"{w_path} holds {found}, but {cfg_path} implies {expected}")
-    state = {"W_enc": state["encoder.weight"], "b_enc": state["encoder.bias"], "W_dec": state["W_dec"],
-             "b_dec": state["b_dec"]}
-    return SAE.from_state(sae_cfg, state, str(w_path), dtype)
+    renames = {"encoder.weight": "W_enc", "encoder.bias": "b_enc"}
+    return SAE.from_state(sae_cfg, {renames.get(k, k): t for k, t in state.items()}, str(w_path), dtype)
 
 
 def export_sparsify(sae: SAE, out_dir: str | Path, overwrite: bool = False) -> Path:
@@ -177,14 +205,18 @@ def export_sparsify(sae: SAE, out_dir: str | Path, overwrite: bool = False) -> P
         raise SaelabError(f"this dictionary was trained on {cfg.processing} activations, but sparsify "
                           "runs dictionaries on the Hugging Face model's raw ones; train it with "
                           "--processing raw to export to sparsify, or export it with --format saelens")
+    if cfg.out_dim != cfg.d_in:
+        raise SaelabError(f"this transcoder maps width {cfg.d_in} to {cfg.out_dim}, but sparsify's "
+                          "transcoders keep the width; export it with --format saelab")
     out = check_output_dir(Path(out_dir), overwrite)
     out.mkdir(parents=True, exist_ok=True)
-    write_safetensors(out / WEIGHTS_FILE, {  # weights first, like `SAE.save`
-        "encoder.weight": sae.W_enc, "encoder.bias": sae.b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec})
-    write_json(out / CONFIG_FILE, {
+    tensors: dict[str, torch.Tensor] = {"encoder.weight": sae.W_enc, "encoder.bias": sae.b_enc,
+                                        "W_dec": sae.W_dec, "b_dec": sae.b_dec}
+    write_safetensors(out / WEIGHTS_FILE, tensors | ({"W_skip": sae.W_skip} if cfg.skip else {}))
+    write_json(out / CONFIG_FILE, {  # after the weights, like `SAE.save`
         "activation": "topk", "expansion_factor": max(1, cfg.n_latents // cfg.d_in),
         "normalize_decoder": True, "num_latents": cfg.n_latents, "k": cfg.k, "multi_topk": False,
-        "skip_connection": False, "transcode": False, "d_in": cfg.d_in,
+        "skip_connection": cfg.skip, "transcode": cfg.transcoder, "d_in": cfg.d_in,
         "exported_by": f"saelab {__version__}", "saelab": dataclasses.asdict(cfg),
     })
     return out
@@ -209,4 +241,5 @@ def load_run(path: str | Path, device: str | torch.device = "cpu",
 
 
 __all__ = ["export_sparsify", "hook_from_hookpoint", "hookpoint_from_hook", "import_sparsify",
-           "is_run_dir", "is_sparsify_dir", "load", "load_run", "recognises"]
+           "is_run_dir", "is_sparsify_dir", "load", "load_run", "recognises",
+           "transcoder_hooks_from_hookpoint"]

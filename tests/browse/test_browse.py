@@ -281,3 +281,29 @@ def test_threshold_allocators(allocator, zoo_model):
     assert card.count == int((flat[:, j] > 0).sum()) > 0
     assert card.top[0].activation == pytest.approx(flat[:, j].max().item(), rel=1e-5)
     assert card.top[0].position == int(flat[:, j].argmax())
+
+
+def test_transcoder_latents_read_the_input_and_write_the_target(zoo_model):
+    """A transcoder's card: contexts and counts from its input hook's activations, promoted
+    tokens from its decoder row at the target (hook_mlp_out: straight through the unembedding)."""
+    src, target = "blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out"
+    torch.manual_seed(0)
+    sae = SAE(SAEConfig(d_in=128, n_latents=64, k=4, hook=src, target_hook=target, d_out=128, skip=True,
+                        model="zoo:pystdlib-4l")).eval()
+    tok = zoo_model.tokenizer
+    rows = heldout_rows(tok, TokenData(split="heldout", context_length=128), 512)
+    keep = positions_to_keep(rows, tok)
+    with torch.no_grad():
+        x = zoo_model.activations(rows, [src])[src][keep]
+        pre = x @ sae.W_enc.T + sae.b_enc  # no b_dec on a transcoder's input
+        top = pre.topk(4, dim=1)
+        z = torch.zeros_like(pre).scatter(1, top.indices, top.values.relu())
+    j = int((z > 0).sum(0).argmax())
+    card = top_contexts(sae, j, tokens=512, n=3, model=zoo_model, progress=False)
+    assert card.hook == f"{src} -> {target}"
+    assert card.count == int((z[:, j] > 0).sum()) > 0
+    assert card.top[0].activation == pytest.approx(z[:, j].max().item(), rel=1e-5)
+    logits = sae.W_dec[j].detach() @ zoo_model.model.W_U.float()
+    assert [v for _, v in card.promoted[:3]] == pytest.approx(logits.topk(3).values.tolist(), rel=1e-4)
+    lowest = (-logits).topk(3).values.neg().tolist()
+    assert [v for _, v in card.suppressed[:3]] == pytest.approx(lowest, rel=1e-4)

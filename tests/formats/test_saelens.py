@@ -183,7 +183,7 @@ def test_import_errors_are_clear(tmp_path):
         "gated": ("gated", {}, None, "architecture 'gated' has no saelab equivalent"),
         "matching-pursuit": ("matching_pursuit", {}, None, "'matching_pursuit' has no saelab equivalent"),
         "transcoder": ("jumprelu_transcoder", {"d_out": D}, {"threshold": torch.zeros(N)},
-                       "'jumprelu_transcoder' has no saelab equivalent"),
+                       "transcoder names no hook_name_out"),  # imported when it names one
         "jumprelu-no-threshold": ("jumprelu", {}, None, r"holds .* but .* implies"),
         "fine-tuned-scale": (None, PRE_6, {"scaling_factor": torch.full((N,), 2.0)},
                              "fine-tuned scaling_factor"),

@@ -125,3 +125,28 @@ def test_sae_lens_model_kwargs_give_the_activations_saelab_records(tmp_path, pro
     ours = load_model(model, processing=saelab.load(out).cfg.processing).activations(tokens, hooks)
     for hook in hooks:
         torch.testing.assert_close(ours[hook], cache[hook].flatten(2), atol=1e-5, rtol=1e-5, msg=hook)
+
+
+@pytest.mark.parametrize(("allocator", "skip", "lens_class"), [
+    ("relu", False, "Transcoder"), ("relu", True, "SkipTranscoder"),
+    ("jumprelu", False, "JumpReLUTranscoder"), ("mutual_choice", True, "JumpReLUSkipTranscoder"),
+])
+def test_transcoders_both_ways(tmp_path, allocator, skip, lens_class):
+    """saelab's transcoders load in sae-lens as its own transcoder classes with equal codes and
+    outputs (forward: the skip included), and sae-lens's saves of them import back equal."""
+    from test_transcoder_formats import D_OUT, OUT, D, random_transcoder
+
+    sae = random_transcoder(allocator, skip)
+    lens = sae_lens.SAE.load_from_disk(str(export_saelens(sae, tmp_path / "lens")))
+    assert type(lens).__name__ == lens_class
+    assert (lens.cfg.d_out, lens.cfg.metadata.hook_name_out) == (D_OUT, OUT)
+    x = torch.randn(64, D)
+    with torch.no_grad():
+        z = lens.encode(x)
+        assert (z != 0).any()
+        torch.testing.assert_close(dense_code(sae, x), z)
+        torch.testing.assert_close(sae(x), lens(x))
+        lens.save_model(tmp_path / "saved")  # sae-lens's own save of it
+        back = saelab.load(tmp_path / "saved")
+        assert (back.cfg.target_hook, back.cfg.skip, back.cfg.d_out) == (OUT, skip, D_OUT)
+        torch.testing.assert_close(back(x), lens(x))

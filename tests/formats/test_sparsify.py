@@ -146,7 +146,7 @@ def test_run_directory_loads_every_hook(tmp_path):
 
 def test_import_errors_are_clear(tmp_path):
     cases = {
-        "transcoder": ({"transcode": True}, None, "is a transcoder"),
+        "transcoder": ({"transcode": True}, None, "hookpoint .transcoder., whose hooks saelab cannot tell"),
         "skip": ({"skip_connection": True}, {"W_skip": torch.zeros(D, D)}, "skip connection"),
         "groupmax": ({"activation": "groupmax"}, None, "activation 'groupmax' is not supported"),
         "signed": ({"signed": True}, None, "is signed"),

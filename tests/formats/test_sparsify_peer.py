@@ -135,3 +135,27 @@ def test_saelab_loads_a_sparsify_training_run(tmp_path):
         clean = model.logits(tokens)
         torch.testing.assert_close(model.run_with_saes(tokens, saes, error_term=True), clean)
         assert not torch.allclose(model.run_with_saes(tokens, saes), clean)
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_transcoders_both_ways(tmp_path, skip):
+    """sparsify's transcoders (transcode, skip_connection) with random weights import with its own
+    codes and outputs (its forward with the skip), and saelab's exports load in sparsify alike."""
+    from test_transcoder_formats import random_transcoder
+
+    coder = random_coder(0, num_latents=N, k=K, transcode=True, skip_connection=skip)
+    coder.save_to_disk(tmp_path / "h.1.mlp")
+    sae = saelab.load(tmp_path / "h.1.mlp")
+    assert (sae.cfg.hook, sae.cfg.target_hook, sae.cfg.skip) == \
+        ("blocks.1.mlp.hook_in", "blocks.1.hook_mlp_out", skip)
+    x = torch.randn(64, D)
+    with torch.no_grad():
+        z, _ = sparsify_code(coder, x)
+        assert (z != 0).any()
+        torch.testing.assert_close(dense_code(sae, x), z)
+        torch.testing.assert_close(sae(x), coder(x).sae_out)
+        mine = random_transcoder("topk", skip, d_out=D, processing="raw")
+        theirs = sparsify.SparseCoder.load_from_disk(export_sparsify(mine, tmp_path / "layers.1.mlp"))
+        assert theirs.cfg.transcode and theirs.cfg.skip_connection == skip
+        torch.testing.assert_close(dense_code(mine, x), sparsify_code(theirs, x)[0])
+        torch.testing.assert_close(mine(x), theirs(x).sae_out)
