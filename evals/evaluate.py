@@ -24,6 +24,7 @@ from saelab.evals.latents import LatentStats
 from saelab.evals.reconstruction import ReconstructionStats
 from saelab.evals.spliced import SplicedLoss, prediction_mask
 from saelab.models import HookedModel
+from saelab.tasks import generate
 
 DEFAULT_TOKENS = 2**15  # the end-of-run eval's default window (`TrainConfig.eval_tokens`)
 
@@ -48,12 +49,18 @@ class EvalConfig:
                                 "replace", path=True)
     overwrite: bool = doc_field(False, "Allow writing into a non-empty --out directory.")
     device: str = doc_field("cpu", "Torch device.")
+    task: str | None = doc_field(None, "Also measure how faithful circuits of the dictionary's "
+                                 "latents (and error node) are on this task (ioi, greater-than, "
+                                 "docstring, induction): CPR, CMD and nodes to f >= 0.8, EAP-IG "
+                                 "scores, 48 held-out prompts.", "no circuit eval")
 
     def __post_init__(self) -> None:
         check_field_types(self)
         for name, low in (("tokens", 1), ("batch_rows", 1), ("context_length", 2)):
             check_number(name, getattr(self, name), low)
         check_device(self.device)
+        if self.task is not None:
+            generate(self.task, 1)  # an unknown task fails here, before any work
 
     def settings(self) -> dict:
         """`evaluate`'s keywords (all but where the report goes)."""
