@@ -210,8 +210,11 @@ def gradient_scores(model: HookedModel, tokens: TaskTokens, basis: Basis, method
 
 
 def code_scores(model: HookedModel, task: str | Task, basis: Basis, prompts: int, seed: int,
-                progress: bool = True) -> Attribution:
-    """O'Neill & Bui's per-head counts from one `discover` trial (heads only)."""
+                progress: bool = True, config=None) -> Attribution:
+    """O'Neill & Bui's per-head counts from one `discover` trial (heads only) of `config` (a
+    DiscoverConfig; its SAE settings are used, with one trial of `prompts` held-out prompts)."""
+    from dataclasses import replace
+
     from .discover import DiscoverConfig, discover
     from .patching import GroundTruth
 
@@ -223,8 +226,8 @@ def code_scores(model: HookedModel, task: str | Task, basis: Basis, prompts: int
     none = torch.full((n,), float("nan"))
     truth = GroundTruth(n_layers, n // n_layers, none, none, torch.full((n, n), float("nan")), None,
                         "counterfactual", 0, 0, 0, 0.0, 0.0, "logit-diff", 0.0, 0.0)
-    res = discover(model, task, config=DiscoverConfig(trials=1, prompts=prompts, edges=False, seed=seed),
-                   truth=truth, progress=progress)
+    cfg = replace(config or DiscoverConfig(), trials=1, prompts=prompts, edges=False, seed=seed)
+    res = discover(model, task, config=cfg, truth=truth, progress=progress)
     return Attribution("codes", "heads", basis.names, res.node_counts[0], basis.errors,
                        res.passes[0], 0, res.seconds[0], prompts)
 
@@ -232,12 +235,13 @@ def code_scores(model: HookedModel, task: str | Task, basis: Basis, prompts: int
 def attribute(model: HookedModel, task: str | Task | TaskTokens, basis="heads", method: str = "eap-ig",
               *, prompts: int = 64, seed: int = 0, ablation: str = "counterfactual",
               metric: str = "logit-diff", steps: int = DEFAULT_STEPS,
-              max_nodes: int = DEFAULT_MAX_NODES, progress: bool = True) -> Attribution:
+              max_nodes: int = DEFAULT_MAX_NODES, progress: bool = True,
+              codes_config=None) -> Attribution:
     """Score every node of `basis` ("heads", "neurons", a dictionary path, an SAE, {hook: SAE} or
     a `Basis`) on `task` (a name, a `Task`, or `TaskTokens`) with `method` (`METHODS`).
 
     A task name draws `prompts` distinct rows with `seed`; codes draws its own (training and
-    held-out) rows from the task."""
+    held-out) rows from the task, its SAE set by `codes_config` (a DiscoverConfig)."""
     from saelab.tasks import draw_distinct
 
     if method not in METHODS:
@@ -246,7 +250,7 @@ def attribute(model: HookedModel, task: str | Task | TaskTokens, basis="heads", 
     if method == "codes":
         if isinstance(task, TaskTokens):
             raise SaelabError("the codes method needs a task name or Task, not tokens")
-        return code_scores(model, task, b, prompts, seed, progress)
+        return code_scores(model, task, b, prompts, seed, progress, codes_config)
     if isinstance(task, TaskTokens):
         tokens = task
     else:

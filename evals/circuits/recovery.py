@@ -88,9 +88,9 @@ def pearson(a: torch.Tensor, b: torch.Tensor) -> float | None:
 
 def recover(model: HookedModel, task: str | Task, basis="heads", method: str = "eap-ig",
             config: AttributionConfig | None = None, progress: bool = True,
-            truth: bool = True) -> dict:
+            truth: bool = True, codes_config=None) -> dict:
     """The report dict of one method on one basis; see the module docstring (`truth=False`
-    skips step 3)."""
+    skips step 3; `codes_config`: the DiscoverConfig of the codes method's SAE)."""
     cfg = config or AttributionConfig()
     if isinstance(basis, str):
         check_method(method, basis)
@@ -107,7 +107,7 @@ def recover(model: HookedModel, task: str | Task, basis="heads", method: str = "
     kw = {"ablation": cfg.node_ablation, "metric": metric, "progress": progress}
     if method == "codes":
         scores = attribute(model, task, b, "codes", prompts=cfg.attr_prompts, seed=cfg.attr_seed,
-                           progress=progress)
+                           progress=progress, codes_config=codes_config)
     else:
         scores = attribute(model, scored, b, method, steps=cfg.ig_steps,
                            max_nodes=cfg.max_patch_nodes, **kw)
