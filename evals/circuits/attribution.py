@@ -186,17 +186,15 @@ def gradient_scores(model: HookedModel, tokens: TaskTokens, basis: Basis, method
         grads, backward = _gradients(model, tokens, basis, metric), 1
     else:
         embeds = model.activations(tokens.cf.to(model.device), ["hook_embed"])["hook_embed"]
-        grads, backward = None, steps
+        backward = steps
+        runs = []
         for k in range(1, steps + 1):
-            alpha = k / steps
-
-            def embed(x: torch.Tensor, a: float = alpha) -> torch.Tensor:
+            def embed(x: torch.Tensor, a: float = k / steps) -> torch.Tensor:
                 return embeds.to(x) + a * (x - embeds.to(x))
 
-            g = _gradients(model, tokens, basis, metric, embed)
-            grads = g if grads is None else [[a + b for a, b in zip(p, q, strict=True)]
-                                             for p, q in zip(grads, g, strict=True)]
-        grads = [[g / steps for g in parts] for parts in grads]
+            runs.append(_gradients(model, tokens, basis, metric, embed))
+        grads = [[torch.stack(g).mean(0) for g in zip(*site, strict=True)]
+                 for site in zip(*runs, strict=True)]
         run.passes += len(tokens)  # the counterfactual embeddings
     score = torch.cat([((s - c) * g.cpu()).sum((1, 3)) for src_p, clean_p, grad_p in
                        zip(src.source, src.clean, grads, strict=True)

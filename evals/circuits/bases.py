@@ -94,11 +94,11 @@ class DictionarySite(Site):
     def split(self, x):
         with torch.no_grad():
             z = self.sae.encode_dense(x.to(self.sae.dtype)).to(x.dtype)
-        error = x - (z @ self.sae.W_dec.to(x.dtype) + self.sae.b_dec.to(x.dtype))
+            error = x - (z @ self.sae.W_dec.to(x.dtype) + self.sae.b_dec.to(x.dtype))
         return [z.unsqueeze(-1), error.unsqueeze(-2)]
 
     def lin(self, parts):
-        return parts[0].squeeze(-1) @ self.sae.W_dec.to(parts[0].dtype) + parts[1].squeeze(-2)
+        return parts[0].squeeze(-1) @ self.sae.W_dec.detach().to(parts[0].dtype) + parts[1].squeeze(-2)
 
     def sizes(self):
         return [len(self.names) - 1, 1]
@@ -164,7 +164,7 @@ def heads(model: HookedModel) -> Basis:
 
 def neurons(model: HookedModel) -> Basis:
     d_mlp = getattr(model.model.cfg, "d_mlp", None)
-    sites = [NeuronSite(layer, d_mlp or 0) for layer in range(model.n_layers)]
+    sites: list[Site] = [NeuronSite(layer, d_mlp or 0) for layer in range(model.n_layers)]
     if not d_mlp or any(s.hook not in model.model.hook_dict for s in sites):
         raise SaelabError(f"model {model.spec} has no MLP neurons to patch (blocks.L.mlp.hook_post "
                           "is missing); use --basis heads or a dictionary")

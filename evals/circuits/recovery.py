@@ -104,7 +104,7 @@ def recover(model: HookedModel, task: str | Task, basis="heads", method: str = "
     scored = tokenize(rows.subset(range(cfg.attr_prompts)), model.tokenizer, model.context_length)
     held = tokenize(rows.subset(range(cfg.attr_prompts, len(rows))), model.tokenizer,
                     model.context_length)
-    kw = {"ablation": cfg.node_ablation, "metric": metric, "progress": progress}
+    kw: dict = {"ablation": cfg.node_ablation, "metric": metric, "progress": progress}
     if method == "codes":
         scores = attribute(model, task, b, "codes", prompts=cfg.attr_prompts, seed=cfg.attr_seed,
                            progress=progress, codes_config=codes_config)
