@@ -179,6 +179,9 @@ def gradient_scores(model: HookedModel, tokens: TaskTokens, basis: Basis, method
     """EAP or EAP-IG (inputs) node scores; see the module docstring."""
     if steps < 1:
         raise SaelabError(f"steps must be positive, got {steps}")
+    if method == "eap-ig" and ablation != "counterfactual":
+        raise SaelabError("eap-ig interpolates from the counterfactual's token embeddings; use "
+                          "ablation counterfactual with it, or eap for mean ablation")
     check_tokens(tokens, ablation)
     start, run = time.perf_counter(), _Runner(model, tokens, metric)
     src = Sources(run, basis, ablation)

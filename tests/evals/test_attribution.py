@@ -147,10 +147,11 @@ def test_attribution_equals_exact_patching_where_the_model_is_linear(head_model,
     tok = tokenize(TASK, head_model.tokenizer)
     sae = pair_dictionary(head_model, tok) if make is pair_dictionary else partial_dictionary(head_model)
     b = basis(head_model, sae)
-    truth = exact(head_model, tok, b, progress=False).scores
-    for method in GRADIENT_METHODS:
-        got = attribute(head_model, tok, b, method).scores
-        assert torch.allclose(got, truth, atol=FLOAT32_NOISE * truth.abs().max()), method
+    for ablation, methods in (("counterfactual", GRADIENT_METHODS), ("mean", ("eap",))):
+        truth = exact(head_model, tok, b, ablation, progress=False).scores
+        for method in methods:
+            got = attribute(head_model, tok, b, method, ablation=ablation).scores
+            assert torch.allclose(got, truth, atol=FLOAT32_NOISE * truth.abs().max()), method
 
 
 def test_error_node_carries_what_the_latents_miss(head_model):
@@ -229,6 +230,9 @@ def test_bad_input_is_one_line(head_model):
     with pytest.raises(SaelabError) as e:
         attribute(head_model, longer, "heads", "eap")
     assert "differ in length" in one_line(e)
+    with pytest.raises(SaelabError) as e:
+        attribute(head_model, tok, "heads", "eap-ig", ablation="mean")
+    assert "use ablation counterfactual" in one_line(e)
     with pytest.raises(SaelabError) as e:
         attribute(head_model, tok, "heads", "acdc")
     assert "unknown attribution method 'acdc'" in one_line(e)
