@@ -52,7 +52,8 @@ class AttributionConfig:
                                      "pass over the prompts per node).")
     completeness: bool = doc_field(True, "Also measure completeness (the circuit patched, the "
                                    "rest kept) at every size.")
-    attr_metric: str | None = doc_field(None, "Task metric: logit-diff or prob-diff.",
+    attr_metric: str | None = doc_field(None, "Task metric: logit-diff or prob-diff (--metric "
+                                        "also sets it).",
                                         default_doc="the task's own: prob-diff for greater-than, "
                                         "logit-diff otherwise")
     attr_seed: int = doc_field(0, "Seed of the scored and held-out prompts.")

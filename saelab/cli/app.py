@@ -340,13 +340,18 @@ def circuits(**flags) -> None:
 
 def _attribution_circuits(cfg: CircuitsConfig) -> None:
     """`saelab circuits --method patching|eap|eap-ig`: scores, agreement, faithfulness."""
+    import dataclasses
+
     from saelab.evals.circuits.recovery import recover
     from saelab.evals.circuits.recovery_report import format_summary, write_report
     from saelab.models import load_model
     from saelab.tasks import load_task_file
 
     task = load_task_file(cfg.task_file) if cfg.task_file else cfg.task
-    report = recover(load_model(cfg.model, cfg.device), task, cfg.basis, cfg.method, cfg.attribution)
+    attr = cfg.attribution
+    if attr.attr_metric is None and cfg.discover.metric is not None:  # --metric serves both
+        attr = dataclasses.replace(attr, attr_metric=cfg.discover.metric)
+    report = recover(load_model(cfg.model, cfg.device), task, cfg.basis, cfg.method, attr)
     paths = write_report(report, cfg.out)
     typer.echo(format_summary(report))
     typer.echo(f"wrote {', '.join(p.name for p in paths)} -> {cfg.out}")

@@ -35,6 +35,7 @@ def test_circuits_cli_attribution_on_heads(model_and_task, tmp_path, monkeypatch
     assert code == 0, cap.err
     data = json.loads((out / "circuits.json").read_text())
     assert data["method"] == method and data["basis"] == "heads" and data["nodes"] == 4
+    assert data["metric"] == "logit-diff"
     assert data["node_roc_auc"] == 1.0 and data["nodes_to_08"] == 1
     assert 0.8 < data["cpr"] <= 1 and 0 <= data["cmd"] < 0.2
     f = data["faithfulness"]
@@ -50,12 +51,13 @@ def test_circuits_cli_dictionary_basis(model_and_task, tmp_path, monkeypatch, ca
     sae_dir = partial_dictionary(model).save(tmp_path / "sae")
     out = tmp_path / "c"
     code, cap = run_cli(["circuits", "--model", model.spec, "--task-file", str(task), "--method",
-                         "eap", "--basis", str(sae_dir), *SMALL, "--out", str(out)], monkeypatch, capsys)
+                         "eap", "--basis", str(sae_dir), "--metric", "prob-diff", *SMALL, "--out",
+                         str(out)], monkeypatch, capsys)
     assert code == 0, cap.err
     data = json.loads((out / "circuits.json").read_text())
-    assert data["nodes"] == 5 and data["error_nodes"] == 1
+    assert data["nodes"] == 5 and data["error_nodes"] == 1 and data["metric"] == "prob-diff"
     assert data["sites"] == ["ln_final.hook_normalized"]
-    assert data["pearson"] > 0.999  # linear after this site: EAP is exact patching
+    assert data["pearson"] > 0.99  # the logits are linear after this site; prob-diff is not
 
 
 def test_circuits_cli_bad_input(model_and_task, tmp_path, monkeypatch, capsys):
