@@ -24,6 +24,7 @@ from saelab.evals.latents import LatentStats
 from saelab.evals.reconstruction import ReconstructionStats
 from saelab.evals.spliced import SplicedLoss, prediction_mask
 from saelab.models import HookedModel
+from saelab.tasks import generate
 
 DEFAULT_TOKENS = 2**15  # the end-of-run eval's default window (`TrainConfig.eval_tokens`)
 
@@ -54,6 +55,10 @@ class EvalConfig:
     probe_labels: str = doc_field("python", "With --probes: python (tokenize labels on the data's "
                                   "held-out files) or tasks (roles from the circuit-task "
                                   "generators, for zoo:tasks-4l-v2).")
+    task: str | None = doc_field(None, "Also measure how faithful circuits of the dictionary's "
+                                 "latents (and error node) are on this task (ioi, greater-than, "
+                                 "docstring, induction): CPR, CMD and nodes to f >= 0.8, EAP-IG "
+                                 "scores, 48 held-out prompts.", "no circuit eval")
 
     def __post_init__(self) -> None:
         check_field_types(self)
@@ -63,6 +68,8 @@ class EvalConfig:
         from saelab.evals.probes.run import check_label_source  # here: saelab.evals imports both
 
         check_label_source(self.probe_labels)
+        if self.task is not None:
+            generate(self.task, 1)  # an unknown task fails here, before any work
 
     def settings(self) -> dict:
         """`evaluate`'s keywords (all but where the report goes)."""

@@ -70,7 +70,8 @@ def format_summary(report: dict) -> str:
     """A one-screen text summary for the terminal."""
     lines = [f"Evaluated {_title(report)}",
              f"  data: {report['data']} ({report['split']})"]
-    return "\n".join(lines + text_table(_rows(report)))
+    rows = _rows(report) + (_circuit_rows(report["circuit"]) if report.get("circuit") else [])
+    return "\n".join(lines + text_table(rows))
 
 
 def _density_plot(r: dict) -> Figure:
@@ -110,7 +111,20 @@ def _markdown(r: dict) -> str:
              f"Dictionary: `{r['dictionary'] or '(in memory)'}`. Data: `{r['data']}` ({r['split']} split). "
              f"saelab {r['saelab_version']}, {r['seconds']} s.", ""]
     lines += [*md_table(("metric", "value", "meaning"), _rows(r)), "", *md_images(PLOTS)]
+    if r.get("circuit"):
+        lines += ["## Circuit faithfulness", "", *md_table(("metric", "value", "meaning"),
+                                                         _circuit_rows(r["circuit"])), ""]
     return "\n".join(lines)
+
+
+def _circuit_rows(c: dict) -> list[tuple[str, str, str]]:
+    """`saelab eval --task`'s rows: faithfulness of circuits of this dictionary's nodes."""
+    where = (f"{c['method']} scores; top nodes kept, the rest {c['ablation']}-patched, on "
+             f"{c['prompts']} held-out {c['task']} prompts ({c['metric']})")
+    return [("CPR", _fmt(c["cpr"]), f"area under faithfulness against fraction kept; {where}"),
+            ("CMD", _fmt(c["cmd"]), "area under |1 - faithfulness| (lower is better)"),
+            ("nodes to f >= 0.8", _fmt(c["nodes_to_08"]),
+             f"of {c['nodes']:,} (latents and one error node)")]
 
 
 def write_report(report: dict, out_dir: str | Path) -> list[Path]:

@@ -4,11 +4,21 @@
     result = discover("zoo:tasks-4l", "ioi", config=DiscoverConfig(train_prompts=10, trials=10))
     result.summary()["node_roc_auc"]              # {"mean": ..., "std": ...} on held-out prompts
     write_report(result, "runs/circuits")         # circuits.json, circuits.md, PNGs
+
+Node attribution on any basis (heads, neurons, a dictionary's latents with error nodes):
+
+    from saelab.evals.circuits import attribute, recover
+    a = attribute(model, "ioi", "heads", "eap-ig")   # a.scores: per-node effect estimates
+    report = recover(model, "ioi", "runs/sae", "eap-ig")  # + exact patching, CPR / CMD curves
 """
 
+from saelab.evals.circuits.attribution import Attribution, attribute
 from saelab.evals.circuits.discover import DEFAULT_SAE, CircuitResult, DiscoverConfig, discover
+from saelab.evals.circuits.faithfulness import faithfulness
 from saelab.evals.circuits.patching import GroundTruth, ground_truth, ground_truth_sets
+from saelab.evals.circuits.recovery import AttributionConfig, recover
 from saelab.evals.circuits.report import format_summary, headline, write_report
 
-__all__ = ["DEFAULT_SAE", "CircuitResult", "DiscoverConfig", "GroundTruth", "discover",
-           "format_summary", "ground_truth", "ground_truth_sets", "headline", "write_report"]
+__all__ = ["DEFAULT_SAE", "Attribution", "AttributionConfig", "CircuitResult", "DiscoverConfig",
+           "GroundTruth", "attribute", "discover", "faithfulness", "format_summary", "ground_truth",
+           "ground_truth_sets", "headline", "recover", "write_report"]

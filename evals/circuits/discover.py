@@ -43,6 +43,7 @@ from saelab.tasks import (
 from . import published, scoring
 from .codes import POSITIONS, SAE_KINDS, codes, head_outputs, train_sae
 from .patching import ABLATIONS, GroundTruth, edge_mask, ground_truth_sets, head_shape
+from .recovery import AttributionConfig, check_method
 
 # Chosen on a development seed (benchmarks/circuits.py --seed 1, zoo:tasks-4l, 10 trials of 10
 # training prompts; node ROC AUC on held-out prompts): relu at the last position 0.84 / 0.70 /
@@ -127,8 +128,14 @@ class CircuitsConfig:
     task_file: str | None = doc_field(None, 'Your own task: JSONL, one {"prompt", '
                                       '"counterfactual", "answer", "wrong"} object a line.',
                                       path=True)
+    method: str = doc_field("codes", "How nodes are scored: codes (O'Neill & Bui, heads), "
+                            "patching (exact), eap or eap-ig (attribution patching).")
+    basis: str = doc_field("heads", "What the nodes are: heads, neurons, or a dictionary or run "
+                           "directory (its latents and error nodes at its hooks).")
     discover: DiscoverConfig = dataclasses.field(default_factory=DiscoverConfig,
                                                  metadata={"panel": "Discovery"})
+    attribution: AttributionConfig = dataclasses.field(default_factory=AttributionConfig,
+                                                       metadata={"panel": "Attribution"})
     out: str = doc_field("runs/circuits", "Directory for circuits.json, circuits.md and the "
                          "PNGs.", path=True)
     overwrite: bool = doc_field(False, "Allow writing into a non-empty --out directory.")
@@ -137,6 +144,7 @@ class CircuitsConfig:
     def __post_init__(self) -> None:
         check_field_types(self)
         check_device(self.device)
+        check_method(self.method, self.basis)
 
 
 @dataclass

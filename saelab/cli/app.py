@@ -156,6 +156,8 @@ def eval_cmd(dictionary: Path, **flags) -> None:
     check_output_dir(target, cfg.overwrite or own)
     probed = _probes(dictionary, cfg) if cfg.probes else None  # first: data that is not Python fails before the eval's pass
     report = evaluate(str(dictionary), **cfg.settings())
+    if cfg.task is not None:
+        report["circuit"] = _dictionary_circuit(dictionary, report, cfg)
     paths = write_report(report, target)
     typer.echo(format_summary(report))
     if probed is not None:
@@ -171,6 +173,17 @@ def _probes(dictionary: Path, cfg: EvalConfig) -> dict:
 
     settings = {k: v for k, v in cfg.settings().items() if k != "tokens"}
     return probes(str(dictionary), tokens=cfg.probe_tokens, labels=cfg.probe_labels, **settings)
+
+
+def _dictionary_circuit(dictionary: Path, report: dict, cfg: EvalConfig) -> dict:
+    """`saelab eval --task`: the dictionary's circuit faithfulness in the model it was evaluated in."""
+    from saelab.evals.circuits.recovery import dictionary_circuit
+    from saelab.formats import load_one
+    from saelab.models import load_model
+
+    model = load_model(report["model"], cfg.device, processing=report["processing"])
+    assert cfg.task is not None
+    return dictionary_circuit(model, load_one(dictionary, cfg.device), cfg.task)
 
 
 app.command("eval")(with_options(eval_cmd, [
@@ -325,15 +338,38 @@ app.command()(with_options(browse, [
 
 
 def circuits(**flags) -> None:
-    """Find a task's circuit from SAE codes of per-head outputs and score it against patching."""
+    """Find a task's circuit (SAE codes of per-head outputs, or with --method exact patching, EAP
+    or EAP-IG on heads, neurons or a dictionary) and score it against patching."""
     from saelab.evals.circuits import discover, format_summary, write_report
     from saelab.storage.files import check_output_dir
 
     cfg = from_flags(CircuitsConfig, flags)
     check_output_dir(Path(cfg.out), cfg.overwrite)
+    if cfg.method != "codes":
+        _attribution_circuits(cfg)
+        return
     result = discover(cfg.model, cfg.task, task_file=cfg.task_file, config=cfg.discover, device=cfg.device)
     paths = write_report(result, cfg.out)
     typer.echo(format_summary(result))
+    typer.echo(f"wrote {', '.join(p.name for p in paths)} -> {cfg.out}")
+
+
+def _attribution_circuits(cfg: CircuitsConfig) -> None:
+    """`saelab circuits --method patching|eap|eap-ig`: scores, agreement, faithfulness."""
+    import dataclasses
+
+    from saelab.evals.circuits.recovery import recover
+    from saelab.evals.circuits.recovery_report import format_summary, write_report
+    from saelab.models import load_model
+    from saelab.tasks import load_task_file
+
+    task = load_task_file(cfg.task_file) if cfg.task_file else cfg.task
+    attr = cfg.attribution
+    if attr.attr_metric is None and cfg.discover.metric is not None:  # --metric serves both
+        attr = dataclasses.replace(attr, attr_metric=cfg.discover.metric)
+    report = recover(load_model(cfg.model, cfg.device), task, cfg.basis, cfg.method, attr)
+    paths = write_report(report, cfg.out)
+    typer.echo(format_summary(report))
     typer.echo(f"wrote {', '.join(p.name for p in paths)} -> {cfg.out}")
 
 
