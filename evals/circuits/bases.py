@@ -184,6 +184,10 @@ def _in_order(model: HookedModel, saes: dict) -> list[tuple[str, object]]:
 
 def dictionary_site(model: HookedModel, hook: str, sae) -> DictionarySite:
     """A dictionary's site, refused in one line when it does not fit the model."""
+    if sae.cfg.transcoder:  # its latents rebuild another hook: a node basis here splits one hook
+        raise SaelabError(f"the dictionary at {hook} is a transcoder ({hook} -> "
+                          f"{sae.cfg.target_hook}); circuit bases take SAEs, which rebuild the "
+                          "hook they read")
     model.check_hooks([hook])
     model.check_dictionary(sae, hook)
     width = model.hook_dims([hook])[hook]

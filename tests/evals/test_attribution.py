@@ -221,6 +221,11 @@ def test_bad_input_is_one_line(head_model):
     with pytest.raises(SaelabError) as e:
         basis(head_model, narrow)
     assert f"d_in={d // 2}" in one_line(e) and f"{d} wide" in one_line(e)
+    transcoder = SAE(SAEConfig(d_in=d, n_latents=4, k=1, hook="blocks.0.hook_resid_mid",
+                               target_hook="blocks.0.hook_resid_post"))
+    with pytest.raises(SaelabError) as e:
+        basis(head_model, transcoder)
+    assert "is a transcoder" in one_line(e) and "blocks.0.hook_resid_post" in one_line(e)
     same = Task("same", ("abcd",), ("abcd",), (("e",),), (("f",),))
     for method in ("patching", "eap", "eap-ig"):
         with pytest.raises(SaelabError) as e:
