@@ -11,6 +11,8 @@ n_latents, n_latents is appended (as SAELens does). Without them: n/16, n/4, n.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from saelab.allocators.base import Allocator
@@ -44,7 +46,7 @@ def check_widths(widths: list[int] | None, n_latents: int | None, kind: Allocato
     if not isinstance(widths, list) or not widths or not all(
             isinstance(w, int) and not isinstance(w, bool) for w in widths):
         raise SaelabError(f"matryoshka must be a list of whole prefix widths, got {widths!r}")
-    if widths[0] < 1 or any(a >= b for a, b in zip(widths, widths[1:])):
+    if widths[0] < 1 or any(a >= b for a, b in itertools.pairwise(widths)):
         raise SaelabError(f"matryoshka prefix widths must be positive and strictly increasing, got "
                           f"{','.join(map(str, widths))}")
     if n_latents is None:

@@ -25,7 +25,7 @@ def assert_same_codes(sae, lens) -> None:
 @pytest.mark.parametrize(("allocator", "lens_class"), [
     ("topk", "TopKSAE"), ("gradient_topk", "TopKSAE"),
     ("mutual_choice", "JumpReLUSAE"), ("feature_choice", "JumpReLUSAE"),
-    ("relu", "StandardSAE"), ("jumprelu", "JumpReLUSAE"),
+    ("relu", "StandardSAE"), ("jumprelu", "JumpReLUSAE"), ("matryoshka", "JumpReLUSAE"),
 ])
 def test_sae_lens_loads_saelab_exports(tmp_path, allocator, lens_class):
     sae = random_sae(allocator)
