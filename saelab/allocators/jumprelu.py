@@ -10,11 +10,13 @@ H has no useful gradient, so the backward uses the paper's pseudo-derivatives wi
 rectangle kernel K(u) = 1 for |u| < 1/2, bandwidth eps:
 
     dz_j/dpre_j = H(pre_j - theta_j)      dz_j/dtheta_j = -(theta_j / eps) K((pre_j - theta_j) / eps)
-    dH/dpre_j   = 0 or +(1 / eps) K(...)  dH/dtheta_j   = -(1 / eps) K((pre_j - theta_j) / eps)
+    dH/dpre_j   = 0                       dH/dtheta_j   = -(1 / eps) K((pre_j - theta_j) / eps)
 
-dH/dpre_j = 0 is DeepMind's form (the paper; SAELens's jumprelu_ste_to_input False): only the
-thresholds carry the L0 penalty. The other, the default (`--jumprelu-ste-to-input`; Anthropic's
-form, SAELens's True), lets the penalty push the pre-activations down too, through the encoder:
+That is DeepMind's form (the paper; SAELens's jumprelu_ste_to_input False): the kernel terms
+reach the thresholds only. The default (`--jumprelu-ste-to-input`; Anthropic's form, SAELens's
+True) also passes them to the pre-activations with the opposite sign (z and H depend on pre
+through pre - theta: dz_j/dpre_j = H + (theta_j / eps) K, dH/dpre_j = (1 / eps) K), so the L0
+penalty pushes the encoder too:
 in saelab's short runs DeepMind's form could not hold L0 at the target (Adam moves log theta by
 about lr per step while the encoder drifts faster; L0 rose 16 -> 33 with lambda at 1e8).
 Only pairs with
@@ -39,16 +41,19 @@ class JumpReLUFn(torch.autograd.Function):
     """pre * H(pre - theta), with the pseudo-derivative for theta (module docstring)."""
 
     @staticmethod
-    def forward(ctx, pre: torch.Tensor, theta: torch.Tensor, bandwidth: float) -> torch.Tensor:
+    def forward(ctx, pre: torch.Tensor, theta: torch.Tensor, bandwidth: float,
+                to_input: bool) -> torch.Tensor:
         ctx.save_for_backward(pre, theta)
-        ctx.bandwidth = bandwidth
+        ctx.bandwidth, ctx.to_input = bandwidth, to_input
         return pre * (pre > theta)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         pre, theta = ctx.saved_tensors
         eps = ctx.bandwidth
-        return grad * (pre > theta), -(theta / eps) * rectangle((pre - theta) / eps) * grad, None
+        jump = (theta / eps) * rectangle((pre - theta) / eps) * grad
+        d_pre = grad * (pre > theta)
+        return (d_pre + jump if ctx.to_input else d_pre), -jump, None, None
 
 
 class StepFn(torch.autograd.Function):
@@ -84,7 +89,7 @@ class JumpReLU(Allocator):
         assert learned is not None, "the trainer passes the thresholds it learns"
         sel = from_mask(pre > learned.theta.detach() - learned.bandwidth / 2)
         pre_vals = sparse_encode(x - sae.b_dec, sae.W_enc, sae.b_enc, sel.idx, pre)
-        vals = JumpReLUFn.apply(pre_vals, learned.theta[sel.idx], learned.bandwidth)
+        vals = JumpReLUFn.apply(pre_vals, learned.theta[sel.idx], learned.bandwidth, learned.ste_to_input)
         return sel, vals if sel.mask is None else vals * sel.mask
 
     def penalty(self, sae, x, pre, sel, vals, world, learned):

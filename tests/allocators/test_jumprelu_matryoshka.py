@@ -54,14 +54,16 @@ def test_l0_pseudo_gradients_are_finite_differences_of_the_smoothed_l0(to_input)
     assert (theta.grad != 0).sum() >= 5  # the band is populated: the check compares something
 
 
-def test_reconstruction_gradients_match_a_dense_float64_backward():
-    """z = pre H(pre - theta): gradient H to pre (so to W_enc, b_enc), -(theta/eps) K((pre -
-    theta)/eps) to theta, as the paper's pseudo-derivative, written densely here."""
+@pytest.mark.parametrize("to_input", [False, True])
+def test_reconstruction_gradients_match_a_dense_float64_backward(to_input):
+    """z = pre H(pre - theta): -(theta/eps) K((pre - theta)/eps) to theta (the paper's
+    pseudo-derivative); to pre (so to W_enc, b_enc) H, plus (theta/eps) K straight through to the
+    input in Anthropic's form; written densely here."""
     sae, x, theta0 = _jumprelu(1)
     kind = allocators.get("jumprelu")
     theta = theta0.clone().requires_grad_(True)
     pre = sae.pre_acts(x)
-    sel, vals = kind.train_code(sae, x, pre, None, Learned(theta, EPS))
+    sel, vals = kind.train_code(sae, x, pre, None, Learned(theta, EPS, to_input))
     target = torch.randn_like(x)
     ((sae.decode(sel.idx, vals) - target).pow(2).sum()).backward()
 
@@ -72,7 +74,8 @@ def test_reconstruction_gradients_match_a_dense_float64_backward():
     g_z = 2 * ((z @ sae.W_dec.detach() + sae.b_dec.detach()) - target) @ sae.W_dec.detach().T
     kernel = (((dense_pre.detach() - theta0) / EPS).abs() < 0.5).double()
     torch.testing.assert_close(theta.grad, (g_z * -(theta0 / EPS) * kernel).sum(0))
-    (g_z.detach() * z).sum().backward()  # the gradient H g_z to pre, through the encoder
+    g_pre = g_z * (active + to_input * (theta0 / EPS) * kernel)
+    (g_pre.detach() * dense_pre).sum().backward()  # that gradient to pre, through the encoder
     torch.testing.assert_close(sae.W_enc.grad, W_enc.grad)
     torch.testing.assert_close(sae.b_enc.grad, b_enc.grad)
     assert (kernel * (1 - active)).sum() > 0  # pairs just below their threshold count too
