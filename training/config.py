@@ -131,8 +131,10 @@ class OptimConfig:
         "target L0), then its thresholds start where each latent fires on k/n of the batch.")
     l1_coefficient: float = doc_field(0.1, "relu: weight of the L1 penalty sum_j z_j ||W_dec[j]|| "
                                       "(divided by the batch's RMS distance to its mean, so scale-free).")
-    l0_coefficient: float = doc_field(1e-3, "jumprelu: starting weight lambda of the L0 penalty "
-                                      "(loss = FVU + lambda * L0); --l0-controller then steers it.")
+    l0_coefficient: float | None = doc_field(
+        None, "jumprelu: starting weight lambda of the L0 penalty (loss = FVU + lambda * L0); "
+        "--l0-controller then steers it.", "balanced against the reconstruction's pull on the "
+        "thresholds at the first thresholded step (training.thresholds)")
     l0_controller: float = doc_field(
         0.05, "jumprelu: after each step lambda *= exp(rate * clip(L0 / k - 1, -1, 1)), steering "
         "the batch L0 to --k; 0 keeps lambda fixed at --l0-coefficient.")

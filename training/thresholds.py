@@ -12,7 +12,11 @@ the controller that steers the L0 penalty's coefficient lambda to the target L0.
   by about lr per step, so from there a short run barely moves it (SAELens issue #494).
 - bandwidth eps = `jumprelu_bandwidth` x that batch's RMS distance to its mean per dimension,
   the scale pre-activations of unit-norm encoder rows have; fixed for the run.
-- lambda: starts at `l0_coefficient`; after each step, with the global batch's L0,
+- lambda: starts at `l0_coefficient` or, by default, balanced on the first thresholded batch:
+  the value whose L0 pull on the thresholds best cancels the reconstruction's (least squares over
+  the latents of the two gradients w.r.t. theta: -<g_rec, g_L0> / ||g_L0||^2), since a fixed start
+  was 10x off between dictionary sizes (measured: balance ~1e-3 at n = 1024, k = 16; ~2e-2 at
+  n = 256, k = 8). Then after each step, with the global batch's L0,
   lambda <- lambda * exp(rate * clip(L0 / k - 1, -1, 1)) (an integral controller on log lambda),
   rate = `l0_controller` (0: lambda fixed).
 """
@@ -40,7 +44,7 @@ class LearnedThresholds(torch.nn.Module):
         self.relative_bandwidth, self.rate, self.target = cfg.jumprelu_bandwidth, cfg.l0_controller, target_l0
         self.ste_to_input = cfg.jumprelu_ste_to_input
         self.bandwidth = 0.0
-        self.coefficient = cfg.l0_coefficient
+        self.coefficient: float | None = cfg.l0_coefficient
 
     @torch.no_grad()
     def start(self, sae: SAE, x: torch.Tensor, pre: torch.Tensor, world: World) -> None:
@@ -57,6 +61,16 @@ class LearnedThresholds(torch.nn.Module):
         energy, count = centred_energy(x, world)
         self.bandwidth = self.relative_bandwidth * math.sqrt(energy.item() / (count.item() * x.shape[1]))
 
+    def balance(self, main: torch.Tensor, penalty: torch.Tensor, theta: torch.Tensor,
+                world: World) -> None:
+        """Set lambda to cancel the reconstruction's pull on theta (module docstring); kept
+        unset (tried again next step) when the two do not oppose."""
+        g_rec, = torch.autograd.grad(main, theta, retain_graph=True)
+        g_l0, = torch.autograd.grad(penalty, theta, retain_graph=True)
+        lam = world.all_reduce_(-(g_rec * g_l0).sum() / g_l0.pow(2).sum().clamp_min(1e-30), mean=True)
+        if lam.item() > 0:
+            self.coefficient = lam.item()
+
     def learned(self) -> Learned:
         return Learned(self.log_threshold.exp(), self.bandwidth, self.ste_to_input)
 
@@ -64,7 +78,8 @@ class LearnedThresholds(torch.nn.Module):
     def after_step(self, sae: SAE, l0: float) -> None:
         """Mirror theta into the SAE; move lambda towards the target L0."""
         sae.threshold.copy_(self.log_threshold.exp())
-        self.coefficient *= math.exp(self.rate * min(1.0, max(-1.0, l0 / self.target - 1)))
+        if self.coefficient is not None:
+            self.coefficient *= math.exp(self.rate * min(1.0, max(-1.0, l0 / self.target - 1)))
 
     def extra(self) -> dict:
         """The JSON-able state a checkpoint keeps (log theta goes with the tensors)."""

@@ -112,7 +112,7 @@ class Trainer:
         if sae.cfg.k:  # feature_choice may leave budget unused (latents short of positive tokens)
             out["budget_used"] = l0 / sae.cfg.k
         if self.thresholds is not None:
-            out["l0_coefficient"] = torch.tensor(self.thresholds.coefficient)
+            out["l0_coefficient"] = torch.tensor(self.thresholds.coefficient or float("nan"))
         return out
 
     def _objective(self) -> torch.nn.Module:
@@ -150,6 +150,8 @@ class Trainer:
         aux = auxk_loss(sae, x, x_hat, pre, pool, self.k_aux, self.world)
         loss = main + cfg.auxk_coef * aux
         penalty = None if warm else kind.penalty(sae, x, pre, sel, vals, self.world, learned)
+        if learned is not None and penalty is not None and thresholds.coefficient is None:
+            thresholds.balance(main, penalty, learned.theta, self.world)
         if penalty is not None:  # relu's L1, jumprelu's L0
             loss = loss + (cfg.l1_coefficient if thresholds is None else thresholds.coefficient) * penalty
         for inner in kind.inner_reconstructions(sae, sel, vals):  # matryoshka's prefixes
