@@ -150,10 +150,13 @@ class Trainer:
         aux = auxk_loss(sae, x, x_hat, pre, pool, self.k_aux, self.world)
         loss = main + cfg.auxk_coef * aux
         penalty = None if warm else kind.penalty(sae, x, pre, sel, vals, self.world, learned)
-        if learned is not None and penalty is not None and thresholds.coefficient is None:
-            thresholds.balance(main, penalty, learned.theta, self.world)
-        if penalty is not None:  # relu's L1, jumprelu's L0
-            loss = loss + (cfg.l1_coefficient if thresholds is None else thresholds.coefficient) * penalty
+        coefficient = cfg.l1_coefficient  # relu's L1; jumprelu's L0 has its controlled lambda
+        if thresholds is not None and learned is not None and penalty is not None:
+            if thresholds.coefficient is None:
+                thresholds.balance(main, penalty, learned.theta, self.world)
+            coefficient = thresholds.coefficient or 0.0
+        if penalty is not None:
+            loss = loss + coefficient * penalty
         for inner in kind.inner_reconstructions(sae, sel, vals):  # matryoshka's prefixes
             loss = loss + fvu(x, inner, self.world)
         return loss, {"sel": sel, "vals": vals, "main": main, "aux": aux, "dead": dead, "pool": pool}

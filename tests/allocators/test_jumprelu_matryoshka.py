@@ -67,7 +67,8 @@ def test_reconstruction_gradients_match_a_dense_float64_backward(to_input):
     target = torch.randn_like(x)
     ((sae.decode(sel.idx, vals) - target).pow(2).sum()).backward()
 
-    W_enc, b_enc = sae.W_enc.detach().clone().requires_grad_(True), sae.b_enc.detach().clone().requires_grad_(True)
+    W_enc = sae.W_enc.detach().clone().requires_grad_(True)
+    b_enc = sae.b_enc.detach().clone().requires_grad_(True)
     dense_pre = (x - sae.b_dec.detach()) @ W_enc.T + b_enc
     active = (dense_pre > theta0).double()
     z = dense_pre * active
@@ -107,7 +108,8 @@ def test_matryoshka_loss_is_the_hand_computed_two_prefix_sum():
 
 
 def test_matryoshka_widths_get_the_full_dictionary_appended_and_a_default():
-    assert SAEConfig(d_in=4, n_latents=64, k=2, allocator="matryoshka", matryoshka=[8, 32]).matryoshka == [8, 32, 64]
+    given = SAEConfig(d_in=4, n_latents=64, k=2, allocator="matryoshka", matryoshka=[8, 32])
+    assert given.matryoshka == [8, 32, 64]
     assert SAEConfig(d_in=4, n_latents=64, k=2, allocator="matryoshka").matryoshka == [4, 16, 64]
     assert SAEConfig(d_in=4, n_latents=64, k=2, allocator="mutual_choice").matryoshka is None
 
