@@ -15,7 +15,7 @@ the controller that steers the L0 penalty's coefficient lambda to the target L0.
 - lambda: starts at `l0_coefficient` or, by default, balanced on the first thresholded batch:
   the value whose L0 pull on the thresholds best cancels the reconstruction's (least squares over
   the latents of the two gradients w.r.t. theta: -<g_rec, g_L0> / ||g_L0||^2), since a fixed start
-  was 10x off between dictionary sizes (measured: balance ~1e-3 at n = 1024, k = 16; ~2e-2 at
+  was 20x off between dictionary sizes (measured: balance ~1e-3 at n = 1024, k = 16; ~2e-2 at
   n = 256, k = 8). Then after each step, with the global batch's L0,
   lambda <- lambda * exp(rate * clip(L0 / k - 1, -1, 1)) (an integral controller on log lambda),
   rate = `l0_controller` (0: lambda fixed).
