@@ -55,14 +55,16 @@ class SAEConfig:
         n_latents: dictionary size n.
         k: active latents per token (the budget k*B for batch-level allocators); 0 for relu
             and jumprelu, which have no budget.
-        allocator: topk, gradient_topk, feature_choice, mutual_choice, relu or jumprelu
-            (`saelab.allocators`).
+        allocator: topk, gradient_topk, feature_choice, mutual_choice, relu, jumprelu or
+            matryoshka (`saelab.allocators`).
         beta: gradient_topk's weight on the gradient term of its selection score.
         grad_score: gradient_topk's score, "normalised" (saelab's, scale-free beta) or "raw"
             (the published score, beta tuned per model).
         capacity: feature_choice's tokens-per-latent curve: zipf (the paper's) or uniform (an
             ablation).
         zipf_alpha: exponent of the zipf capacity curve.
+        matryoshka: matryoshka's nested prefix widths, strictly increasing, the last n_latents
+            (given without it, n_latents is appended); None for the other allocators.
         hook: hook name the SAE was trained on, e.g. `blocks.2.hook_resid_post`; a
             transcoder's input hook.
         target_hook: a transcoder's output: the (later) hook it reconstructs from `hook`'s
@@ -94,6 +96,7 @@ class SAEConfig:
     grad_score: str = "normalised"
     capacity: str = "zipf"
     zipf_alpha: float = 0.5
+    matryoshka: list[int] | None = None
     hook: str | None = None
     target_hook: str | None = None
     d_out: int | None = None
@@ -122,6 +125,11 @@ class SAEConfig:
             )
         check_processing(self.processing)
         self._check_transcoder()
+        object.__setattr__(self, "matryoshka", allocators.check_widths(self.matryoshka, self.n_latents,
+                                                                       self.kind))
+        if self.matryoshka and self.skip:  # its prefixes' reconstructions carry no skip term
+            raise SaelabError("matryoshka with a skip connection is not supported: drop --skip, "
+                              "or train the skip transcoder with another allocator")
         # before any tensor exists (a meta SAE too overflows torch on a 10^18-latent config)
         n, d, o = self.n_latents, self.d_in, self.out_dim
         check_memory([Cost("float32 weights", 4 * n * (d + o + 2), ("n_latents",)),

@@ -65,10 +65,12 @@ class DictionaryConfig:
     n_latents: int | None = doc_field(None, "Dictionary size.", "expansion * d_in")
     expansion: int = doc_field(16, "Latents per input dimension when --n-latents is not given.")
     k: int = doc_field(32, "Active latents per token; for relu, whose sparsity comes from "
-                       "--l1-coefficient, the L0 it starts training from.")
+                       "--l1-coefficient, the L0 it starts training from; for jumprelu, the target "
+                       "L0 its penalty's coefficient is steered to (--l0-controller).")
     allocator: str = doc_field("topk", "Sparsity allocator: topk, gradient_topk, feature_choice, "
-                               "mutual_choice or relu (L1-trained, see --l1-coefficient); jumprelu "
-                               "dictionaries are imported, not trained here.")
+                               "mutual_choice, relu (L1-trained, see --l1-coefficient), jumprelu "
+                               "(learned thresholds, L0 penalty) or matryoshka (BatchTopK over "
+                               "nested prefixes, see --matryoshka).")
     beta: float = doc_field(1.0, "gradient_topk: weight of the gradient term in the score "
                             "pre + beta*pre*e, e = |W_dec g| (see --grad-score).")
     grad_score: str = doc_field("normalised", "gradient_topk: normalised (e over its per-token mean; "
@@ -78,6 +80,10 @@ class DictionaryConfig:
     zipf_alpha: float = doc_field(0.5, "feature_choice: exponent of the zipf capacity curve.")
     skip: bool = doc_field(False, "Transcoders (--target-hook): add a learned linear skip connection "
                            "W_skip x to the output (Paulo et al. 2025, sparsify's skip transcoders).")
+    matryoshka: str | None = doc_field(
+        None, "matryoshka: nested prefix widths, comma-separated and strictly increasing, e.g. "
+        "128,512,2048; each prefix reconstructs alone and their FVUs are summed. The dictionary "
+        "size is appended when the last is smaller.", "n_latents/16,n_latents/4,n_latents")
 
     def __post_init__(self) -> None:
         check_field_types(self)
@@ -91,6 +97,7 @@ class DictionaryConfig:
                 f"k={self.k} is larger than the dictionary (n_latents={self.n_latents}); "
                 "choose k <= n_latents"
             )
+        allocators.check_widths(self.widths, self.n_latents, self.kind)
         if not self.kind.trainable:
             raise SaelabError(f"saelab does not train {self.allocator} SAEs (it imports them); "
                               f"train {', '.join(allocators.trainable())}")
@@ -99,6 +106,11 @@ class DictionaryConfig:
     def kind(self) -> allocators.Allocator:
         """The registered allocator to train (`saelab.allocators`)."""
         return allocators.get(self.allocator)
+
+    @property
+    def widths(self) -> list[int] | None:
+        """The --matryoshka prefix widths as numbers."""
+        return allocators.parse_widths(self.matryoshka)
 
     def latents(self, d_in: int) -> int:
         return self.n_latents if self.n_latents is not None else self.expansion * d_in
@@ -120,11 +132,27 @@ class OptimConfig:
                                       "linearly to 0.")
     adam_eps: float = doc_field(6.25e-10, "Adam epsilon (Gao et al. use 6.25e-10).")
     topk_warmup_steps: int = doc_field(
-        50, "feature_choice / mutual_choice: select per token (topk) for this many first steps. "
-        "From the tied init batch selection piles latents onto the highest-norm tokens; a short "
-        "topk start gives the encoder directions first.")
+        50, "feature_choice / mutual_choice / matryoshka: select per token (topk) for this many "
+        "first steps. From the tied init batch selection piles latents onto the highest-norm "
+        "tokens; a short topk start gives the encoder directions first. jumprelu likewise (k = the "
+        "target L0), then its thresholds start where each latent fires on k/n of the batch.")
     l1_coefficient: float = doc_field(0.1, "relu: weight of the L1 penalty sum_j z_j ||W_dec[j]|| "
                                       "(divided by the batch's RMS distance to its mean, so scale-free).")
+    l0_coefficient: float | None = doc_field(
+        None, "jumprelu: starting weight lambda of the L0 penalty (loss = FVU + lambda * L0); "
+        "--l0-controller then steers it.", "balanced against the reconstruction's pull on the "
+        "thresholds at the first thresholded step (training.thresholds)")
+    l0_controller: float = doc_field(
+        0.05, "jumprelu: after each step lambda *= exp(rate * clip(L0 / k - 1, -1, 1)), steering "
+        "the batch L0 to --k; 0 keeps lambda fixed at --l0-coefficient.")
+    jumprelu_bandwidth: float = doc_field(
+        0.05, "jumprelu: bandwidth eps of the rectangle kernel in the thresholds' pseudo-derivatives, "
+        "in units of the first batch's RMS distance to its mean per dimension (SAELens's default "
+        "on its normalised inputs).")
+    jumprelu_ste_to_input: bool = doc_field(
+        True, "jumprelu: the L0 penalty's pseudo-derivative also reaches the pre-activations (the "
+        "encoder), Anthropic's form; --no-jumprelu-ste-to-input gives DeepMind's (thresholds only), "
+        "which did not hold L0 at --k in short runs here (saelab.allocators.jumprelu).")
     aux: str = doc_field("auxk", "Auxiliary loss for unused latents: auxk (dead latents) or aux_zipf "
                          "(dead and under-used latents, see training.losses.underused; it raised FVU "
                          "for topk, gradient_topk and mutual_choice in the allocator study).")
@@ -142,8 +170,10 @@ class OptimConfig:
         check_field_types(self)
         for name in ("tokens", "batch_size", "dead_tokens", "k_aux"):
             check_number(name, getattr(self, name), 1)
-        for name in ("warmup_steps", "topk_warmup_steps", "auxk_coef", "l1_coefficient"):
+        for name in ("warmup_steps", "topk_warmup_steps", "auxk_coef", "l1_coefficient", "l0_controller"):
             check_number(name, getattr(self, name), 0)
+        for name in ("l0_coefficient", "jumprelu_bandwidth"):
+            check_number(name, getattr(self, name), 0, strict_minimum=True)
         check_number("lr", self.lr, 0, strict_minimum=True)
         check_number("adam_eps", self.adam_eps, 0, strict_minimum=True)
         if self.tokens < self.batch_size:
@@ -285,6 +315,7 @@ class TrainConfig:
             if (value or 0) > n:
                 raise SaelabError(f"{name}={value} is larger than the dictionary "
                                   f"({n} latents for d_in={d_in}); choose {name} <= {n}")
+        allocators.check_widths(self.sae.widths, n, self.sae.kind)
         self.check_memory(d_in)
 
     def check_memory(self, d_in: int | None = None) -> None:

@@ -59,7 +59,7 @@ class Run:
             cfg.check_latents(d_in)
         self.hooks = list(self.src.dims)
         self.steps = max(1, cfg.optim.tokens // (cfg.optim.batch_size * world.size))
-        self.trainers = {h: Trainer(self._new_sae(h, d_in), cfg.optim, self.steps, world)
+        self.trainers = {h: Trainer(self._new_sae(h, d_in), cfg.optim, self.steps, world, cfg.sae.k)
                          for h, d_in in self.src.dims.items()}
         self.seen = 0
         records: list[dict] = []
@@ -81,8 +81,8 @@ class Run:
         sae_cfg = SAEConfig(
             d_in=d_in, n_latents=dic.latents(d_in), k=dic.k if dic.kind.budget else 0,
             allocator=dic.allocator, beta=dic.beta, grad_score=dic.grad_score, capacity=dic.capacity,
-            zipf_alpha=dic.zipf_alpha, hook=hook, target_hook=src.target, d_out=src.d_out,
-            skip=dic.skip, model=src.model.spec,
+            zipf_alpha=dic.zipf_alpha, matryoshka=dic.widths, hook=hook, target_hook=src.target,
+            d_out=src.d_out, skip=dic.skip, model=src.model.spec,
             processing=src.model.processing, data=src.heldout.spec,
             context_length=src.heldout.context_length,
             train_tokens=self.steps * cfg.optim.batch_size * self.world.size,

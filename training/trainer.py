@@ -11,6 +11,7 @@ from saelab.sae import SAE
 from saelab.schedule import lr_factor
 from saelab.training.config import OptimConfig
 from saelab.training.losses import auxk_loss, fvu, underused
+from saelab.training.thresholds import LearnedThresholds
 
 
 @torch.no_grad()
@@ -36,6 +37,7 @@ class _Loss(torch.nn.Module):
     def __init__(self, trainer: Trainer):
         super().__init__()
         self.sae = trainer.sae
+        self.thresholds = trainer.thresholds  # jumprelu's log theta: DDP reduces its gradient too
         self.trainer = trainer  # a plain attribute: not a module, no parameters of its own
 
     def forward(self, x: torch.Tensor, grad: torch.Tensor | None,
@@ -50,10 +52,18 @@ class Trainer:
     that training uses.
     """
 
-    def __init__(self, sae: SAE, cfg: OptimConfig, steps: int, world: World | None = None):
+    def __init__(self, sae: SAE, cfg: OptimConfig, steps: int, world: World | None = None,
+                 target_l0: int | None = None):
+        """`target_l0`: the L0 a kind that learns its thresholds is steered to (its --k)."""
         self.sae, self.cfg, self.steps, self.world = sae, cfg, steps, world or World()
         self.lr = cfg.learning_rate(sae.cfg.n_latents, sae.cfg.d_in)
-        self.opt = _adam(list(sae.parameters()), self.lr, cfg.adam_eps)
+        self.thresholds = None
+        if sae.cfg.kind.learns_thresholds:
+            if not target_l0:
+                raise SaelabError(f"{sae.cfg.allocator} training needs a target L0 (k >= 1)")
+            self.thresholds = LearnedThresholds(sae, cfg, target_l0)
+        extra = [] if self.thresholds is None else list(self.thresholds.parameters())
+        self.opt = _adam([*sae.parameters(), *extra], self.lr, cfg.adam_eps)
         self.k_aux = cfg.k_aux or sae.cfg.out_dim // 2  # half the reconstructed width
         self.dead_tokens = cfg.dead_window()
         n, device = sae.cfg.n_latents, sae.W_dec.device
@@ -89,6 +99,9 @@ class Trainer:
         _remove_parallel_grad(sae)
         self.opt.step()
         sae.normalize_decoder()
+        l0 = (parts["vals"] > 0).sum(1).float().mean()
+        if self.thresholds is not None:
+            self.thresholds.after_step(sae, self.world.all_reduce_(l0.clone(), mean=True).item())
         sel, vals, main, aux, dead, pool = (parts[k] for k in ("sel", "vals", "main", "aux", "dead",
                                                                "pool"))
         with torch.no_grad():
@@ -100,12 +113,13 @@ class Trainer:
             self.freq.lerp_(counts / tokens, 1 - cfg.ema_decay)
         self.step_count += 1
         reduce = self.world.all_reduce_  # data parallel: report the global batch's losses
-        l0 = (vals > 0).sum(1).float().mean()
         out = {"fvu": reduce(main.detach().clone(), mean=True),
                "aux": reduce(aux.detach().clone(), mean=True),
                "l0": l0, "dead_frac": dead.float().mean(), "aux_pool_frac": pool.float().mean()}
         if sae.cfg.k:  # feature_choice may leave budget unused (latents short of positive tokens)
             out["budget_used"] = l0 / sae.cfg.k
+        if self.thresholds is not None:
+            out["l0_coefficient"] = torch.tensor(self.thresholds.coefficient or float("nan"))
         return out
 
     def _objective(self) -> torch.nn.Module:
@@ -119,27 +133,42 @@ class Trainer:
 
     def losses(self, x: torch.Tensor, grad: torch.Tensor | None,
                y: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
-        """The step's loss (FVU + AuxK [+ L1]) and the parts `step` reads afterwards; every
-        term measures the target `y` (a transcoder's), or x itself."""
+        """The step's loss (FVU + AuxK [+ penalty] [+ inner prefixes' FVUs]) and the parts `step`
+        reads afterwards; every reconstruction term measures the target `y` (a transcoder's), or
+        x itself."""
         sae, cfg = self.sae, self.cfg
         y = x if y is None else y
         if self._pre is None or self._pre.shape[0] != x.shape[0]:
             self._pre = x.new_empty(x.shape[0], sae.cfg.n_latents)
         pre = sae.pre_acts(x, out=self._pre)  # reused every step; nothing keeps it past the step
-        if sae.cfg.batch_level and self.step_count < cfg.topk_warmup_steps:
-            sel = topk(pre, sae.cfg.k)  # see OptimConfig.topk_warmup_steps
+        kind, thresholds = sae.cfg.kind, self.thresholds
+        warm = (sae.cfg.batch_level or thresholds is not None) and self.step_count < cfg.topk_warmup_steps
+        learned = None
+        if warm:  # see OptimConfig.topk_warmup_steps
+            sel = topk(pre, thresholds.target if thresholds is not None else sae.cfg.k)
+            vals = sae.encode_values(x, sel, pre)
         else:
-            sel = sae.select(pre, grad, batch=True)
-        vals = sae.encode_values(x, sel, pre)
+            if thresholds is not None:
+                if self.step_count == cfg.topk_warmup_steps:
+                    thresholds.start(sae, x, pre, self.world)
+                learned = thresholds.learned()
+            sel, vals = kind.train_code(sae, x, pre, grad, learned)
         x_hat = sae.decode(sel.idx, vals, x)
         main = fvu(y, x_hat, self.world)
         dead = self.dead()
         pool = underused(self.freq, dead) if cfg.aux == "aux_zipf" else dead
         aux = auxk_loss(sae, x, x_hat, pre, pool, self.k_aux, self.world, target=y)
         loss = main + cfg.auxk_coef * aux
-        penalty = sae.cfg.kind.penalty(sae, y, sel, vals, self.world)
-        if penalty is not None:  # relu's L1
-            loss = loss + cfg.l1_coefficient * penalty
+        penalty = None if warm else kind.penalty(sae, x, pre, sel, vals, self.world, learned, y)
+        coefficient = cfg.l1_coefficient  # relu's L1; jumprelu's L0 has its controlled lambda
+        if thresholds is not None and learned is not None and penalty is not None:
+            if thresholds.coefficient is None:
+                thresholds.balance(main, penalty, learned.theta, self.world)
+            coefficient = thresholds.coefficient or 0.0
+        if penalty is not None:
+            loss = loss + coefficient * penalty
+        for inner in kind.inner_reconstructions(sae, sel, vals):  # matryoshka's prefixes
+            loss = loss + fvu(y, inner, self.world)
         return loss, {"sel": sel, "vals": vals, "main": main, "aux": aux, "dead": dead, "pool": pool}
 
     def dead(self) -> torch.Tensor:
@@ -173,12 +202,20 @@ class Trainer:
         for i, slots in opt["state"].items():
             for name, value in slots.items():
                 tensors[f"opt.{i}.{name}"] = value
-        return tensors, {"step_count": self.step_count, "param_groups": opt["param_groups"]}
+        extra = {"step_count": self.step_count, "param_groups": opt["param_groups"]}
+        if self.thresholds is not None:
+            tensors["log_threshold"] = self.thresholds.log_threshold.detach()
+            extra["thresholds"] = self.thresholds.extra()
+        return tensors, extra
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], extra: dict) -> None:
         self.sae.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("sae.")})
         self.since_fired.copy_(tensors["since_fired"])
         self.freq.copy_(tensors["freq"])
+        if self.thresholds is not None:
+            with torch.no_grad():
+                self.thresholds.log_threshold.copy_(tensors["log_threshold"])
+            self.thresholds.load_extra(extra["thresholds"])
         state: dict[int, dict] = {}
         for key, value in tensors.items():
             if key.startswith("opt."):

@@ -14,7 +14,9 @@ new module plus its line in `_KINDS`:
 - topk, gradient_topk: per-token top-k (Gao et al. 2024; g-SAE).
 - feature_choice, mutual_choice: over the batch (Ayonrinde 2024; mutual_choice = BatchTopK).
 - relu: every positive pre-activation, trained with an L1 penalty (SAELens's "standard").
-- jumprelu: per-latent thresholds (Gemma Scope); imported, not trained.
+- jumprelu: per-latent thresholds (Gemma Scope), trained with an L0 penalty and
+  pseudo-derivatives (Rajamanoharan et al. 2024).
+- matryoshka: BatchTopK over nested prefixes of the dictionary (Bussmann et al. 2025).
 
 Batch-level allocators depend on the batch, so a single token cannot be encoded with them. For
 inference they become a per-latent threshold (JumpReLU form: active iff pre > theta_j). theta_j
@@ -25,17 +27,18 @@ weights.
 
 from __future__ import annotations
 
-from saelab.allocators.base import Allocator, BatchAllocator, Selection
+from saelab.allocators.base import Allocator, BatchAllocator, Learned, Selection
 from saelab.allocators.feature_choice import CAPACITIES, FeatureChoice
 from saelab.allocators.gradient_topk import GRAD_SCORES, GradientTopK
 from saelab.allocators.jumprelu import JumpReLU
+from saelab.allocators.matryoshka import Matryoshka, check_widths, parse_widths
 from saelab.allocators.mutual_choice import MutualChoice
 from saelab.allocators.relu import ReLU
 from saelab.allocators.topk import TopK
 from saelab.errors import SaelabError
 
 _KINDS: tuple[Allocator, ...] = (TopK(), GradientTopK(), FeatureChoice(), MutualChoice(), ReLU(),
-                                 JumpReLU())
+                                 JumpReLU(), Matryoshka())
 REGISTRY: dict[str, Allocator] = {kind.name: kind for kind in _KINDS}
 ALLOCATORS = tuple(REGISTRY)
 
@@ -63,4 +66,4 @@ def trainable() -> tuple[str, ...]:
 
 
 __all__ = ["ALLOCATORS", "CAPACITIES", "GRAD_SCORES", "REGISTRY", "Allocator", "BatchAllocator",
-           "Selection", "check_settings", "get", "trainable"]
+           "Learned", "Selection", "check_settings", "check_widths", "get", "parse_widths", "trainable"]

@@ -32,6 +32,18 @@ class Selection:
     boundary: torch.Tensor | None = None
 
 
+@dataclass
+class Learned:
+    """A training step's learned thresholds (jumprelu): theta (n,), differentiable (it carries
+    the gradient to the trainer's log theta), the bandwidth of the pseudo-derivatives'
+    rectangle kernel in activation units, and whether the L0's pseudo-derivative also reaches
+    the pre-activations (the encoder)."""
+
+    theta: torch.Tensor
+    bandwidth: float
+    ste_to_input: bool = True
+
+
 def from_mask(chosen: torch.Tensor) -> Selection:
     """Pack a dense (B, n) 0/1 choice into per-token padded indices."""
     counts = chosen.sum(1)
@@ -75,6 +87,11 @@ class Allocator:
     """The SAELens architecture it is exported as."""
     saelens_training_architecture: ClassVar[str | None] = None
     """What SAELens's metadata calls its training form, when that differs."""
+    learns_thresholds: ClassVar[bool] = False
+    """Training learns its per-latent thresholds (log theta, pseudo-derivatives, an L0 penalty
+    whose coefficient is steered to the target L0 --k)."""
+    nested: ClassVar[bool] = False
+    """Takes nested prefixes of the dictionary (`--matryoshka`), each reconstructing alone."""
     step_matrices: ClassVar[float] = 2.5
     """Peak (batch, n_latents) float32 tensors of one training step beyond the weights and Adam
     state, measured (peak RSS, n = 16384, d_in = 128, batch 4096) and rounded down: the dense
@@ -86,10 +103,28 @@ class Allocator:
         training has one; `batch`: allocate over this batch rather than by thresholds."""
         raise NotImplementedError
 
-    def penalty(self, sae: SAE, x: torch.Tensor, sel: Selection, vals: torch.Tensor,
-                world: World | None) -> torch.Tensor | None:
-        """The sparsity penalty training adds (times its coefficient), if the kind has one."""
+    def train_code(self, sae: SAE, x: torch.Tensor, pre: torch.Tensor, grad: torch.Tensor | None,
+                   learned: Learned | None) -> tuple[Selection, torch.Tensor]:
+        """A training step's selection over the batch and its differentiable values (B, k_max).
+        `learned`: the thresholds being trained, for the kinds that learn them."""
+        sel = self.select(sae, pre, grad, batch=True)
+        return sel, sae.encode_values(x, sel, pre)
+
+    def penalty(self, sae: SAE, x: torch.Tensor, pre: torch.Tensor, sel: Selection,
+                vals: torch.Tensor, world: World | None, learned: Learned | None,
+                y: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The sparsity penalty training adds (times its coefficient), if the kind has one; `y`
+        is what is reconstructed (a transcoder's target; None: x itself)."""
         return None
+
+    def inner_reconstructions(self, sae: SAE, sel: Selection, vals: torch.Tensor) -> list[torch.Tensor]:
+        """Reconstructions by parts of the dictionary that training also fits, each's FVU added
+        at weight 1 beside the full dictionary's (Matryoshka's inner prefixes)."""
+        return []
+
+    def saelens_details(self, sae: SAE) -> dict:
+        """SAELens's `training_architecture_details` for an export (with a training form)."""
+        return {"k": sae.cfg.k}
 
 
 def by_threshold(sae: SAE, pre: torch.Tensor) -> Selection:

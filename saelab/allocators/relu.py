@@ -18,5 +18,5 @@ class ReLU(Allocator):
     def select(self, sae, pre: torch.Tensor, grad: torch.Tensor | None, batch: bool) -> Selection:
         return threshold(pre, pre.new_zeros(()))
 
-    def penalty(self, sae, x, sel, vals, world):
-        return l1_penalty(sae, x, sel.idx, vals, world)
+    def penalty(self, sae, x, pre, sel, vals, world, learned, y=None):
+        return l1_penalty(sae, x if y is None else y, sel.idx, vals, world)  # scaled like its FVU

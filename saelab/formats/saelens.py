@@ -16,6 +16,9 @@ saelab -> SAELens (`export_saelens`):
   training-only class there, not loadable by `SAE.load_from_disk`). SAELens's JumpReLU keeps
   relu(pre) where pre > threshold, exactly saelab's threshold mode, so inference is identical.
 - feature_choice -> "jumprelu" likewise; its batch-mode allocation has no SAELens equivalent.
+- matryoshka -> "jumprelu" with its thresholds and training_architecture "matryoshka_batchtopk"
+  with k and matryoshka_widths, as SAELens saves its own Matryoshka BatchTopK SAEs.
+- jumprelu trained by saelab -> "jumprelu" with its thresholds (SAELens's inference form).
 saelab's own config rides along in metadata["saelab"], so importing the export gives back the
 same allocator and settings. The model processing the dictionary was trained on
 (`SAEConfig.processing`) is written as SAELens records it, metadata["model_from_pretrained_kwargs"],
@@ -30,7 +33,9 @@ SAELens -> saelab (`import_saelens`):
   of the smallest selected activation) as every latent's threshold, as SAELens's own conversion
   to JumpReLU does; never a per-token topk, which would be a different dictionary.
 - "jumprelu" whose metadata records a batch budget k (SAELens BatchTopK or Matryoshka BatchTopK,
-  or a saelab export) -> mutual_choice (or the saelab allocator recorded), thresholds kept.
+  or a saelab export) -> mutual_choice (or the saelab allocator recorded, e.g. matryoshka with
+  its widths), thresholds kept; a SAELens-trained Matryoshka reads as mutual_choice, which
+  encodes exactly as it does (its prefixes only shaped training).
 - a pre-6.0 cfg.json (no sae_lens_version >= 6) is first read as SAELens 6 reads it: no
   architecture means "standard", activation_fn "topk" with a k means "topk", `hook_point` is the
   hook name; an all-ones `scaling_factor` is dropped (a fine-tuned one is refused, as in SAELens 6).
@@ -81,7 +86,8 @@ SAELENS_WEIGHTS_FILE = "sae_weights.safetensors"
 SAELENS_FORMAT = "6.0.0"  # the cfg.json layout written here is SAELens >= 6.0's
 # which saelab allocators each SAELens architecture can stand for; the first is the default
 ARCHITECTURES = {"topk": ("topk", "gradient_topk"), "batchtopk": ("mutual_choice",),
-                 "jumprelu": ("jumprelu", "mutual_choice", "feature_choice"), "standard": ("relu",)}
+                 "jumprelu": ("jumprelu", "mutual_choice", "feature_choice", "matryoshka"),
+                 "standard": ("relu",)}
 # SAELens's transcoder architectures: (the SAE architecture whose selection it uses, skip)
 TRANSCODERS = {"transcoder": ("standard", False), "skip_transcoder": ("standard", True),
                "jumprelu_transcoder": ("jumprelu", False), "jumprelu_skip_transcoder": ("jumprelu", True)}
@@ -127,7 +133,7 @@ def export_saelens(sae: SAE, out_dir: str | Path, context_size: int | None = Non
         tensors["threshold"] = sae.threshold
     if cfg.kind.saelens_training_architecture:
         metadata |= {"training_architecture": cfg.kind.saelens_training_architecture,
-                     "training_architecture_details": {"k": cfg.k}}
+                     "training_architecture_details": cfg.kind.saelens_details(sae)}
     if arch == "topk":
         extra |= {"k": cfg.k, "rescale_acts_by_decoder_norm": False}
     write_safetensors(out / SAELENS_WEIGHTS_FILE, tensors)  # weights first, like `SAE.save`

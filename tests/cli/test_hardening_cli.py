@@ -389,3 +389,15 @@ def test_a_file_where_a_browse_section_goes_is_refused_before_the_pass(tmp_path,
     (out / site.section_dir(hook)).write_text("a user's file")
     code, line = run(["browse", str(d), "--out", str(out), "--overwrite"], capsys)
     assert code == 2 and f"{out / site.section_dir(hook)} exists and is not a directory" in line
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--allocator", "matryoshka", "--matryoshka", "512,128"], "strictly increasing, got 512,128"),
+    (["--allocator", "matryoshka", "--n-latents", "1024", "--matryoshka", "128,4096"],
+     "matryoshka prefix 4096 is larger than the dictionary"),
+    (["--matryoshka", "128,512"], "--matryoshka applies to --allocator matryoshka"),
+])
+def test_bad_matryoshka_prefixes_are_one_line_before_work(args, match, tmp_path, capsys, no_work):
+    code, line = run(["train", "--out", str(tmp_path / "run"), *args], capsys)
+    assert code == 2 and match in line, line
+    assert list(tmp_path.iterdir()) == []

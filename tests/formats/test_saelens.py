@@ -77,7 +77,7 @@ def write_saelens(path, architecture: str | None, cfg: dict | None = None, extra
 
 
 @pytest.mark.parametrize("allocator", ["topk", "gradient_topk", "mutual_choice", "feature_choice", "relu",
-                                       "jumprelu"])
+                                       "jumprelu", "matryoshka"])
 def test_round_trip_is_identical(tmp_path, allocator):
     sae = random_sae(allocator)
     out = export_saelens(sae, tmp_path / "lens")
@@ -94,7 +94,8 @@ def test_round_trip_is_identical(tmp_path, allocator):
         assert torch.equal(sae(x), back(x))
 
 
-@pytest.mark.parametrize("allocator", ["topk", "mutual_choice", "feature_choice", "relu", "jumprelu"])
+@pytest.mark.parametrize("allocator", ["topk", "mutual_choice", "feature_choice", "relu", "jumprelu",
+                                       "matryoshka"])
 def test_exported_files_follow_saelens_maths(tmp_path, allocator):
     sae = random_sae(allocator)
     out = export_saelens(sae, tmp_path / "lens", context_size=128)
@@ -105,7 +106,10 @@ def test_exported_files_follow_saelens_maths(tmp_path, allocator):
     assert (cfg["metadata"]["hook_name"], cfg["metadata"]["model_name"]) == (HOOK, MODEL)
     assert cfg["metadata"]["context_size"] == 128
     assert (cfg.get("k"), cfg["metadata"].get("training_architecture")) == {
-        "topk": (K, None), "mutual_choice": (None, "batchtopk")}.get(allocator, (None, None))
+        "topk": (K, None), "mutual_choice": (None, "batchtopk"),
+        "matryoshka": (None, "matryoshka_batchtopk")}.get(allocator, (None, None))
+    if allocator == "matryoshka":  # as SAELens's MatryoshkaBatchTopK records its levels
+        assert cfg["metadata"]["training_architecture_details"] == {"k": K, "matryoshka_widths": [2, 10, N]}
     shapes = {"W_enc": (D, N), "b_enc": (N,), "W_dec": (N, D), "b_dec": (D,)}
     shapes |= {"threshold": (N,)} if arch == "jumprelu" else {}
     assert {k: tuple(v.shape) for k, v in w.items()} == shapes

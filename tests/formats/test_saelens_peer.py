@@ -25,7 +25,7 @@ def assert_same_codes(sae, lens) -> None:
 @pytest.mark.parametrize(("allocator", "lens_class"), [
     ("topk", "TopKSAE"), ("gradient_topk", "TopKSAE"),
     ("mutual_choice", "JumpReLUSAE"), ("feature_choice", "JumpReLUSAE"),
-    ("relu", "StandardSAE"), ("jumprelu", "JumpReLUSAE"),
+    ("relu", "StandardSAE"), ("jumprelu", "JumpReLUSAE"), ("matryoshka", "JumpReLUSAE"),
 ])
 def test_sae_lens_loads_saelab_exports(tmp_path, allocator, lens_class):
     sae = random_sae(allocator)
@@ -150,3 +150,47 @@ def test_transcoders_both_ways(tmp_path, allocator, skip, lens_class):
         back = saelab.load(tmp_path / "saved")
         assert (back.cfg.target_hook, back.cfg.skip, back.cfg.d_out) == (OUT, skip, D_OUT)
         torch.testing.assert_close(back(x), lens(x))
+
+
+@pytest.mark.parametrize("to_input", [False, True])
+def test_jumprelu_training_step_equals_sae_lens(to_input):
+    """One training step's loss and gradients on the same batch and weights: SAELens's
+    JumpReLUTrainingSAE ("step" sparsity, DeepMind's and Anthropic's straight-through forms)
+    against saelab's jumprelu. saelab's reconstruction term is FVU; times sum||x - mean||^2 / B it
+    is SAELens's MSE (summed over d, mean over tokens), and the L0 terms are equal."""
+    from sae_lens.saes.sae import TrainStepInput
+
+    from saelab import allocators
+    from saelab.allocators import Learned
+    from saelab.training.losses import fvu
+
+    eps, lam = 0.4, 0.05
+    sae = random_sae("jumprelu").train()
+    x = torch.randn(256, D)
+    theta = sae.pre_acts(x).quantile(0.8, dim=0).clamp_min(0.05)
+    lens = sae_lens.JumpReLUTrainingSAE(sae_lens.JumpReLUTrainingSAEConfig(
+        d_in=D, d_sae=N, jumprelu_bandwidth=eps, l0_coefficient=lam, jumprelu_ste_to_input=to_input))
+    with torch.no_grad():
+        for name, value in {"W_enc": sae.W_enc.T, "b_enc": sae.b_enc, "W_dec": sae.W_dec,
+                            "b_dec": sae.b_dec, "threshold": theta}.items():
+            getattr(lens, name).copy_(value)
+    out = lens.training_forward_pass(TrainStepInput(sae_in=x, coefficients={"l0": lam},
+                                                    dead_neuron_mask=None, n_training_steps=0,
+                                                    is_logging_step=False))
+    out.loss.backward()
+
+    kind = allocators.get("jumprelu")
+    learned = Learned(theta.clone().requires_grad_(True), eps, to_input)
+    pre = sae.pre_acts(x)
+    sel, vals = kind.train_code(sae, x, pre, None, learned)
+    mse = fvu(x, sae.decode(sel.idx, vals)) * (x - x.mean(0)).pow(2).sum() / x.shape[0]
+    l0 = kind.penalty(sae, x, pre, sel, vals, None, learned)
+    (mse + lam * l0).backward()
+
+    torch.testing.assert_close(mse, out.losses["mse_loss"])
+    torch.testing.assert_close(lam * l0, out.losses["l0_loss"])
+    assert (learned.theta.grad != 0).sum() > N // 2  # many thresholds have pairs in the band
+    for ours, theirs in [(sae.W_enc.grad, lens.W_enc.grad.T), (sae.b_enc.grad, lens.b_enc.grad),
+                         (sae.W_dec.grad, lens.W_dec.grad), (sae.b_dec.grad, lens.b_dec.grad),
+                         (learned.theta.grad, lens.threshold.grad)]:
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)

@@ -29,7 +29,7 @@ def _steps_done(path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("allocator", ["topk", "mutual_choice"])
+@pytest.mark.parametrize("allocator", ["topk", "mutual_choice", "jumprelu"])
 def test_sigkill_then_resume_is_bitwise_identical(allocator, small_cache, tmp_path):
     (ref,) = train_and_evaluate(TrainConfig.of(cache=str(small_cache), out=str(tmp_path / "ref"),
                                                allocator=allocator, **RUN)).values()

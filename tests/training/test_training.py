@@ -150,7 +150,10 @@ def test_gradient_topk_training_refuses_a_batch_without_gradient():
         trainer.step(x)
 
 
-def test_jumprelu_training_is_refused_clearly():
+def test_an_import_only_kind_is_refused_clearly(monkeypatch):
+    from saelab.allocators import REGISTRY
+
+    monkeypatch.setattr(type(REGISTRY["jumprelu"]), "trainable", False)
     with pytest.raises(SaelabError, match="does not train jumprelu"):
         TrainConfig.of(allocator="jumprelu")
 
