@@ -54,7 +54,7 @@ class LearnedThresholds(torch.nn.Module):
         rows, n = pre.shape
         above = min(rows - 1, max(1, round(rows * self.target / n)))
         theta = pre.kthvalue(rows - above, dim=0).values
-        floor = 1e-3 * (x - sae.b_dec).pow(2).mean().sqrt()
+        floor = 1e-3 * sae.encoder_input(x).pow(2).mean().sqrt()
         self.log_threshold.copy_(torch.maximum(theta, floor).log())
         world.broadcast_(self.log_threshold.data)
         sae.threshold.copy_(self.log_threshold.exp())

@@ -88,14 +88,14 @@ class JumpReLU(Allocator):
     def train_code(self, sae, x, pre, grad, learned: Learned | None) -> tuple[Selection, torch.Tensor]:
         assert learned is not None, "the trainer passes the thresholds it learns"
         sel = from_mask(pre > learned.theta.detach() - learned.bandwidth / 2)
-        pre_vals = sparse_encode(x - sae.b_dec, sae.W_enc, sae.b_enc, sel.idx, pre)
+        pre_vals = sparse_encode(sae.encoder_input(x), sae.W_enc, sae.b_enc, sel.idx, pre)
         vals = JumpReLUFn.apply(pre_vals, learned.theta[sel.idx], learned.bandwidth, learned.ste_to_input)
         return sel, vals if sel.mask is None else vals * sel.mask
 
     def penalty(self, sae, x, pre, sel, vals, world, learned, y=None):
         """The L0, mean over tokens of the active count, with the Heaviside's pseudo-derivative."""
         assert learned is not None, "the trainer passes the thresholds it learns"
-        pre_vals = (sparse_encode(x - sae.b_dec, sae.W_enc, sae.b_enc, sel.idx, pre)
+        pre_vals = (sparse_encode(sae.encoder_input(x), sae.W_enc, sae.b_enc, sel.idx, pre)
                     if learned.ste_to_input else pre.gather(1, sel.idx))
         step = StepFn.apply(pre_vals, learned.theta[sel.idx], learned.bandwidth, learned.ste_to_input)
         return (step if sel.mask is None else step * sel.mask).sum() / x.shape[0]

@@ -97,6 +97,8 @@ def test_save_load_roundtrip(tmp_path, skip, allocator):
     ({"hook": OUT, "target_hook": IN}, "does not come after input hook"),
     ({"hook": "blocks.2.hook_resid_pre", "target_hook": "blocks.1.hook_mlp_out"}, "does not come after"),
     ({"hook": OUT, "target_hook": OUT}, "does not come after"),
+    ({"hook": IN, "target_hook": OUT, "skip": True, "allocator": "matryoshka"},
+     "matryoshka with a skip connection is not supported"),
 ])
 def test_bad_combinations_are_one_line_errors(fields, message):
     with pytest.raises(SaelabError, match=message) as e:

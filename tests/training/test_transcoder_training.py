@@ -43,6 +43,7 @@ def test_step_loss_is_the_fvu_of_the_target():
 
 @pytest.mark.parametrize(("allocator", "skip"), [
     ("topk", False), ("topk", True), ("feature_choice", False), ("mutual_choice", True), ("relu", False),
+    ("jumprelu", True), ("matryoshka", False),
 ])
 def test_every_allocator_trains_a_transcoder_from_a_cache(small_cache, tmp_path, allocator, skip):
     out = tmp_path / "t"
