@@ -18,7 +18,7 @@ from saelab.data.tokens import TokenData
 from saelab.errors import SaelabError
 from saelab.evals.sparsity import Sparsifier, format_summary, measure, mlp_hooks, run, sweep, write_report
 from saelab.evals.sparsity.emergence import checkpoint_dirs
-from saelab.evals.sparsity.measure import LayerStats
+from saelab.evals.sparsity.measure import LayerStats, default_threshold
 from saelab.evals.sparsity.modes import Calibration, stat_topk_threshold
 from saelab.evals.sparsity.predictor import evaluate_predictors, mlp_weights, train_predictors
 from saelab.kernels import mask_code
@@ -35,13 +35,14 @@ def zoo_report(zoo_model):
     return measure(zoo_model, data=DATA, tokens=TOKENS, batch_rows=4)
 
 
-def _dense_reference(model, threshold=0.0):
-    """Per layer: (N, d_ff) activity of every non-BOS held-out position, straight from the model."""
-    rows = heldout_rows(model.tokenizer, DATA, TOKENS)
+def _dense_reference(model, threshold=0.0, tokens=TOKENS):
+    """Per layer: (N, d_ff) activity of every non-BOS held-out position, straight from the model
+    (threshold None: the activations themselves)."""
+    rows = heldout_rows(model.tokenizer, DATA, tokens)
     keep = positions_to_keep(rows, model.tokenizer)
     hooks = [f"blocks.{i}.mlp.hook_post" for i in range(model.n_layers)]
     acts = model.activations(rows, hooks)
-    return [acts[h][keep].abs() > threshold for h in hooks]
+    return [acts[h][keep] if threshold is None else acts[h][keep].abs() > threshold for h in hooks]
 
 
 def test_measure_matches_dense_reference(zoo_model, zoo_report):
@@ -326,3 +327,48 @@ def test_checkpoints_missing_is_one_line_error(tmp_path, monkeypatch, capsys):
     code, cap = run_cli(["sparsity", "--checkpoints", "--out", str(out)], monkeypatch, capsys)
     assert code == 2 and "has no training checkpoints" in cap.err and "saelab zoo build" in cap.err
     assert len(cap.err.strip().splitlines()) == 1 and not out.exists()
+
+
+@pytest.fixture(scope="module")
+def silu_model(tmp_path_factory):
+    """A tiny random GPT-2 with SiLU MLPs (negative inputs give small nonzero outputs)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    path = tmp_path_factory.mktemp("silu")
+    torch.manual_seed(1)
+    GPT2LMHeadModel(GPT2Config(vocab_size=257, n_positions=64, n_embd=32, n_layer=2, n_head=2,
+                               n_inner=96, activation_function="silu", bos_token_id=256,
+                               eos_token_id=256)).save_pretrained(path)
+    for f in model_dir("zoo:pystdlib-4l").glob("tokenizer*"):
+        shutil.copy(f, path)
+    return load_model(str(path))
+
+
+def test_silu_counts_magnitudes_above_threshold(silu_model):
+    r = measure(silu_model, data=DATA, tokens=200, batch_rows=4)
+    assert r["activation"] == "silu" and r["threshold"] == 0.01
+    h = _dense_reference(silu_model, None, tokens=200)[1]
+    assert r["layers"][1]["density"] == pytest.approx((h.abs() > 0.01).double().mean().item(), rel=1e-12)
+    assert (h != 0).double().mean() > 0.99 > r["density"]  # threshold 0 would call all active
+
+
+def _namespace_model(act_fn, hooks):
+    return HookedModel("m", SimpleNamespace(cfg=SimpleNamespace(n_layers=2, act_fn=act_fn),
+                                            hook_dict=dict.fromkeys(hooks)), None)
+
+
+@pytest.mark.parametrize(("act_fn", "threshold"), [("relu", 0.0), ("gelu", 0.01), ("gelu_new", 0.01),
+                                                   ("silu", 0.01), ("solu_ln", 0.01)])
+def test_only_relu_counts_exact_zeros(act_fn, threshold):
+    hooks = [f"blocks.{i}.mlp.{h}" for i in range(2) for h in ("hook_post", "hook_mid")]
+    assert default_threshold(_namespace_model(act_fn, hooks)) == threshold
+
+
+def test_solu_is_read_before_its_layernorm():
+    """SoLU-LN's hook_post follows a LayerNorm (dense); its h is hook_mid, or a one-line error."""
+    both = [f"blocks.{i}.mlp.{h}" for i in range(2) for h in ("hook_post", "hook_mid")]
+    assert mlp_hooks(_namespace_model("solu_ln", both)) == ["blocks.0.mlp.hook_mid", "blocks.1.mlp.hook_mid"]
+    assert mlp_hooks(_namespace_model("gelu", both)) == ["blocks.0.mlp.hook_post", "blocks.1.mlp.hook_post"]
+    post_only = [f"blocks.{i}.mlp.hook_post" for i in range(2)]
+    with pytest.raises(SaelabError, match="needs blocks.L.mlp.hook_mid"):
+        mlp_hooks(_namespace_model("solu_ln", post_only))
