@@ -1,7 +1,8 @@
 """Sparsification modes spliced into every MLP, and their loss-against-density sweep.
 
 Each mode zeroes part of the hidden activation h = act(pre) (`blocks.L.mlp.hook_post`, the
-down-projection's input; `hook_mid` for SoLU, see `measure`) at every position, in every layer at once (model-wide sparsity):
+down-projection's input; `hook_mid` for SoLU, see `measure`) at every position, in every layer
+at once (model-wide sparsity):
 
 - `relu`: h as it is; exact zeros only (ReLU MLPs are already sparse). No target.
 - `threshold`: |h| > t with one magnitude t for all layers, the (1 - target) quantile of |h| over

@@ -10,7 +10,6 @@ import os
 
 import pytest
 import torch
-from test_kernels import rerun_interpreted  # same folder
 from torch.testing import assert_close
 
 from saelab.kernels import SparseMLP, backend, cost, mask_code
@@ -164,12 +163,14 @@ def test_auto_forward_matches_dense_and_follows_the_cost_model(monkeypatch, dtyp
     original = SparseMLP.down_sparse
     monkeypatch.setattr(SparseMLP, "down_sparse", lambda self, h: calls.append(1) or original(self, h))
     out = mlp(x)
-    tol = {F64: {}, torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=5e-2)}[dtype]
+    tol = {F64: {}, torch.float32: dict(rtol=1e-5, atol=1e-5),
+           torch.bfloat16: dict(rtol=2e-2, atol=5e-2)}[dtype]
     assert out.dtype == dtype
     assert_close(out.double(), mlp64.dense(x64), **tol)
     assert len(calls) == (model != "never sparse")
     if model == "by rows":  # one more active row tips it to dense
-        monkeypatch.setattr(SparseMLP, "costs", lambda self, batch: CostModel(1.0, 0.0, MARGIN / (rows - 0.5)))
+        tipped = CostModel(1.0, 0.0, MARGIN / (rows - 0.5))
+        monkeypatch.setattr(SparseMLP, "costs", lambda self, batch: tipped)
         assert_close(mlp(x).double(), mlp64.dense(x64), **tol)
         assert len(calls) == 1
 
