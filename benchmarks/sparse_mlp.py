@@ -125,6 +125,8 @@ def contenders(d: int, d_ff: int, B: int, density: float, dtype: torch.dtype) ->
     }
     with torch.no_grad():
         computed = float((torch.addmm(c, xs[0] @ A, Bp) > cut).float().mean())
+        costs = mlp.costs(B)  # the one-time calibration, here rather than in the timed warm-up
+        picks = [not costs.never_sparse and costs.use_sparse(int((mlp.hidden(x) != 0).sum())) for x in xs]
         natural = float((mlp.hidden(torch.cat(xs)) != 0).float().mean())
         ref = mlp.down(hs[0]).float()
         torch.testing.assert_close(mlp.down_sparse(hs[0]).float(), ref, rtol=2e-2, atol=2e-2)
@@ -135,6 +137,7 @@ def contenders(d: int, d_ff: int, B: int, density: float, dtype: torch.dtype) ->
     union_pred = 1 - (1 - computed) ** B
     info = {
         "rank": A.shape[1], "computed": computed, "natural": natural,
+        "auto_sparse_share": sum(picks) / len(picks),
         "down_bound": 1 / union,
         "dense_bytes_per_token": d_ff * d * elem / B, "sparse_bytes_per_token": k * d * elem,
         "mlp_bound": (2 * d * d_ff) / (A.shape[1] * (d + d_ff) + 2 * d * d_ff * union_pred),
@@ -179,6 +182,11 @@ def median_times(fns: dict[str, Callable[[], object]], rounds: int, min_seconds:
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
+def _pick(share: float) -> str:
+    """What auto ran on this row's inputs: sparse, dense, or a mix (the share sparse)."""
+    return "dense" if share == 0 else "sparse" if share == 1 else f"{100 * share:.0f}%S"
+
+
 def _load() -> str:
     return " ".join(f"{x:.1f}" for x in os.getloadavg())
 
@@ -207,10 +215,12 @@ def main() -> None:
           f"copy bandwidth {copy_bw:.1f} GB/s (read + write), read bandwidth {read_bw:.1f} GB/s")
     print("speedup = dense median / sparse median; %ideal = speedup / bound, bound = dense / sparse "
           "weight bytes (distinct rows of the batch); KB/tok = weight bytes read per token; GB/s = "
-          "bytes read / time; auto = MLP dense / MLP auto (>= 0.95: within 1.05x of dense)")
+          "bytes read / time; auto = MLP dense / MLP auto (>= 0.95: within 1.05x of dense), picks = "
+          "the path auto took on this row's inputs")
     head = (f"{'shape':>5} {'dtype':>5} {'B':>3} {'density':>19} | {'down dense':>10} {'sparse':>9} "
             f"{'speedup':>7} {'%ideal':>6} {'KB/tok':>13} {'GB/s':>11} | {'MLP dense':>10} "
-            f"{'sparse':>9} {'speedup':>7} {'auto':>6} {'+pred':>9} {'speedup':>7} {'bound':>6} | load")
+            f"{'sparse':>9} {'speedup':>7} {'auto':>6} {'picks':>5} {'+pred':>9} {'speedup':>7} "
+            f"{'bound':>6} | load")
     print(head)
     print("-" * len(head))
     rows = []
@@ -235,7 +245,8 @@ def main() -> None:
                           f"{kb:>13} "
                           f"{f'{dense_bw:.1f}/{sparse_bw:.1f}':>11} | {1e3 * t['MLP dense']:>8.3f}ms "
                           f"{1e3 * t['MLP sparse']:>7.3f}ms {t['MLP dense'] / t['MLP sparse']:>6.2f}x "
-                          f"{t['MLP dense'] / t['MLP auto']:>5.2f}x {1e3 * t['MLP+predictor']:>7.3f}ms "
+                          f"{t['MLP dense'] / t['MLP auto']:>5.2f}x {_pick(info['auto_sparse_share']):>5} "
+                          f"{1e3 * t['MLP+predictor']:>7.3f}ms "
                           f"{t['MLP dense'] / t['MLP+predictor']:>6.2f}x {info['mlp_bound']:>5.1f}x | "
                           f"{os.getloadavg()[0]:.1f}", flush=True)
     copy_bw, read_bw = bandwidth()

@@ -17,11 +17,11 @@ from saelab.data.heldout import heldout_rows
 from saelab.data.tokens import TokenData
 from saelab.errors import SaelabError
 from saelab.evals.sparsity import Sparsifier, format_summary, measure, mlp_hooks, run, sweep, write_report
+from saelab.evals.sparsity.decode import Decoder, PredictedMLP, compare, synthetic
 from saelab.evals.sparsity.emergence import checkpoint_dirs
 from saelab.evals.sparsity.measure import LayerStats, default_threshold
 from saelab.evals.sparsity.modes import Calibration, stat_topk_threshold
 from saelab.evals.sparsity.predictor import evaluate_predictors, mlp_weights, train_predictors
-from saelab.evals.sparsity.decode import Decoder, PredictedMLP, compare, synthetic
 from saelab.kernels import mask_code
 from saelab.kernels.cost import CostModel
 from saelab.models import HookedModel, load_model
@@ -420,6 +420,7 @@ def test_synthetic_layers_and_compare():
     assert got["contenders"]["sparse"]["identical_prompts"] == 1
     dense_out = [decoder.generate(p, 6, [m.dense for m in mlps])[0] for p in prompts]
     shift_out = [decoder.generate(p, 6, shifted)[0] for p in prompts]
-    differ = sum(a != b for x, y in zip(dense_out, shift_out) for a, b in zip(x, y)) / 12
+    differ = sum(a != b for x, y in zip(dense_out, shift_out, strict=True)
+                 for a, b in zip(x, y, strict=True)) / 12
     assert got["contenders"]["shifted"]["token_differ_rate"] == pytest.approx(differ)
     assert torch.equal(decoder.W_U, W_U)
