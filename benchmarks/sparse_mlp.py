@@ -54,6 +54,7 @@ from collections.abc import Callable
 from functools import cache
 
 import torch
+import torch.nn.functional as F
 
 from saelab.kernels import SparseMLP, mask_code
 
@@ -111,8 +112,10 @@ def contenders(d: int, d_ff: int, B: int, density: float, dtype: torch.dtype) ->
     probe = ((torch.randn(256, d, generator=gen).to(dtype) @ A) @ Bp).float().flatten()
     cut = probe.kthvalue(round((1 - density) * probe.numel())).values.item()
 
+    A_rows, B_rows = A.T.contiguous(), Bp.T.contiguous()  # F.linear's layout (fast for bf16)
+
     def predicted(x: torch.Tensor) -> torch.Tensor:
-        mask = torch.addmm(c, x @ A, Bp) > cut
+        mask = F.linear(F.linear(x, A_rows), B_rows, c) > cut
         return mlp.active(x, *mask_code(mask))
 
     fns: dict[str, Callable[[], torch.Tensor]] = {
