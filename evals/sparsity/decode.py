@@ -180,7 +180,8 @@ def _code(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 def compare(decoder: Decoder, contenders: dict[str, Sequence[MLP]],
             prompts: Sequence[Sequence[int]], steps: int) -> dict:
-    """Greedy generation from every prompt with every contender's MLPs, in interleaved turns.
+    """Greedy generation from every prompt with every contender's MLPs, in interleaved turns
+    (the order rotates from prompt to prompt, so none always runs first or after the same one).
 
     Returns per contender: generated tokens/s (total tokens / total seconds), its median per-prompt
     speedup over the first contender (the reference, dense), the share of generated positions whose
@@ -191,8 +192,8 @@ def compare(decoder: Decoder, contenders: dict[str, Sequence[MLP]],
         decoder.generate(prompts[0][:4], 2, mlps)
     tokens: dict[str, list[list[int]]] = {n: [] for n in names}
     seconds: dict[str, list[float]] = {n: [] for n in names}
-    for prompt in prompts:
-        for name in names:
+    for i, prompt in enumerate(prompts):
+        for name in names[i % len(names):] + names[: i % len(names)]:  # each goes first in turn
             out, took = decoder.generate(prompt, steps, contenders[name])
             tokens[name].append(out)
             seconds[name].append(took)
