@@ -16,10 +16,10 @@ rounds (background load hits every contender alike) the median of:
 - MLP + predictor: a rank-r predictor (``(x @ A) @ B + c > cut``, its cost included), then
   ``SparseMLP.active``: one gather-dot per predicted unit (up) and the gather-weighted-sum (down).
 
-Every call reads a different input, rotating over `VARIANTS` draws whose active rows together
-exceed the last-level cache: a decode step never finds the previous token's rows in cache (other
-layers ran in between), so repeating one input would flatter the sparse path (10% of a 7B
-W_out in fp32 is 27 MB, under this machine's 32 MB L3).
+Every call reads a different input, rotating over enough draws that their active rows add up to
+4x the last-level cache (`ROTATION_BYTES`): a decode step never finds the previous token's rows
+in cache (other layers ran in between), so repeating one input would flatter the sparse path
+(10% of a 7B W_out in fp32 is 27 MB, under this machine's 32 MB L3).
 
 Inputs are synthetic: x ~ N(0, 1), W_in ~ N(0, 1/d) and b_in = -PhiInv(1 - density), so each
 unit fires with probability `density`, independently across units and tokens; the union of a
@@ -46,6 +46,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import os
 import platform
 import statistics
@@ -60,8 +61,9 @@ from saelab.kernels import SparseMLP, mask_code
 
 SHAPES = {"zoo": (128, 512), "7B": (4096, 16384)}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-VARIANTS = 6
-"""Inputs rotated through per contender (their active rows together exceed a 32 MB L3 at 10%)."""
+ROTATION_BYTES = 128 * 2**20
+"""Inputs rotate until their active rows add up to this (4x a 32 MB L3), at least `MIN_VARIANTS`."""
+MIN_VARIANTS = 6
 
 
 def _rank(d: int) -> int:
@@ -106,8 +108,11 @@ def contenders(d: int, d_ff: int, B: int, density: float, dtype: torch.dtype) ->
     gen = torch.Generator().manual_seed(B)
     _, _, A, Bp = weights(d, d_ff, dtype)
     mlp = layer(d, d_ff, dtype, density)
-    xs = [torch.randn(B, d, generator=gen).to(dtype) for _ in range(VARIANTS)]
-    hs = [_hidden(B, d_ff, density, dtype, gen) for _ in range(VARIANTS)]
+    elem = torch.finfo(dtype).bits // 8
+    k = max(1, round(density * d_ff))
+    variants = min(64, max(MIN_VARIANTS, math.ceil(ROTATION_BYTES / (B * k * d * elem))))
+    xs = [torch.randn(B, d, generator=gen).to(dtype) for _ in range(variants)]
+    hs = [_hidden(B, d_ff, density, dtype, gen) for _ in range(variants)]
     c = torch.zeros(d_ff, dtype=dtype)
     probe = ((torch.randn(256, d, generator=gen).to(dtype) @ A) @ Bp).float().flatten()
     cut = probe.kthvalue(round((1 - density) * probe.numel())).values.item()
@@ -134,8 +139,6 @@ def contenders(d: int, d_ff: int, B: int, density: float, dtype: torch.dtype) ->
         ref = mlp.down(hs[0]).float()
         torch.testing.assert_close(mlp.down_sparse(hs[0]).float(), ref, rtol=2e-2, atol=2e-2)
         torch.testing.assert_close(mlp(xs[0]).float(), mlp.dense(xs[0]).float(), rtol=2e-2, atol=2e-2)
-    elem = torch.finfo(dtype).bits // 8
-    k = max(1, round(density * d_ff))
     union = 1 - (1 - density) ** B
     union_pred = 1 - (1 - computed) ** B
     info = {
