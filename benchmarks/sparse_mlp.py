@@ -3,7 +3,8 @@
 For each shape (the zoo model's d=128, d_ff=512 and a 7B model's d=4096, d_ff=16384, one
 layer), dtype (fp32, bf16), batch (1, 8, 64) and density (3/10/25/50% and, with --measured, the
 per-layer densities a `saelab sparsity` report measured on the zoo), it times in interleaved
-rounds (background load hits every contender alike) the median of:
+rounds (background load hits every contender alike) each of the following; a speedup is the
+median over rounds of the two contenders' time ratio:
 
 - down dense:  ``SparseMLP.down(h)``, ``h @ W_out + b_out`` in the layout the dense GEMV is fast
   in (``F.linear``'s for bf16: ``h @ W_out`` in bf16 is ~47x slower on an AVX2 CPU);
@@ -127,8 +128,8 @@ def contenders(d: int, d_ff: int, B: int, density: float, dtype: torch.dtype) ->
         "down dense": _rotating(mlp.down, hs),
         "down sparse": _rotating(mlp.down_sparse, hs),
         "MLP dense": _rotating(mlp.dense, xs),
-        "MLP sparse": _rotating(mlp.sparse_down, xs),
         "MLP auto": _rotating(mlp, xs),
+        "MLP sparse": _rotating(mlp.sparse_down, xs),
         "MLP+predictor": _rotating(predicted, xs),
     }
     with torch.no_grad():
@@ -168,9 +169,10 @@ def bandwidth() -> tuple[float, float]:
     return 2 * size / statistics.median(copies) / 1e9, size / statistics.median(reads) / 1e9
 
 
-def median_times(fns: dict[str, Callable[[], object]], rounds: int, min_seconds: float) -> dict[str, float]:
-    """Median seconds per call; each round runs every contender once (enough calls to last
-    `min_seconds`), so load changes hit them alike."""
+def round_times(fns: dict[str, Callable[[], object]], rounds: int,
+                min_seconds: float) -> dict[str, list[float]]:
+    """Seconds per call of every contender in every round; each round runs every contender once
+    (enough calls to last `min_seconds`), so load changes hit them alike."""
     calls = {}
     with torch.no_grad():
         for name, fn in fns.items():  # warm up and size the inner loop
@@ -185,7 +187,13 @@ def median_times(fns: dict[str, Callable[[], object]], rounds: int, min_seconds:
                 for _ in range(calls[name]):
                     fn()
                 samples[name].append((time.perf_counter() - start) / calls[name])
-    return {name: statistics.median(s) for name, s in samples.items()}
+    return samples
+
+
+def speedup(samples: dict[str, list[float]], ref: str, name: str) -> float:
+    """Median over rounds of ref's time / name's time: each ratio pairs two timings taken moments
+    apart, so it drifts less with the load than a ratio of the two medians."""
+    return statistics.median(r / t for r, t in zip(samples[ref], samples[name], strict=True))
 
 
 def _pick(share: float) -> str:
@@ -219,7 +227,8 @@ def main() -> None:
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
           f"{args.threads} threads, {os.cpu_count()} CPUs; load average before: {_load()}; "
           f"copy bandwidth {copy_bw:.1f} GB/s (read + write), read bandwidth {read_bw:.1f} GB/s")
-    print("speedup = dense median / sparse median; %ideal = speedup / bound, bound = dense / sparse "
+    print("speedup = median over rounds of dense time / sparse time (ms columns: medians); "
+          "%ideal = speedup / bound, bound = dense / sparse "
           "weight bytes (distinct rows of the batch); KB/tok = weight bytes read per token; GB/s = "
           "bytes read / time; auto = MLP dense / MLP auto (>= 0.95: within 1.05x of dense), picks = "
           "the path auto took on this row's inputs")
@@ -236,11 +245,15 @@ def main() -> None:
             for B in args.batches:
                 for label, density in densities:
                     fns, info = contenders(d, d_ff, B, density, DTYPES[dname])
-                    t = median_times(fns, args.rounds, args.min_seconds)
-                    down = t["down dense"] / t["down sparse"]
+                    samples = round_times(fns, args.rounds, args.min_seconds)
+                    t = {name: statistics.median(x) for name, x in samples.items()}
+                    down = speedup(samples, "down dense", "down sparse")
+                    ups = {name: speedup(samples, "MLP dense", name)
+                           for name in ("MLP sparse", "MLP auto", "MLP+predictor")}
                     rows.append({"shape": shape, "dtype": dname, "batch": B, "density": density,
                                  "copy_GBps": copy_bw, "read_GBps": read_bw, "load": os.getloadavg()[0],
-                                 **t, **info})
+                                 **t, **{f"speedup {n}": u for n, u in ups.items()},
+                                 "speedup down sparse": down, **info})
                     kb = (f"{info['dense_bytes_per_token'] / 1e3:.0f}/"
                           f"{info['sparse_bytes_per_token'] / 1e3:.0f}")
                     dense_bw = info["dense_bytes_per_token"] * B / t["down dense"] / 1e9
@@ -250,10 +263,10 @@ def main() -> None:
                           f"{100 * down / info['down_bound']:>5.0f}% "
                           f"{kb:>13} "
                           f"{f'{dense_bw:.1f}/{sparse_bw:.1f}':>11} | {1e3 * t['MLP dense']:>8.3f}ms "
-                          f"{1e3 * t['MLP sparse']:>7.3f}ms {t['MLP dense'] / t['MLP sparse']:>6.2f}x "
-                          f"{t['MLP dense'] / t['MLP auto']:>5.2f}x {_pick(info['auto_sparse_share']):>5} "
+                          f"{1e3 * t['MLP sparse']:>7.3f}ms {ups['MLP sparse']:>6.2f}x "
+                          f"{ups['MLP auto']:>5.2f}x {_pick(info['auto_sparse_share']):>5} "
                           f"{1e3 * t['MLP+predictor']:>7.3f}ms "
-                          f"{t['MLP dense'] / t['MLP+predictor']:>6.2f}x {info['mlp_bound']:>5.1f}x | "
+                          f"{ups['MLP+predictor']:>6.2f}x {info['mlp_bound']:>5.1f}x | "
                           f"{os.getloadavg()[0]:.1f}", flush=True)
     copy_bw, read_bw = bandwidth()
     print(f"load average after: {_load()}; copy bandwidth {copy_bw:.1f} GB/s, read {read_bw:.1f} GB/s")
