@@ -50,6 +50,7 @@ import json
 import math
 import os
 import platform
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -172,7 +173,9 @@ def bandwidth() -> tuple[float, float]:
 def round_times(fns: dict[str, Callable[[], object]], rounds: int,
                 min_seconds: float) -> dict[str, list[float]]:
     """Seconds per call of every contender in every round; each round runs every contender once
-    (enough calls to last `min_seconds`), so load changes hit them alike."""
+    (enough calls to last `min_seconds`), in a new random order, so load changes hit them alike.
+    On a loaded machine a process runs in time slices of a few ms: timings much shorter than that
+    depend on where the slice ends, so keep `min_seconds` well above it."""
     calls = {}
     with torch.no_grad():
         for name, fn in fns.items():  # warm up and size the inner loop
@@ -181,8 +184,12 @@ def round_times(fns: dict[str, Callable[[], object]], rounds: int,
             fn()
             calls[name] = max(1, int(min_seconds / max(time.perf_counter() - start, 1e-7)))
         samples: dict[str, list[float]] = {name: [] for name in fns}
+        order = list(fns)
+        shuffle = random.Random(0).shuffle
         for _ in range(rounds):
-            for name, fn in fns.items():
+            shuffle(order)  # no contender keeps one place in the scheduler's time slices
+            for name in order:
+                fn = fns[name]
                 start = time.perf_counter()
                 for _ in range(calls[name]):
                     fn()
@@ -209,7 +216,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--rounds", type=int, default=7)
-    p.add_argument("--min-seconds", type=float, default=0.02, help="inner-loop length per timing")
+    p.add_argument("--min-seconds", type=float, default=0.2, help="inner-loop length per timing")
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     p.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     p.add_argument("--batches", nargs="+", type=int, default=[1, 8, 64])
