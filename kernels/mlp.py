@@ -14,7 +14,7 @@ both paths.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 import torch
@@ -122,6 +122,8 @@ class SparseMLP:
             whose loss cost `saelab sparsity` measures.
         W_out_cols: (d, d_ff), ``W_out.T`` contiguous, for the dense down-projection of half
             dtypes (see `_LAYOUT_SENSITIVE`); None otherwise.
+        _costs: this layer's cost models by batch size, so a call does not rebuild the
+            process-wide key (which cost ~20% of a zoo-sized MLP under heavy load).
     """
 
     W_in: torch.Tensor
@@ -132,6 +134,7 @@ class SparseMLP:
     act: Callable[[torch.Tensor], torch.Tensor] = torch.relu
     threshold: float = 0.0
     W_out_cols: torch.Tensor | None = None
+    _costs: dict[int, CostModel] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def of(cls, W_in: torch.Tensor, b_in: torch.Tensor | None, W_out: torch.Tensor,
@@ -167,7 +170,7 @@ class SparseMLP:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """`dense` or `sparse_down`, whichever the measured cost model predicts faster for the
         number of active rows of this call (the up-projection is common to both)."""
-        costs = self.costs(x.shape[0])
+        costs = self._costs.get(x.shape[0]) or self._costs.setdefault(x.shape[0], self.costs(x.shape[0]))
         h = self.hidden(x)
         if costs.never_sparse:
             return self.down(h)

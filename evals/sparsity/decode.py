@@ -61,8 +61,8 @@ class Decoder:
     W_pos: torch.Tensor | None
     W_U: torch.Tensor
     b_U: torch.Tensor
-    attention: list[Attention | None]
-    mlps: list[MLP]
+    attention: Sequence[Attention | None]
+    mlps: Sequence[MLP]
     eps: float = 1e-5
     W_U_rows: torch.Tensor = field(init=False)
 
@@ -139,12 +139,13 @@ class PredictedMLP:
 
     mlp: SparseMLP
     predictor: LayerPredictor
+    _costs: dict[int, cost.CostModel] = field(default_factory=dict, compare=False, repr=False)
 
     def _predicted(self, x: torch.Tensor) -> torch.Tensor:
         return self.predictor.predict(x)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        costs = self.costs(x.shape[0])
+        costs = self._costs.get(x.shape[0]) or self._costs.setdefault(x.shape[0], self.costs(x.shape[0]))
         if costs.never_sparse:
             return self.mlp.dense(x)
         mask = self._predicted(x)
