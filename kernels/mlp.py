@@ -14,11 +14,14 @@ both paths.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 
 import torch
+import torch.nn.functional as F
 
 from .autograd import sparse_decode
+from .cost import COSTS, CostModel, bucket, calibrate
 from .primitives import check_matrix, gather_dot
 from .select import topk_indices
 
@@ -45,18 +48,27 @@ def mask_code(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return idx, valid
 
 
-def active_code(h: torch.Tensor, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(idx, vals) holding each row's nonzero entries of ``h`` (B, d_ff).
+def active_code(h: torch.Tensor, k: int | None = None,
+                threshold: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(idx, vals) holding each row's active entries of ``h`` (B, d_ff): those with |h| > threshold.
 
-    With ``k=None`` the code is exact: k is the largest number of nonzeros in any row and rows
-    with fewer are padded with zero values. A smaller ``k`` keeps the k largest ``|h|`` per row
-    (statistical / top-k activation sparsity).
+    With ``k=None`` the code is exact: k is the largest number of active entries in any row and
+    rows with fewer are padded with zero values. ``threshold`` 0 keeps exactly the nonzeros (ReLU);
+    smooth activations (GELU, SiLU) are never exactly zero and need a magnitude. A smaller ``k``
+    keeps the k largest ``|h|`` per row (statistical / top-k activation sparsity).
     """
     if k is None:
-        idx, valid = mask_code(h != 0)
+        idx, valid = mask_code(active_mask(h, threshold))
+        if h.shape[0] == 1:  # decode: idx holds exactly the active units
+            return idx, h[:, idx[0]] * valid if idx.shape[1] == 1 else h[:, idx[0]]
         return idx, h.gather(1, idx) * valid
     idx = topk_indices(h.abs(), k)
     return idx, h.gather(1, idx)
+
+
+def active_mask(h: torch.Tensor, threshold: float = 0.0) -> torch.Tensor:
+    """|h| > threshold; for threshold 0 the cheaper h != 0 (the same set)."""
+    return h != 0 if threshold == 0 else h.abs() > threshold
 
 
 def sparse_mlp_down(
@@ -78,23 +90,40 @@ def sparse_mlp_down(
     return sparse_decode(idx, vals, W_out, b_out)
 
 
+_LAYOUT_SENSITIVE = (torch.float16, torch.bfloat16)
+"""Dtypes whose CPU GEMV is only fast with the reduced dimension contiguous (``F.linear``'s
+weight layout): ``h @ W_out`` with W_out (d_ff, d) in bf16 ran 47x slower than ``F.linear(h,
+W_out.T.contiguous())`` on an AVX2 CPU; fp32 is the same either way."""
+
+
 @dataclass(frozen=True)
 class SparseMLP:
     """An MLP ``act(x @ W_in + b_in) @ W_out + b_out`` with activation-sparse forward passes.
 
-    Build it with `SparseMLP.of` (which lays the weights out once). Four forwards, all (B, d)
-    -> (B, d): `dense` (the reference), `sparse_down` (dense up-projection, down-projection over
-    each token's active rows of ``W_out`` only), `union_down` (the same over the union of the
-    batch's active rows, one dense product) and `active` (both projections over a given set).
+    Build it with `SparseMLP.of` (which lays the weights out once). Calling it, ``mlp(x)``, picks
+    the dense or the sparse down-projection per call from a cost model measured once on this
+    machine (`saelab.kernels.cost`), so it is never much slower than `dense` and as fast as
+    `sparse_down` where that wins. The forwards it chooses from, all (B, d) -> (B, d): `dense`
+    (the reference), `sparse_down` (dense up-projection, down-projection over each token's active
+    rows of ``W_out`` only); also `union_down` (the same over the union of the batch's active
+    rows, one dense product) and `active` (both projections over a given set, e.g. predicted).
     ``act`` must map 0 to 0 (ReLU, GELU, SiLU do), so units left out contribute nothing.
 
     Fields:
-        W_in: (d, d_ff) for the dense up-projection.
-        W_in_rows: (d_ff, d), ``W_in.T`` contiguous: one row per unit, for the gather-dot.
+        W_in: (d, d_ff), as transformer-lens holds it.
+        W_in_rows: (d_ff, d), ``W_in.T`` contiguous: one row per unit, for the gather-dot and the
+            dense up-projection (``F.linear``'s fast layout).
         b_in: (d_ff,) or None.
         W_out: (d_ff, d), one row per unit.
         b_out: (d,) or None.
         act: the hidden activation.
+        threshold: a unit is active when |h| > threshold. 0 (exact zeros) is exact for ReLU; for
+            smooth activations the sparse paths drop units with |h| <= threshold, an approximation
+            whose loss cost `saelab sparsity` measures.
+        W_out_cols: (d, d_ff), ``W_out.T`` contiguous, for the dense down-projection of half
+            dtypes (see `_LAYOUT_SENSITIVE`); None otherwise.
+        _costs: this layer's cost models by batch size, so a call does not rebuild the
+            process-wide key (which cost ~20% of a zoo-sized MLP under heavy load).
     """
 
     W_in: torch.Tensor
@@ -103,26 +132,72 @@ class SparseMLP:
     W_out: torch.Tensor
     b_out: torch.Tensor | None
     act: Callable[[torch.Tensor], torch.Tensor] = torch.relu
+    threshold: float = 0.0
+    W_out_cols: torch.Tensor | None = None
+    _costs: dict[int, CostModel] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def of(cls, W_in: torch.Tensor, b_in: torch.Tensor | None, W_out: torch.Tensor,
-           b_out: torch.Tensor | None, act: Callable[[torch.Tensor], torch.Tensor] = torch.relu) -> SparseMLP:
+           b_out: torch.Tensor | None, act: Callable[[torch.Tensor], torch.Tensor] = torch.relu,
+           threshold: float = 0.0) -> SparseMLP:
         check_matrix("W_in", W_in, (None, None))
         check_matrix("W_out", W_out, (W_in.shape[1], W_in.shape[0]))
-        return cls(W_in, W_in.T.contiguous(), b_in, W_out.contiguous(), b_out, act)
+        if threshold < 0:
+            raise ValueError(f"threshold is a magnitude and must be >= 0, got {threshold}")
+        cols = W_out.T.contiguous() if W_out.dtype in _LAYOUT_SENSITIVE else None
+        return cls(W_in, W_in.T.contiguous(), b_in, W_out.contiguous(), b_out, act, threshold, cols)
 
     def hidden(self, x: torch.Tensor) -> torch.Tensor:
-        pre = x @ self.W_in
-        return self.act(pre if self.b_in is None else pre + self.b_in)
+        return self.act(F.linear(x, self.W_in_rows, self.b_in))
+
+    def down(self, h: torch.Tensor) -> torch.Tensor:
+        """The dense down-projection ``h @ W_out + b_out``."""
+        if self.W_out_cols is not None:
+            return F.linear(h, self.W_out_cols, self.b_out)
+        return h @ self.W_out if self.b_out is None else torch.addmm(self.b_out, h, self.W_out)
+
+    def down_sparse(self, h: torch.Tensor) -> torch.Tensor:
+        """The down-projection over each token's active rows of W_out only (|h| > threshold)."""
+        return sparse_mlp_down(*active_code(h, threshold=self.threshold), self.W_out, self.b_out)
 
     def dense(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.hidden(x) @ self.W_out
-        return out if self.b_out is None else out + self.b_out
+        return self.down(self.hidden(x))
 
     def sparse_down(self, x: torch.Tensor) -> torch.Tensor:
         """Dense up-projection; the down-projection reads only the rows of active units."""
-        idx, vals = active_code(self.hidden(x))
-        return sparse_mlp_down(idx, vals, self.W_out, self.b_out)
+        return self.down_sparse(self.hidden(x))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """`dense` or `sparse_down`, whichever the measured cost model predicts faster for the
+        number of active rows of this call (the up-projection is common to both)."""
+        costs = self._costs.get(x.shape[0]) or self._costs.setdefault(x.shape[0], self.costs(x.shape[0]))
+        h = self.hidden(x)
+        if costs.never_sparse:
+            return self.down(h)
+        rows = int(torch.count_nonzero(active_mask(h, self.threshold)))
+        return self.down_sparse(h) if costs.use_sparse(rows) else self.down(h)
+
+    def costs(self, batch: int) -> CostModel:
+        """The down-projection's cost model for ``batch`` tokens (measured on first use)."""
+        d_ff, d = self.W_out.shape
+        size = bucket(batch)
+        key = ("down", d, d_ff, self.W_out.dtype, self.W_out.device, torch.get_num_threads(), size)
+        if key in COSTS:
+            return COSTS[key]
+        gen = torch.Generator(device=self.W_out.device).manual_seed(0)
+        dtype, device = self.W_out.dtype, self.W_out.device
+
+        def hidden(per_token: int) -> torch.Tensor:
+            """(size, d_ff) activations with `per_token` random units at 1 per token."""
+            scores = torch.rand(size, d_ff, generator=gen, device=device)
+            idx = scores.topk(per_token, dim=1).indices
+            return torch.zeros(size, d_ff, dtype=dtype, device=device).scatter_(1, idx, 1.0)
+
+        high = max(1, d_ff // (2 * size))
+        dense_h = hidden(high)
+        return calibrate(key, lambda: self.down(dense_h),
+                         lambda rows: partial(self.down_sparse, hidden(rows // size)),
+                         size, high * size)
 
     def union_down(self, x: torch.Tensor) -> torch.Tensor:
         """Dense up-projection; one dense product over the rows of W_out active on any token.
@@ -131,7 +206,9 @@ class SparseMLP:
         it wins when tokens share active units, and tends to dense as the union grows.
         """
         h = self.hidden(x)
-        cols = (h != 0).any(0).nonzero().squeeze(1)
+        mask = active_mask(h, self.threshold)
+        h = h if self.threshold == 0 else h * mask
+        cols = mask.any(0).nonzero().squeeze(1)
         out = h.index_select(1, cols) @ self.W_out.index_select(0, cols)
         return out if self.b_out is None else out + self.b_out
 

@@ -12,7 +12,9 @@ page-faulted memory at B=4096, k=32, d=512):
 - scatter-outer-add: the same ``embedding_bag`` turned around: entries sorted by latent are the
   bags, the tokens' rows of ``g`` are what gets summed.
 
-Half types accumulate in fp32 and are rounded once at the end.
+Half types accumulate in fp32 and are rounded once at the end: CPU's ``embedding_bag`` does so
+itself (tested: a bf16 sum of 20,000 ones comes out as bf16(20000), not 256) and is 3.5x faster
+than upcasting gathered blocks, which remains the path elsewhere.
 """
 
 from __future__ import annotations
@@ -80,10 +82,11 @@ def gather_weighted_sum(
     idx: torch.Tensor, vals: torch.Tensor, W: torch.Tensor, dtype: torch.dtype
 ) -> torch.Tensor:
     acc = accumulation_dtype(dtype)
-    if acc == dtype == W.dtype and idx.numel() > 0:
+    fused = acc == dtype or W.device.type == "cpu"  # CPU's half-type bags accumulate in fp32
+    if fused and dtype == W.dtype and idx.numel() > 0:
         return F.embedding_bag(idx, W, per_sample_weights=vals.to(dtype), mode="sum")
-    # Half types (or a W needing an upcast): upcast only the gathered rows, chunk by chunk,
-    # rather than rely on how a given embedding_bag kernel accumulates half inputs.
+    # Half types off the CPU (or a W needing an upcast): upcast only the gathered rows, chunk by
+    # chunk, rather than rely on how another device's embedding_bag accumulates half inputs.
     out = torch.zeros((idx.shape[0], W.shape[1]), dtype=acc, device=W.device)
     for rows, cols in _blocks(idx.shape[0], idx.shape[1], W.shape[1]):
         gathered = _gather_rows(W, idx[rows, cols], acc)

@@ -3,7 +3,13 @@
 For every layer the MLP hidden activation `blocks.L.mlp.hook_post` (the input of the
 down-projection) is captured at every non-BOS/pad position. A neuron is active on a token when
 |h| > threshold: 0 for ReLU MLPs, i.e. exactly nonzero as "The Lazy Neuron Phenomenon" counts it;
-for smooth activations (GELU, SiLU), which are almost never exactly zero, a stated magnitude.
+for every other activation (GELU, SiLU, SoLU), whose output is almost never exactly zero, a
+stated magnitude (`SMOOTH_THRESHOLD`).
+
+SoLU MLPs (`solu_ln`) apply a LayerNorm after the activation, so `hook_post` is dense whatever
+the threshold. Their h is `blocks.L.mlp.hook_mid`, SoLU's output before that LayerNorm: the
+LayerNorm is one affine map per token (a scale and a shift), so a down-projection over hook_mid's
+active units plus a rank-one correction is exact, and those units are what sparsity can skip.
 
 Per layer: the share of active neurons per token (mean and percentiles over tokens), each
 neuron's firing frequency (dead: never active in the window; always on: active on every token),
@@ -30,24 +36,30 @@ from saelab.zoo import DEFAULT_MODEL
 
 UNION_SIZES = (1, 8, 64, 512)
 PERCENTILES = (1, 10, 50, 90, 99)
-RELU_FAMILY = ("relu", "relu2", "solu_ln")
+EXACT_ZERO = ("relu",)
+"""Activations whose inactive units are exactly 0 (threshold 0 counts them right)."""
 SMOOTH_THRESHOLD = 0.01
-"""Default |h| above which a GELU/SiLU neuron counts as active (stated in every report)."""
+"""Default |h| above which a neuron of any other activation (GELU, SiLU, SoLU) counts as active
+(stated in every report)."""
+PRE_NORM_HIDDEN = ("solu_ln",)
+"""Activations followed by a LayerNorm inside the MLP: h is read before it (`hook_mid`)."""
 
 
-def mlp_hook(layer: int) -> str:
-    return f"blocks.{layer}.mlp.hook_post"
+def mlp_hook(layer: int, act_fn: str = "relu") -> str:
+    """Layer `layer`'s hidden-activation hook for an MLP with activation `act_fn`."""
+    return f"blocks.{layer}.mlp.{'hook_mid' if act_fn in PRE_NORM_HIDDEN else 'hook_post'}"
 
 
 def mlp_hooks(model: HookedModel) -> list[str]:
     """The MLP hidden-activation hook of every layer, or a one-line error naming what is missing."""
-    hooks = [mlp_hook(layer) for layer in range(model.n_layers)]
+    act = activation_fn(model)
+    hooks = [mlp_hook(layer, act) for layer in range(model.n_layers)]
     missing = [h for h in hooks if h not in model.model.hook_dict]
     if missing:
         raise SaelabError(
             f"model {model.spec} has no hookable MLP hidden activation ({missing[0]} is not a hook; "
-            "attention-only model?); activation sparsity needs blocks.L.mlp.hook_post, the input "
-            "of each MLP's down-projection"
+            f"attention-only model?); activation sparsity needs {hooks[0].replace('.0.', '.L.')}, "
+            "the hidden activation each MLP's down-projection reads"
         )
     return hooks
 
@@ -58,7 +70,7 @@ def activation_fn(model: HookedModel) -> str:
 
 def default_threshold(model: HookedModel) -> float:
     """0 (exact zeros) for ReLU MLPs, `SMOOTH_THRESHOLD` for anything else."""
-    return 0.0 if activation_fn(model) in RELU_FAMILY else SMOOTH_THRESHOLD
+    return 0.0 if activation_fn(model) in EXACT_ZERO else SMOOTH_THRESHOLD
 
 
 def resolve(model: HookedModel | str, data: TokenData | str | None, split: str = "heldout",

@@ -1,7 +1,8 @@
 """Sparsification modes spliced into every MLP, and their loss-against-density sweep.
 
 Each mode zeroes part of the hidden activation h = act(pre) (`blocks.L.mlp.hook_post`, the
-down-projection's input) at every position, in every layer at once (model-wide sparsity):
+down-projection's input; `hook_mid` for SoLU, see `measure`) at every position, in every layer
+at once (model-wide sparsity):
 
 - `relu`: h as it is; exact zeros only (ReLU MLPs are already sparse). No target.
 - `threshold`: |h| > t with one magnitude t for all layers, the (1 - target) quantile of |h| over
@@ -168,11 +169,12 @@ class Sparsifier:
         assert pre is not None, "stat_topk reads the layer's hook_pre (Sparsifier.hooks)"
         return h * (pre > stat_topk_threshold(pre, self.target))  # stat_topk
 
-    def hooks(self, n_layers: int, on_output: Callable[[int, torch.Tensor], None]) -> dict[str, Splice]:
-        """`HookedModel.logits` replacements for every layer; `on_output(layer, h)` sees each result."""
+    def hooks(self, hidden: list[str], on_output: Callable[[int, torch.Tensor], None]) -> dict[str, Splice]:
+        """`HookedModel.logits` replacements at every layer's hidden-activation hook (`hidden`,
+        from `mlp_hooks`); `on_output(layer, h)` sees each result."""
         pre: dict[int, torch.Tensor] = {}
         fns: dict[str, Splice] = {}
-        for layer in range(n_layers):
+        for layer, hook in enumerate(hidden):
             def post_fn(h: torch.Tensor, layer: int = layer) -> torch.Tensor:
                 out = self.apply(layer, h, pre.pop(layer, None))
                 on_output(layer, out)
@@ -184,7 +186,7 @@ class Sparsifier:
                     return x
 
                 fns[f"blocks.{layer}.mlp.hook_pre"] = pre_fn
-            fns[f"blocks.{layer}.mlp.hook_post"] = post_fn
+            fns[hook] = post_fn
         return fns
 
     @property
@@ -236,7 +238,7 @@ def sweep(
                 active[name] += int((kept != 0).sum())
                 total[name] += kept.numel()
 
-            loss.add(s.name, model.logits(batch, s.hooks(n_layers, count)), batch, mask, clean)
+            loss.add(s.name, model.logits(batch, s.hooks(hooks, count)), batch, mask, clean)
             bar.update(batch.numel())
     bar.close()
     ce_clean = loss.ce["clean"] / loss.count["clean"]

@@ -26,7 +26,7 @@ from saelab.data.activations import model_activations, positions_to_keep
 from saelab.data.heldout import heldout_rows
 from saelab.data.tokens import TokenData
 from saelab.errors import SaelabError
-from saelab.evals.sparsity.measure import default_threshold, mlp_hook, mlp_hooks
+from saelab.evals.sparsity.measure import default_threshold, mlp_hooks
 from saelab.evals.spliced import SplicedLoss, prediction_mask
 from saelab.kernels import SparseMLP
 from saelab.models import HookedModel
@@ -46,7 +46,8 @@ def input_hook(layer: int) -> str:
 
 
 def mlp_weights(model: HookedModel, layer: int) -> SparseMLP:
-    """Layer `layer`'s MLP as a `SparseMLP` (weights as the hooked model runs them)."""
+    """Layer `layer`'s MLP as a `SparseMLP` (weights as the hooked model runs them; its sparse
+    paths drop units at or under the model's default threshold, none for ReLU)."""
     mlp = model.model.blocks[layer].mlp
     if getattr(mlp, "W_gate", None) is not None:
         raise SaelabError(f"model {model.spec} has gated MLPs; the sparse MLP forward supports "
@@ -55,7 +56,8 @@ def mlp_weights(model: HookedModel, layer: int) -> SparseMLP:
     if act is None:
         raise SaelabError(f"the sparse MLP forward supports {', '.join(ACTIVATIONS)} MLPs, not "
                           f"{model.model.cfg.act_fn!r} (model {model.spec})")
-    return SparseMLP.of(mlp.W_in.detach(), mlp.b_in.detach(), mlp.W_out.detach(), mlp.b_out.detach(), act)
+    return SparseMLP.of(mlp.W_in.detach(), mlp.b_in.detach(), mlp.W_out.detach(), mlp.b_out.detach(), act,
+                        default_threshold(model))
 
 
 @dataclass(frozen=True)
@@ -189,9 +191,9 @@ def evaluate_predictors(model: HookedModel, preds: list[LayerPredictor], heldout
         return fn
 
     replace = {}
-    for i in range(n):
+    for i, hidden in enumerate(mlp_hooks(model)[:n]):
         replace[input_hook(i)] = grab(i)
-        replace[mlp_hook(i)] = only_predicted(i)
+        replace[hidden] = only_predicted(i)
     bar = tqdm(total=2 * sum(b.numel() for b in batches), unit="tok", unit_scale=True,
                desc="predictor eval")
     for batch in batches:

@@ -17,11 +17,13 @@ from saelab.data.heldout import heldout_rows
 from saelab.data.tokens import TokenData
 from saelab.errors import SaelabError
 from saelab.evals.sparsity import Sparsifier, format_summary, measure, mlp_hooks, run, sweep, write_report
+from saelab.evals.sparsity.decode import Decoder, PredictedMLP, compare, synthetic
 from saelab.evals.sparsity.emergence import checkpoint_dirs
-from saelab.evals.sparsity.measure import LayerStats
+from saelab.evals.sparsity.measure import LayerStats, default_threshold
 from saelab.evals.sparsity.modes import Calibration, stat_topk_threshold
 from saelab.evals.sparsity.predictor import evaluate_predictors, mlp_weights, train_predictors
 from saelab.kernels import mask_code
+from saelab.kernels.cost import CostModel
 from saelab.models import HookedModel, load_model
 from saelab.zoo import ZooRecipe, model_dir
 from saelab.zoo.build import build, checkpoint_steps
@@ -35,13 +37,14 @@ def zoo_report(zoo_model):
     return measure(zoo_model, data=DATA, tokens=TOKENS, batch_rows=4)
 
 
-def _dense_reference(model, threshold=0.0):
-    """Per layer: (N, d_ff) activity of every non-BOS held-out position, straight from the model."""
-    rows = heldout_rows(model.tokenizer, DATA, TOKENS)
+def _dense_reference(model, threshold=0.0, tokens=TOKENS):
+    """Per layer: (N, d_ff) activity of every non-BOS held-out position, straight from the model
+    (threshold None: the activations themselves)."""
+    rows = heldout_rows(model.tokenizer, DATA, tokens)
     keep = positions_to_keep(rows, model.tokenizer)
     hooks = [f"blocks.{i}.mlp.hook_post" for i in range(model.n_layers)]
     acts = model.activations(rows, hooks)
-    return [acts[h][keep].abs() > threshold for h in hooks]
+    return [acts[h][keep] if threshold is None else acts[h][keep].abs() > threshold for h in hooks]
 
 
 def test_measure_matches_dense_reference(zoo_model, zoo_report):
@@ -326,3 +329,98 @@ def test_checkpoints_missing_is_one_line_error(tmp_path, monkeypatch, capsys):
     code, cap = run_cli(["sparsity", "--checkpoints", "--out", str(out)], monkeypatch, capsys)
     assert code == 2 and "has no training checkpoints" in cap.err and "saelab zoo build" in cap.err
     assert len(cap.err.strip().splitlines()) == 1 and not out.exists()
+
+
+@pytest.fixture(scope="module")
+def silu_model(tmp_path_factory):
+    """A tiny random GPT-2 with SiLU MLPs (negative inputs give small nonzero outputs)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    path = tmp_path_factory.mktemp("silu")
+    torch.manual_seed(1)
+    GPT2LMHeadModel(GPT2Config(vocab_size=257, n_positions=64, n_embd=32, n_layer=2, n_head=2,
+                               n_inner=96, activation_function="silu", bos_token_id=256,
+                               eos_token_id=256)).save_pretrained(path)
+    for f in model_dir("zoo:pystdlib-4l").glob("tokenizer*"):
+        shutil.copy(f, path)
+    return load_model(str(path))
+
+
+def test_silu_counts_magnitudes_above_threshold(silu_model):
+    r = measure(silu_model, data=DATA, tokens=200, batch_rows=4)
+    assert r["activation"] == "silu" and r["threshold"] == 0.01
+    h = _dense_reference(silu_model, None, tokens=200)[1]
+    assert r["layers"][1]["density"] == pytest.approx((h.abs() > 0.01).double().mean().item(), rel=1e-12)
+    assert (h != 0).double().mean() > 0.99 > r["density"]  # threshold 0 would call all active
+
+
+def _namespace_model(act_fn, hooks):
+    return HookedModel("m", SimpleNamespace(cfg=SimpleNamespace(n_layers=2, act_fn=act_fn),
+                                            hook_dict=dict.fromkeys(hooks)), None)
+
+
+@pytest.mark.parametrize(("act_fn", "threshold"), [("relu", 0.0), ("gelu", 0.01), ("gelu_new", 0.01),
+                                                   ("silu", 0.01), ("solu_ln", 0.01)])
+def test_only_relu_counts_exact_zeros(act_fn, threshold):
+    hooks = [f"blocks.{i}.mlp.{h}" for i in range(2) for h in ("hook_post", "hook_mid")]
+    assert default_threshold(_namespace_model(act_fn, hooks)) == threshold
+
+
+def test_solu_is_read_before_its_layernorm():
+    """SoLU-LN's hook_post follows a LayerNorm (dense); its h is hook_mid, or a one-line error."""
+    both = [f"blocks.{i}.mlp.{h}" for i in range(2) for h in ("hook_post", "hook_mid")]
+    assert mlp_hooks(_namespace_model("solu_ln", both)) == ["blocks.0.mlp.hook_mid", "blocks.1.mlp.hook_mid"]
+    assert mlp_hooks(_namespace_model("gelu", both)) == ["blocks.0.mlp.hook_post", "blocks.1.mlp.hook_post"]
+    post_only = [f"blocks.{i}.mlp.hook_post" for i in range(2)]
+    with pytest.raises(SaelabError, match="needs blocks.L.mlp.hook_mid"):
+        mlp_hooks(_namespace_model("solu_ln", post_only))
+
+
+def test_decoder_reproduces_the_models_logits(zoo_model):
+    """The token-by-token decoder (KV cache, folded LayerNorms) against the hooked model's forward."""
+    row = heldout_rows(zoo_model.tokenizer, DATA, 64)[0, :24]
+    decoder = Decoder.of(zoo_model)
+    caches = [[] for _ in decoder.attention]
+    logits = torch.stack([decoder.step(int(t), p, caches, decoder.mlps) for p, t in enumerate(row.tolist())])
+    assert_close(logits, zoo_model.logits(row.unsqueeze(0))[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("branch", ["never sparse", "sparse", "past break-even"])
+def test_predicted_mlp_matches_float64_reference(zoo_model, predictors, monkeypatch, branch):
+    """PredictedMLP computes the MLP with only the predicted units (dense float64 reference), or
+    the dense MLP where its cost model says prediction does not pay."""
+    mlp, pred = mlp_weights(zoo_model, 1), predictors[0][1]
+    x = heldout_rows(zoo_model.tokenizer, DATA, 64)[:1, :8]
+    x = zoo_model.activations(x, ["blocks.1.ln2.hook_normalized"])["blocks.1.ln2.hook_normalized"][0, 5:6]
+    chosen = pred.predict(x)
+    rows = int(chosen.sum())
+    model = {"never sparse": CostModel(1.0, 1.0, 0.0), "sparse": CostModel(1.0, 0.0, 0.0),
+             "past break-even": CostModel(1.0, 0.0, 1.0)}[branch]
+    monkeypatch.setattr(PredictedMLP, "costs", lambda self, batch: model)
+    W_in, b_in, W_out, b_out = (t.double() for t in (mlp.W_in, mlp.b_in, mlp.W_out, mlp.b_out))
+    h = torch.relu(x.double() @ W_in + b_in)
+    want = (h * chosen if branch == "sparse" else h) @ W_out + b_out
+    assert 0 < rows < chosen.numel() and (h * chosen != h).any()  # the predictor changes something
+    assert_close(PredictedMLP(mlp, pred)(x).double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_synthetic_layers_and_compare():
+    """Synthetic layers fire at their densities; exact sparse MLPs generate dense's tokens; the
+    differ rate counts positions whose token differs from the first contender's."""
+    decoder, mlps = synthetic(64, 512, [0.05, 0.3], seed=3)
+    x = decoder._norm(torch.randn(4096, 64, generator=torch.Generator().manual_seed(4)))
+    for mlp, want in zip(mlps, [0.05, 0.3], strict=True):
+        assert (mlp.hidden(x) > 0).double().mean().item() == pytest.approx(want, abs=0.01)
+    W_U = decoder.W_U.clone()
+    shifted = [lambda x, m=m: m.dense(x) + 0.5 for m in mlps]  # a different model: tokens differ
+    prompts = [[1, 2, 3], [4, 5]]
+    got = compare(decoder, {"dense": [m.dense for m in mlps], "sparse": [m.sparse_down for m in mlps],
+                            "shifted": shifted}, prompts, steps=6)
+    assert got["contenders"]["sparse"]["token_differ_rate"] == 0
+    assert got["contenders"]["sparse"]["identical_prompts"] == 1
+    dense_out = [decoder.generate(p, 6, [m.dense for m in mlps])[0] for p in prompts]
+    shift_out = [decoder.generate(p, 6, shifted)[0] for p in prompts]
+    differ = sum(a != b for x, y in zip(dense_out, shift_out, strict=True)
+                 for a, b in zip(x, y, strict=True)) / 12
+    assert got["contenders"]["shifted"]["token_differ_rate"] == pytest.approx(differ)
+    assert torch.equal(decoder.W_U, W_U)

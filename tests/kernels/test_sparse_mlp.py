@@ -10,10 +10,10 @@ import os
 
 import pytest
 import torch
-from test_kernels import rerun_interpreted  # same folder
 from torch.testing import assert_close
 
-from saelab.kernels import SparseMLP, backend, mask_code
+from saelab.kernels import SparseMLP, backend, cost, mask_code
+from saelab.kernels.cost import MARGIN, CostModel, bucket
 
 F64 = torch.float64
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -112,6 +112,78 @@ def test_low_precision_close_to_float64(dtype):
         assert_close(out.double(), ref, **tol)
 
 
-@pytest.mark.skipif(INTERPRETED, reason="this is the subprocess")
-def test_under_triton_interpreter():
-    assert "skipped" in rerun_interpreted(__file__)  # only this test skips there
+def test_threshold_drops_small_units_of_smooth_activations():
+    """GELU is never exactly 0: with a threshold the sparse paths equal the dense MLP with every
+    unit at or under it zeroed (float64 reference); threshold 0 keeps them all (exact)."""
+    gelu = torch.nn.functional.gelu
+    exact = _mlp(16, 40, seed=11, act=gelu, offset=-1.0)
+    x = _x(5, 16, seed=12)
+    h = exact.hidden(x)
+    assert (h != 0).all()
+    cut = SparseMLP.of(exact.W_in, exact.b_in, exact.W_out, exact.b_out, act=gelu, threshold=0.05)
+    kept = h * (h.abs() > 0.05)
+    assert 0.1 < (kept != 0).double().mean() < 0.9
+    ref = kept @ exact.W_out + exact.b_out
+    for out in (cut.sparse_down(x), cut.union_down(x), cut.sparse_down(x[:1])):
+        assert_close(out, ref[: out.shape[0]])
+    assert_close(exact.sparse_down(x), exact.dense(x))
+    with pytest.raises(ValueError, match="threshold is a magnitude"):
+        SparseMLP.of(exact.W_in, exact.b_in, exact.W_out, exact.b_out, threshold=-1.0)
+
+
+def test_cost_model_hand_computed(monkeypatch):
+    model = CostModel(dense=1.0, fixed=0.25, per_row=0.01)
+    assert model.sparse(30) == pytest.approx(0.55)
+    assert not model.never_sparse
+    assert model.use_sparse(59) and not model.use_sparse(61)  # 0.25 + 0.6 = MARGIN * 1.0
+    assert CostModel(dense=1.0, fixed=MARGIN, per_row=0.0).never_sparse
+    assert [bucket(b) for b in (1, 2, 3, 8, 9, 64)] == [1, 2, 4, 8, 16, 64]
+    # calibrate: per_row from the two timed row counts, fixed extrapolated to zero rows
+    monkeypatch.setattr(cost, "_median_times", lambda fns, rounds: [2.0, 0.3, 1.3])
+    monkeypatch.setattr(cost, "COSTS", {})
+    got = cost.calibrate("k", lambda: None, lambda rows: lambda: None, 10, 110)
+    assert (got.dense, got.fixed, got.per_row) == pytest.approx((2.0, 0.2, 0.01))
+    monkeypatch.setattr(cost, "_median_times", lambda fns, rounds: pytest.fail("measured twice"))
+    assert cost.calibrate("k", lambda: None, lambda rows: lambda: None, 10, 110) is got
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("model", ["always sparse", "never sparse", "by rows"])
+def test_auto_forward_matches_dense_and_follows_the_cost_model(monkeypatch, dtype, model):
+    """mlp(x) equals the dense float64 MLP on either path, and takes the path the model picks."""
+    mlp64 = _mlp(70, 96, seed=13)
+    mlp = _mlp(70, 96, seed=13, dtype=dtype)
+    x64 = _x(3, 70, seed=14)
+    x = x64.to(dtype)
+    rows = int((mlp.hidden(x) != 0).sum())
+    fixed_cost = {"always sparse": CostModel(1.0, 0.0, 0.0), "never sparse": CostModel(1.0, 1.0, 0.0),
+                  "by rows": CostModel(1.0, 0.0, MARGIN / (rows + 0.5))}[model]  # sparse wins at `rows`
+    monkeypatch.setattr(SparseMLP, "costs", lambda self, batch: fixed_cost)
+    calls = []
+    original = SparseMLP.down_sparse
+    monkeypatch.setattr(SparseMLP, "down_sparse", lambda self, h: calls.append(1) or original(self, h))
+    out = mlp(x)
+    tol = {F64: {}, torch.float32: dict(rtol=1e-5, atol=1e-5),
+           torch.bfloat16: dict(rtol=2e-2, atol=5e-2)}[dtype]
+    assert out.dtype == dtype
+    assert_close(out.double(), mlp64.dense(x64), **tol)
+    assert len(calls) == (model != "never sparse")
+    if model == "by rows":  # one more active row tips it to dense
+        tipped = CostModel(1.0, 0.0, MARGIN / (rows - 0.5))
+        monkeypatch.setattr(SparseMLP, "costs", lambda self, batch: tipped)
+        mlp._costs.clear()  # each layer keeps its cost models once looked up
+        assert_close(mlp(x).double(), mlp64.dense(x64), **tol)
+        assert len(calls) == 1
+
+
+def test_auto_forward_calibrates_once_per_bucket(monkeypatch):
+    """The real calibration runs on first use of a (shape, dtype, threads, batch bucket) only."""
+    monkeypatch.setattr(cost, "COSTS", {})
+    mlp = _mlp(8, 37, seed=15, dtype=torch.float32)
+    for B in (1, 3, 4, 3):
+        x = _x(B, 8, seed=B, dtype=torch.float32)
+        assert_close(mlp(x).double(), _mlp(8, 37, seed=15).dense(x.double()), rtol=1e-5, atol=1e-5)
+    assert sorted(key[-1] for key in cost.COSTS) == [1, 4]
+    assert all(c.dense > 0 and c.per_row >= 0 for c in cost.COSTS.values())
+
+

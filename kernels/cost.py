@@ -1,0 +1,91 @@
+"""When a sparse MLP forward pays: a per-machine cost model, measured once per shape.
+
+A sparse path costs a fixed part (Python dispatch, finding the active set, small kernels) plus
+a part proportional to the weight rows it reads; the dense product costs the same whatever the
+activations. Which wins depends on the CPU, the dtype, the layer's shape and the batch: at the
+zoo's d = 128 the fixed part alone is several times the dense product, at a 7B layer the rows
+dominate. So nothing is assumed: `calibrate` times the dense path and the sparse path at two row
+counts on synthetic inputs (interleaved rounds, medians), once per (path, shape, dtype, device,
+threads, batch bucket), and `CostModel` then decides each call from the number of rows that call
+would read. Calibrations are kept for the process (`COSTS`), shared by every layer of a shape.
+
+A sparse path is chosen only when its predicted time is under `MARGIN` times the dense one, so a
+misjudged call near the crossover costs a few percent at most; and when even the fixed part is
+over that, the dense path runs without looking at the activations at all.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+
+import torch
+
+MARGIN = 0.85
+"""A sparse path must be predicted to take under this share of the dense time to be used."""
+ROUNDS = 5
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Measured seconds per call at one batch bucket: ``sparse(rows) = fixed + per_row * rows``.
+
+    Fields:
+        dense: the dense path.
+        fixed: the sparse path reading one row per token.
+        per_row: each further weight row the sparse path reads.
+    """
+
+    dense: float
+    fixed: float
+    per_row: float
+
+    @property
+    def never_sparse(self) -> bool:
+        return self.fixed >= MARGIN * self.dense
+
+    def sparse(self, rows: int) -> float:
+        return self.fixed + self.per_row * rows
+
+    def use_sparse(self, rows: int) -> bool:
+        return self.sparse(rows) < MARGIN * self.dense
+
+
+COSTS: dict[Hashable, CostModel] = {}
+
+
+def bucket(batch: int) -> int:
+    """The power of two >= batch: calibrations are shared within it (measured at the bucket)."""
+    return 1 << max(0, batch - 1).bit_length()
+
+
+def _median_times(fns: list[Callable[[], object]], rounds: int) -> list[float]:
+    samples: list[list[float]] = [[] for _ in fns]
+    with torch.no_grad():
+        for fn in fns:  # warm-up
+            fn()
+        for _ in range(rounds):
+            for fn, s in zip(fns, samples, strict=True):
+                start = time.perf_counter()
+                fn()
+                s.append(time.perf_counter() - start)
+    return [statistics.median(s) for s in samples]
+
+
+def calibrate(key: Hashable, dense: Callable[[], object], sparse_at: Callable[[int], Callable[[], object]],
+              rows_low: int, rows_high: int, rounds: int = ROUNDS) -> CostModel:
+    """The cost model stored under ``key``, measuring it first if this process has not.
+
+    Args:
+        key: what the measurement depends on (path, shapes, dtype, device, threads, batch bucket).
+        dense: one dense call.
+        sparse_at: ``sparse_at(rows)`` is one sparse call reading ``rows`` weight rows in total.
+        rows_low, rows_high: the two row counts timed (one per token, and about dense's bytes).
+    """
+    if key not in COSTS:
+        t_dense, t_low, t_high = _median_times([dense, sparse_at(rows_low), sparse_at(rows_high)], rounds)
+        per_row = max(0.0, (t_high - t_low) / max(1, rows_high - rows_low))
+        COSTS[key] = CostModel(t_dense, max(0.0, t_low - per_row * rows_low), per_row)
+    return COSTS[key]
