@@ -1,5 +1,6 @@
-"""The task models' training text holds what their recipes claim: tasks-4l's is unchanged, and
-tasks-4l-v2's has greater-than starts at 00 and 01, copy rows after the warm-up, and packed rows."""
+"""The task models' training text holds what their recipes claim: tasks-4l's is unchanged,
+tasks-4l-v2's has greater-than starts at 00 and 01, copy rows after the warm-up, and packed rows,
+and tasks-4l-v3's greater-than end years lie just above the start."""
 
 from __future__ import annotations
 
@@ -13,10 +14,11 @@ import pytest
 import torch
 
 from saelab import tasks, zoo
+from saelab.errors import SaelabError
 from saelab.zoo import MODELS_DIR, RECIPES
 from saelab.zoo import task_corpus as corpus
 
-V2 = RECIPES["tasks-4l-v2"]
+V2, V3 = RECIPES["tasks-4l-v2"], RECIPES["tasks-4l-v3"]
 GT = re.compile(r"from the year (\d\d)(\d\d) to the year (\d\d)(\d\d)\.")
 
 
@@ -66,6 +68,35 @@ def test_v2_greater_than_starts_cover_the_counterfactuals():
     docs = (corpus._doc_greater_than_any_start(rng) for _ in range(100_000))
     ends = {m[4] for m in map(GT.search, docs) if m[2] == "01"}
     assert ends == {f"{y:02d}" for y in range(2, 100)}
+
+
+def test_v3_greater_than_ends_are_near_the_start():
+    """v3's end year is the start plus a geometric gap (stop chance 0.2 a year, capped at 99):
+    gap 1 in ~20% of documents, mean gap ~5 (less, from the cap at 99), every start 00-98; the
+    v2 text it replaces is unchanged (same documents, seed for seed, with "uniform" ends)."""
+    assert (V3.gt_end_years, V2.gt_end_years) == ("near", "uniform") and V3.gt_all_starts
+    docs = itertools.islice(corpus.documents(0, list(tasks.WORDS), True, "near"), 40_000)
+    years = [(int(m[2]), int(m[4])) for m in map(GT.search, docs) if m]
+    gaps = [e - s for s, e in years]
+    assert {s for s, _ in years} == set(range(99)) and all(0 < g <= 99 - s for s, g in
+                                                            zip([s for s, _ in years], gaps))
+    assert abs(gaps.count(1) / len(gaps) - 0.2) < 0.02
+    assert 4.0 < sum(gaps) / len(gaps) < 5.0
+    # reference: the capped geometric's mean, computed over the starts drawn
+    ref = sum(sum(min(k, 99 - s) * 0.2 * 0.8 ** (k - 1) for k in range(1, 400)) for s, _ in years)
+    assert abs(sum(gaps) - ref) / ref < 0.03
+    after_01 = [e for s, e in years if s == 1]
+    assert max(after_01) < 60 and sum(e <= 11 for e in after_01) / len(after_01) > 0.8
+    same = zip(corpus.documents(0, list(tasks.WORDS), True, "uniform"),
+               corpus.documents(0, list(tasks.WORDS), True), range(500))
+    assert all(a == b for a, b, _ in same)
+
+
+@pytest.mark.parametrize("all_starts, ends", [(True, "far"), (False, "near")])
+def test_greater_than_end_years_refused(all_starts, ends):
+    """An unknown shape, or near ends without every start, is one clear error."""
+    with pytest.raises(SaelabError, match="gt_end_years"):
+        next(corpus.documents(0, list(tasks.WORDS), all_starts, ends))
 
 
 def test_v2_packed_rows_replace_padding_with_a_repeat(tokenizer):
@@ -122,6 +153,9 @@ def test_shipped_v2_is_its_recipe():
     """The shipped tasks-4l-v2 was built from the recipe as it stands (a recipe change needs a
     rebuild), and its card holds the task numbers of 200 fresh prompts per task."""
     card = zoo.card("tasks-4l-v2")
-    assert card["recipe"] == dataclasses.asdict(V2)
+    later = {f.name: f.default for f in dataclasses.fields(zoo.ZooRecipe)
+             if f.name not in card["recipe"]}  # fields added since, at their defaults
+    assert later == {"gt_end_years": "uniform"}
+    assert {**card["recipe"], **later} == dataclasses.asdict(V2)
     assert set(card["tasks"]) == set(tasks.GENERATORS)
     assert all(t["prompts"] == corpus.EVAL_PROMPTS == 200 for t in card["tasks"].values())
