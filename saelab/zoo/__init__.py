@@ -95,7 +95,7 @@ RECIPES = {r.name: r for r in [
               lr=3e-3, corpus="tasks", stdlib_fraction=0.125, copy_steps=2000, init_std=0.08,
               tie_embeddings=False, checkpoints=0, copy_fraction=0.125, gt_all_starts=True,
               pack_rows=True),
-    ZooRecipe("tasks-4l-v3", n_head=8, context_length=96, tokens=15_000_000, batch_size=32,
+    ZooRecipe("tasks-4l-v3", n_head=8, context_length=96, tokens=12_000_000, batch_size=32,
               lr=3e-3, corpus="tasks", stdlib_fraction=0.125, copy_steps=2000, init_std=0.08,
               tie_embeddings=False, checkpoints=0, copy_fraction=0.125, gt_all_starts=True,
               pack_rows=True, gt_end_years="near"),
