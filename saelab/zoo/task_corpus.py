@@ -32,7 +32,11 @@ Options (recipe fields; their defaults give tasks-4l's text, unchanged):
   predictor's removal of the probability difference is 100% only on average over YY (below
   100% for every YY under 50, above it over 50); with near ends it is 192% on average and at
   least 100% on every prompt with YY >= 05 (`tasks.prob_diff`; counterfactual and metric are
-  unchanged, the text is what makes the 01 start mean "a year just after 01").
+  unchanged, the text is what makes the 01 start mean "a year just after 01"). Measured, it
+  did not work: tasks-4l-v3 (12M tokens) ignores the start year altogether (the same end-year
+  curve after 1701 and 1730) and its counterfactual removes nothing. A 2-layer model trained
+  on near-end greater-than text alone conditions on the start after ~77k documents, not after
+  ~38k; v3's mix holds ~31k (README, "Circuit identification").
 """
 
 from __future__ import annotations

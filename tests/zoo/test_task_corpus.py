@@ -156,13 +156,15 @@ def test_prob_diff_and_removed_share():
     assert corpus._removed(4.0, 1.0) == 0.75 and corpus._removed(0.0, 1.0) is None
 
 
-def test_shipped_v2_is_its_recipe():
-    """The shipped tasks-4l-v2 was built from the recipe as it stands (a recipe change needs a
-    rebuild), and its card holds the task numbers of 200 fresh prompts per task."""
-    card = zoo.card("tasks-4l-v2")
+@pytest.mark.parametrize("recipe, later_fields", [(V2, {"gt_end_years": "uniform"}), (V3, {})])
+def test_shipped_task_models_are_their_recipes(recipe, later_fields):
+    """The shipped tasks-4l-v2 and v3 were built from their recipes as they stand (a recipe
+    change needs a rebuild; fields added after a build hold their defaults), and each card holds
+    the task numbers of 200 fresh prompts per task."""
+    card = zoo.card(recipe.name)
     later = {f.name: f.default for f in dataclasses.fields(zoo.ZooRecipe)
-             if f.name not in card["recipe"]}  # fields added since, at their defaults
-    assert later == {"gt_end_years": "uniform"}
-    assert {**card["recipe"], **later} == dataclasses.asdict(V2)
+             if f.name not in card["recipe"]}
+    assert later == later_fields
+    assert {**card["recipe"], **later} == dataclasses.asdict(recipe)
     assert set(card["tasks"]) == set(tasks.GENERATORS)
     assert all(t["prompts"] == corpus.EVAL_PROMPTS == 200 for t in card["tasks"].values())
