@@ -7,7 +7,7 @@ group, argument name and Python word is one token (as names and years are in GPT
 are cut by `PIECE` (words, two-digit groups, newlines, indentation runs, single punctuation
 marks; single spaces dropped), and words outside the vocabulary become [UNK].
 
-Synthetic documents (one per draw, the task chosen uniformly):
+Synthetic documents (one per draw, the task chosen uniformly unless `gt_weight` says otherwise):
 - ioi: an IOI prompt completed with its indirect object and a full stop;
 - greater-than: a year-range sentence completed with an end year after the start year;
 - docstring: a def with 4-6 arguments and a docstring documenting each, in order;
@@ -36,7 +36,10 @@ Options (recipe fields; their defaults give tasks-4l's text, unchanged):
   did not work: tasks-4l-v3 (12M tokens) ignores the start year altogether (the same end-year
   curve after 1701 and 1730) and its counterfactual removes nothing. A 2-layer model trained
   on near-end greater-than text alone conditions on the start after ~77k documents, not after
-  ~38k; v3's mix holds ~31k (README, "Circuit identification").
+  ~38k; that first v3's mix held ~31k (README, "Circuit identification").
+- `gt_weight`: greater-than is drawn this many times as often as each other task (default 1,
+  uniform). tasks-4l-v3 uses 3 (half the task documents are greater-than) to reach ~77k+
+  near-end greater-than documents within its token budget.
 """
 
 from __future__ import annotations
@@ -115,10 +118,15 @@ def _greater_than_maker(all_starts: bool, end_years: str):
 
 
 def documents(seed: int, vocab: list[str], gt_all_starts: bool = False,
-              gt_end_years: str = "uniform") -> Iterator[str]:
-    """An endless seeded stream of synthetic task documents; `vocab` feeds induction."""
+              gt_end_years: str = "uniform", gt_weight: int = 1) -> Iterator[str]:
+    """An endless seeded stream of synthetic task documents; `vocab` feeds induction.
+
+    Greater-than is drawn `gt_weight` times as often as each other task (it sits in the draw's
+    list that many times, so weight 1 draws exactly the old uniform sequence)."""
+    if not isinstance(gt_weight, int) or gt_weight < 1:
+        raise SaelabError(f"gt_weight must be a whole number >= 1, got {gt_weight!r}")
     rng = random.Random(seed)
-    makers = [_doc_ioi, _greater_than_maker(gt_all_starts, gt_end_years),
+    makers = [_doc_ioi, *[_greater_than_maker(gt_all_starts, gt_end_years)] * gt_weight,
               _doc_docstring, lambda r: _doc_induction(r, vocab)]
     while True:
         yield rng.choice(makers)(rng)
@@ -148,7 +156,8 @@ def word_tokenizer(directory: Path):
 
 
 def _task_rows(tokenizer, context_length: int, seed: int, gt_all_starts: bool = False,
-               pack_rows: bool = False, gt_end_years: str = "uniform") -> Iterator[list[int]]:
+               pack_rows: bool = False, gt_end_years: str = "uniform",
+               gt_weight: int = 1) -> Iterator[list[int]]:
     """BOS-led rows of whole synthetic documents separated by EOT, padded with EOT (or, with
     `pack_rows`, ended by a random sequence and its repeat).
 
@@ -158,7 +167,7 @@ def _task_rows(tokenizer, context_length: int, seed: int, gt_all_starts: bool = 
     vocab.sort(key=tokenizer.get_vocab().get)
     eot, row = tokenizer.eos_token_id, [tokenizer.eos_token_id]
     fill = _filler(tokenizer, random.Random(f"{seed}:fill")) if pack_rows else None
-    for doc in documents(seed, vocab, gt_all_starts, gt_end_years):
+    for doc in documents(seed, vocab, gt_all_starts, gt_end_years, gt_weight):
         ids = tokenizer(doc, add_special_tokens=False)["input_ids"] + [eot]
         if len(ids) >= context_length:
             continue
@@ -201,7 +210,7 @@ def copy_rows(tokenizer, context_length: int, seed: int) -> Iterator[list[int]]:
 def batches(tokenizer, batch_size: int, context_length: int, seed: int,
             stdlib_fraction: float, copy_steps: int = 0, *, copy_fraction: float = 0.0,
             gt_all_starts: bool = False, pack_rows: bool = False,
-            gt_end_years: str = "uniform") -> Iterator[torch.Tensor]:
+            gt_end_years: str = "uniform", gt_weight: int = 1) -> Iterator[torch.Tensor]:
     """Endless (batch_size, context_length) batches: `copy_steps` batches of `copy_rows` first,
     then task rows mixed with stdlib rows (round(stdlib_fraction * batch_size) of each batch)
     and copy rows (round(copy_fraction * batch_size)); the options are the module docstring's."""
@@ -210,7 +219,8 @@ def batches(tokenizer, batch_size: int, context_length: int, seed: int,
         yield torch.tensor([next(copying) for _ in range(batch_size)])
     n_std, n_copy = round(stdlib_fraction * batch_size), round(copy_fraction * batch_size)
     std = TokenData(BUILTIN_STDLIB, "train", context_length, seed).rows(tokenizer)
-    task = _task_rows(tokenizer, context_length, seed, gt_all_starts, pack_rows, gt_end_years)
+    task = _task_rows(tokenizer, context_length, seed, gt_all_starts, pack_rows, gt_end_years,
+                      gt_weight)
     while True:
         rows = [torch.tensor(next(task)) for _ in range(batch_size - n_std - n_copy)]
         rows += [torch.tensor(next(copying)) for _ in range(n_copy)]

@@ -106,6 +106,32 @@ def test_greater_than_end_years_refused(all_starts, ends):
         next(corpus.documents(0, list(tasks.WORDS), all_starts, ends))
 
 
+def _kinds(docs) -> list[str]:
+    """Each document's task, told apart by its text."""
+    return ["gt" if GT.search(d) else "doc" if '"""' in d else "other"
+            for d in docs]
+
+
+def test_greater_than_weight_sets_its_share_of_documents():
+    """Weight 3 puts greater-than in half the draws (3 of 6), docstring in a sixth; weight 1 is
+    the old uniform draw document for document (v2's text digest checks that for v2 as well)."""
+    assert (V3.gt_weight, V2.gt_weight) == (3, 1)
+    n, words = 30_000, list(tasks.WORDS)
+    heavy = _kinds(itertools.islice(corpus.documents(0, words, True, "near", 3), n))
+    assert abs(heavy.count("gt") / n - 1 / 2) < 0.015
+    assert abs(heavy.count("doc") / n - 1 / 6) < 0.015
+    uniform = list(itertools.islice(corpus.documents(0, words, True, "near"), 2000))
+    assert list(itertools.islice(corpus.documents(0, words, True, "near", 1), 2000)) == uniform
+    assert abs(_kinds(uniform).count("gt") / 2000 - 1 / 4) < 0.04
+
+
+@pytest.mark.parametrize("weight", [0, 1.5])
+def test_greater_than_weight_refused(weight):
+    """A weight that is not a whole number >= 1 is one clear error."""
+    with pytest.raises(SaelabError, match="gt_weight"):
+        next(corpus.documents(0, list(tasks.WORDS), True, "near", weight))
+
+
 def test_v2_packed_rows_replace_padding_with_a_repeat(tokenizer):
     """Same documents as unpacked rows; the EOT padding becomes k random tokens twice."""
     assert V2.pack_rows
@@ -156,7 +182,8 @@ def test_prob_diff_and_removed_share():
     assert corpus._removed(4.0, 1.0) == 0.75 and corpus._removed(0.0, 1.0) is None
 
 
-@pytest.mark.parametrize("recipe, later_fields", [(V2, {"gt_end_years": "uniform"}), (V3, {})])
+@pytest.mark.parametrize("recipe, later_fields",
+                         [(V2, {"gt_end_years": "uniform", "gt_weight": 1}), (V3, {})])
 def test_shipped_task_models_are_their_recipes(recipe, later_fields):
     """The shipped tasks-4l-v2 and v3 were built from their recipes as they stand (a recipe
     change needs a rebuild; fields added after a build hold their defaults), and each card holds
