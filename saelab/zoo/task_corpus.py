@@ -32,14 +32,16 @@ Options (recipe fields; their defaults give tasks-4l's text, unchanged):
   predictor's removal of the probability difference is 100% only on average over YY (below
   100% for every YY under 50, above it over 50); with near ends it is 192% on average and at
   least 100% on every prompt with YY >= 05 (`tasks.prob_diff`; counterfactual and metric are
-  unchanged, the text is what makes the 01 start mean "a year just after 01"). Measured, it
-  did not work: tasks-4l-v3 (12M tokens) ignores the start year altogether (the same end-year
-  curve after 1701 and 1730) and its counterfactual removes nothing. A 2-layer model trained
+  unchanged, the text is what makes the 01 start mean "a year just after 01"). Alone it did
+  not work: the first tasks-4l-v3 build (12M tokens, uniform task draw) ignored the start year
+  altogether (the same end-year curve after 1701 and 1730) and its counterfactual removed
+  nothing. A 2-layer model trained
   on near-end greater-than text alone conditions on the start after ~77k documents, not after
   ~38k; that first v3's mix held ~31k (README, "Circuit identification").
 - `gt_weight`: greater-than is drawn this many times as often as each other task (default 1,
-  uniform). tasks-4l-v3 uses 3 (half the task documents are greater-than) to reach ~77k+
-  near-end greater-than documents within its token budget.
+  uniform). tasks-4l-v3 uses 3 (half the task documents are greater-than: ~100k near-end
+  greater-than documents in 15M tokens), and its counterfactual then removes 206% of the
+  probability difference (ideal 192%).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The task models' training text holds what their recipes claim: tasks-4l's is unchanged,
 tasks-4l-v2's has greater-than starts at 00 and 01, copy rows after the warm-up, and packed rows,
-and tasks-4l-v3's greater-than end years lie just above the start."""
+and tasks-4l-v3's greater-than end years lie just above the start, in half the task documents."""
 
 from __future__ import annotations
 
