@@ -56,9 +56,10 @@ DEFAULT_SAE = "relu"
 DEFAULT_POSITION = "last"
 DEFAULT_TASK = "ioi"
 # The zoo model trained on the tasks (saelab.zoo; cards in README "Circuit identification"):
-# tasks-4l-v2 does induction (accuracy 1.00 vs tasks-4l's 0.675) and removes more of
-# greater-than (64% vs 55% of the probability difference); IOI and docstring are clean on both.
-CIRCUITS_MODEL = "zoo:tasks-4l-v2"
+# tasks-4l-v3 does all four tasks cleanly (accuracy 1.00; the counterfactual removes 101% / 206%
+# / 96% / 200% of the IOI / greater-than (probability) / docstring / induction difference), where
+# tasks-4l-v2 removes only 64% of greater-than's and tasks-4l does induction at 0.675.
+CIRCUITS_MODEL = "zoo:tasks-4l-v3"
 TRUTH_SEED = 999_983  # ground-truth prompts: a seed no trial uses
 # Below this share of its own prompts done right (answer token above every wrong one), a task's
 # patching ground truth measures heads' effects on a behaviour the model mostly lacks: on
