@@ -23,7 +23,7 @@ from pathlib import Path
 
 from saelab.evals.circuits import DiscoverConfig, discover, ground_truth
 from saelab.evals.circuits.codes import POSITIONS
-from saelab.evals.circuits.discover import DEFAULT_POSITION, DEFAULT_SAE, TRUTH_SEED
+from saelab.evals.circuits.discover import CIRCUITS_MODEL, DEFAULT_POSITION, DEFAULT_SAE, TRUTH_SEED
 from saelab.models import load_model
 from saelab.tasks import GENERATORS, capacity, default_metric, generate, tokenize
 
@@ -36,7 +36,7 @@ PUBLISHED = {  # O'Neill & Bui 2024, node / edge ROC AUC, mean +- std over 10 tr
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="zoo:tasks-4l")
+    ap.add_argument("--model", default=CIRCUITS_MODEL)
     ap.add_argument("--tasks", nargs="+", default=list(GENERATORS))
     ap.add_argument("--train-prompts", nargs="+", type=int, default=[5, 10, 50, 250])
     ap.add_argument("--prompts", type=int, default=100)

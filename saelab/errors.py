@@ -1,12 +1,16 @@
-"""The one exception type for bad user input.
+"""The one exception type for bad user input, and the warning for input that runs but misleads.
 
 The CLI turns a `SaelabError` into a one-line message and exit code 2; anything else is a bug
-and keeps its traceback.
+and keeps its traceback. A `SaelabWarning` it prints as one line and carries on.
 """
 
 
 class SaelabError(ValueError):
     """Bad input: the message names what is wrong and what would be right."""
+
+
+class SaelabWarning(UserWarning):
+    """Input that runs but whose result would mislead: the message says what and why."""
 
 
 def first_line(e: BaseException) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import inspect
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import typer
@@ -15,7 +16,7 @@ import typer
 from saelab.browse.site import BrowseConfig
 from saelab.cli.options import argument, config_fields, field_options, from_flags, given, with_options
 from saelab.data.cache import CacheConfig
-from saelab.errors import SaelabError
+from saelab.errors import SaelabError, SaelabWarning
 from saelab.evals.circuits.discover import CircuitsConfig
 from saelab.evals.evaluate import EvalConfig
 from saelab.evals.sparsity.run import SparsityCommandConfig
@@ -393,8 +394,21 @@ def _usage_line(e: UsageError) -> str:
     return " ".join(e.format_message().split()) + where
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A SaelabWarning as one line on stderr; other libraries' warnings as Python shows them."""
+    if issubclass(category, SaelabWarning):
+        typer.echo(f"saelab: warning: {message}", err=True)
+    else:
+        _python_show_warning(message, category, filename, lineno, file, line)
+
+
+_python_show_warning = warnings.showwarning
+
+
 def main(args: list[str] | None = None) -> None:
-    """Entry point: user errors become one line on stderr and exit code 2 (usage errors too)."""
+    """Entry point: user errors become one line on stderr and exit code 2 (usage errors too);
+    saelab's warnings are one line too."""
+    warnings.showwarning = _show_warning
     try:
         _check_environment()
         code = app(args=args, prog_name="saelab", standalone_mode=False)

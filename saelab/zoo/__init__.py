@@ -56,7 +56,11 @@ class ZooRecipe:
             only the task's 02-98), so the task's counterfactual start year 01 is one it knows.
         pack_rows: for the tasks corpus, a task row's tail is a random sequence and its repeat
             instead of EOT padding.
-        (`saelab.zoo.task_corpus` says why each of the last three exists.)
+        gt_end_years: for the tasks corpus with gt_all_starts, greater-than's end year is
+            "uniform" above the start or "near" it (a geometric gap, mean 5 years).
+        gt_weight: for the tasks corpus, greater-than documents are drawn this many times as
+            often as each other task's (1: uniform over the four tasks).
+        (`saelab.zoo.task_corpus` says why each of the last five exists.)
     """
 
     name: str
@@ -81,6 +85,8 @@ class ZooRecipe:
     copy_fraction: float = 0.0
     gt_all_starts: bool = False
     pack_rows: bool = False
+    gt_end_years: str = "uniform"
+    gt_weight: int = 1
 
 
 RECIPES = {r.name: r for r in [
@@ -92,6 +98,10 @@ RECIPES = {r.name: r for r in [
               lr=3e-3, corpus="tasks", stdlib_fraction=0.125, copy_steps=2000, init_std=0.08,
               tie_embeddings=False, checkpoints=0, copy_fraction=0.125, gt_all_starts=True,
               pack_rows=True),
+    ZooRecipe("tasks-4l-v3", n_head=8, context_length=96, tokens=15_000_000, batch_size=32,
+              lr=3e-3, corpus="tasks", stdlib_fraction=0.125, copy_steps=2000, init_std=0.08,
+              tie_embeddings=False, checkpoints=0, copy_fraction=0.125, gt_all_starts=True,
+              pack_rows=True, gt_end_years="near", gt_weight=3),
 ]}
 
 

@@ -212,7 +212,8 @@ def build(recipe: ZooRecipe, out_dir: Path | None = None, heldout_rows: int = 51
             batches = task_corpus.batches(
                 tokenizer, recipe.batch_size, recipe.context_length, recipe.seed,
                 recipe.stdlib_fraction, recipe.copy_steps, copy_fraction=recipe.copy_fraction,
-                gt_all_starts=recipe.gt_all_starts, pack_rows=recipe.pack_rows)
+                gt_all_starts=recipe.gt_all_starts, pack_rows=recipe.pack_rows,
+                gt_end_years=recipe.gt_end_years, gt_weight=recipe.gt_weight)
         else:
             tokenizer = byte_tokenizer(tmp)
             batches = TokenData(BUILTIN_STDLIB, "train", recipe.context_length,

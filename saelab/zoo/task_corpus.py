@@ -7,7 +7,7 @@ group, argument name and Python word is one token (as names and years are in GPT
 are cut by `PIECE` (words, two-digit groups, newlines, indentation runs, single punctuation
 marks; single spaces dropped), and words outside the vocabulary become [UNK].
 
-Synthetic documents (one per draw, the task chosen uniformly):
+Synthetic documents (one per draw, the task chosen uniformly unless `gt_weight` says otherwise):
 - ioi: an IOI prompt completed with its indirect object and a full stop;
 - greater-than: a year-range sentence completed with an end year after the start year;
 - docstring: a def with 4-6 arguments and a docstring documenting each, in order;
@@ -23,6 +23,25 @@ Options (recipe fields; their defaults give tasks-4l's text, unchanged):
   predicting the second copy of a random 10-word sequence top-1 at 0-3% of positions).
 - `pack_rows`: the tail of a task row that no whole document fits is filled with a short
   random sequence and its repeat (more induction, no EOT padding) instead of EOT.
+- `gt_end_years` "near" (with `gt_all_starts`): the end year is the start year plus a
+  geometric gap (`GT_NEAR_STOP`; mean 5 years, as in real spans like 1732-1738) instead of
+  uniform above the start. With uniform ends, knowing the start is worth little for small
+  starts (the prior over end years already rises towards 99; 0.32 nats of KL at starts 00-50,
+  against 2.15 with near ends), and tasks-4l-v2 predicts that same rising curve for every start
+  up to ~50, the 01 counterfactual's included. Under the 01 counterfactual the ideal
+  predictor's removal of the probability difference is 100% only on average over YY (below
+  100% for every YY under 50, above it over 50); with near ends it is 192% on average and at
+  least 100% on every prompt with YY >= 05 (`tasks.prob_diff`; counterfactual and metric are
+  unchanged, the text is what makes the 01 start mean "a year just after 01"). Alone it did
+  not work: the first tasks-4l-v3 build (12M tokens, uniform task draw) ignored the start year
+  altogether (the same end-year curve after 1701 and 1730) and its counterfactual removed
+  nothing. A 2-layer model trained
+  on near-end greater-than text alone conditions on the start after ~77k documents, not after
+  ~38k; that first v3's mix held ~31k (README, "Circuit identification").
+- `gt_weight`: greater-than is drawn this many times as often as each other task (default 1,
+  uniform). tasks-4l-v3 uses 3 (half the task documents are greater-than: ~100k near-end
+  greater-than documents in 15M tokens), and its counterfactual then removes 206% of the
+  probability difference (ideal 192%).
 """
 
 from __future__ import annotations
@@ -37,12 +56,15 @@ import torch
 
 from saelab import tasks
 from saelab.data.tokens import BUILTIN_STDLIB, TokenData, stdlib_texts
+from saelab.errors import SaelabError
 
 EOT, UNK = "<|endoftext|>", "[UNK]"
 PIECE = r"\d\d|\d|[A-Za-z_]+|\n| {2,}|[^\sA-Za-z_\d]"
 STDLIB_WORDS = 1000  # most frequent standard-library pieces kept in the vocabulary
 EVAL_SEED = 1_000_003  # seed of the prompts the card's accuracies are measured on
 EVAL_PROMPTS = 200
+GT_END_YEARS = ("uniform", "near")  # greater-than end-year shapes (module docstring)
+GT_NEAR_STOP = 0.2  # "near": chance the span stops at each further year (gap mean 1/0.2 = 5)
 
 
 def _doc_ioi(rng: random.Random) -> str:
@@ -68,16 +90,45 @@ def _doc_induction(rng: random.Random, vocab: list[str]) -> str:
     return " ".join(seq + seq)
 
 
-def _doc_greater_than_any_start(rng: random.Random) -> str:
+def _end_uniform(rng: random.Random, yy: int) -> int:
+    return rng.randint(yy + 1, 99)
+
+
+def _end_near(rng: random.Random, yy: int) -> int:
+    """yy + a geometric gap (stop chance `GT_NEAR_STOP` per year), at most 99."""
+    end = yy + 1
+    while end < 99 and rng.random() >= GT_NEAR_STOP:
+        end += 1
+    return end
+
+
+def _doc_greater_than_any_start(rng: random.Random, end_year=_end_uniform) -> str:
     cc, yy = rng.choice(tasks.GT_CENTURIES), rng.randint(0, 98)
     return (f"The {rng.choice(tasks.GT_NOUNS)} lasted from the year {cc}{yy:02d} to the year "
-            f"{cc}{rng.randint(yy + 1, 99):02d}.")
+            f"{cc}{end_year(rng, yy):02d}.")
 
 
-def documents(seed: int, vocab: list[str], gt_all_starts: bool = False) -> Iterator[str]:
-    """An endless seeded stream of synthetic task documents; `vocab` feeds induction."""
+def _greater_than_maker(all_starts: bool, end_years: str):
+    if end_years not in GT_END_YEARS:
+        raise SaelabError(f"unknown gt_end_years {end_years!r}; use {' or '.join(GT_END_YEARS)}")
+    if not all_starts:
+        if end_years != "uniform":
+            raise SaelabError(f"gt_end_years {end_years!r} needs gt_all_starts")
+        return _doc_greater_than
+    end = _end_near if end_years == "near" else _end_uniform
+    return lambda rng: _doc_greater_than_any_start(rng, end)
+
+
+def documents(seed: int, vocab: list[str], gt_all_starts: bool = False,
+              gt_end_years: str = "uniform", gt_weight: int = 1) -> Iterator[str]:
+    """An endless seeded stream of synthetic task documents; `vocab` feeds induction.
+
+    Greater-than is drawn `gt_weight` times as often as each other task (it sits in the draw's
+    list that many times, so weight 1 draws exactly the old uniform sequence)."""
+    if not isinstance(gt_weight, int) or gt_weight < 1:
+        raise SaelabError(f"gt_weight must be a whole number >= 1, got {gt_weight!r}")
     rng = random.Random(seed)
-    makers = [_doc_ioi, _doc_greater_than_any_start if gt_all_starts else _doc_greater_than,
+    makers = [_doc_ioi, *[_greater_than_maker(gt_all_starts, gt_end_years)] * gt_weight,
               _doc_docstring, lambda r: _doc_induction(r, vocab)]
     while True:
         yield rng.choice(makers)(rng)
@@ -107,7 +158,8 @@ def word_tokenizer(directory: Path):
 
 
 def _task_rows(tokenizer, context_length: int, seed: int, gt_all_starts: bool = False,
-               pack_rows: bool = False) -> Iterator[list[int]]:
+               pack_rows: bool = False, gt_end_years: str = "uniform",
+               gt_weight: int = 1) -> Iterator[list[int]]:
     """BOS-led rows of whole synthetic documents separated by EOT, padded with EOT (or, with
     `pack_rows`, ended by a random sequence and its repeat).
 
@@ -117,7 +169,7 @@ def _task_rows(tokenizer, context_length: int, seed: int, gt_all_starts: bool = 
     vocab.sort(key=tokenizer.get_vocab().get)
     eot, row = tokenizer.eos_token_id, [tokenizer.eos_token_id]
     fill = _filler(tokenizer, random.Random(f"{seed}:fill")) if pack_rows else None
-    for doc in documents(seed, vocab, gt_all_starts):
+    for doc in documents(seed, vocab, gt_all_starts, gt_end_years, gt_weight):
         ids = tokenizer(doc, add_special_tokens=False)["input_ids"] + [eot]
         if len(ids) >= context_length:
             continue
@@ -159,7 +211,8 @@ def copy_rows(tokenizer, context_length: int, seed: int) -> Iterator[list[int]]:
 
 def batches(tokenizer, batch_size: int, context_length: int, seed: int,
             stdlib_fraction: float, copy_steps: int = 0, *, copy_fraction: float = 0.0,
-            gt_all_starts: bool = False, pack_rows: bool = False) -> Iterator[torch.Tensor]:
+            gt_all_starts: bool = False, pack_rows: bool = False,
+            gt_end_years: str = "uniform", gt_weight: int = 1) -> Iterator[torch.Tensor]:
     """Endless (batch_size, context_length) batches: `copy_steps` batches of `copy_rows` first,
     then task rows mixed with stdlib rows (round(stdlib_fraction * batch_size) of each batch)
     and copy rows (round(copy_fraction * batch_size)); the options are the module docstring's."""
@@ -168,7 +221,8 @@ def batches(tokenizer, batch_size: int, context_length: int, seed: int,
         yield torch.tensor([next(copying) for _ in range(batch_size)])
     n_std, n_copy = round(stdlib_fraction * batch_size), round(copy_fraction * batch_size)
     std = TokenData(BUILTIN_STDLIB, "train", context_length, seed).rows(tokenizer)
-    task = _task_rows(tokenizer, context_length, seed, gt_all_starts, pack_rows)
+    task = _task_rows(tokenizer, context_length, seed, gt_all_starts, pack_rows, gt_end_years,
+                      gt_weight)
     while True:
         rows = [torch.tensor(next(task)) for _ in range(batch_size - n_std - n_copy)]
         rows += [torch.tensor(next(copying)) for _ in range(n_copy)]
