@@ -82,7 +82,9 @@ def outputs_and_gradients(model: HookedModel, tok: TaskTokens, metric: str, n_la
     if position not in ("last", "all"):
         raise SaelabError(f"metric gradients are per position: use last or all, not {position!r}")
     hooks = [result_hook(layer) for layer in range(n_layers)]
-    fn, outs, grads = task_metric(metric), [], []
+    fn = task_metric(metric)
+    outs: list[torch.Tensor] = []
+    grads: list[torch.Tensor] = []
     for index in torch.arange(len(tok)).split(batch):
         part = tok.rows(index)
         def loss(logits: torch.Tensor, p: TaskTokens = part) -> torch.Tensor:
