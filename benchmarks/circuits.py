@@ -7,24 +7,27 @@ attn-only-4l, 10 trials; their AUC includes the training prompts and their "edge
 node AUC) and beside the patching baseline's forward passes and wall time.
 
     python benchmarks/circuits.py                      # every task, 5/10/50/250 prompts, 10 trials
-    python benchmarks/circuits.py --sae topk relu --position last mean --seed 1  # the choice
+    python benchmarks/circuits.py --score unique --position last mean --seed 1  # O'Neill & Bui's
+    python benchmarks/circuits.py --score relevance change --train-prompts 10 --seed 1  # the choice
 
 Nothing is tuned on the held-out prompts: the SAE settings are O'Neill & Bui's (200 latents,
-Adam 1e-3, 500 full-batch epochs, L1 0.02), and the defaults (relu SAE, head outputs at the last
-position) were chosen on a development seed (--seed 1), not on the seed reported (--seed 0).
+Adam 1e-3, 500 full-batch epochs, L1 0.02), and the defaults (relu SAE, relevance score, head
+outputs at every position) were chosen on a development seed (--seed 1), not on the seed
+reported (--seed 0).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 from saelab.evals.circuits import DiscoverConfig, discover, ground_truth
 from saelab.evals.circuits.codes import POSITIONS
-from saelab.evals.circuits.discover import CIRCUITS_MODEL, DEFAULT_POSITION, DEFAULT_SAE, TRUTH_SEED
+from saelab.evals.circuits.discover import CIRCUITS_MODEL, DEFAULT_SAE, DEFAULT_SCORE, TRUTH_SEED
+from saelab.evals.circuits.scoring import SCORES
 from saelab.models import load_model
+from saelab.storage.files import write_json
 from saelab.tasks import GENERATORS, capacity, default_metric, generate, tokenize
 
 PUBLISHED = {  # O'Neill & Bui 2024, node / edge ROC AUC, mean +- std over 10 trials
@@ -42,8 +45,11 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=100)
     ap.add_argument("--trials", type=int, default=10)
     ap.add_argument("--sae", nargs="+", default=[DEFAULT_SAE], help="one row per SAE kind")
-    ap.add_argument("--position", nargs="+", default=[DEFAULT_POSITION], choices=POSITIONS,
-                    help="head outputs averaged over the prompt or at its last position; one row each")
+    ap.add_argument("--score", nargs="+", default=[DEFAULT_SCORE], choices=SCORES,
+                    help="node score from the codes (DiscoverConfig.score); one row each")
+    ap.add_argument("--position", nargs="+", default=[None], choices=POSITIONS,
+                    help="head outputs at the last position, averaged or at every position "
+                    "(default: the score's own); one row each")
     ap.add_argument("--center", action="store_true", help="centre each head's outputs (DiscoverConfig)")
     ap.add_argument("--truth-prompts", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
@@ -69,20 +75,29 @@ def main() -> None:
         for n in (n for n in args.train_prompts if n > fits):
             print(f"  {task}: {n} training prompts skipped (+ {args.prompts} held out exceeds its "
                   f"{capacity(task)} distinct rows)")
-        for sae, position, n_train in ((kind, pos, n) for kind in args.sae for pos in args.position
-                                       for n in args.train_prompts if n <= fits):
+        for sae, score, position, n_train in ((kind, sc, pos, n) for kind in args.sae
+                                              for sc in args.score for pos in args.position
+                                              for n in args.train_prompts if n <= fits):
             cfg = DiscoverConfig(train_prompts=n_train, prompts=args.prompts, trials=args.trials,
-                                 sae=sae, position=position, center=args.center, seed=args.seed)
+                                 sae=sae, score=score, position=position, center=args.center,
+                                 seed=args.seed)
+            position = cfg.at
             r = discover(model, task, config=cfg, truth=truth, progress=False)
             s = r.summary()
             edge_passes = s["patching_edge_forward_passes"]
             row = {
-                "task": task, "sae": sae, "position": position, "center": args.center,
+                "model": args.model, "task": task, "sae": sae, "score": score,
+                "position": position, "center": args.center,
                 "train_prompts": n_train, "trials": args.trials,
                 "held_out_prompts": args.prompts,
                 "node_auc": s["node_roc_auc"], "edge_auc": s["edge_roc_auc"],
                 "node_f1": s["node_precision_recall_f1"]["f1"],
+                "node_precision": s["node_precision_recall_f1"]["precision"],
+                "node_recall": s["node_precision_recall_f1"]["recall"],
+                "edge_f1": s["edge_precision_recall_f1"]["f1"],
+                "truth_heads": s["ground_truth"]["heads"],
                 "method_passes": s["method_forward_passes_per_trial"],
+                "method_backward_passes": s["method_backward_passes_per_trial"],
                 "method_seconds": s["method_seconds_per_trial"]["mean"],
                 "patching_edge_passes": edge_passes,
                 "patching_edge_seconds": s["patching_edge_seconds"],
@@ -92,14 +107,16 @@ def main() -> None:
             pub = PUBLISHED.get(task)
             pub_text = (f"  published {pub[0][0]:.3f}+-{pub[0][1]:.3f} / {pub[1][0]:.3f}+-{pub[1][1]:.3f}"
                         if pub else "")
-            print(f"  {sae} {position} train {n_train:>3}: node AUC {row['node_auc']['mean']:.3f} +- "
+            print(f"  {sae} {score} {position} train {n_train:>3}: node AUC {row['node_auc']['mean']:.3f} +- "
                   f"{row['node_auc']['std']:.3f}  edge AUC {row['edge_auc']['mean']:.3f} +- "
-                  f"{row['edge_auc']['std']:.3f}  node F1 {row['node_f1']['mean']:.2f}  "
-                  f"{row['method_passes']} passes {row['method_seconds']:.1f} s/trial "
+                  f"{row['edge_auc']['std']:.3f}  node F1 {row['node_f1']['mean']:.2f} (P "
+                  f"{row['node_precision']['mean']:.2f} R {row['node_recall']['mean']:.2f})  edge F1 "
+                  f"{row['edge_f1']['mean']:.2f}  {row['method_passes']} forward + "
+                  f"{row['method_backward_passes']} backward passes {row['method_seconds']:.1f} s/trial "
                   f"({row['fewer_passes_than_edge_patching']:.1f}x fewer passes than edge patching)"
                   f"{pub_text}", flush=True)
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+        if args.json:  # after every task, so a cut-short run keeps what it measured
+            write_json(args.json, rows)
 
 
 if __name__ == "__main__":

@@ -327,12 +327,14 @@ class HookedModel:
         return {h: a.shape[-1] for h, a in acts.items()}
 
     def activations(
-        self, tokens: torch.Tensor, hooks: list[str], with_grads: bool = False
+        self, tokens: torch.Tensor, hooks: list[str], with_grads: bool = False,
+        loss: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Activations (B, T, d) at `hooks` for one batch, per-head dims flattened into d.
 
         With `with_grads`, also returns `"{hook}:grad"`: the gradient of the summed next-token
-        loss with respect to each activation (what gradient-TopK needs).
+        loss (or of `loss(logits)`, a scalar, e.g. a circuit task's metric) with respect to
+        each activation (what gradient-TopK needs).
         """
         self.check_hooks(hooks)
         acts: dict[str, torch.Tensor] = {}
@@ -357,10 +359,10 @@ class HookedModel:
             fwd.insert(0, ("hook_embed", lambda x, hook: x.detach().requires_grad_(True)))
             with torch.enable_grad():
                 logits = self.model.run_with_hooks(tokens, fwd_hooks=fwd, return_type="logits")
-                loss = torch.nn.functional.cross_entropy(
+                value = loss(logits) if loss is not None else torch.nn.functional.cross_entropy(
                     logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten(), reduction="sum"
                 )
-                loss.backward()
+                value.backward()
             out = {h: a.detach().flatten(2) for h, a in acts.items()}
             for h, a in acts.items():
                 # retain_grad() above, and every hooked activation lies on the loss's graph

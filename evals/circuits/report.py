@@ -51,7 +51,9 @@ def _rows(s: dict) -> list[tuple[str, str]]:
         ("ground-truth stability", _stability(gt["stability"])),
         ("ground-truth edges", f"{len(gt['edges'])}"),
         ("SAE method cost", f"{_pm(s['method_seconds_per_trial'], 2)} s, "
-         f"{s['method_forward_passes_per_trial']} forward passes per trial"),
+         f"{s['method_forward_passes_per_trial']} forward passes per trial"
+         + (f" and {s['method_backward_passes_per_trial']} backward"
+            if s.get("method_backward_passes_per_trial") else "")),
         ("patching cost, heads", f"{s['patching_node_seconds']:.2f} s, "
          f"{s['patching_node_forward_passes']} forward passes"),
         ("patching cost, heads + edges", f"{s['patching_edge_seconds']:.2f} s, "
@@ -87,9 +89,10 @@ def headline(summaries: list[dict], key: str = "node_roc_auc") -> dict:
 def format_summary(result: CircuitResult | dict) -> str:
     s = result.summary() if isinstance(result, CircuitResult) else result
     c = s["config"]
-    where = "at the last position" if c["position"] == "last" else "averaged over positions"
+    where = {"last": "at the last position", "mean": "averaged over positions",
+             "all": "at every position"}[c["position"]]
     lines = [f"Circuit discovery: {s['task']} on {s['model']} ({c['sae']} SAE, {c['n_latents']} "
-             f"latents, head outputs {where}, {c['train_prompts']} "
+             f"latents, {c.get('score', 'unique')} score, head outputs {where}, {c['train_prompts']} "
              f"training prompts, {c['prompts']} held-out prompts)"]
     return "\n".join(lines + text_table(_rows(s)))
 

@@ -7,6 +7,16 @@ Codes: one integer per (prompt, head), the argmax latent of the shared SAE.
 - Edge score of (sender, receiver), sender in an earlier layer: the number of distinct code
   pairs (sender's code, receiver's code) on the same prompt that occur on positives and never
   on negatives. Edges are scored and judged as edges, against edge ground truth.
+- `change` (node): how far a head's code moves between each prompt and its counterfactual: the
+  norm of the change of what its code writes (`codes.code_vectors`), summed over the positions
+  kept, averaged over prompts. Gradient-free; it cannot tell a change that matters to the
+  metric from one that does not.
+- `relevance` (node): the same change dotted with the task metric's gradient with respect to
+  the head's output on the prompt (`codes.outputs_and_gradients`), summed over positions, its
+  absolute value averaged over prompts: the first-order change of the metric the code change
+  would cause. One backward pass a prompt; the weighting is attribution patching's
+  (REFERENCES.md), applied to the change of the SAE code rather than of the raw output.
+- Edges for `change` and `relevance`: the product of sender and receiver scores.
 - Predicted circuit (for precision / recall / F1): items whose count is above the mean count,
   i.e. more than an equal share, the same rule the patching ground truth uses for effects.
 - ROC AUC: the Mann-Whitney statistic, P(score of a true item > score of a false item), ties
@@ -42,6 +52,31 @@ def edge_counts(pos: torch.Tensor, neg: torch.Tensor, mask: torch.Tensor,
     pair_neg = neg[:, s].long() * n_codes + neg[:, r].long()
     out = torch.full(mask.shape, float("nan"))
     out[s, r] = unique_counts(pair_pos, pair_neg)
+    return out
+
+
+SCORES = ("unique", "change", "relevance")
+
+
+def _per_prompt(values: torch.Tensor) -> torch.Tensor:
+    """(P, N) from (P, N) or (P, T, N): summed over positions."""
+    return values.sum(1) if values.dim() == 3 else values
+
+
+def code_change(vec_pos: torch.Tensor, vec_cf: torch.Tensor) -> torch.Tensor:
+    """(N,) mean over prompts of |code vector change|, summed over positions; inputs (P, [T,] N, d)."""
+    return _per_prompt((vec_pos - vec_cf).norm(dim=-1)).mean(0)
+
+
+def relevance(vec_pos: torch.Tensor, vec_cf: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+    """(N,) mean over prompts of |sum over positions of (code vector change . metric gradient)|."""
+    return _per_prompt(((vec_pos - vec_cf) * grads).sum(-1)).abs().mean(0)
+
+
+def edge_products(node: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(N, N) sender score times receiver score on `mask`, NaN elsewhere."""
+    out = torch.full(mask.shape, float("nan"))
+    out[mask] = (node[:, None] * node[None, :])[mask]
     return out
 
 

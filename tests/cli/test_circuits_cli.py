@@ -41,6 +41,9 @@ def test_circuits_cli_bad_input(tmp_path, monkeypatch, capsys):
     assert code == 2 and "unknown circuit SAE 'gated'" in cap.err and not out.exists()
     code, cap = run_cli(["circuits", "--position", "first", "--out", str(out)], monkeypatch, capsys)
     assert code == 2 and "unknown position 'first'" in cap.err and not out.exists()
+    code, cap = run_cli(["circuits", "--score", "unique", "--position", "all", "--out", str(out)],
+                        monkeypatch, capsys)
+    assert code == 2 and "position all does not go with score unique" in cap.err and not out.exists()
     code, cap = run_cli(["circuits", "--metric", "kl", "--out", str(out)], monkeypatch, capsys)
     assert code == 2 and "unknown task metric 'kl'" in cap.err and not out.exists()
     code, cap = run_cli(["circuits", "--task", "greater-than", "--train-prompts", "20", "--out",

@@ -10,7 +10,7 @@ from test_circuits_patching import tiny_model
 
 from saelab.errors import SaelabError
 from saelab.evals.circuits import DiscoverConfig, discover, headline, published, scoring, write_report
-from saelab.evals.circuits.codes import codes, train_sae
+from saelab.evals.circuits.codes import code_vectors, codes, head_outputs, outputs_and_gradients, train_sae
 from saelab.evals.circuits.discover import _trial_task
 from saelab.evals.circuits.patching import edge_mask
 from saelab.tasks import GENERATORS, Task, capacity
@@ -241,3 +241,91 @@ def test_headline_leaves_unstable_tasks_out():
     assert h["mean"] == pytest.approx(0.8) and h["tasks"] == ["ioi", "docstring"]
     assert h["excluded"] == ["greater-than"]
     assert headline([summary("x", False, 0.5)])["mean"] is None
+
+
+def test_change_and_relevance_scores_hand_computed():
+    # 2 prompts, 2 positions, 2 heads, d = 2
+    pos = torch.tensor([[[[1.0, 0.0], [0.0, 2.0]], [[0.0, 0.0], [1.0, 1.0]]],
+                        [[[3.0, 4.0], [0.0, 0.0]], [[0.0, 0.0], [0.0, 0.0]]]])
+    cf = torch.zeros_like(pos)
+    grads = torch.tensor([[[[1.0, 1.0], [1.0, -1.0]], [[5.0, 5.0], [2.0, 0.0]]],
+                          [[[-1.0, 0.0], [9.0, 9.0]], [[0.0, 0.0], [0.0, 0.0]]]])
+    # change: prompt 0: head 0 1 + 0, head 1 2 + sqrt 2; prompt 1: head 0 5, head 1 0
+    assert scoring.code_change(pos, cf).tolist() == pytest.approx([(1 + 5) / 2, (2 + 2 ** 0.5) / 2])
+    # relevance: prompt 0: head 0 |1 + 0|, head 1 |-2 + 2|; prompt 1: head 0 |-3|, head 1 0
+    assert scoring.relevance(pos, cf, grads).tolist() == pytest.approx([2.0, 0.0])
+    # the last-position form (P, N, d) is the one-position case
+    assert scoring.relevance(pos[:, 0], cf[:, 0], grads[:, 0]).tolist() == pytest.approx([2.0, 1.0])
+    mask = edge_mask(2, 1)
+    e = scoring.edge_products(torch.tensor([2.0, 3.0]), mask)
+    assert e[0, 1] == 6.0 and e[mask].numel() == 1 and torch.isnan(e[~mask]).all()
+
+
+def test_code_vectors_are_what_the_code_writes():
+    x = torch.randn(30, 6, generator=torch.Generator().manual_seed(1)) * 4
+    for kind in ("relu", "topk"):
+        sae = train_sae(x, kind, n_latents=10, epochs=30, lr=1e-2, seed=0)
+        pre = (x / sae.input_scale - sae.b_dec) @ sae.W_enc.T + sae.b_enc
+        top = torch.zeros_like(pre).scatter(1, pre.argmax(1, keepdim=True),
+                                            pre.max(1, keepdim=True).values.relu())
+        act = torch.relu(pre) if kind == "relu" else top
+        want = (act @ sae.W_dec) * sae.input_scale
+        got = code_vectors(sae, x.reshape(5, 6, 6))
+        torch.testing.assert_close(got.reshape(30, 6), want.detach(), rtol=1e-4, atol=1e-4)
+
+
+def test_metric_gradients_match_finite_differences(tmp_path):
+    """d(logit difference)/d(head output) at every position, against nudging that head's
+    `hook_result` slice by +-eps in one direction and rerunning the model."""
+    from saelab.evals.circuits.patching import result_hook
+    from saelab.tasks import last_logits, logit_diff, tokenize
+
+    model = tiny_model(tmp_path / "m", live={(0, 1), (1, 0)}, seed=2)
+    task = Task("copy", ("abcd", "qbc"), ("xbcd", "zbc"), (("e",), ("e",)), (("f",), ("f",)))
+    tok = tokenize(task, model.tokenizer, model.context_length)
+    outs, grads = outputs_and_gradients(model, tok, "logit-diff", 2, 2, "all", batch=1)
+    assert outs.shape == grads.shape == (2, tok.pos.shape[1], 4, 16)
+    assert (grads[1, int(tok.pos_len[1]):] == 0).all()  # padding
+    direction = torch.randn(16, generator=torch.Generator().manual_seed(0))
+    eps = 1e-3
+    for prompt, t, head in ((0, 1, 1), (0, 3, 2), (1, 2, 1)):
+        layer, h = divmod(head, 2)
+
+        def nudge(sign, layer=layer, h=h, t=t, prompt=prompt):
+            def fn(x):
+                x = x.clone()
+                x[:, t, h * 16:(h + 1) * 16] += sign * eps * direction.to(x.dtype)  # (B, T, H*d)
+                return x
+            row = tok.rows(torch.tensor([prompt]))
+            logits = model.logits(row.pos, {result_hook(layer): fn})
+            return float(logit_diff(last_logits(logits, row.pos_len), row)[0])
+
+        fd = (nudge(1) - nudge(-1)) / (2 * eps)
+        assert float(grads[prompt, t, head] @ direction) == pytest.approx(fd, rel=1e-2, abs=1e-3)
+    torch.testing.assert_close(outs, head_outputs(model, tok.pos, tok.pos_len, 2, 2, "all"))
+
+
+def test_change_and_relevance_discover_end_to_end(tmp_path):
+    model = tiny_model(tmp_path / "m", live={(0, 1), (1, 0)}, seed=1)
+    f = tmp_path / "copy.jsonl"
+    f.write_text("\n".join(json.dumps({"prompt": p, "counterfactual": c, "answer": "e", "wrong": "f"})
+                           for p, c in zip(PROMPTS, COUNTERFACTUALS, strict=True)))
+    for score, position in (("relevance", "all"), ("change", "last")):
+        cfg = DiscoverConfig(train_prompts=3, prompts=4, trials=2, n_latents=8, epochs=20,
+                             score=score, position=position, truth_sets=1)
+        r = discover(model, task_file=str(f), config=cfg, progress=False)
+        assert r.node_counts.shape == (2, 4) and (r.node_counts >= 0).all()
+        assert r.node_counts[:, [0, 3]].abs().max() < 1e-6  # dead heads do not change
+        assert r.backward_passes == [7 * (score == "relevance")] * 2
+        assert r.summary()["method_backward_passes_per_trial"] == 7 * (score == "relevance")
+        em = edge_mask(2, 2)
+        node = r.node_counts[0]
+        torch.testing.assert_close(r.edge_counts[0][em], (node[:, None] * node[None])[em])
+
+
+def test_score_and_position_must_fit():
+    for score, position in (("unique", "all"), ("change", "mean"), ("relevance", "mean")):
+        with pytest.raises(SaelabError, match=f"position {position} does not go with score {score}"):
+            DiscoverConfig(score=score, position=position)
+    with pytest.raises(SaelabError, match="unknown score 'best'"):
+        DiscoverConfig(score="best")
