@@ -169,6 +169,17 @@ def test_relu_init_starts_at_the_requested_l0():
     torch.testing.assert_close(per_latent, torch.full((200,), 10 / 200), atol=1e-3, rtol=0)
 
 
+
+def test_relu_transcoder_init_starts_at_the_requested_l0_like_an_sae():
+    torch.manual_seed(0)
+    x = torch.randn(2000, 16) @ torch.randn(16, 16) + 3.0  # off-centre: its b_enc centring matters
+    y = torch.tanh(x @ torch.randn(16, 8))
+    sae = SAE(SAEConfig(d_in=16, n_latents=200, k=0, allocator="relu", hook="blocks.0.ln2.hook_normalized",
+                        target_hook="blocks.0.hook_mlp_out", d_out=8))
+    init_sae(sae, x, seed=0, l0=10, target=y)
+    per_latent = (sae.encode_dense(x) > 0).float().mean(0)
+    torch.testing.assert_close(per_latent, torch.full((200,), 10 / 200), atol=1e-3, rtol=0)
+
 def test_lr_schedule_by_hand():
     from saelab.schedule import lr_factor
     assert [lr_factor(s, 10, 2, 0.2) for s in range(10)] == [0.5] + [1.0] * 8 + [0.5]
