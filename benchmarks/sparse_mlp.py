@@ -59,7 +59,7 @@ from functools import cache
 import torch
 import torch.nn.functional as F
 
-from saelab.kernels import SparseMLP, mask_code
+from saelab.kernels import SparseMLP, mask_code, padded_rows
 
 SHAPES = {"zoo": (128, 512), "7B": (4096, 16384)}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -136,7 +136,7 @@ def contenders(d: int, d_ff: int, B: int, density: float, dtype: torch.dtype) ->
     with torch.no_grad():
         computed = float((torch.addmm(c, xs[0] @ A, Bp) > cut).float().mean())
         costs = mlp.costs(B)  # the one-time calibration, here rather than in the timed warm-up
-        picks = [not costs.never_sparse and costs.use_sparse(int((mlp.hidden(x) != 0).sum())) for x in xs]
+        picks = [not costs.never_sparse and costs.use_sparse(padded_rows(mlp.hidden(x) != 0)) for x in xs]
         natural = float((mlp.hidden(torch.cat(xs)) != 0).float().mean())
         ref = mlp.down(hs[0]).float()
         torch.testing.assert_close(mlp.down_sparse(hs[0]).float(), ref, rtol=2e-2, atol=2e-2)
