@@ -158,6 +158,13 @@ def test_an_import_only_kind_is_refused_clearly(monkeypatch):
         TrainConfig.of(allocator="jumprelu")
 
 
+
+def test_learned_thresholds_need_steps_past_the_topk_warmup():
+    with pytest.raises(SaelabError, match="topk-warmup-steps=50, but this run has 50 steps"):
+        TrainConfig.of(allocator="jumprelu", tokens=50 * 256, batch_size=256)
+    TrainConfig.of(allocator="jumprelu", tokens=51 * 256, batch_size=256)
+    TrainConfig.of(allocator="topk", tokens=50 * 256, batch_size=256)  # no thresholds to learn
+
 def test_relu_init_starts_at_the_requested_l0():
     torch.manual_seed(0)
     x = torch.randn(2000, 16) @ torch.randn(16, 16)
