@@ -55,11 +55,13 @@ import statistics
 import time
 from collections.abc import Callable
 from functools import cache
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from saelab.kernels import SparseMLP, mask_code, padded_rows
+from saelab.storage.files import write_json
 
 SHAPES = {"zoo": (128, 512), "7B": (4096, 16384)}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -227,7 +229,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     densities = [(f"{100 * x:g}%", x) for x in args.densities]
     if args.measured:
-        report = json.loads(open(args.measured).read())
+        report = json.loads(Path(args.measured).read_text())
         densities += [(f"{report['model'].removeprefix('zoo:')} L{r['layer']} {100 * r['density']:.1f}%",
                        r["density"]) for r in report["layers"]]
     copy_bw, read_bw = bandwidth()
@@ -278,8 +280,7 @@ def main() -> None:
     copy_bw, read_bw = bandwidth()
     print(f"load average after: {_load()}; copy bandwidth {copy_bw:.1f} GB/s, read {read_bw:.1f} GB/s")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+        write_json(Path(args.json), rows)
 
 
 if __name__ == "__main__":
