@@ -19,7 +19,7 @@ from saelab.errors import SaelabError
 from saelab.evals.sparsity import Sparsifier, format_summary, measure, mlp_hooks, run, sweep, write_report
 from saelab.evals.sparsity.decode import Decoder, PredictedMLP, compare, synthetic
 from saelab.evals.sparsity.emergence import checkpoint_dirs
-from saelab.evals.sparsity.measure import LayerStats, default_threshold
+from saelab.evals.sparsity.measure import SMOOTH_THRESHOLD, LayerStats, default_threshold
 from saelab.evals.sparsity.modes import Calibration, stat_topk_threshold
 from saelab.evals.sparsity.predictor import evaluate_predictors, mlp_weights, train_predictors
 from saelab.kernels import SparseMLP, mask_code
@@ -111,6 +111,19 @@ def gelu_model(tmp_path_factory):
         shutil.copy(f, path)
     return load_model(str(path))
 
+
+
+@pytest.mark.parametrize(("act_fn", "exact"),
+                         [("relu", True), ("relu2", True), ("gelu_new", False), ("silu", False)])
+def test_default_threshold_is_zero_where_inactive_units_are_exactly_zero(act_fn, exact):
+    from types import SimpleNamespace
+
+    from transformer_lens.utilities.activation_functions import SUPPORTED_ACTIVATIONS
+
+    stub = SimpleNamespace(model=SimpleNamespace(cfg=SimpleNamespace(act_fn=act_fn)))
+    h = SUPPORTED_ACTIVATIONS[act_fn](torch.randn(4000))  # what transformer-lens applies
+    assert bool((h == 0).float().mean() > 0.4) == exact  # about half the units exactly off, or none
+    assert default_threshold(stub) == (0.0 if exact else SMOOTH_THRESHOLD)
 
 def test_gelu_counts_magnitudes_above_threshold(gelu_model):
     r = measure(gelu_model, data=DATA, tokens=200, batch_rows=4)
