@@ -132,8 +132,8 @@ def transcoder_hooks_from_hookpoint(name: str) -> tuple[str, str] | None:
 def _sparsify_pair(hook: str | None, target: str | None) -> bool:
     """(hook, target) is what a sparsify transcoder at some hookpoint reads and replaces."""
     m = re.match(r"^blocks\.(\d+)\.", hook or "")
-    return bool(m) and any((hook, target) == tuple(f"blocks.{m[1]}.{site}" for site in sites)
-                           for sites in _TRANSCODER_SITES.values())
+    return m is not None and any((hook, target) == tuple(f"blocks.{m[1]}.{site}" for site in sites)
+                                 for sites in _TRANSCODER_SITES.values())
 
 
 def hookpoint_from_hook(hook: str) -> str:
