@@ -23,8 +23,8 @@ says it pays); and, to show what the cost model avoids and what the predictor al
 from __future__ import annotations
 
 import argparse
-import json
 import os
+from pathlib import Path
 
 import torch
 
@@ -34,6 +34,7 @@ from saelab.evals.sparsity.decode import Decoder, PredictedMLP, compare, synthet
 from saelab.evals.sparsity.predictor import _fit, mlp_weights, train_predictors
 from saelab.kernels import mask_code
 from saelab.models import load_model
+from saelab.storage.files import write_json
 from saelab.zoo import DEFAULT_MODEL
 
 ZOO_DENSITIES = (0.2156, 0.0406, 0.0461, 0.0514)
@@ -123,8 +124,7 @@ def main() -> None:
         results.append(synthetic_7b(args))
         _print(results[-1]["model"] + f", densities {args.densities}", results[-1])
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+        write_json(Path(args.json), results)
 
 
 if __name__ == "__main__":

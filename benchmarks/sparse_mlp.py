@@ -55,11 +55,13 @@ import statistics
 import time
 from collections.abc import Callable
 from functools import cache
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from saelab.kernels import SparseMLP, mask_code
+from saelab.kernels import SparseMLP, mask_code, padded_rows
+from saelab.storage.files import write_json
 
 SHAPES = {"zoo": (128, 512), "7B": (4096, 16384)}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -136,7 +138,7 @@ def contenders(d: int, d_ff: int, B: int, density: float, dtype: torch.dtype) ->
     with torch.no_grad():
         computed = float((torch.addmm(c, xs[0] @ A, Bp) > cut).float().mean())
         costs = mlp.costs(B)  # the one-time calibration, here rather than in the timed warm-up
-        picks = [not costs.never_sparse and costs.use_sparse(int((mlp.hidden(x) != 0).sum())) for x in xs]
+        picks = [not costs.never_sparse and costs.use_sparse(padded_rows(mlp.hidden(x) != 0)) for x in xs]
         natural = float((mlp.hidden(torch.cat(xs)) != 0).float().mean())
         ref = mlp.down(hs[0]).float()
         torch.testing.assert_close(mlp.down_sparse(hs[0]).float(), ref, rtol=2e-2, atol=2e-2)
@@ -227,7 +229,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     densities = [(f"{100 * x:g}%", x) for x in args.densities]
     if args.measured:
-        report = json.loads(open(args.measured).read())
+        report = json.loads(Path(args.measured).read_text())
         densities += [(f"{report['model'].removeprefix('zoo:')} L{r['layer']} {100 * r['density']:.1f}%",
                        r["density"]) for r in report["layers"]]
     copy_bw, read_bw = bandwidth()
@@ -278,8 +280,7 @@ def main() -> None:
     copy_bw, read_bw = bandwidth()
     print(f"load average after: {_load()}; copy bandwidth {copy_bw:.1f} GB/s, read {read_bw:.1f} GB/s")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+        write_json(Path(args.json), rows)
 
 
 if __name__ == "__main__":

@@ -103,7 +103,7 @@ def evaluate(
 
     Args:
         sae_or_path: a dictionary directory, or an object with `cfg` (an `SAEConfig`),
-            `encode(x) -> (idx, vals)` and `decode(idx, vals) -> x_hat`, such as an `SAE`.
+            `encode(x) -> (idx, vals)` and `decode(idx, vals, x) -> x_hat`, such as an `SAE`.
         tokens: eval window: whole rows are taken until at least this many non-BOS/pad
             positions are in; the report's `tokens` is the exact count (and the dead-latent
             window). Default: the window of the SAE's end-of-run eval (cfg `eval_tokens`),
@@ -170,7 +170,7 @@ def _evaluate(sae, path, model: HookedModel, data: TokenData, tokens: int, batch
         clean = model.logits(batch, {h: probe(h) for h in (hook, target)})
         x, y = seen[hook][keep], seen[target][keep]
         idx, vals = sae.encode(x)
-        y_hat = sae.decode(idx, vals, x) if skip else sae.decode(idx, vals)
+        y_hat = sae.decode(idx, vals, x)  # x: a skip transcoder's W_skip x
         recon.update(y, y_hat)
         latents.update(idx, vals)
         ref = loss.add("clean", clean, batch, mask)

@@ -63,10 +63,9 @@ def reconstruction_stats(sae, x: torch.Tensor, chunk: int = 8192,
     (`tokens` is the dead-latent window). A transcoder's FVU is of `target`, its target hook's
     rows of the same tokens."""
     recon, latents = ReconstructionStats(), LatentStats(sae.cfg.n_latents)
-    skip = getattr(sae.cfg, "skip", False)
     for rows, want in zip(x.split(chunk), (x if target is None else target).split(chunk), strict=True):
         idx, vals = sae.encode(rows)
-        recon.update(want, sae.decode(idx, vals, rows) if skip else sae.decode(idx, vals))
+        recon.update(want, sae.decode(idx, vals, rows))
         latents.update(idx, vals)
     r, lat = recon.result(), latents.result()
     return {

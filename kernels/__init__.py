@@ -23,7 +23,7 @@ if __name__ == "kernels":
     _spec.loader.exec_module(sys.modules["kernels"])
 else:
     from .autograd import sparse_decode, sparse_encode
-    from .mlp import SparseMLP, active_code, mask_code, sparse_mlp_down
+    from .mlp import SparseMLP, active_code, mask_code, padded_rows, sparse_mlp_down
     from .primitives import gather_dot, gather_weighted_sum, scatter_outer_add
     from .select import topk_indices
 
@@ -33,6 +33,7 @@ __all__ = [
     "gather_dot",
     "gather_weighted_sum",
     "mask_code",
+    "padded_rows",
     "scatter_outer_add",
     "sparse_decode",
     "sparse_encode",

@@ -48,6 +48,12 @@ def mask_code(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return idx, valid
 
 
+def padded_rows(mask: torch.Tensor) -> int:
+    """Weight rows the sparse path reads for ``mask`` (B, d_ff): `mask_code` pads every token to
+    the batch's largest count, so this (not the number of nonzeros) is what its cost grows with."""
+    return mask.shape[0] * int(mask.sum(1).max()) if mask.numel() else 0
+
+
 def active_code(h: torch.Tensor, k: int | None = None,
                 threshold: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(idx, vals) holding each row's active entries of ``h`` (B, d_ff): those with |h| > threshold.
@@ -169,12 +175,13 @@ class SparseMLP:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """`dense` or `sparse_down`, whichever the measured cost model predicts faster for the
-        number of active rows of this call (the up-projection is common to both)."""
+        rows the sparse path would read (tokens times the most active token's count; the
+        up-projection is common to both)."""
         costs = self._costs.get(x.shape[0]) or self._costs.setdefault(x.shape[0], self.costs(x.shape[0]))
         h = self.hidden(x)
         if costs.never_sparse:
             return self.down(h)
-        rows = int(torch.count_nonzero(active_mask(h, self.threshold)))
+        rows = padded_rows(active_mask(h, self.threshold))
         return self.down_sparse(h) if costs.use_sparse(rows) else self.down(h)
 
     def costs(self, batch: int) -> CostModel:

@@ -47,4 +47,5 @@ def init_sae(sae, sample: torch.Tensor, seed: int, l0: int | None = None,
         sae.b_enc.copy_(-sae.W_enc @ x.mean(0))
     if l0 is not None:
         pre = sae.pre_acts(sample.to(sae.dtype))
-        sae.b_enc.copy_(-pre.float().quantile(1 - l0 / sae.cfg.n_latents, dim=0).to(sae.dtype))
+        # sub_, not copy_: a transcoder's pre already holds its centring b_enc
+        sae.b_enc.sub_(pre.float().quantile(1 - l0 / sae.cfg.n_latents, dim=0).to(sae.dtype))

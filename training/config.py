@@ -260,7 +260,17 @@ class TrainConfig:
                 raise SaelabError(f"TrainConfig.{name} must be a {cls.__name__}; build configs "
                                   "from flat field names with TrainConfig.of(...)")
         self.check_transcoder()
+        self.check_threshold_warmup()
         self.check_memory()  # before the model opens: a lower bound
+
+    def check_threshold_warmup(self) -> None:
+        """Learned thresholds are set when the top-k warmup ends; a run no longer than it would
+        save a plain ReLU."""
+        steps, warmup = self.optim.tokens // self.optim.batch_size, self.optim.topk_warmup_steps
+        if self.sae.kind.learns_thresholds and steps <= warmup:
+            raise SaelabError(f"{self.sae.allocator} learns its thresholds after "
+                              f"--topk-warmup-steps={warmup}, but this run has {steps} steps (tokens / "
+                              "batch_size); lower --topk-warmup-steps or raise --tokens")
 
     def check_transcoder(self) -> None:
         """--skip needs --target-hook, which needs one --hook that comes before it."""

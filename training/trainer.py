@@ -128,7 +128,8 @@ class Trainer:
         if self.world.size == 1:
             return self._loss
         if self._ddp is None:
-            self._ddp = torch.nn.parallel.DistributedDataParallel(self._loss, broadcast_buffers=False)
+            self._ddp = torch.nn.parallel.DistributedDataParallel(  # top-k warmup: no grad to thresholds
+                self._loss, broadcast_buffers=False, find_unused_parameters=self.thresholds is not None)
         return self._ddp
 
     def losses(self, x: torch.Tensor, grad: torch.Tensor | None,

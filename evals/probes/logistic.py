@@ -26,10 +26,6 @@ class Probe:
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         return x.float() @ self.weight + self.bias
 
-    def direction(self) -> torch.Tensor:
-        """Unit vector along the weight: the probe's direction in activation space."""
-        return self.weight / self.weight.norm().clamp_min(1e-12)
-
 
 def fit(x: torch.Tensor, y: torch.Tensor, l2: float = L2, max_iter: int = MAX_ITER) -> Probe:
     """Fit a logistic probe on rows `x` (n, d) and boolean targets `y` (n,)."""

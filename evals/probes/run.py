@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import torch
 
@@ -16,6 +17,7 @@ from saelab.evals.probes.labels import LABELS, LETTER_FAMILY, Label, label_matri
 from saelab.evals.probes.logistic import L2
 from saelab.evals.probes.probing import KS, alive_latents, balanced, latent_label_f1, probe_label
 from saelab.evals.probes.task_labels import TASK_LABELS, TASKS
+from saelab.formats import load_one
 from saelab.models import HookedModel
 
 DEFAULT_TOKENS = 2**16
@@ -63,7 +65,12 @@ def probes(
         raise SaelabError(f"tokens and batch_rows must be positive, got {tokens} and {batch_rows}")
     check_label_source(labels)
     start = time.perf_counter()
-    sae, path, model, data = resolve_dictionary(sae_or_path, model, data, context_length, device)
+    path = str(sae_or_path) if isinstance(sae_or_path, (str, Path)) else None
+    sae = load_one(sae_or_path, device) if isinstance(sae_or_path, (str, Path)) else sae_or_path
+    if sae.cfg.transcoder:  # absorption compares decoder rows (output space) with input-space probes
+        raise SaelabError(f"probes need an SAE, but {path or 'this dictionary'} is a transcoder "
+                          f"({sae.cfg.hook} -> {sae.cfg.target_hook}); evaluate it without --probes")
+    sae, _, model, data = resolve_dictionary(sae, model, data, context_length, device)
     was_training = getattr(sae, "training", False)
     sae.eval()
     try:

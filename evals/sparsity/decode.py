@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from saelab.evals.sparsity.predictor import LayerPredictor
-from saelab.kernels import SparseMLP, cost
+from saelab.kernels import SparseMLP, cost, padded_rows
 
 MLP = Callable[[torch.Tensor], torch.Tensor]
 
@@ -149,8 +149,7 @@ class PredictedMLP:
         if costs.never_sparse:
             return self.mlp.dense(x)
         mask = self._predicted(x)
-        rows = int(mask.sum())
-        if not costs.use_sparse(rows):
+        if not costs.use_sparse(padded_rows(mask)):
             return self.mlp.dense(x)
         return self.mlp.active(x, *_code(mask))
 

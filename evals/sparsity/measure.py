@@ -36,8 +36,8 @@ from saelab.zoo import DEFAULT_MODEL
 
 UNION_SIZES = (1, 8, 64, 512)
 PERCENTILES = (1, 10, 50, 90, 99)
-EXACT_ZERO = ("relu",)
-"""Activations whose inactive units are exactly 0 (threshold 0 counts them right)."""
+EXACT_ZERO = ("relu", "relu2")
+"""Activations whose inactive units are exactly 0 (threshold 0 counts them right); relu2 is relu(x)^2."""
 SMOOTH_THRESHOLD = 0.01
 """Default |h| above which a neuron of any other activation (GELU, SiLU, SoLU) counts as active
 (stated in every report)."""
@@ -69,7 +69,7 @@ def activation_fn(model: HookedModel) -> str:
 
 
 def default_threshold(model: HookedModel) -> float:
-    """0 (exact zeros) for ReLU MLPs, `SMOOTH_THRESHOLD` for anything else."""
+    """0 (exact zeros) for ReLU and squared-ReLU MLPs, `SMOOTH_THRESHOLD` for anything else."""
     return 0.0 if activation_fn(model) in EXACT_ZERO else SMOOTH_THRESHOLD
 
 

@@ -28,7 +28,7 @@ replaces blocks.N.hook_resid_post; `….mlp` reads blocks.N.mlp.hook_in (the MLP
 after ln_2's weight and bias: a transformer-lens 4.x hook; 3.x has no hook there, and its
 ln2.hook_normalized lacks that affine map) and replaces blocks.N.hook_mlp_out. A transcoder at
 any other hookpoint is refused (saelab could not tell which hooks it joins). Only TopK
-transcoders of raw activations with d_out = d_in export.
+transcoders of raw activations with d_out = d_in between one of those two hook pairs export.
 
 saelab -> sparsify (`export_sparsify`): topk and gradient_topk (plain topk at inference) only;
 the other allocators are not TopK and have no sparsify form (export them as SAELens). Only
@@ -129,6 +129,13 @@ def transcoder_hooks_from_hookpoint(name: str) -> tuple[str, str] | None:
     return tuple(f"blocks.{m[1]}.{site}" for site in _TRANSCODER_SITES[m[2]])  # type: ignore[return-value]
 
 
+def _sparsify_pair(hook: str | None, target: str | None) -> bool:
+    """(hook, target) is what a sparsify transcoder at some hookpoint reads and replaces."""
+    m = re.match(r"^blocks\.(\d+)\.", hook or "")
+    return m is not None and any((hook, target) == tuple(f"blocks.{m[1]}.{site}" for site in sites)
+                                 for sites in _TRANSCODER_SITES.values())
+
+
 def hookpoint_from_hook(hook: str) -> str:
     """The sparsify hookpoint (`layers.N[.mlp|.self_attn]`) of a saelab hook name, for run layouts."""
     m = _HOOK.match(hook)
@@ -169,8 +176,10 @@ def import_sparsify(path: str | Path, device: str | torch.device = "cpu",
     hooks = {"hook": saved.get("hook") or hook_from_hookpoint(hookpoint)}
     skip = bool(cfg.get("skip_connection"))
     if cfg.get("transcode"):
-        pair = (saved["hook"], saved["target_hook"]) if saved.get("target_hook") else \
-            transcoder_hooks_from_hookpoint(hookpoint)
+        pair = transcoder_hooks_from_hookpoint(hookpoint)
+        if saved.get("target_hook"):
+            hook = saved.get("hook") or (pair[0] if pair else None)
+            pair = (hook, saved["target_hook"]) if hook else None
         if pair is None:
             raise SaelabError(f"{path}: a sparsify transcoder at hookpoint {hookpoint!r}, whose hooks saelab "
                               "cannot tell; it imports transcoders at layers.N and layers.N.mlp")
@@ -205,6 +214,11 @@ def export_sparsify(sae: SAE, out_dir: str | Path, overwrite: bool = False) -> P
         raise SaelabError(f"this dictionary was trained on {cfg.processing} activations, but sparsify "
                           "runs dictionaries on the Hugging Face model's raw ones; train it with "
                           "--processing raw to export to sparsify, or export it with --format saelens")
+    if cfg.transcoder and not _sparsify_pair(cfg.hook, cfg.target_hook):  # its hookpoint's in and out
+        raise SaelabError(f"sparsify runs a transcoder on one module's input and output, and "
+                          f"{cfg.hook} -> {cfg.target_hook} is no such pair (blocks.N.mlp.hook_in -> "
+                          "blocks.N.hook_mlp_out or blocks.N.hook_resid_pre -> blocks.N.hook_resid_post); "
+                          "export it with --format saelab")
     if cfg.out_dim != cfg.d_in:
         raise SaelabError(f"this transcoder maps width {cfg.d_in} to {cfg.out_dim}, but sparsify's "
                           "transcoders keep the width; export it with --format saelab")

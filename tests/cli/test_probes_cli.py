@@ -63,3 +63,13 @@ def test_bad_probe_input_is_one_line_and_writes_nothing(dictionary, tmp_path, ex
     lines = got.err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith("saelab: error: ") and message in lines[0]
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_probes_refuse_a_transcoder_before_the_eval_runs(tmp_path, monkeypatch, capsys):
+    sae = SAE(SAEConfig(d_in=128, n_latents=64, k=4, hook="blocks.1.ln2.hook_normalized",
+                        target_hook="blocks.1.hook_mlp_out", model="zoo:pystdlib-4l"))
+    saved = sae.save(tmp_path / "tc")
+    before = sorted(p.name for p in saved.iterdir())
+    code, got = run_cli(["eval", str(saved), "--probes"], monkeypatch, capsys)
+    assert code == 2 and "transcoder" in got.err and len(got.err.strip().splitlines()) == 1, got.err
+    assert sorted(p.name for p in saved.iterdir()) == before  # no eval.json: refused before the eval

@@ -164,3 +164,18 @@ def test_task_roles_align_to_the_word_tokenizer_by_hand():
         [(a, "def arg") for a in ("stone", "label", "tree", "image", "files", "path")]
         + [("stone", "param"), ("label", "param")],
     ]
+
+
+def test_probes_refuse_a_transcoder_before_loading_a_model(tmp_path):
+    import pytest
+
+    from saelab.errors import SaelabError
+    from saelab.evals.probes import probes
+    from saelab.sae import SAE, SAEConfig
+
+    sae = SAE(SAEConfig(d_in=8, n_latents=16, k=2, hook="blocks.0.ln2.hook_normalized",
+                        target_hook="blocks.0.hook_mlp_out", d_out=4, model="no-such-model"))
+    sae.save(tmp_path / "tc")
+    for given in (sae, str(tmp_path / "tc")):  # a missing model would fail later, in a different way
+        with pytest.raises(SaelabError, match="transcoder"):
+            probes(given)

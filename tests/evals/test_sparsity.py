@@ -19,11 +19,11 @@ from saelab.errors import SaelabError
 from saelab.evals.sparsity import Sparsifier, format_summary, measure, mlp_hooks, run, sweep, write_report
 from saelab.evals.sparsity.decode import Decoder, PredictedMLP, compare, synthetic
 from saelab.evals.sparsity.emergence import checkpoint_dirs
-from saelab.evals.sparsity.measure import LayerStats, default_threshold
+from saelab.evals.sparsity.measure import SMOOTH_THRESHOLD, LayerStats, default_threshold
 from saelab.evals.sparsity.modes import Calibration, stat_topk_threshold
 from saelab.evals.sparsity.predictor import evaluate_predictors, mlp_weights, train_predictors
-from saelab.kernels import mask_code
-from saelab.kernels.cost import CostModel
+from saelab.kernels import SparseMLP, mask_code
+from saelab.kernels.cost import MARGIN, CostModel
 from saelab.models import HookedModel, load_model
 from saelab.zoo import ZooRecipe, model_dir
 from saelab.zoo.build import build, checkpoint_steps
@@ -111,6 +111,19 @@ def gelu_model(tmp_path_factory):
         shutil.copy(f, path)
     return load_model(str(path))
 
+
+
+@pytest.mark.parametrize(("act_fn", "exact"),
+                         [("relu", True), ("relu2", True), ("gelu_new", False), ("silu", False)])
+def test_default_threshold_is_zero_where_inactive_units_are_exactly_zero(act_fn, exact):
+    from types import SimpleNamespace
+
+    from transformer_lens.utilities.activation_functions import SUPPORTED_ACTIVATIONS
+
+    stub = SimpleNamespace(model=SimpleNamespace(cfg=SimpleNamespace(act_fn=act_fn)))
+    h = SUPPORTED_ACTIVATIONS[act_fn](torch.randn(4000))  # what transformer-lens applies
+    assert bool((h == 0).float().mean() > 0.4) == exact  # about half the units exactly off, or none
+    assert default_threshold(stub) == (0.0 if exact else SMOOTH_THRESHOLD)
 
 def test_gelu_counts_magnitudes_above_threshold(gelu_model):
     r = measure(gelu_model, data=DATA, tokens=200, batch_rows=4)
@@ -402,6 +415,25 @@ def test_predicted_mlp_matches_float64_reference(zoo_model, predictors, monkeypa
     want = (h * chosen if branch == "sparse" else h) @ W_out + b_out
     assert 0 < rows < chosen.numel() and (h * chosen != h).any()  # the predictor changes something
     assert_close(PredictedMLP(mlp, pred)(x).double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_predicted_mlp_counts_padded_rows_not_nonzeros(monkeypatch):
+    """13 predicted units over 4 tokens, 40 rows once padded: past a break-even of 20, dense runs."""
+    mlp = SparseMLP.of(torch.eye(16), None, torch.randn(16, 16), None)
+    x, mask = torch.randn(4, 16), torch.zeros(4, 16, dtype=torch.bool)
+    mask[0, :10] = mask[1:, 11] = True
+    monkeypatch.setattr(PredictedMLP, "costs", lambda self, batch: CostModel(1.0, 0.0, MARGIN / 20))
+
+    class Fixed:
+        def predict(self, x):
+            return mask[: x.shape[0]]
+
+    calls = []
+    monkeypatch.setattr(SparseMLP, "active", lambda self, *a: calls.append(1) or self.dense(a[0]))
+    PredictedMLP(mlp, Fixed())(x)
+    assert calls == []
+    PredictedMLP(mlp, Fixed())(x[:1])  # the one 10-unit token alone: 10 rows, sparse
+    assert calls == [1]
 
 
 def test_synthetic_layers_and_compare():

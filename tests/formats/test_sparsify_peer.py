@@ -154,7 +154,8 @@ def test_transcoders_both_ways(tmp_path, skip):
         assert (z != 0).any()
         torch.testing.assert_close(dense_code(sae, x), z)
         torch.testing.assert_close(sae(x), coder(x).sae_out)
-        mine = random_transcoder("topk", skip, d_out=D, processing="raw")
+        mine = random_transcoder("topk", skip, d_out=D, processing="raw",
+                                 hooks=("blocks.1.mlp.hook_in", "blocks.1.hook_mlp_out"))
         theirs = sparsify.SparseCoder.load_from_disk(export_sparsify(mine, tmp_path / "layers.1.mlp"))
         assert theirs.cfg.transcode and theirs.cfg.skip_connection == skip
         torch.testing.assert_close(dense_code(mine, x), sparsify_code(theirs, x)[0])

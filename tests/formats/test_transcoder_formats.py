@@ -17,6 +17,7 @@ from saelab.sae import SAE, SAEConfig
 
 D, D_OUT, N, K = 16, 24, 40, 4
 IN, OUT = "blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out"
+MLP_IN = "blocks.1.mlp.hook_in"  # what sparsify's layers.1.mlp reads: ln_2's output, after its affine map
 
 
 def random_transcoder(allocator: str = "topk", skip: bool = False, d_out: int = D_OUT,
@@ -85,27 +86,38 @@ def _saved(tmp_path, sae: SAE):
 
 @pytest.mark.parametrize("skip", [False, True])
 def test_sparsify_round_trip(tmp_path, skip):
-    sae = random_transcoder("topk", skip, d_out=D, processing="raw")
+    sae = random_transcoder("topk", skip, d_out=D, processing="raw", hooks=(MLP_IN, OUT))
     out = export_sparsify(sae, tmp_path / "layers.1.mlp")
     cfg = json.loads((out / "cfg.json").read_text())
     assert (cfg["transcode"], cfg["skip_connection"]) == (True, skip)
     back = saelab.load(out)
     assert back.cfg == sae.cfg
     assert_same(sae, back)
+    # metadata naming the target but not the input: the input comes from the hookpoint
+    del cfg["saelab"]["hook"]
+    (out / "cfg.json").write_text(json.dumps(cfg))
+    assert saelab.load(out).cfg.hook == MLP_IN
     # without saelab's metadata the hooks come from the hookpoint
     del cfg["saelab"]
     (out / "cfg.json").write_text(json.dumps(cfg))
     back = saelab.load(out)
-    assert (back.cfg.hook, back.cfg.target_hook, back.cfg.skip) == ("blocks.1.mlp.hook_in", OUT, skip)
+    assert (back.cfg.hook, back.cfg.target_hook, back.cfg.skip) == (MLP_IN, OUT, skip)
     assert_same(sae, back)
 
 
 def test_sparsify_refusals(tmp_path):
     with pytest.raises(SaelabError, match="maps width 16 to 24"):
-        export_sparsify(random_transcoder("topk", processing="raw"), tmp_path / "a")
+        export_sparsify(random_transcoder("topk", processing="raw", hooks=(MLP_IN, OUT)), tmp_path / "a")
     with pytest.raises(SaelabError, match="not TopK"):
         export_sparsify(random_transcoder("relu", d_out=D, processing="raw"), tmp_path / "b")
-    out = export_sparsify(random_transcoder("topk", d_out=D, processing="raw"), tmp_path / "layers.1.attn")
+    # sparsify would read the MLP's input (after ln_2's affine map), not ln2.hook_normalized; no
+    # hookpoint joins two layers
+    for hooks in ((IN, OUT), ("blocks.0.mlp.hook_in", OUT), ("blocks.1.hook_resid_pre", OUT)):
+        with pytest.raises(SaelabError, match="is no such pair"):
+            export_sparsify(random_transcoder("topk", d_out=D, processing="raw", hooks=hooks), tmp_path / "c")
+    assert not (tmp_path / "c").exists()
+    out = export_sparsify(random_transcoder("topk", d_out=D, processing="raw", hooks=(MLP_IN, OUT)),
+                          tmp_path / "layers.1.attn")
     cfg = json.loads((out / "cfg.json").read_text())
     del cfg["saelab"]
     (out / "cfg.json").write_text(json.dumps(cfg))

@@ -155,7 +155,7 @@ def test_auto_forward_matches_dense_and_follows_the_cost_model(monkeypatch, dtyp
     mlp = _mlp(70, 96, seed=13, dtype=dtype)
     x64 = _x(3, 70, seed=14)
     x = x64.to(dtype)
-    rows = int((mlp.hidden(x) != 0).sum())
+    rows = x.shape[0] * int((mlp.hidden(x) != 0).sum(1).max())  # every token padded to the most active
     fixed_cost = {"always sparse": CostModel(1.0, 0.0, 0.0), "never sparse": CostModel(1.0, 1.0, 0.0),
                   "by rows": CostModel(1.0, 0.0, MARGIN / (rows + 0.5))}[model]  # sparse wins at `rows`
     monkeypatch.setattr(SparseMLP, "costs", lambda self, batch: fixed_cost)
@@ -174,6 +174,24 @@ def test_auto_forward_matches_dense_and_follows_the_cost_model(monkeypatch, dtyp
         mlp._costs.clear()  # each layer keeps its cost models once looked up
         assert_close(mlp(x).double(), mlp64.dense(x64), **tol)
         assert len(calls) == 1
+
+
+def test_auto_forward_counts_padded_rows_not_nonzeros(monkeypatch):
+    """The sparse path pads each token to the batch's largest count: token 0 has 10 active
+    units, tokens 1-3 one each, so 13 nonzeros but 40 rows read, past a break-even of 20 rows:
+    the dense path runs."""
+    mlp = SparseMLP.of(torch.eye(16, dtype=F64), None, _x(16, 16, seed=3), None)  # h = relu(x)
+    mask = torch.zeros(4, 16, dtype=torch.bool)
+    mask[0, :10] = mask[1:, 11] = True
+    x = torch.where(mask, 1.0, -1.0).to(F64)
+    monkeypatch.setattr(SparseMLP, "costs", lambda self, batch: CostModel(1.0, 0.0, MARGIN / 20))
+    calls = []
+    original = SparseMLP.down_sparse
+    monkeypatch.setattr(SparseMLP, "down_sparse", lambda self, h: calls.append(1) or original(self, h))
+    assert_close(mlp(x), mlp.dense(x))
+    assert calls == []
+    mlp(x[1:])  # the three one-unit tokens: 3 rows, sparse
+    assert calls == [1]
 
 
 def test_auto_forward_calibrates_once_per_bucket(monkeypatch):

@@ -66,3 +66,19 @@ def test_two_processes_cache_their_own_shards(tmp_path):
     assert not torch.equal(first["shard_r000"], first["shard_r001"])  # different documents
     served = next(iter(CacheStream(out, HOOK, 4000)))  # one epoch: every row once
     assert served.shape == (3001, 128)
+
+
+@pytest.mark.slow
+def test_two_processes_train_jumprelu_past_its_topk_warmup(small_cache, tmp_path):
+    # the warmup's steps give log_threshold no gradient; DDP must allow unused parameters
+    out = tmp_path / "jumprelu"
+    args = ["--cache", str(small_cache), "--hook", HOOK, "--out", str(out), "--n-latents", "256",
+            "--k", "8", "--tokens", str(STEPS * BATCH * 2), "--batch-size", str(BATCH),
+            "--eval-tokens", "512", "--allocator", "jumprelu", "--topk-warmup-steps", "2"]
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", "29535", "-m", "saelab", "train", *args],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    state = load_file(str(out / "sae.safetensors"))
+    thresholds = [v for name, v in state.items() if "threshold" in name]
+    assert thresholds and all(torch.isfinite(t).all() and (t != 0).any() for t in thresholds)

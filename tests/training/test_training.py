@@ -158,6 +158,13 @@ def test_an_import_only_kind_is_refused_clearly(monkeypatch):
         TrainConfig.of(allocator="jumprelu")
 
 
+
+def test_learned_thresholds_need_steps_past_the_topk_warmup():
+    with pytest.raises(SaelabError, match="topk-warmup-steps=50, but this run has 50 steps"):
+        TrainConfig.of(allocator="jumprelu", tokens=50 * 256, batch_size=256)
+    TrainConfig.of(allocator="jumprelu", tokens=51 * 256, batch_size=256)
+    TrainConfig.of(allocator="topk", tokens=50 * 256, batch_size=256)  # no thresholds to learn
+
 def test_relu_init_starts_at_the_requested_l0():
     torch.manual_seed(0)
     x = torch.randn(2000, 16) @ torch.randn(16, 16)
@@ -168,6 +175,17 @@ def test_relu_init_starts_at_the_requested_l0():
     per_latent = (sae.encode_dense(x) > 0).float().mean(0)
     torch.testing.assert_close(per_latent, torch.full((200,), 10 / 200), atol=1e-3, rtol=0)
 
+
+
+def test_relu_transcoder_init_starts_at_the_requested_l0_like_an_sae():
+    torch.manual_seed(0)
+    x = torch.randn(2000, 16) @ torch.randn(16, 16) + 3.0  # off-centre: its b_enc centring matters
+    y = torch.tanh(x @ torch.randn(16, 8))
+    sae = SAE(SAEConfig(d_in=16, n_latents=200, k=0, allocator="relu", hook="blocks.0.ln2.hook_normalized",
+                        target_hook="blocks.0.hook_mlp_out", d_out=8))
+    init_sae(sae, x, seed=0, l0=10, target=y)
+    per_latent = (sae.encode_dense(x) > 0).float().mean(0)
+    torch.testing.assert_close(per_latent, torch.full((200,), 10 / 200), atol=1e-3, rtol=0)
 
 def test_lr_schedule_by_hand():
     from saelab.schedule import lr_factor
