@@ -241,8 +241,9 @@ def attribute(model: HookedModel, task: str | Task | TaskTokens, basis="heads", 
     """Score every node of `basis` ("heads", "neurons", a dictionary path, an SAE, {hook: SAE} or
     a `Basis`) on `task` (a name, a `Task`, or `TaskTokens`) with `method` (`METHODS`).
 
-    A task name draws `prompts` distinct rows with `seed`; codes draws its own (training and
-    held-out) rows from the task, its SAE set by `codes_config` (a DiscoverConfig)."""
+    A task name draws `prompts` distinct rows with `seed`; codes draws its SAE's training rows
+    and `prompts` scored rows from the task (from a `Task`'s rows alone), its SAE set by
+    `codes_config` (a DiscoverConfig)."""
     from saelab.tasks import draw_distinct
 
     if method not in METHODS:

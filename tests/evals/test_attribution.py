@@ -253,3 +253,36 @@ def test_bad_input_is_one_line(head_model):
     with pytest.raises(SaelabError) as e:
         AttributionConfig(node_ablation="zero")
     assert "unknown node ablation 'zero'" in one_line(e)
+
+
+def test_codes_never_sees_the_faithfulness_prompts(head_model, monkeypatch):
+    """Every token sequence the codes method's discover run tokenizes (SAE training and scored
+    rows) is absent from the held-out prompts faithfulness is measured on."""
+    import importlib
+
+    disc = importlib.import_module("saelab.evals.circuits.discover")
+    recovery = importlib.import_module("saelab.evals.circuits.recovery")
+
+    def texts(tok) -> set[tuple[int, ...]]:
+        return {tuple(ids[:n].tolist()) for seqs, lens in ((tok.pos, tok.pos_len), (tok.cf, tok.cf_len))
+                for ids, n in zip(seqs, lens, strict=True)}
+
+    seen: set = set()
+    held: set = set()
+
+    def spy_tokenize(*args, **kw):
+        tok = tokenize(*args, **kw)
+        seen.update(texts(tok))
+        return tok
+
+    def spy_faithfulness(model, tok, *args, **kw):
+        held.update(texts(tok))
+        return faithfulness(model, tok, *args, **kw)
+
+    monkeypatch.setattr(disc, "tokenize", spy_tokenize)
+    monkeypatch.setattr(recovery, "faithfulness", spy_faithfulness)
+    recover(head_model, letters(20), "heads", "codes",
+            AttributionConfig(attr_prompts=5, faith_prompts=5, completeness=False), progress=False,
+            codes_config=DiscoverConfig(train_prompts=5, epochs=20))
+    assert len(held) == 10 and len(seen) >= 20  # 5 + 5 held rows; 5 + 5 trial rows, the sample
+    assert not seen & held
