@@ -399,6 +399,17 @@ def _training_rows(pos: torch.Tensor, cf: torch.Tensor, tok: TaskTokens, tr: sli
     return torch.cat(rows).reshape(-1, pos.shape[-1])
 
 
+def _check_equal_lengths(tok: TaskTokens) -> None:
+    """Position all compares each prompt with its counterfactual position by position: one line,
+    before any work, for a pair whose lengths differ."""
+    if not torch.equal(tok.pos_len, tok.cf_len):
+        bad = int((tok.pos_len != tok.cf_len).nonzero()[0])
+        raise SaelabError(
+            f"a prompt and its counterfactual differ in length ({int(tok.pos_len[bad])} vs "
+            f"{int(tok.cf_len[bad])} tokens) and position all compares them token by token; use "
+            "--score unique --position last, or prompts and counterfactuals of equal length")
+
+
 def _trial_task(name: str, fixed: Task | None, n: int, trial: int, seed: int) -> Task:
     return draw_distinct(fixed if fixed is not None else name, n, seed * 1000 + trial + 1)
 
@@ -419,6 +430,11 @@ def discover(model: str | HookedModel, task: str | Task = DEFAULT_TASK, *, task_
     longest = sample_tokens.pos.shape[1]
     check_prompt_memory(cfg, name, fixed, m, longest, truth=truth is None)
     warn_if_inaccurate(m, name, sample_tokens)
+    trial_tokens = [tokenize(_trial_task(name, fixed, need, trial, cfg.seed), m.tokenizer,
+                             m.context_length) for trial in range(cfg.trials)]
+    if cfg.at == "all":
+        for tok in trial_tokens:
+            _check_equal_lengths(tok)
     if truth is None:
         truth = ground_truth_sets(m, *_truth_tokens(cfg, name, fixed, m), ablation=cfg.ablation,
                                   edges=cfg.edges, metric=cfg.metric or default_metric(name),
@@ -434,7 +450,7 @@ def discover(model: str | HookedModel, task: str | Task = DEFAULT_TASK, *, task_
     nodes, edges = [], []
     for trial in tqdm(range(cfg.trials), desc=f"circuits {name}", disable=not progress):
         start = time.perf_counter()
-        tok = tokenize(_trial_task(name, fixed, need, trial, cfg.seed), m.tokenizer, m.context_length)
+        tok = trial_tokens[trial]
         grads = None
         if cfg.score == "relevance":
             out_pos, grads = outputs_and_gradients(m, tok, metric, n_layers, n_heads, cfg.at)
