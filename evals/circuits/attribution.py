@@ -11,8 +11,9 @@ counterfactual run.
 - eap-ig: the same with dm/da averaged over `steps` runs whose token embeddings
   (`hook_embed`) lie at alpha = k/steps, k = 1..steps, on the line from the counterfactual's
   to the clean prompt's (Hanna et al.'s EAP-IG-inputs; one set of runs serves every site).
-- codes: O'Neill & Bui's codes (`discover`, one trial; heads only): the count of codes unique
-  to positives, a ranking rather than an effect.
+- codes: O'Neill & Bui's shared SAE (`discover`, one trial; heads only) with its config's score,
+  by default relevance (each head's code change dotted with the metric's gradient): a ranking
+  rather than an effect.
 Activations are patched at every position, so a prompt and its counterfactual must have the
 same length (or use ablation="mean").
 Passes are counted per prompt, forward and backward separately.
@@ -48,7 +49,7 @@ class Attribution:
     Fields:
         method, basis: what scored what.
         names: node names (heads "L.H", neurons "L.nI", latents "HOOK/I" and "HOOK/error").
-        scores: (N,) estimated normalised effect (codes: count of unique codes).
+        scores: (N,) estimated normalised effect (codes: discover's node score, a ranking).
         errors: (N,) bool, error nodes.
         forward_passes, backward_passes: per prompt.
         seconds: wall time.
@@ -212,8 +213,8 @@ def gradient_scores(model: HookedModel, tokens: TaskTokens, basis: Basis, method
 
 def code_scores(model: HookedModel, task: str | Task, basis: Basis, prompts: int, seed: int,
                 progress: bool = True, config=None) -> Attribution:
-    """O'Neill & Bui's per-head counts from one `discover` trial (heads only) of `config` (a
-    DiscoverConfig; its SAE settings are used, with one trial of `prompts` held-out prompts)."""
+    """Per-head scores from one `discover` trial (heads only) of `config` (a DiscoverConfig; its
+    SAE settings and score, by default relevance, with one trial of `prompts` held-out prompts)."""
     from dataclasses import replace
 
     from .discover import DiscoverConfig, discover
@@ -230,7 +231,7 @@ def code_scores(model: HookedModel, task: str | Task, basis: Basis, prompts: int
     cfg = replace(config or DiscoverConfig(), trials=1, prompts=prompts, edges=False, seed=seed)
     res = discover(model, task, config=cfg, truth=truth, progress=progress)
     return Attribution("codes", "heads", basis.names, res.node_counts[0], basis.errors,
-                       res.passes[0], 0, res.seconds[0], prompts)
+                       res.passes[0], res.backward_passes[0], res.seconds[0], prompts)
 
 
 def attribute(model: HookedModel, task: str | Task | TaskTokens, basis="heads", method: str = "eap-ig",

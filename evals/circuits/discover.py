@@ -207,8 +207,11 @@ class CircuitResult:
         model, task: what was evaluated.
         config: the DiscoverConfig.
         truth: the patching ground truth.
-        node_counts: (trials, L*H) codes unique to positives per head.
-        edge_counts: (trials, L*H, L*H) code pairs unique to positives per edge (NaN: no edge).
+        node_counts: (trials, L*H) per-head scores of `config.score` (unique: codes unique to
+            positives; change, relevance: the codes' change, the default relevance weighted by
+            the metric's gradient).
+        edge_counts: (trials, L*H, L*H) per-edge scores (unique: code pairs unique to positives;
+            otherwise the product of the two heads' scores; NaN: no edge).
         node_auc, edge_auc: per-trial ROC AUC against the patching truth.
         node_prf, edge_prf: per-trial precision / recall / F1 of the predicted circuit.
         published_auc: per-trial node AUC against the published head set, if the model has one.

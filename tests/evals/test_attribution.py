@@ -111,6 +111,7 @@ def test_codes_ranks_the_live_head_first(head_model):
     a = attribute(head_model, letters(20), "heads", "codes", prompts=10, progress=False,
                   codes_config=cfg)
     assert a.scores[2] == a.scores.max() and a.forward_passes > 0
+    assert a.backward_passes == 20  # relevance: one backward per training and scored prompt
 
 
 def test_exact_patching_matches_the_ground_truth(head_model):
