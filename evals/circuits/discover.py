@@ -18,14 +18,13 @@ import dataclasses
 import math
 import statistics
 import time
-import warnings
 from dataclasses import dataclass, field
 
 import torch
 from tqdm import tqdm
 
 from saelab.checks import Cost, check_device, check_field_types, check_memory, check_number, doc_field
-from saelab.errors import SaelabError, SaelabWarning
+from saelab.errors import SaelabError
 from saelab.models import HookedModel, load_model
 from saelab.tasks import (
     METRICS,
@@ -33,17 +32,16 @@ from saelab.tasks import (
     TaskTokens,
     capacity,
     check_capacity,
-    correct,
     default_metric,
     draw_distinct,
     generate,
-    last_logits,
     load_task_file,
     prompt_bytes,
     tokenize,
 )
 
 from . import published, scoring
+from .accuracy import warn_if_inaccurate
 from .codes import (
     POSITIONS,
     SAE_KINDS,
@@ -80,12 +78,6 @@ DEFAULT_TASK = "ioi"
 # tasks-4l-v2 removes only 64% of greater-than's and tasks-4l does induction at 0.675.
 CIRCUITS_MODEL = "zoo:tasks-4l-v3"
 TRUTH_SEED = 999_983  # ground-truth prompts: a seed no trial uses
-# Below this share of its own prompts done right (answer token above every wrong one), a task's
-# patching ground truth measures heads' effects on a behaviour the model mostly lacks: on
-# zoo:tasks-4l's induction (0.675) no head moved the metric by more than 0.07 and the circuit
-# lost two heads on another prompt seed. 0.8 (a wrong answer on at most one prompt in five)
-# sits between chance for IOI's two names (0.5) and the 0.95 the zoo's task models are held to.
-ACCURACY_FLOOR = 0.8
 
 
 @dataclass(frozen=True)
@@ -376,19 +368,6 @@ def _truth_tokens(cfg: DiscoverConfig, name: str, fixed: Task | None,
     rows = draw_distinct(fixed, capacity(fixed, False), TRUTH_SEED, counterfactuals=False)
     n = len(rows) // cfg.truth_sets
     return tok(fixed), [tok(rows.subset(range(i * n, (i + 1) * n))) for i in range(cfg.truth_sets)]
-
-
-@torch.no_grad()
-def warn_if_inaccurate(model: HookedModel, name: str, tokens: TaskTokens) -> float:
-    """The model's accuracy on `tokens` (a task's own prompts), with a one-line SaelabWarning
-    when it is below ACCURACY_FLOOR: that task's ground truth would be noise."""
-    last = last_logits(model.logits(tokens.pos.to(model.device)), tokens.pos_len).cpu()
-    acc = correct(last, tokens).float().mean().item()
-    if acc < ACCURACY_FLOOR:
-        warnings.warn(f"{model.spec} does task {name} right on only {acc:.0%} of {len(last)} of "
-                      f"its prompts (floor {ACCURACY_FLOOR:.0%}): its patching ground truth "
-                      "would be noise, not a circuit", SaelabWarning, stacklevel=2)
-    return acc
 
 
 def _training_rows(pos: torch.Tensor, cf: torch.Tensor, tok: TaskTokens, tr: slice,

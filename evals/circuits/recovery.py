@@ -26,6 +26,7 @@ from saelab.models import HookedModel
 from saelab.tasks import METRICS, Task, check_capacity, default_metric, draw_distinct, tokenize
 
 from . import scoring
+from .accuracy import warn_if_inaccurate
 from .attribution import DEFAULT_STEPS, METHODS, Attribution, attribute
 from .bases import Basis, HeadSite
 from .bases import basis as make_basis
@@ -118,6 +119,8 @@ def recover(model: HookedModel, task: str | Task, basis="heads", method: str = "
     held = tokenize(rows.subset(range(cfg.attr_prompts, split)), model.tokenizer,
                     model.context_length)
     kw: dict = {"ablation": cfg.node_ablation, "metric": metric, "progress": progress}
+    if method != "codes":  # discover warns on its own rows
+        warn_if_inaccurate(model, name, scored)
     if method == "codes":  # the scored rows and its SAE's, never the held-out ones
         seen = rows.subset([*range(cfg.attr_prompts), *range(split, split + train)])
         scores = attribute(model, seen, b, "codes", prompts=cfg.attr_prompts, seed=cfg.attr_seed,
