@@ -161,8 +161,9 @@ def _gradients(model: HookedModel, tokens: TaskTokens, basis: Basis, metric: str
         return fn
 
     replace = {s.hook: add(s) for s in basis.sites}
-    if embed is not None:
-        replace["hook_embed"] = embed
+    if embed is not None:  # a site at hook_embed splits the interpolated embedding
+        site_fn = replace.get("hook_embed")
+        replace["hook_embed"] = embed if site_fn is None else (lambda x: site_fn(embed(x)))
     with torch.enable_grad():
         logits = model.logits(tokens.pos.to(model.device), replace)
         m = task_metric(metric)(last_logits(logits, tokens.pos_len), tokens).sum()

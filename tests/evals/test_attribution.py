@@ -288,3 +288,15 @@ def test_codes_never_sees_the_faithfulness_prompts(head_model, monkeypatch):
             codes_config=DiscoverConfig(train_prompts=5, epochs=20))
     assert len(held) == 10 and len(seen) >= 20  # 5 + 5 held rows; 5 + 5 trial rows, the sample
     assert not seen & held
+
+
+def test_eap_ig_with_a_dictionary_at_the_embedding(head_model):
+    """A dictionary at hook_embed splits EAP-IG's interpolated embeddings (it used to crash).
+    Its latents and error node cover the whole input the path interpolates, so by IG's
+    completeness their scores sum to the runs' own metric drop (normalised: 1) as steps grow;
+    a tiny model's steep spots make the Riemann sum converge slowly (5 steps: 4.3, 100: 1.12)."""
+    d = head_model.model.cfg.d_model
+    sae = SAE(SAEConfig(d_in=d, n_latents=8, k=0, allocator="relu", hook="hook_embed")).eval()
+    few, many = (attribute(head_model, TASK, sae, "eap-ig", steps=s, progress=False).scores.sum()
+                 for s in (5, 100))
+    assert abs(many - 1) < 0.15 and abs(many - 1) < abs(few - 1)
