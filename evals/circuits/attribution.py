@@ -35,7 +35,7 @@ from saelab.tasks import metric as task_metric
 
 from .bases import Basis, Parts, Site
 from .bases import basis as make_basis
-from .patching import ABLATIONS, _masked_mean, _Runner
+from .patching import _masked_mean, _Runner, check_tokens
 
 METHODS = ("patching", "eap", "eap-ig", "codes")
 DEFAULT_STEPS = 5
@@ -73,17 +73,6 @@ class Attribution:
     def cost(self) -> dict:
         return {"forward_passes": self.forward_passes, "backward_passes": self.backward_passes,
                 "seconds": round(self.seconds, 3), "prompts": self.prompts}
-
-
-def check_tokens(tokens: TaskTokens, ablation: str) -> None:
-    """Equal lengths for counterfactual patching, a known ablation: one line before any work."""
-    if ablation not in ABLATIONS:
-        raise SaelabError(f"unknown ablation {ablation!r}; use {' or '.join(ABLATIONS)}")
-    if ablation == "counterfactual" and not torch.equal(tokens.pos_len, tokens.cf_len):
-        bad = int((tokens.pos_len != tokens.cf_len).nonzero()[0])
-        raise SaelabError(
-            f"prompt {bad} and its counterfactual differ in length ({int(tokens.pos_len[bad])} vs "
-            f"{int(tokens.cf_len[bad])} tokens); node patching needs equal lengths (or ablation='mean')")
 
 
 class Sources:
@@ -132,7 +121,8 @@ def exact(model: HookedModel, tokens: TaskTokens, basis: Basis, ablation: str = 
     """Patch every node alone; see the module docstring."""
     if len(basis) > max_nodes:
         raise SaelabError(f"exact patching of {len(basis)} nodes needs {len(basis)} forward passes "
-                          f"over the prompts, above max_nodes={max_nodes}; raise it or use eap-ig")
+                          f"over the prompts, above max_nodes (--max-patch-nodes) = {max_nodes}; "
+                          "raise it or use eap-ig")
     check_tokens(tokens, ablation)
     start, run = time.perf_counter(), _Runner(model, tokens, metric)
     src = Sources(run, basis, ablation)

@@ -33,8 +33,6 @@ from .bases import basis as make_basis
 from .faithfulness import faithfulness
 from .patching import ABLATIONS, _above_share
 
-ATTRIBUTION_METHODS = tuple(m for m in METHODS if m != "codes")
-
 
 @dataclass(frozen=True)
 class AttributionConfig:

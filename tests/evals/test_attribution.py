@@ -248,7 +248,7 @@ def test_bad_input_is_one_line(head_model):
     assert "heads only" in one_line(e)
     with pytest.raises(SaelabError) as e:
         attribute(head_model, tok, "neurons", "patching", max_nodes=10)
-    assert "max_nodes=10" in one_line(e)
+    assert "max_nodes (--max-patch-nodes) = 10" in one_line(e)
     with pytest.raises(SaelabError) as e:
         basis(head_model, "nowhere")
     assert "unknown basis 'nowhere'" in one_line(e)
