@@ -6,8 +6,8 @@ counterfactual (or mean) value, averaged over prompts and divided by the drop of
 counterfactual run.
 
 - patching: one batched forward pass per node (exact; `max_nodes` caps the cost).
-- eap (Syed et al.): -(a_cf - a_clean) . dm/da at the clean run; one clean pass that also
-  takes the backward, one counterfactual pass.
+- eap (Syed et al.): -(a_cf - a_clean) . dm/da at the clean run; a clean and a counterfactual
+  pass capture the activations, one more forward and backward pass takes the gradient.
 - eap-ig: the same with dm/da averaged over `steps` runs whose token embeddings
   (`hook_embed`) lie at alpha = k/steps, k = 1..steps, on the line from the counterfactual's
   to the clean prompt's (Hanna et al.'s EAP-IG-inputs; one set of runs serves every site).
