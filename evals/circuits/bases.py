@@ -182,7 +182,7 @@ def _in_order(model: HookedModel, saes: dict) -> list[tuple[str, object]]:
     return sorted(saes.items(), key=lambda kv: order[kv[0]])
 
 
-def check_not_transcoder(hook: str, sae) -> None:
+def check_not_transcoder(hook: str | None, sae) -> None:
     """One line for a transcoder: its latents rebuild another hook, so a node basis at `hook`
     would split one hook by another's reconstruction."""
     if sae.cfg.transcoder:
