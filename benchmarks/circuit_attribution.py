@@ -32,7 +32,9 @@ def run(args) -> list[dict]:
     rows = []
     for task in args.tasks:
         metric = default_metric(task)
-        drawn = draw_distinct(task, 2 * args.prompts, args.seed)
+        train = DiscoverConfig().train_prompts  # codes' SAE rows, after the held-out ones
+        drawn = draw_distinct(task, 2 * args.prompts + train, args.seed)
+        codes_rows = drawn.subset([*range(args.prompts), *range(2 * args.prompts, len(drawn))])
         scored = tokenize(drawn.subset(range(args.prompts)), model.tokenizer, model.context_length)
         held = tokenize(drawn.subset(range(args.prompts, 2 * args.prompts)), model.tokenizer,
                         model.context_length)
@@ -47,7 +49,7 @@ def run(args) -> list[dict]:
                         continue
                     start = time.perf_counter()
                     if m == "codes":
-                        a = attribute(model, task, b, "codes", prompts=args.prompts, seed=args.seed + r,
+                        a = attribute(model, codes_rows, b, "codes", prompts=args.prompts, seed=args.seed + r,
                                       progress=False, codes_config=DiscoverConfig())
                     else:
                         a = attribute(model, scored, b, m, metric=metric, max_nodes=10**6,

@@ -6,13 +6,14 @@ counterfactual (or mean) value, averaged over prompts and divided by the drop of
 counterfactual run.
 
 - patching: one batched forward pass per node (exact; `max_nodes` caps the cost).
-- eap (Syed et al.): -(a_cf - a_clean) . dm/da at the clean run; one clean pass that also
-  takes the backward, one counterfactual pass.
+- eap (Syed et al.): -(a_cf - a_clean) . dm/da at the clean run; a clean and a counterfactual
+  pass capture the activations, one more forward and backward pass takes the gradient.
 - eap-ig: the same with dm/da averaged over `steps` runs whose token embeddings
   (`hook_embed`) lie at alpha = k/steps, k = 1..steps, on the line from the counterfactual's
   to the clean prompt's (Hanna et al.'s EAP-IG-inputs; one set of runs serves every site).
-- codes: O'Neill & Bui's codes (`discover`, one trial; heads only): the count of codes unique
-  to positives, a ranking rather than an effect.
+- codes: O'Neill & Bui's shared SAE (`discover`, one trial; heads only) with its config's score,
+  by default relevance (each head's code change dotted with the metric's gradient): a ranking
+  rather than an effect.
 Activations are patched at every position, so a prompt and its counterfactual must have the
 same length (or use ablation="mean").
 Passes are counted per prompt, forward and backward separately.
@@ -34,7 +35,7 @@ from saelab.tasks import metric as task_metric
 
 from .bases import Basis, Parts, Site
 from .bases import basis as make_basis
-from .patching import ABLATIONS, _masked_mean, _Runner
+from .patching import _masked_mean, _Runner, check_tokens
 
 METHODS = ("patching", "eap", "eap-ig", "codes")
 DEFAULT_STEPS = 5
@@ -48,7 +49,7 @@ class Attribution:
     Fields:
         method, basis: what scored what.
         names: node names (heads "L.H", neurons "L.nI", latents "HOOK/I" and "HOOK/error").
-        scores: (N,) estimated normalised effect (codes: count of unique codes).
+        scores: (N,) estimated normalised effect (codes: discover's node score, a ranking).
         errors: (N,) bool, error nodes.
         forward_passes, backward_passes: per prompt.
         seconds: wall time.
@@ -72,17 +73,6 @@ class Attribution:
     def cost(self) -> dict:
         return {"forward_passes": self.forward_passes, "backward_passes": self.backward_passes,
                 "seconds": round(self.seconds, 3), "prompts": self.prompts}
-
-
-def check_tokens(tokens: TaskTokens, ablation: str) -> None:
-    """Equal lengths for counterfactual patching, a known ablation: one line before any work."""
-    if ablation not in ABLATIONS:
-        raise SaelabError(f"unknown ablation {ablation!r}; use {' or '.join(ABLATIONS)}")
-    if ablation == "counterfactual" and not torch.equal(tokens.pos_len, tokens.cf_len):
-        bad = int((tokens.pos_len != tokens.cf_len).nonzero()[0])
-        raise SaelabError(
-            f"prompt {bad} and its counterfactual differ in length ({int(tokens.pos_len[bad])} vs "
-            f"{int(tokens.cf_len[bad])} tokens); node patching needs equal lengths (or ablation='mean')")
 
 
 class Sources:
@@ -131,7 +121,8 @@ def exact(model: HookedModel, tokens: TaskTokens, basis: Basis, ablation: str = 
     """Patch every node alone; see the module docstring."""
     if len(basis) > max_nodes:
         raise SaelabError(f"exact patching of {len(basis)} nodes needs {len(basis)} forward passes "
-                          f"over the prompts, above max_nodes={max_nodes}; raise it or use eap-ig")
+                          f"over the prompts, above max_nodes (--max-patch-nodes) = {max_nodes}; "
+                          "raise it or use eap-ig")
     check_tokens(tokens, ablation)
     start, run = time.perf_counter(), _Runner(model, tokens, metric)
     src = Sources(run, basis, ablation)
@@ -160,8 +151,9 @@ def _gradients(model: HookedModel, tokens: TaskTokens, basis: Basis, metric: str
         return fn
 
     replace = {s.hook: add(s) for s in basis.sites}
-    if embed is not None:
-        replace["hook_embed"] = embed
+    if embed is not None:  # a site at hook_embed splits the interpolated embedding
+        site_fn = replace.get("hook_embed")
+        replace["hook_embed"] = embed if site_fn is None else (lambda x: site_fn(embed(x)))
     with torch.enable_grad():
         logits = model.logits(tokens.pos.to(model.device), replace)
         m = task_metric(metric)(last_logits(logits, tokens.pos_len), tokens).sum()
@@ -212,8 +204,8 @@ def gradient_scores(model: HookedModel, tokens: TaskTokens, basis: Basis, method
 
 def code_scores(model: HookedModel, task: str | Task, basis: Basis, prompts: int, seed: int,
                 progress: bool = True, config=None) -> Attribution:
-    """O'Neill & Bui's per-head counts from one `discover` trial (heads only) of `config` (a
-    DiscoverConfig; its SAE settings are used, with one trial of `prompts` held-out prompts)."""
+    """Per-head scores from one `discover` trial (heads only) of `config` (a DiscoverConfig; its
+    SAE settings and score, by default relevance, with one trial of `prompts` held-out prompts)."""
     from dataclasses import replace
 
     from .discover import DiscoverConfig, discover
@@ -230,7 +222,7 @@ def code_scores(model: HookedModel, task: str | Task, basis: Basis, prompts: int
     cfg = replace(config or DiscoverConfig(), trials=1, prompts=prompts, edges=False, seed=seed)
     res = discover(model, task, config=cfg, truth=truth, progress=progress)
     return Attribution("codes", "heads", basis.names, res.node_counts[0], basis.errors,
-                       res.passes[0], 0, res.seconds[0], prompts)
+                       res.passes[0], res.backward_passes[0], res.seconds[0], prompts)
 
 
 def attribute(model: HookedModel, task: str | Task | TaskTokens, basis="heads", method: str = "eap-ig",
@@ -241,8 +233,9 @@ def attribute(model: HookedModel, task: str | Task | TaskTokens, basis="heads", 
     """Score every node of `basis` ("heads", "neurons", a dictionary path, an SAE, {hook: SAE} or
     a `Basis`) on `task` (a name, a `Task`, or `TaskTokens`) with `method` (`METHODS`).
 
-    A task name draws `prompts` distinct rows with `seed`; codes draws its own (training and
-    held-out) rows from the task, its SAE set by `codes_config` (a DiscoverConfig)."""
+    A task name draws `prompts` distinct rows with `seed`; codes draws its SAE's training rows
+    and `prompts` scored rows from the task (from a `Task`'s rows alone), its SAE set by
+    `codes_config` (a DiscoverConfig)."""
     from saelab.tasks import draw_distinct
 
     if method not in METHODS:

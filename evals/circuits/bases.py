@@ -182,12 +182,18 @@ def _in_order(model: HookedModel, saes: dict) -> list[tuple[str, object]]:
     return sorted(saes.items(), key=lambda kv: order[kv[0]])
 
 
-def dictionary_site(model: HookedModel, hook: str, sae) -> DictionarySite:
-    """A dictionary's site, refused in one line when it does not fit the model."""
-    if sae.cfg.transcoder:  # its latents rebuild another hook: a node basis here splits one hook
+def check_not_transcoder(hook: str | None, sae) -> None:
+    """One line for a transcoder: its latents rebuild another hook, so a node basis at `hook`
+    would split one hook by another's reconstruction."""
+    if sae.cfg.transcoder:
         raise SaelabError(f"the dictionary at {hook} is a transcoder ({hook} -> "
                           f"{sae.cfg.target_hook}); circuit bases take SAEs, which rebuild the "
                           "hook they read")
+
+
+def dictionary_site(model: HookedModel, hook: str, sae) -> DictionarySite:
+    """A dictionary's site, refused in one line when it does not fit the model."""
+    check_not_transcoder(hook, sae)
     model.check_hooks([hook])
     model.check_dictionary(sae, hook)
     width = model.hook_dims([hook])[hook]

@@ -18,14 +18,13 @@ import dataclasses
 import math
 import statistics
 import time
-import warnings
 from dataclasses import dataclass, field
 
 import torch
 from tqdm import tqdm
 
 from saelab.checks import Cost, check_device, check_field_types, check_memory, check_number, doc_field
-from saelab.errors import SaelabError, SaelabWarning
+from saelab.errors import SaelabError
 from saelab.models import HookedModel, load_model
 from saelab.tasks import (
     METRICS,
@@ -33,17 +32,16 @@ from saelab.tasks import (
     TaskTokens,
     capacity,
     check_capacity,
-    correct,
     default_metric,
     draw_distinct,
     generate,
-    last_logits,
     load_task_file,
     prompt_bytes,
     tokenize,
 )
 
 from . import published, scoring
+from .accuracy import warn_if_inaccurate
 from .codes import (
     POSITIONS,
     SAE_KINDS,
@@ -80,12 +78,6 @@ DEFAULT_TASK = "ioi"
 # tasks-4l-v2 removes only 64% of greater-than's and tasks-4l does induction at 0.675.
 CIRCUITS_MODEL = "zoo:tasks-4l-v3"
 TRUTH_SEED = 999_983  # ground-truth prompts: a seed no trial uses
-# Below this share of its own prompts done right (answer token above every wrong one), a task's
-# patching ground truth measures heads' effects on a behaviour the model mostly lacks: on
-# zoo:tasks-4l's induction (0.675) no head moved the metric by more than 0.07 and the circuit
-# lost two heads on another prompt seed. 0.8 (a wrong answer on at most one prompt in five)
-# sits between chance for IOI's two names (0.5) and the 0.95 the zoo's task models are held to.
-ACCURACY_FLOOR = 0.8
 
 
 @dataclass(frozen=True)
@@ -207,8 +199,11 @@ class CircuitResult:
         model, task: what was evaluated.
         config: the DiscoverConfig.
         truth: the patching ground truth.
-        node_counts: (trials, L*H) codes unique to positives per head.
-        edge_counts: (trials, L*H, L*H) code pairs unique to positives per edge (NaN: no edge).
+        node_counts: (trials, L*H) per-head scores of `config.score` (unique: codes unique to
+            positives; change, relevance: the codes' change, the default relevance weighted by
+            the metric's gradient).
+        edge_counts: (trials, L*H, L*H) per-edge scores (unique: code pairs unique to positives;
+            otherwise the product of the two heads' scores; NaN: no edge).
         node_auc, edge_auc: per-trial ROC AUC against the patching truth.
         node_prf, edge_prf: per-trial precision / recall / F1 of the predicted circuit.
         published_auc: per-trial node AUC against the published head set, if the model has one.
@@ -375,19 +370,6 @@ def _truth_tokens(cfg: DiscoverConfig, name: str, fixed: Task | None,
     return tok(fixed), [tok(rows.subset(range(i * n, (i + 1) * n))) for i in range(cfg.truth_sets)]
 
 
-@torch.no_grad()
-def warn_if_inaccurate(model: HookedModel, name: str, tokens: TaskTokens) -> float:
-    """The model's accuracy on `tokens` (a task's own prompts), with a one-line SaelabWarning
-    when it is below ACCURACY_FLOOR: that task's ground truth would be noise."""
-    last = last_logits(model.logits(tokens.pos.to(model.device)), tokens.pos_len).cpu()
-    acc = correct(last, tokens).float().mean().item()
-    if acc < ACCURACY_FLOOR:
-        warnings.warn(f"{model.spec} does task {name} right on only {acc:.0%} of {len(last)} of "
-                      f"its prompts (floor {ACCURACY_FLOOR:.0%}): its patching ground truth "
-                      "would be noise, not a circuit", SaelabWarning, stacklevel=2)
-    return acc
-
-
 def _training_rows(pos: torch.Tensor, cf: torch.Tensor, tok: TaskTokens, tr: slice,
                    position: str) -> torch.Tensor:
     """(rows, d) the shared SAE trains on: every head's output on the training prompts and
@@ -397,6 +379,17 @@ def _training_rows(pos: torch.Tensor, cf: torch.Tensor, tok: TaskTokens, tr: sli
     rows = [a[mask.bool()] for a, mask in ((pos, real_mask(tok.pos[tr], tok.pos_len[tr])),
                                            (cf, real_mask(tok.cf[tr], tok.cf_len[tr])))]
     return torch.cat(rows).reshape(-1, pos.shape[-1])
+
+
+def _check_equal_lengths(tok: TaskTokens) -> None:
+    """Position all compares each prompt with its counterfactual position by position: one line,
+    before any work, for a pair whose lengths differ."""
+    if not torch.equal(tok.pos_len, tok.cf_len):
+        bad = int((tok.pos_len != tok.cf_len).nonzero()[0])
+        raise SaelabError(
+            f"a prompt and its counterfactual differ in length ({int(tok.pos_len[bad])} vs "
+            f"{int(tok.cf_len[bad])} tokens) and position all compares them token by token; use "
+            "--score unique --position last, or prompts and counterfactuals of equal length")
 
 
 def _trial_task(name: str, fixed: Task | None, n: int, trial: int, seed: int) -> Task:
@@ -419,6 +412,11 @@ def discover(model: str | HookedModel, task: str | Task = DEFAULT_TASK, *, task_
     longest = sample_tokens.pos.shape[1]
     check_prompt_memory(cfg, name, fixed, m, longest, truth=truth is None)
     warn_if_inaccurate(m, name, sample_tokens)
+    trial_tokens = [tokenize(_trial_task(name, fixed, need, trial, cfg.seed), m.tokenizer,
+                             m.context_length) for trial in range(cfg.trials)]
+    if cfg.at == "all":
+        for tok in trial_tokens:
+            _check_equal_lengths(tok)
     if truth is None:
         truth = ground_truth_sets(m, *_truth_tokens(cfg, name, fixed, m), ablation=cfg.ablation,
                                   edges=cfg.edges, metric=cfg.metric or default_metric(name),
@@ -434,7 +432,7 @@ def discover(model: str | HookedModel, task: str | Task = DEFAULT_TASK, *, task_
     nodes, edges = [], []
     for trial in tqdm(range(cfg.trials), desc=f"circuits {name}", disable=not progress):
         start = time.perf_counter()
-        tok = tokenize(_trial_task(name, fixed, need, trial, cfg.seed), m.tokenizer, m.context_length)
+        tok = trial_tokens[trial]
         grads = None
         if cfg.score == "relevance":
             out_pos, grads = outputs_and_gradients(m, tok, metric, n_layers, n_heads, cfg.at)

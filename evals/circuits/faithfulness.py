@@ -28,9 +28,9 @@ from saelab.errors import SaelabError
 from saelab.models import HookedModel
 from saelab.tasks import TaskTokens
 
-from .attribution import Sources, check_tokens, patch_mask
+from .attribution import Sources, patch_mask
 from .bases import Basis
-from .patching import _Runner
+from .patching import _Runner, check_tokens
 
 FRACTIONS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 COUNTS = (1, 2, 3, 5, 10, 20, 50)

@@ -40,6 +40,17 @@ from saelab.tasks import METRICS, TaskTokens, last_logits
 from saelab.tasks import metric as task_metric
 
 ABLATIONS = ("counterfactual", "mean")
+
+
+def check_tokens(tokens: TaskTokens, ablation: str) -> None:
+    """Equal lengths for counterfactual patching, a known ablation: one line before any work."""
+    if ablation not in ABLATIONS:
+        raise SaelabError(f"unknown ablation {ablation!r}; use {' or '.join(ABLATIONS)}")
+    if ablation == "counterfactual" and not torch.equal(tokens.pos_len, tokens.cf_len):
+        bad = int((tokens.pos_len != tokens.cf_len).nonzero()[0])
+        raise SaelabError(
+            f"prompt {bad} and its counterfactual differ in length ({int(tokens.pos_len[bad])} vs "
+            f"{int(tokens.cf_len[bad])} tokens); patching needs equal lengths (or ablation='mean')")
 STABLE_JACCARD = 0.8  # issue 24: the same circuit, or Jaccard >= 0.8, on disjoint prompt sets
 
 
@@ -250,18 +261,11 @@ def ground_truth(model: HookedModel, tokens: TaskTokens, *, ablation: str = "cou
                  edges: bool = True, share: float | None = None, metric: str = "logit-diff",
                  progress: bool = True) -> GroundTruth:
     """Patch every head (and, with `edges`, every head-to-head direct path); see module doc."""
-    if ablation not in ABLATIONS:
-        raise SaelabError(f"unknown ablation {ablation!r}; use counterfactual or mean")
+    check_tokens(tokens, ablation)
     if metric not in METRICS:
         raise SaelabError(f"unknown task metric {metric!r}; use {' or '.join(METRICS)}")
     if share is not None and not 0 < share < 1:
         raise SaelabError(f"share must be in (0, 1), got {share}")
-    if ablation == "counterfactual" and not torch.equal(tokens.pos_len, tokens.cf_len):
-        bad = int((tokens.pos_len != tokens.cf_len).nonzero()[0])
-        raise SaelabError(
-            f"prompt {bad} and its counterfactual differ in length ({int(tokens.pos_len[bad])} vs "
-            f"{int(tokens.cf_len[bad])} tokens); patching needs equal lengths (or ablation='mean')"
-        )
     n_layers, n_heads = head_shape(model)
     d_head = model.model.cfg.d_head
     d_model = model.model.cfg.d_model

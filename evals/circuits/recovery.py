@@ -2,7 +2,9 @@
 
 `recover(model, task, basis, method, config)`:
 1. draws `attr_prompts + faith_prompts` distinct task rows (seed `seed`) and splits them: the
-   first part is scored, the second is held out for faithfulness;
+   first part is scored, the second is held out for faithfulness (codes: `train_prompts` more
+   rows after those for its SAE, and `discover` draws from the scored and those rows alone, so
+   no method sees a held-out text);
 2. scores every node with `method` (`attribution.attribute`) on the scored prompts;
 3. patches every node exactly on the same prompts (when the basis has at most
    `max_patch_nodes` nodes): the ground truth. Agreement: Pearson correlation of the method's
@@ -24,13 +26,12 @@ from saelab.models import HookedModel
 from saelab.tasks import METRICS, Task, check_capacity, default_metric, draw_distinct, tokenize
 
 from . import scoring
+from .accuracy import warn_if_inaccurate
 from .attribution import DEFAULT_STEPS, METHODS, Attribution, attribute
 from .bases import Basis, HeadSite
 from .bases import basis as make_basis
 from .faithfulness import faithfulness
 from .patching import ABLATIONS, _above_share
-
-ATTRIBUTION_METHODS = tuple(m for m in METHODS if m != "codes")
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,12 @@ def pearson(a: torch.Tensor, b: torch.Tensor) -> float | None:
     return float(torch.corrcoef(torch.stack([a, b]))[0, 1])
 
 
+def _codes_train_prompts(codes_config) -> int:
+    from .discover import DiscoverConfig  # discover imports this module
+
+    return (codes_config or DiscoverConfig()).train_prompts
+
+
 def recover(model: HookedModel, task: str | Task, basis="heads", method: str = "eap-ig",
             config: AttributionConfig | None = None, progress: bool = True,
             truth: bool = True, codes_config=None) -> dict:
@@ -97,17 +104,24 @@ def recover(model: HookedModel, task: str | Task, basis="heads", method: str = "
         check_method(method, basis)
     name = task if isinstance(task, str) else task.name
     metric = cfg.attr_metric or default_metric(name)
-    check_capacity(task, cfg.attr_prompts + cfg.faith_prompts,
-                   f"attr_prompts + faith_prompts = {cfg.attr_prompts} + {cfg.faith_prompts}")
+    train = _codes_train_prompts(codes_config) if method == "codes" else 0
+    split = cfg.attr_prompts + cfg.faith_prompts
+    sizes = f"{cfg.attr_prompts} + {cfg.faith_prompts}"
+    check_capacity(task, split + train,
+                   f"attr_prompts + faith_prompts + train_prompts = {sizes} + {train}" if train
+                   else f"attr_prompts + faith_prompts = {sizes}")
     b = basis if isinstance(basis, Basis) else make_basis(model, basis)
     check_method(method, "heads" if all(isinstance(s, HeadSite) for s in b.sites) else b.name)
-    rows = draw_distinct(task, cfg.attr_prompts + cfg.faith_prompts, cfg.attr_seed)
+    rows = draw_distinct(task, split + train, cfg.attr_seed)
     scored = tokenize(rows.subset(range(cfg.attr_prompts)), model.tokenizer, model.context_length)
-    held = tokenize(rows.subset(range(cfg.attr_prompts, len(rows))), model.tokenizer,
+    held = tokenize(rows.subset(range(cfg.attr_prompts, split)), model.tokenizer,
                     model.context_length)
     kw: dict = {"ablation": cfg.node_ablation, "metric": metric, "progress": progress}
-    if method == "codes":
-        scores = attribute(model, task, b, "codes", prompts=cfg.attr_prompts, seed=cfg.attr_seed,
+    if method != "codes":  # discover warns on its own rows
+        warn_if_inaccurate(model, name, scored)
+    if method == "codes":  # the scored rows and its SAE's, never the held-out ones
+        seen = rows.subset([*range(cfg.attr_prompts), *range(split, split + train)])
+        scores = attribute(model, seen, b, "codes", prompts=cfg.attr_prompts, seed=cfg.attr_seed,
                            progress=progress, codes_config=codes_config)
     else:
         scores = attribute(model, scored, b, method, steps=cfg.ig_steps,

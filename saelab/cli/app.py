@@ -156,15 +156,18 @@ def eval_cmd(dictionary: Path, **flags) -> None:
     own = cfg.out is None or _same_dir(target, dictionary)  # the dictionary's report is its own to replace
     check_output_dir(target, cfg.overwrite or own)
     probed = _probes(dictionary, cfg) if cfg.probes else None  # first: data that is not Python fails before the eval's pass
+    circuit_sae = _circuit_dictionary(dictionary, cfg) if cfg.task is not None else None  # likewise
     report = evaluate(str(dictionary), **cfg.settings())
-    if cfg.task is not None:
-        report["circuit"] = _dictionary_circuit(dictionary, report, cfg)
-    paths = write_report(report, target)
-    typer.echo(format_summary(report))
+    paths = write_report(report, target)  # on disk before the circuit part can fail
     if probed is not None:
         from saelab.evals.probes import format_probes_summary, write_probes_report
 
         paths += write_probes_report(probed, target)
+    if circuit_sae is not None:
+        report["circuit"] = _dictionary_circuit(circuit_sae, report, cfg)
+        write_report(report, target)
+    typer.echo(format_summary(report))
+    if probed is not None:
         typer.echo(format_probes_summary(probed))
     typer.echo(f"wrote {', '.join(p.name for p in paths)} -> {target}")
 
@@ -176,15 +179,25 @@ def _probes(dictionary: Path, cfg: EvalConfig) -> dict:
     return probes(str(dictionary), tokens=cfg.probe_tokens, labels=cfg.probe_labels, **settings)
 
 
-def _dictionary_circuit(dictionary: Path, report: dict, cfg: EvalConfig) -> dict:
+def _circuit_dictionary(dictionary: Path, cfg: EvalConfig):
+    """The dictionary `saelab eval --task` builds circuits of, refused in one line (a run
+    directory, a transcoder) before the eval's pass."""
+    from saelab.evals.circuits.bases import check_not_transcoder
+    from saelab.formats import load_one
+
+    sae = load_one(dictionary, cfg.device)
+    check_not_transcoder(sae.cfg.hook, sae)
+    return sae
+
+
+def _dictionary_circuit(sae, report: dict, cfg: EvalConfig) -> dict:
     """`saelab eval --task`: the dictionary's circuit faithfulness in the model it was evaluated in."""
     from saelab.evals.circuits.recovery import dictionary_circuit
-    from saelab.formats import load_one
     from saelab.models import load_model
 
     model = load_model(report["model"], cfg.device, processing=report["processing"])
     assert cfg.task is not None
-    return dictionary_circuit(model, load_one(dictionary, cfg.device), cfg.task)
+    return dictionary_circuit(model, sae, cfg.task)
 
 
 app.command("eval")(with_options(eval_cmd, [

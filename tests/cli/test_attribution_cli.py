@@ -98,3 +98,36 @@ def test_eval_with_task_adds_circuit_faithfulness(tmp_path, monkeypatch, capsys)
     code, cap = run_cli(["eval", str(sae_dir), "--task", "iou", "--out", str(tmp_path / "x")],
                         monkeypatch, capsys)
     assert code == 2 and "unknown task 'iou'" in cap.err and not (tmp_path / "x").exists()
+
+
+def test_eval_task_refuses_a_transcoder_before_the_eval(tmp_path, monkeypatch, capsys):
+    cfg = SAEConfig(d_in=128, n_latents=32, k=4, hook="blocks.2.hook_resid_mid",
+                    target_hook="blocks.2.hook_resid_post", model="zoo:tasks-4l-v2")
+    sae_dir = SAE(cfg).save(tmp_path / "tc")
+    out = tmp_path / "e"
+    code, cap = run_cli(["eval", str(sae_dir), "--task", "ioi", "--tokens", "256", "--out", str(out)],
+                        monkeypatch, capsys)
+    assert code == 2 and cap.err.strip().count("\n") == 0 and "is a transcoder" in cap.err
+    assert not out.exists()
+
+
+def test_eval_keeps_its_report_when_the_circuit_part_fails(tmp_path, monkeypatch, capsys):
+    import importlib
+
+    from saelab.errors import SaelabError
+
+    recovery = importlib.import_module("saelab.evals.circuits.recovery")
+
+    def fail(*args, **kw):
+        raise SaelabError("the circuit part failed")
+
+    monkeypatch.setattr(recovery, "dictionary_circuit", fail)
+    cfg = SAEConfig(d_in=128, n_latents=32, k=4, hook="blocks.2.hook_resid_post",
+                    model="zoo:tasks-4l-v2")
+    sae_dir = SAE(cfg).save(tmp_path / "sae")
+    out = tmp_path / "e"
+    code, cap = run_cli(["eval", str(sae_dir), "--task", "ioi", "--tokens", "256", "--out", str(out)],
+                        monkeypatch, capsys)
+    assert code == 2 and "the circuit part failed" in cap.err
+    report = json.loads((out / "eval.json").read_text())
+    assert "circuit" not in report and report["model"] == "zoo:tasks-4l-v2"

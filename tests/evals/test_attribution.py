@@ -16,7 +16,7 @@ import pytest
 import torch
 from test_circuits_patching import TASK, tiny_model
 
-from saelab.errors import SaelabError
+from saelab.errors import SaelabError, SaelabWarning
 from saelab.evals.circuits.attribution import attribute, exact
 from saelab.evals.circuits.bases import basis
 from saelab.evals.circuits.discover import DiscoverConfig
@@ -111,6 +111,7 @@ def test_codes_ranks_the_live_head_first(head_model):
     a = attribute(head_model, letters(20), "heads", "codes", prompts=10, progress=False,
                   codes_config=cfg)
     assert a.scores[2] == a.scores.max() and a.forward_passes > 0
+    assert a.backward_passes == 20  # relevance: one backward per training and scored prompt
 
 
 def test_exact_patching_matches_the_ground_truth(head_model):
@@ -196,8 +197,9 @@ def test_sizes_and_trapezoid():
 
 
 def test_recover_report(head_model):
-    r = recover(head_model, letters(), "heads", "eap-ig", AttributionConfig(attr_prompts=5, faith_prompts=5),
-                progress=False)
+    with pytest.warns(SaelabWarning, match=r"right on only 0% of 5 .*floor 80%"):  # the tiny model
+        r = recover(head_model, letters(), "heads", "eap-ig",
+                    AttributionConfig(attr_prompts=5, faith_prompts=5), progress=False)
     assert r["node_roc_auc"] == 1.0 and r["pearson"] > 0.99
     assert r["truth"]["circuit"] == ["1.0"] and r["nodes_to_08"] == 1
     assert r["cost"]["forward_passes"] == 5 * (2 + 1 + 5) and r["cost"]["backward_passes"] == 5 * 5
@@ -246,10 +248,55 @@ def test_bad_input_is_one_line(head_model):
     assert "heads only" in one_line(e)
     with pytest.raises(SaelabError) as e:
         attribute(head_model, tok, "neurons", "patching", max_nodes=10)
-    assert "max_nodes=10" in one_line(e)
+    assert "max_nodes (--max-patch-nodes) = 10" in one_line(e)
     with pytest.raises(SaelabError) as e:
         basis(head_model, "nowhere")
     assert "unknown basis 'nowhere'" in one_line(e)
     with pytest.raises(SaelabError) as e:
         AttributionConfig(node_ablation="zero")
     assert "unknown node ablation 'zero'" in one_line(e)
+
+
+def test_codes_never_sees_the_faithfulness_prompts(head_model, monkeypatch):
+    """Every token sequence the codes method's discover run tokenizes (SAE training and scored
+    rows) is absent from the held-out prompts faithfulness is measured on."""
+    import importlib
+
+    disc = importlib.import_module("saelab.evals.circuits.discover")
+    recovery = importlib.import_module("saelab.evals.circuits.recovery")
+
+    def texts(tok) -> set[tuple[int, ...]]:
+        return {tuple(ids[:n].tolist()) for seqs, lens in ((tok.pos, tok.pos_len), (tok.cf, tok.cf_len))
+                for ids, n in zip(seqs, lens, strict=True)}
+
+    seen: set = set()
+    held: set = set()
+
+    def spy_tokenize(*args, **kw):
+        tok = tokenize(*args, **kw)
+        seen.update(texts(tok))
+        return tok
+
+    def spy_faithfulness(model, tok, *args, **kw):
+        held.update(texts(tok))
+        return faithfulness(model, tok, *args, **kw)
+
+    monkeypatch.setattr(disc, "tokenize", spy_tokenize)
+    monkeypatch.setattr(recovery, "faithfulness", spy_faithfulness)
+    recover(head_model, letters(20), "heads", "codes",
+            AttributionConfig(attr_prompts=5, faith_prompts=5, completeness=False), progress=False,
+            codes_config=DiscoverConfig(train_prompts=5, epochs=20))
+    assert len(held) == 10 and len(seen) >= 20  # 5 + 5 held rows; 5 + 5 trial rows, the sample
+    assert not seen & held
+
+
+def test_eap_ig_with_a_dictionary_at_the_embedding(head_model):
+    """A dictionary at hook_embed splits EAP-IG's interpolated embeddings (it used to crash).
+    Its latents and error node cover the whole input the path interpolates, so by IG's
+    completeness their scores sum to the runs' own metric drop (normalised: 1) as steps grow;
+    a tiny model's steep spots make the Riemann sum converge slowly (5 steps: 4.3, 100: 1.12)."""
+    d = head_model.model.cfg.d_model
+    sae = SAE(SAEConfig(d_in=d, n_latents=8, k=0, allocator="relu", hook="hook_embed")).eval()
+    few, many = (attribute(head_model, TASK, sae, "eap-ig", steps=s, progress=False).scores.sum()
+                 for s in (5, 100))
+    assert abs(many - 1) < 0.15 and abs(many - 1) < abs(few - 1)

@@ -10,7 +10,7 @@ from test_end_to_end import run_cli
 
 from saelab import tasks
 from saelab.errors import SaelabWarning
-from saelab.evals.circuits.discover import ACCURACY_FLOOR, warn_if_inaccurate
+from saelab.evals.circuits.accuracy import ACCURACY_FLOOR, warn_if_inaccurate
 from saelab.models import load_model
 from saelab.zoo import model_dir
 

@@ -329,3 +329,26 @@ def test_score_and_position_must_fit():
             DiscoverConfig(score=score, position=position)
     with pytest.raises(SaelabError, match="unknown score 'best'"):
         DiscoverConfig(score="best")
+
+
+def test_position_all_refuses_unequal_lengths_before_the_ground_truth(tmp_path, monkeypatch):
+    import importlib
+
+    model = tiny_model(tmp_path / "m", live={(0, 1), (1, 0)}, seed=1)
+    longer = Task("long", tuple(PROMPTS), tuple(c + "d" for c in COUNTERFACTUALS),
+                  (("e",),) * len(PROMPTS), (("f",),) * len(PROMPTS))
+    disc = importlib.import_module("saelab.evals.circuits.discover")
+
+    def no_truth(*args, **kw):
+        raise AssertionError("the ground truth ran")
+
+    monkeypatch.setattr(disc, "ground_truth_sets", no_truth)
+    cfg = DiscoverConfig(train_prompts=3, prompts=4, trials=1, ablation="mean")  # relevance, all
+    with pytest.raises(SaelabError) as e:
+        discover(model, longer, config=cfg, progress=False)
+    msg = str(e.value)
+    assert "\n" not in msg and "differ in length" in msg and "--score unique --position last" in msg
+    unique = DiscoverConfig(train_prompts=3, prompts=4, trials=1, ablation="mean", score="unique",
+                            n_latents=8, epochs=5, truth_sets=1, edges=False)
+    monkeypatch.undo()
+    assert discover(model, longer, config=unique, progress=False).node_counts.shape == (1, 4)
