@@ -96,3 +96,18 @@ def test_ci_runs_the_readmes_test_command():
     ran = [line.split("#")[0].strip() for line in main_venv.splitlines()]
     ran = [r.replace("pytest -q", "pytest") for r in ran if r]
     assert ran[: len(steps)] == steps, (steps, ran)
+
+
+def test_every_subpackage_is_installed():
+    """A folder of modules missing from pyproject's package list installs without it, and the
+    installed `saelab` then fails to import (the checkout's tests would not notice)."""
+    import tomllib
+
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    roots = {Path(folder): name for name, folder in setuptools["package-dir"].items()}
+    found = set()
+    for folder, name in roots.items():
+        for init in (ROOT / folder).rglob("__init__.py"):
+            rel = init.parent.relative_to(ROOT / folder).parts
+            found.add(".".join((name, *rel)))
+    assert found <= set(setuptools["packages"]), sorted(found - set(setuptools["packages"]))
