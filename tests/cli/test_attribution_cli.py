@@ -81,13 +81,20 @@ def test_circuits_cli_bad_input(model_and_task, tmp_path, monkeypatch, capsys):
         assert not out.exists()
 
 
-def test_eval_with_task_adds_circuit_faithfulness(tmp_path, monkeypatch, capsys):
-    cfg = SAEConfig(d_in=128, n_latents=32, k=4, hook="blocks.2.hook_resid_post",
-                    model="zoo:tasks-4l-v2")
-    sae_dir = SAE(cfg).save(tmp_path / "sae")
-    out = tmp_path / "e"
+def eval_with_task(tmp_path, out, monkeypatch, capsys, **hooks):
+    """`saelab eval --task ioi` on a fresh dictionary of zoo:tasks-4l-v2 (an SAE at blocks.2's
+    residual unless `hooks` say otherwise): its directory, exit code and captured output."""
+    fields = {"hook": "blocks.2.hook_resid_post"} | hooks
+    sae_dir = SAE(SAEConfig(d_in=128, n_latents=32, k=4, model="zoo:tasks-4l-v2", **fields)).save(
+        tmp_path / "dictionary")
     code, cap = run_cli(["eval", str(sae_dir), "--task", "ioi", "--tokens", "256", "--out", str(out)],
                         monkeypatch, capsys)
+    return sae_dir, code, cap
+
+
+def test_eval_with_task_adds_circuit_faithfulness(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "e"
+    sae_dir, code, cap = eval_with_task(tmp_path, out, monkeypatch, capsys)
     assert code == 0, cap.err
     c = json.loads((out / "eval.json").read_text())["circuit"]
     assert c["task"] == "ioi" and c["nodes"] == 33 and c["method"] == "eap-ig"
@@ -101,12 +108,9 @@ def test_eval_with_task_adds_circuit_faithfulness(tmp_path, monkeypatch, capsys)
 
 
 def test_eval_task_refuses_a_transcoder_before_the_eval(tmp_path, monkeypatch, capsys):
-    cfg = SAEConfig(d_in=128, n_latents=32, k=4, hook="blocks.2.hook_resid_mid",
-                    target_hook="blocks.2.hook_resid_post", model="zoo:tasks-4l-v2")
-    sae_dir = SAE(cfg).save(tmp_path / "tc")
     out = tmp_path / "e"
-    code, cap = run_cli(["eval", str(sae_dir), "--task", "ioi", "--tokens", "256", "--out", str(out)],
-                        monkeypatch, capsys)
+    _, code, cap = eval_with_task(tmp_path, out, monkeypatch, capsys, hook="blocks.2.hook_resid_mid",
+                                  target_hook="blocks.2.hook_resid_post")
     assert code == 2 and cap.err.strip().count("\n") == 0 and "is a transcoder" in cap.err
     assert not out.exists()
 
@@ -122,12 +126,8 @@ def test_eval_keeps_its_report_when_the_circuit_part_fails(tmp_path, monkeypatch
         raise SaelabError("the circuit part failed")
 
     monkeypatch.setattr(recovery, "dictionary_circuit", fail)
-    cfg = SAEConfig(d_in=128, n_latents=32, k=4, hook="blocks.2.hook_resid_post",
-                    model="zoo:tasks-4l-v2")
-    sae_dir = SAE(cfg).save(tmp_path / "sae")
     out = tmp_path / "e"
-    code, cap = run_cli(["eval", str(sae_dir), "--task", "ioi", "--tokens", "256", "--out", str(out)],
-                        monkeypatch, capsys)
+    _, code, cap = eval_with_task(tmp_path, out, monkeypatch, capsys)
     assert code == 2 and "the circuit part failed" in cap.err
     report = json.loads((out / "eval.json").read_text())
     assert "circuit" not in report and report["model"] == "zoo:tasks-4l-v2"
