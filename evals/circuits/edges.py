@@ -215,7 +215,8 @@ def edge_scores(model: HookedModel, tokens: TaskTokens, method: str = "eap", met
             run.passes += len(tokens)  # the counterfactual embeddings
     delta = _vectors(cf, senders, n_heads) - _vectors(clean, senders, n_heads)  # (P, T, S, d)
     grad = _vectors({h: g.cpu() for h, g in grads.items()}, receivers, n_heads)  # (P, T, R, d)
-    scores = -torch.einsum("ptsd,ptrd->sr", delta.double(), grad.double()).float() / (len(tokens) * total)
+    scores = -torch.einsum("ptsd,ptrd->sr", delta.double(), grad.double()) / (len(tokens) * total)
+    scores = scores.to(delta.dtype)
     feeds = torch.tensor([[s.time < r.time for r in receivers] for s in senders])
     scores[~feeds] = float("nan")
     return EdgeAttribution(method, [n.name for n in senders], [n.name for n in receivers], scores,

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from saelab.browse import build_site
+from saelab.browse import build_site, top_contexts
 from saelab.browse.card import circuit_marks
 from saelab.cli.app import main
 from saelab.models import load_model
@@ -73,6 +73,14 @@ def test_site_marks_and_links_circuit_latents(evaluated, tmp_path):
     note = re.search(r'class="circuitnote">.*?<a href="([^"]+)">', index)
     assert "1 of these latents" in note[0]
     assert Path(os.path.normpath(site / note[1])) == (path / "eval.md").resolve()
+
+
+def test_notebook_card_links_the_report(evaluated):
+    path, report = evaluated
+    name, score = report["circuit"]["circuit_nodes"][0]
+    card = top_contexts(path, int(name.rsplit("/", 1)[1]), tokens=1024, progress=False)
+    assert (card.circuit.rank, card.circuit.score, card.circuit.task) == (1, score, "ioi")
+    assert f'href="{(path / "eval.md").resolve()}"' in card._repr_html_()
 
 
 def test_marks_ignore_a_stale_or_missing_report(evaluated, tmp_path):
