@@ -124,7 +124,18 @@ def _circuit_rows(c: dict) -> list[tuple[str, str, str]]:
     return [("CPR", _fmt(c["cpr"]), f"area under faithfulness against fraction kept; {where}"),
             ("CMD", _fmt(c["cmd"]), "area under |1 - faithfulness| (lower is better)"),
             ("nodes to f >= 0.8", _fmt(c["nodes_to_08"]),
-             f"of {c['nodes']:,} (latents and one error node)")]
+             f"of {c['nodes']:,} (latents and one error node)")] + _circuit_members(c)
+
+
+def _circuit_members(c: dict, shown: int = 20) -> list[tuple[str, str, str]]:
+    """The nodes of the smallest circuit with f >= 0.8, largest |score| first (the browser
+    marks these latents and links here)."""
+    nodes = c.get("circuit_nodes") or []
+    if not nodes:
+        return []
+    names = ", ".join(f"{n.rsplit('/', 1)[-1]} ({s:+.3f})" for n, s in nodes[:shown])
+    more = f", ... {len(nodes) - shown} more" if len(nodes) > shown else ""
+    return [("its nodes", names + more, "latent ids (or error) with their scores, largest |score| first")]
 
 
 def write_report(report: dict, out_dir: str | Path) -> list[Path]:

@@ -177,4 +177,15 @@ def dictionary_circuit(model: HookedModel, sae, task: str, method: str = "eap-ig
             "fraction_to_08": f["fraction_to_08"], "sizes": f["sizes"],
             "faithfulness": f["faithfulness"], "completeness": f["completeness"],
             "error_nodes_kept": f["error_nodes_kept"], "prompts": f["prompts"],
-            "ablation": f["ablation"], "cost": r["cost"]}
+            "ablation": f["ablation"], "cost": r["cost"],
+            "circuit_nodes": top_nodes(r["scores"], r["nodes_to_08"])}
+
+
+def top_nodes(scores: dict[str, float], k: int | None) -> list[list]:
+    """[name, score] of the k nodes faithfulness keeps first (largest |score|): with k =
+    nodes_to_08, the smallest measured circuit with f >= 0.8 (none when no size reached it)."""
+    from .faithfulness import order
+
+    names = list(scores)
+    ranked = order(torch.tensor([scores[n] for n in names]))
+    return [[names[i], scores[names[i]]] for i in ranked[:k or 0].tolist()]

@@ -11,9 +11,10 @@ Built in one streaming pass over held-out tokens with bounded memory (`saelab.br
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
-from saelab.browse.card import Context, LatentCard, build_cards
+from saelab.browse.card import CircuitMark, Context, LatentCard, build_cards, circuit_marks, probe_labels
 from saelab.browse.collect import collect, load_dictionaries
 from saelab.browse.site import BrowseConfig, build_site
 from saelab.browse.stats import FeatureStats, StatsConfig
@@ -27,7 +28,8 @@ def top_contexts(sae, latent: int, tokens: int = 65_536, n: int = 12, samples: i
     """One latent's card over `tokens` held-out tokens: its `n` top contexts (`card.top`,
     `card.table`), a sample across its activations, histogram, logit effects and neighbours.
 
-    `sae`: an SAE or a dictionary directory; `model`: a loaded `HookedModel` (saves reloading)
+    `sae`: an SAE or a dictionary directory (its probe label and task-circuit place, when
+    `saelab eval` stored them beside it, are on the card); `model`: a loaded `HookedModel` (saves reloading)
     or a spec (default: the one cfg.json names); `data`: default the held-out split of the data
     cfg.json names (else builtin:stdlib).
     """
@@ -35,8 +37,12 @@ def top_contexts(sae, latent: int, tokens: int = 65_536, n: int = 12, samples: i
     cfg = StatsConfig(top_k=n, samples=samples)
     dicts, model, data = load_dictionaries([sae], [int(latent)], cfg, model, data, device)
     collect(dicts, model, data, tokens, progress=progress)
-    return build_cards(dicts[0].stats, dicts[0].sae, model)[0]
+    card = build_cards(dicts[0].stats, dicts[0].sae, model)[0]
+    if isinstance(sae, str) and Path(sae).is_dir():  # what `saelab eval` wrote beside it
+        card = replace(card, label=probe_labels(Path(sae)).get(card.latent),
+                       circuit=circuit_marks(Path(sae)).get(card.latent))
+    return card
 
 
-__all__ = ["BrowseConfig", "Context", "FeatureStats", "LatentCard", "StatsConfig", "build_site",
-           "top_contexts"]
+__all__ = ["BrowseConfig", "CircuitMark", "Context", "FeatureStats", "LatentCard", "StatsConfig",
+           "build_site", "top_contexts"]

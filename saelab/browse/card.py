@@ -54,6 +54,28 @@ class Context:
 
 
 @dataclass(frozen=True)
+class CircuitMark:
+    """A latent's place in the smallest circuit with faithfulness >= 0.8 that `saelab eval DICT
+    --task T` measured (EVAL_FILE's "circuit" entry).
+
+    Fields:
+        task, method: the task and the attribution method that scored the nodes.
+        rank: 1 for the node with the largest |score|; size: nodes in the circuit.
+        score: the latent's attribution score (estimated share of the task effect).
+        cpr: the dictionary's CPR on the task.
+        report: the eval report (EVAL_MD) that lists the circuit.
+    """
+
+    task: str
+    method: str
+    rank: int
+    size: int
+    score: float
+    cpr: float
+    report: str
+
+
+@dataclass(frozen=True)
 class LatentCard:
     """One latent over a window of held-out tokens.
 
@@ -76,6 +98,8 @@ class LatentCard:
         neighbours: (latent, cosine) of the nearest decoder directions.
         label: (label, F1) of the exact Python label its firing predicts best, when
             `saelab eval --probes` wrote PROBES_FILE beside the dictionary; else None.
+        circuit: its place in the task circuit `saelab eval --task` found (`circuit_marks`),
+            when the latent is in it; else None.
     """
 
     latent: int
@@ -92,6 +116,7 @@ class LatentCard:
     effect_note: str
     neighbours: list[tuple[int, float]]
     label: tuple[str, float] | None = None
+    circuit: CircuitMark | None = None
 
     @property
     def density(self) -> float:
@@ -207,4 +232,24 @@ def probe_labels(dictionary: Path) -> dict[int, tuple[str, float]]:
         names, best, f1 = got["names"], got["best"], got["f1"]
         return {j: (names[b], float(v)) for j, (b, v) in enumerate(zip(best, f1, strict=True)) if v > 0}
     except (ValueError, KeyError, TypeError, IndexError):
+        return {}
+
+
+EVAL_FILE, EVAL_MD = "eval.json", "eval.md"  # written by `saelab eval` beside the dictionary
+
+
+def circuit_marks(dictionary: Path) -> dict[int, CircuitMark]:
+    """The latents in the circuit `saelab eval --task` stored in the dictionary's EVAL_FILE;
+    empty when there is none, it has no circuit, does not parse, or is older than the weights."""
+    path, weights = dictionary / EVAL_FILE, dictionary / WEIGHTS_FILE
+    if not path.is_file() or (weights.is_file() and path.stat().st_mtime < weights.stat().st_mtime):
+        return {}
+    try:
+        c = json.loads(path.read_text()).get("circuit") or {}
+        nodes = c.get("circuit_nodes") or []
+        report = str((dictionary / EVAL_MD).resolve())
+        return {int(name.rsplit("/", 1)[1]): CircuitMark(c["task"], c["method"], rank, len(nodes),
+                                                         float(score), float(c["cpr"]), report)
+                for rank, (name, score) in enumerate(nodes, 1) if name.rsplit("/", 1)[1].isdigit()}
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError):
         return {}

@@ -34,6 +34,7 @@ table.lat{border-collapse:collapse}table.lat td,table.lat th{padding:2px 8px;bor
 table.lat td.n{text-align:right;font-variant-numeric:tabular-nums}
 table.lat td.snip{font-family:ui-monospace,monospace;white-space:pre}
 tr.dead td{color:#999}.controls{margin:.6em 0}.controls *{margin-right:.8em}
+.circ{color:#7a3ea0;font-size:.85em;white-space:nowrap}
 """
 
 INDEX_JS = """
@@ -148,13 +149,37 @@ def _label_row(card: LatentCard) -> str:
             f'predictor of the label)</td></tr>')
 
 
-def card_html(card: LatentCard, link: Callable[[int], str | None] | None = None) -> str:
-    """The latent's card; `link(latent)` gives the href of a neighbour's page (None: no link)."""
+def _circuit_row(card: LatentCard, report_href: str | None) -> str:
+    """Its place in the task circuit `saelab eval --task` found, linking the eval report."""
+    c = card.circuit
+    if c is None:
+        return ""
+    href = report_href or c.report
+    return (f'<tr><td>circuit</td><td class="circuit">in the {esc(c.task)} circuit: node {c.rank} '
+            f'of {c.size} ({esc(c.method)} score {c.score:+.3f}; the smallest circuit with '
+            f'faithfulness &ge; 0.8, CPR {c.cpr:.3f}) &middot; <a href="{esc(href)}">eval report</a>'
+            '</td></tr>')
+
+
+def circuit_badge(card: LatentCard) -> str:
+    """A short mark for the index: the task whose circuit holds the latent, and its rank."""
+    c = card.circuit
+    if c is None:
+        return ""
+    return (f' <span class="circ" title="node {c.rank} of {c.size} in the {esc(c.task)} circuit">'
+            f'&#9670; {esc(c.task)} #{c.rank}</span>')
+
+
+def card_html(card: LatentCard, link: Callable[[int], str | None] | None = None,
+              report_href: str | None = None) -> str:
+    """The latent's card; `link(latent)` gives the href of a neighbour's page (None: no link),
+    `report_href` the eval report's (default: its path on disk)."""
     head = (f'<h2>Latent {card.latent} <span class="muted">{esc(card.hook)}</span></h2>'
             f'<table class="kv"><tr><td>density</td><td class="density">{card.density:.4%} '
             f'({card.count:,} of {card.window:,} tokens)</td></tr>'
             f'<tr><td>max activation</td><td class="max">{fmt(card.max)}</td></tr>'
-            f'<tr><td>mean nonzero activation</td><td>{fmt(card.mean)}</td></tr>{_label_row(card)}</table>')
+            f'<tr><td>mean nonzero activation</td><td>{fmt(card.mean)}</td></tr>{_label_row(card)}'
+            f'{_circuit_row(card, report_href)}</table>')
     if card.dead:
         body = f'<p class="deadnote"><b>Dead</b>: never active over these {card.window:,} tokens.</p>'
     else:
@@ -192,9 +217,10 @@ def document(title: str, body: str, script: str = "") -> str:
             f"<style>{CSS}</style>{js}</head><body>{body}</body></html>\n")
 
 
-def latent_page(card: LatentCard, index_href: str, link: Callable[[int], str | None]) -> str:
+def latent_page(card: LatentCard, index_href: str, link: Callable[[int], str | None],
+                report_href: str | None = None) -> str:
     nav = f'<p><a href="{esc(index_href)}">← all latents</a></p>'
-    return document(f"Latent {card.latent} · {card.hook}", nav + card_html(card, link))
+    return document(f"Latent {card.latent} · {card.hook}", nav + card_html(card, link, report_href))
 
 
 def index_row(card: LatentCard, href: str) -> str:
@@ -204,18 +230,32 @@ def index_row(card: LatentCard, href: str) -> str:
     search = " ".join([t for t, _ in card.top_tokens(20)] + [c.snippet() for c in card.top]).lower()
     return (f'<tr class="lat{" dead" if card.dead else ""}" data-id="{card.latent}" '
             f'data-density="{card.density!r}" data-tokens="{show_token(search)}">'
-            f'<td data-v="{card.latent}"><a href="{esc(href)}">{card.latent}</a></td>'
+            f'<td data-v="{card.latent}"><a href="{esc(href)}">{card.latent}</a>{circuit_badge(card)}</td>'
             f'<td class="n" data-v="{card.density!r}">{"dead" if card.dead else f"{card.density:.3%}"}</td>'
             f'<td class="n" data-v="{card.max!r}">{fmt(card.max)}</td>'
             f'<td>{tops}</td><td class="snip">{show_token(snippet)}</td></tr>')
 
 
-def index_section(name: str, cards: list[LatentCard], href: Callable[[int], str], meta: dict) -> str:
+def _circuit_note(cards: list[LatentCard], report_href: str | None) -> str:
+    """One line under a section whose latents include a task circuit's."""
+    marks = sorted((card.circuit for card in cards if card.circuit is not None), key=lambda m: m.rank)
+    if not marks:
+        return ""
+    c = marks[0]
+    href = report_href or c.report
+    return (f'<p class="circuitnote">&#9670; {len(marks)} of these latents are in the {esc(c.task)} '
+            f'circuit ({esc(c.method)}; {c.size} nodes reach faithfulness &ge; 0.8, CPR {c.cpr:.3f}): '
+            f'<a href="{esc(href)}">eval report</a></p>')
+
+
+def index_section(name: str, cards: list[LatentCard], href: Callable[[int], str], meta: dict,
+                  report_href: str | None = None) -> str:
     dead = [c.latent for c in cards if c.dead]
     facts = " · ".join(f"{esc(k)}: {esc(v)}" for k, v in meta.items())
     dead_list = ", ".join(f'<a href="{esc(href(j))}">{j}</a>' for j in dead) or "none"
     rows = "".join(index_row(c, href(c.latent)) for c in cards)
     return (f'<section data-hook="{esc(name)}"><h2>{esc(name)}</h2><p class="muted">{facts}</p>'
+            f'{_circuit_note(cards, report_href)}'
             f'<p class="deadlist">Dead latents ({len(dead)} of {len(cards)}, never active over '
             f'{cards[0].window if cards else 0:,} tokens): {dead_list}</p>'
             f'<table class="lat"><thead><tr><th>latent</th><th>density</th><th>max act</th>'

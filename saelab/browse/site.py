@@ -8,6 +8,7 @@ Layout of the output directory (open index.html from disk; nothing is fetched):
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from dataclasses import dataclass, replace
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from saelab import __version__
 from saelab.browse import html
-from saelab.browse.card import build_cards, probe_labels
+from saelab.browse.card import EVAL_MD, build_cards, circuit_marks, probe_labels
 from saelab.browse.collect import collect, find_dictionaries, load_dictionaries
 from saelab.browse.stats import StatsConfig
 from saelab.checks import check_device, check_field_types, check_number, doc_field
@@ -122,8 +123,11 @@ def build_site(
     for d, path in zip(dicts, paths, strict=True):
         folder = section_dir(d.name)
         (out / folder).mkdir(parents=True, exist_ok=True)
-        labels = probe_labels(path)
-        cards = [replace(c, label=labels.get(c.latent)) for c in build_cards(d.stats, d.sae, hooked)]
+        labels, marks = probe_labels(path), circuit_marks(path)
+        cards = [replace(c, label=labels.get(c.latent), circuit=marks.get(c.latent))
+                 for c in build_cards(d.stats, d.sae, hooked)]
+        report = path / EVAL_MD  # what a circuit mark links to, relative so the site can move
+        page_report, index_report = (os.path.relpath(report, out / folder), os.path.relpath(report, out))
         present = set(d.stats.latents)
 
         def href(j: int, present: set = present) -> str | None:
@@ -132,7 +136,7 @@ def build_site(
 
         for card in cards:
             write_text(out / folder / f"{card.latent}.html",
-                       html.latent_page(card, f"../{INDEX}", href))
+                       html.latent_page(card, f"../{INDEX}", href, page_report))
             pages += 1
         c = d.sae.cfg
         meta = {"allocator": c.allocator, "latents": f"{c.n_latents:,}", "k": c.k, "d_in": c.d_in,
@@ -141,7 +145,7 @@ def build_site(
         def page(j: int, folder: str = folder) -> str:
             return f"{folder}/{j}.html"
 
-        sections.append(html.index_section(d.name, cards, page, meta))
+        sections.append(html.index_section(d.name, cards, page, meta, index_report))
     meta = {"model": hooked.spec, "data": f"{token_data.spec} ({token_data.split})",
             "tokens": f"{seen:,}", "dictionary": str(dictionary), "saelab": __version__}
     write_text(out / INDEX, html.index_page("saelab feature browser", sections, meta))
