@@ -9,7 +9,9 @@ median over rounds of the two contenders' time ratio:
 - down dense:  ``SparseMLP.down(h)``, ``h @ W_out + b_out`` in the layout the dense GEMV is fast
   in (``F.linear``'s for bf16: ``h @ W_out`` in bf16 is ~47x slower on an AVX2 CPU);
 - down sparse: ``SparseMLP.down_sparse(h)``: finding the active units (included) and the
-  gather-weighted-sum over their rows of W_out only;
+  gather-weighted-sum over their rows of W_out only (the compiled loop of
+  `saelab.kernels.native` when it builds, ``embedding_bag`` otherwise: the first line says which;
+  ``SAELAB_NATIVE=0`` times the fallback);
 - MLP dense:   ``SparseMLP.dense(x)``, both projections dense;
 - MLP sparse:  ``SparseMLP.sparse_down(x)``, dense up-projection, sparse down-projection;
 - MLP auto:    ``mlp(x)``, the default forward: dense or sparse per call from the cost model it
@@ -60,7 +62,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from saelab.kernels import SparseMLP, mask_code, padded_rows
+from saelab.kernels import SparseMLP, mask_code, native, padded_rows
 from saelab.storage.files import write_json
 
 SHAPES = {"zoo": (128, 512), "7B": (4096, 16384)}
@@ -235,7 +237,8 @@ def main() -> None:
     copy_bw, read_bw = bandwidth()
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
           f"{args.threads} threads, {os.cpu_count()} CPUs; load average before: {_load()}; "
-          f"copy bandwidth {copy_bw:.1f} GB/s (read + write), read bandwidth {read_bw:.1f} GB/s")
+          f"copy bandwidth {copy_bw:.1f} GB/s (read + write), read bandwidth {read_bw:.1f} GB/s; "
+          f"compiled gather (saelab.kernels.native): {native.status()}")
     print("speedup = median over rounds of dense time / sparse time (ms columns: medians); "
           "%ideal = speedup / bound, bound = dense / sparse "
           "weight bytes (distinct rows of the batch); KB/tok = weight bytes read per token; GB/s = "

@@ -171,7 +171,7 @@ def test_auto_forward_matches_dense_and_follows_the_cost_model(monkeypatch, dtyp
     if model == "by rows":  # one more active row tips it to dense
         tipped = CostModel(1.0, 0.0, MARGIN / (rows - 0.5))
         monkeypatch.setattr(SparseMLP, "costs", lambda self, batch: tipped)
-        mlp._costs.clear()  # each layer keeps its cost models once looked up
+        mlp._routes.clear()  # each layer keeps its decision per batch size once made
         assert_close(mlp(x).double(), mlp64.dense(x64), **tol)
         assert len(calls) == 1
 
@@ -205,3 +205,18 @@ def test_auto_forward_calibrates_once_per_bucket(monkeypatch):
     assert all(c.dense > 0 and c.per_row >= 0 for c in cost.COSTS.values())
 
 
+
+
+def test_auto_forward_decides_once_per_batch_size(monkeypatch):
+    """Where sparse never pays, later calls are the dense forward behind one lookup: the cost
+    model is consulted on a batch size's first call only, and nothing looks at the activations."""
+    looked_up = []
+    never = CostModel(1.0, 1.0, 0.0)
+    monkeypatch.setattr(SparseMLP, "costs", lambda self, batch: looked_up.append(batch) or never)
+    monkeypatch.setattr("saelab.kernels.mlp.active_mask", lambda *a: pytest.fail("looked at activations"))
+    mlp = _mlp(12, 40, seed=16)
+    for B in (2, 2, 5, 2, 5):
+        x = _x(B, 12, seed=B)
+        assert_close(mlp(x), _mlp(12, 40, seed=16).dense(x))
+    assert looked_up == [2, 5]
+    assert mlp._routes[2] == mlp.dense
