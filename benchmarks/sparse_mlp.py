@@ -62,7 +62,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from saelab.kernels import SparseMLP, mask_code, native, padded_rows
+from saelab.kernels import SparseMLP, mask_code, native
 from saelab.storage.files import write_json
 
 SHAPES = {"zoo": (128, 512), "7B": (4096, 16384)}
@@ -139,8 +139,8 @@ def contenders(d: int, d_ff: int, B: int, density: float, dtype: torch.dtype) ->
     }
     with torch.no_grad():
         computed = float((torch.addmm(c, xs[0] @ A, Bp) > cut).float().mean())
-        costs = mlp.costs(B)  # the one-time calibration, here rather than in the timed warm-up
-        picks = [not costs.never_sparse and costs.use_sparse(padded_rows(mlp.hidden(x) != 0)) for x in xs]
+        mlp.costs(B)  # the one-time calibration, here rather than in the timed warm-up
+        picks = [mlp.sparse_pays(mlp.hidden(x)) for x in xs]
         natural = float((mlp.hidden(torch.cat(xs)) != 0).float().mean())
         ref = mlp.down(hs[0]).float()
         torch.testing.assert_close(mlp.down_sparse(hs[0]).float(), ref, rtol=2e-2, atol=2e-2)

@@ -170,7 +170,7 @@ class SparseMLP:
         """The down-projection over each token's active rows of W_out only (|h| > threshold): on
         CPU with the compiled kernel, straight from ``h`` (`native.masked_down`, no gradient);
         else the differentiable `sparse_mlp_down` over `active_code`."""
-        if native.usable_masked(h, self.W_out) and backend.select(h.device) is torch_ops:
+        if self._masked(h):
             out = native.masked_down(h, self.W_out, self.threshold)
             return out if self.b_out is None else out + self.b_out
         return sparse_mlp_down(*active_code(h, threshold=self.threshold), self.W_out, self.b_out)
@@ -194,10 +194,24 @@ class SparseMLP:
 
     def _auto(self, costs: CostModel, x: torch.Tensor) -> torch.Tensor:
         """Per call: the sparse down-projection when the cost model predicts it faster for the rows
-        it would read (tokens times the most active token's count; the up-projection is common)."""
+        it would read (the active units; tokens times the most active token's count where the
+        code is padded; the up-projection is common to both)."""
         h = self.hidden(x)
-        rows = padded_rows(active_mask(h, self.threshold))
-        return self.down_sparse(h) if costs.use_sparse(rows) else self.down(h)
+        return self.down_sparse(h) if self._pays(costs, h) else self.down(h)
+
+    def sparse_pays(self, h: torch.Tensor) -> bool:
+        """Whether the default forward takes the sparse down-projection for hidden activations ``h``."""
+        costs = self.costs(h.shape[0])
+        return not costs.never_sparse and self._pays(costs, h)
+
+    def _pays(self, costs: CostModel, h: torch.Tensor) -> bool:
+        mask = active_mask(h, self.threshold)
+        return costs.use_sparse(int(mask.sum()) if self._masked(h) else padded_rows(mask))
+
+    def _masked(self, h: torch.Tensor) -> bool:
+        """Whether `down_sparse` runs the compiled loop on ``h``, which reads each token's own
+        active rows (no padding to the batch's largest count)."""
+        return native.usable_masked(h, self.W_out) and backend.select(h.device) is torch_ops
 
     def costs(self, batch: int) -> CostModel:
         """The down-projection's cost model for ``batch`` tokens (measured on first use)."""
