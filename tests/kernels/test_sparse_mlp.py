@@ -155,7 +155,9 @@ def test_auto_forward_matches_dense_and_follows_the_cost_model(monkeypatch, dtyp
     mlp = _mlp(70, 96, seed=13, dtype=dtype)
     x64 = _x(3, 70, seed=14)
     x = x64.to(dtype)
-    rows = x.shape[0] * int((mlp.hidden(x) != 0).sum(1).max())  # every token padded to the most active
+    h = mlp.hidden(x)
+    # the compiled loop reads each token's active rows; the padded code pads to the most active
+    rows = int((h != 0).sum()) if mlp._masked(h) else x.shape[0] * int((h != 0).sum(1).max())
     fixed_cost = {"always sparse": CostModel(1.0, 0.0, 0.0), "never sparse": CostModel(1.0, 1.0, 0.0),
                   "by rows": CostModel(1.0, 0.0, MARGIN / (rows + 0.5))}[model]  # sparse wins at `rows`
     monkeypatch.setattr(SparseMLP, "costs", lambda self, batch: fixed_cost)
@@ -192,6 +194,15 @@ def test_auto_forward_counts_padded_rows_not_nonzeros(monkeypatch):
     assert calls == []
     mlp(x[1:])  # the three one-unit tokens: 3 rows, sparse
     assert calls == [1]
+    single = SparseMLP.of(mlp.W_in.float(), None, mlp.W_out.float(), None)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        if single._masked(x.float()):  # the compiled loop reads only the 13 active rows: sparse
+            assert_close(single(x.float()), single.dense(x.float()))
+            assert calls == [1, 1]
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_auto_forward_calibrates_once_per_bucket(monkeypatch):
