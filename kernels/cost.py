@@ -16,6 +16,7 @@ over that, the dense path runs without looking at the activations at all.
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable, Hashable
@@ -25,7 +26,11 @@ import torch
 
 MARGIN = 0.85
 """A sparse path must be predicted to take under this share of the dense time to be used."""
-ROUNDS = 5
+ROUNDS = 7
+MIN_SAMPLE = 5e-3
+"""Seconds each timing lasts at least (short calls are repeated): a single call of a zoo-sized
+MLP (20-100 us) is shorter than the jitter of a loaded machine, and a calibration from single
+calls there came out with a zero per-row cost."""
 
 
 @dataclass(frozen=True)
@@ -62,15 +67,22 @@ def bucket(batch: int) -> int:
 
 
 def _median_times(fns: list[Callable[[], object]], rounds: int) -> list[float]:
+    """Seconds per call of each of ``fns``: medians over interleaved rounds, each sample a loop of
+    enough calls to last `MIN_SAMPLE`."""
     samples: list[list[float]] = [[] for _ in fns]
+    calls = []
     with torch.no_grad():
-        for fn in fns:  # warm-up
+        for fn in fns:  # warm-up, then size the loop from a second call
             fn()
+            start = time.perf_counter()
+            fn()
+            calls.append(max(1, math.ceil(MIN_SAMPLE / max(time.perf_counter() - start, 1e-7))))
         for _ in range(rounds):
-            for fn, s in zip(fns, samples, strict=True):
+            for fn, n, s in zip(fns, calls, samples, strict=True):
                 start = time.perf_counter()
-                fn()
-                s.append(time.perf_counter() - start)
+                for _ in range(n):
+                    fn()
+                s.append((time.perf_counter() - start) / n)
     return [statistics.median(s) for s in samples]
 
 
