@@ -30,7 +30,11 @@ ROUNDS = 7
 MIN_SAMPLE = 5e-3
 """Seconds each timing lasts at least (short calls are repeated): a single call of a zoo-sized
 MLP (20-100 us) is shorter than the jitter of a loaded machine, and a calibration from single
-calls there came out with a zero per-row cost."""
+calls there came out with a zero per-row cost. Timings are this thread's CPU time
+(`time.thread_time`), not wall time: on an oversubscribed machine (load 12 on 2 cores) a process
+runs a sixth of the time, and wall-clock samples of a few ms are mostly waiting for a core, which
+made the zoo shape's sparse path look 3x cheaper than it is. CPU time still counts the cycles
+stalled on memory, which is what the two paths differ in."""
 
 
 @dataclass(frozen=True)
@@ -67,22 +71,22 @@ def bucket(batch: int) -> int:
 
 
 def _median_times(fns: list[Callable[[], object]], rounds: int) -> list[float]:
-    """Seconds per call of each of ``fns``: medians over interleaved rounds, each sample a loop of
-    enough calls to last `MIN_SAMPLE`."""
+    """CPU seconds per call of each of ``fns``: medians over interleaved rounds, each sample a loop
+    of enough calls to last `MIN_SAMPLE`."""
     samples: list[list[float]] = [[] for _ in fns]
     calls = []
     with torch.no_grad():
         for fn in fns:  # warm-up, then size the loop from a second call
             fn()
-            start = time.perf_counter()
+            start = time.thread_time()
             fn()
-            calls.append(max(1, math.ceil(MIN_SAMPLE / max(time.perf_counter() - start, 1e-7))))
+            calls.append(max(1, math.ceil(MIN_SAMPLE / max(time.thread_time() - start, 1e-7))))
         for _ in range(rounds):
             for fn, n, s in zip(fns, calls, samples, strict=True):
-                start = time.perf_counter()
+                start = time.thread_time()
                 for _ in range(n):
                     fn()
-                s.append((time.perf_counter() - start) / n)
+                s.append((time.thread_time() - start) / n)
     return [statistics.median(s) for s in samples]
 
 
