@@ -26,6 +26,10 @@ import torch
 
 MARGIN = 0.85
 """A sparse path must be predicted to take under this share of the dense time to be used."""
+CHECK_SHARE = 0.03
+"""The per-call look at the activations (counting the active units) may cost at most this share of
+the dense call; where it costs more (a zoo-sized layer at batch 64: ~10-25%), the default forward
+runs dense without looking, since a check that costs more than 5% loses wherever dense wins."""
 ROUNDS = 7
 MIN_SAMPLE = 5e-3
 """Seconds each timing lasts at least (short calls are repeated): a single call of a zoo-sized
@@ -45,15 +49,19 @@ class CostModel:
         dense: the dense path.
         fixed: the sparse path reading one row per token.
         per_row: each further weight row the sparse path reads.
+        check: the per-call decision (counting the rows a call would read), paid on every call
+            of a forward that decides per call.
     """
 
     dense: float
     fixed: float
     per_row: float
+    check: float = 0.0
 
     @property
     def never_sparse(self) -> bool:
-        return self.fixed >= MARGIN * self.dense
+        """The sparse path cannot pay even at one row per token, or looking costs too much."""
+        return self.fixed + self.check >= MARGIN * self.dense or self.check > CHECK_SHARE * self.dense
 
     def sparse(self, rows: int) -> float:
         return self.fixed + self.per_row * rows
@@ -91,17 +99,20 @@ def _median_times(fns: list[Callable[[], object]], rounds: int) -> list[float]:
 
 
 def calibrate(key: Hashable, dense: Callable[[], object], sparse_at: Callable[[int], Callable[[], object]],
-              rows_low: int, rows_high: int, rounds: int = ROUNDS) -> CostModel:
+              rows_low: int, rows_high: int, rounds: int = ROUNDS,
+              check: Callable[[], object] | None = None) -> CostModel:
     """The cost model stored under ``key``, measuring it first if this process has not.
 
     Args:
         key: what the measurement depends on (path, shapes, dtype, device, threads, batch bucket).
         dense: one dense call.
         sparse_at: ``sparse_at(rows)`` is one sparse call reading ``rows`` weight rows in total.
-        rows_low, rows_high: the two row counts timed (one per token, and about dense's bytes).
+        rows_low, rows_high: the two row counts timed (one per token, and more).
+        check: one per-call decision, timed too when given.
     """
     if key not in COSTS:
-        t_dense, t_low, t_high = _median_times([dense, sparse_at(rows_low), sparse_at(rows_high)], rounds)
+        fns = [dense, sparse_at(rows_low), sparse_at(rows_high)] + ([check] if check else [])
+        t_dense, t_low, t_high, *t_check = _median_times(fns, rounds)
         per_row = max(0.0, (t_high - t_low) / max(1, rows_high - rows_low))
-        COSTS[key] = CostModel(t_dense, max(0.0, t_low - per_row * rows_low), per_row)
+        COSTS[key] = CostModel(t_dense, max(0.0, t_low - per_row * rows_low), per_row, sum(t_check))
     return COSTS[key]

@@ -97,6 +97,9 @@ def sparse_mlp_down(
     return sparse_decode(idx, vals, W_out, b_out)
 
 
+CALIBRATION_BYTES = 256 * 2**20
+"""Most weight bytes one calibration call of the sparse path may read."""
+
 _LAYOUT_SENSITIVE = (torch.float16, torch.bfloat16)
 """Dtypes whose CPU GEMV is only fast with the reduced dimension contiguous (``F.linear``'s
 weight layout): ``h @ W_out`` with W_out (d_ff, d) in bf16 ran 47x slower than ``F.linear(h,
@@ -205,6 +208,8 @@ class SparseMLP:
         return not costs.never_sparse and self._pays(costs, h)
 
     def _pays(self, costs: CostModel, h: torch.Tensor) -> bool:
+        if self._masked(h):  # one compiled pass: the check runs on every call
+            return costs.use_sparse(native.count_active(h, self.threshold))
         mask = active_mask(h, self.threshold)
         return costs.use_sparse(int(mask.sum()) if self._masked(h) else padded_rows(mask))
 
@@ -229,11 +234,15 @@ class SparseMLP:
             idx = scores.topk(per_token, dim=1).indices
             return torch.zeros(size, d_ff, dtype=dtype, device=device).scatter_(1, idx, 1.0)
 
-        high = max(1, d_ff // (2 * size))
+        # the high point: at least an eighth of the units per token (a batch's rows are priced
+        # from it; half of dense's bytes spread over 64 tokens, 4 units each at the zoo's shape,
+        # left 10% density far outside the measured range), within CALIBRATION_BYTES per call
+        cap = max(1, CALIBRATION_BYTES // (size * d * self.W_out.element_size()))
+        high = max(1, min(max(d_ff // (2 * size), d_ff // 8), cap))
         dense_h = hidden(high)
         return calibrate(key, lambda: self.down(dense_h),
                          lambda rows: partial(self.down_sparse, hidden(rows // size)),
-                         size, high * size)
+                         size, high * size, check=partial(self._pays, CostModel(1.0, 0.0, 0.0), dense_h))
 
     def union_down(self, x: torch.Tensor) -> torch.Tensor:
         """Dense up-projection; one dense product over the rows of W_out active on any token.

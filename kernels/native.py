@@ -94,6 +94,17 @@ void masked_##SUF(const T *restrict h, int64_t batch, int64_t units, const T *re
   }                                                                                             \
 }
 
+/* the number of entries with |h| > threshold (h != 0 at threshold 0): the rows `masked` would read */
+#define COUNT(SUF, T, LOAD)                                                                     \
+int64_t count_##SUF(const T *restrict h, int64_t n, float threshold) {                          \
+  int64_t count = 0;                                                                            \
+  if (threshold == 0.0f) { for (int64_t i = 0; i < n; i++) count += LOAD(h[i]) != 0.0f; }       \
+  else { for (int64_t i = 0; i < n; i++) count += fabsf(LOAD(h[i])) > threshold; }              \
+  return count;                                                                                 \
+}
+
+COUNT(f32, float, AS_FLOAT)
+COUNT(bf16, uint16_t, bf16_to_float)
 AXPY(f32, float, AS_FLOAT)
 AXPY(bf16, uint16_t, bf16_to_float)
 GATHER(f32, float)
@@ -112,6 +123,7 @@ _SIGNATURES = {
                ctypes.c_int64, ctypes.c_void_p],
     "masked": [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
                ctypes.c_float, ctypes.c_void_p],
+    "count": [ctypes.c_void_p, ctypes.c_int64, ctypes.c_float],
 }
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 _problem: list[str] = []
@@ -170,7 +182,7 @@ def _load() -> ctypes.CDLL | None:
     for name, argtypes in _SIGNATURES.items():
         for suffix in _SUFFIX.values():
             getattr(lib, f"{name}_{suffix}").argtypes = argtypes
-            getattr(lib, f"{name}_{suffix}").restype = None
+            getattr(lib, f"{name}_{suffix}").restype = ctypes.c_int64 if name == "count" else None
     return lib
 
 
@@ -234,3 +246,12 @@ def masked_down(h: torch.Tensor, W: torch.Tensor, threshold: float = 0.0) -> tor
     getattr(lib, f"masked_{_SUFFIX[W.dtype]}")(h.data_ptr(), h.shape[0], h.shape[1], W.data_ptr(), W.shape[1],
                                                 threshold, out.data_ptr())
     return out if h.dtype == torch.float32 else out.to(h.dtype)
+
+
+def count_active(h: torch.Tensor, threshold: float = 0.0) -> int:
+    """The rows `masked_down` would read for ``h``: entries with |h| > threshold (h != 0 at 0), in
+    one pass and one call (the per-call decision of the default MLP forward). Call only when
+    `usable_masked`."""
+    lib = library()
+    assert lib is not None
+    return int(getattr(lib, f"count_{_SUFFIX[h.dtype]}")(h.data_ptr(), h.numel(), threshold))

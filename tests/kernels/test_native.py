@@ -113,6 +113,14 @@ def test_masked_down_matches_float64_reference(one_thread, dtype, B, n, d, thres
         assert not out[1].any()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_count_active_hand_computed(one_thread, dtype):
+    h = torch.tensor([[0.0, 0.5, -0.2, 0.0, 1.0], [0.0, 0.0, 0.0, -2.0, 0.01]], dtype=dtype)
+    assert native.count_active(h) == 5
+    assert native.count_active(h, 0.3) == 3  # 0.5, 1.0, -2.0
+    assert native.count_active(h[:1]) == 3 and native.count_active(torch.zeros(1, 7, dtype=dtype)) == 0
+
+
 def test_masked_down_needs_no_gradient_and_matching_shapes(one_thread):
     W = torch.randn(6, 3)
     assert not native.usable_masked(torch.ones(1, 6, requires_grad=True), W)

@@ -13,7 +13,7 @@ import torch
 from torch.testing import assert_close
 
 from saelab.kernels import SparseMLP, backend, cost, mask_code
-from saelab.kernels.cost import MARGIN, CostModel, bucket
+from saelab.kernels.cost import CHECK_SHARE, MARGIN, CostModel, bucket
 
 F64 = torch.float64
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -137,6 +137,9 @@ def test_cost_model_hand_computed(monkeypatch):
     assert not model.never_sparse
     assert model.use_sparse(59) and not model.use_sparse(61)  # 0.25 + 0.6 = MARGIN * 1.0
     assert CostModel(dense=1.0, fixed=MARGIN, per_row=0.0).never_sparse
+    assert CostModel(dense=1.0, fixed=MARGIN - 0.1, per_row=0.0, check=0.1).never_sparse  # fixed + check
+    assert CostModel(dense=1.0, fixed=0.0, per_row=0.0, check=CHECK_SHARE + 0.01).never_sparse  # looking
+    assert not CostModel(dense=1.0, fixed=0.0, per_row=0.0, check=CHECK_SHARE).never_sparse
     assert [bucket(b) for b in (1, 2, 3, 8, 9, 64)] == [1, 2, 4, 8, 16, 64]
     # calibrate: per_row from the two timed row counts, fixed extrapolated to zero rows
     monkeypatch.setattr(cost, "_median_times", lambda fns, rounds: [2.0, 0.3, 1.3])
@@ -145,6 +148,9 @@ def test_cost_model_hand_computed(monkeypatch):
     assert (got.dense, got.fixed, got.per_row) == pytest.approx((2.0, 0.2, 0.01))
     monkeypatch.setattr(cost, "_median_times", lambda fns, rounds: pytest.fail("measured twice"))
     assert cost.calibrate("k", lambda: None, lambda rows: lambda: None, 10, 110) is got
+    monkeypatch.setattr(cost, "_median_times", lambda fns, rounds: [2.0, 0.3, 1.3, 0.07][: len(fns)])
+    checked = cost.calibrate("c", lambda: None, lambda rows: lambda: None, 10, 110, check=lambda: None)
+    assert checked.check == pytest.approx(0.07) and checked.never_sparse  # 0.07 > 3% of 2.0
 
 
 @pytest.mark.parametrize("dtype", [F64, torch.float32, torch.bfloat16])
