@@ -1,4 +1,6 @@
-"""An optional compiled CPU gather-weighted-sum, built on first use with the system C compiler.
+"""Optional compiled CPU loops for sparse down-projections, built on first use with the system C
+compiler: the gather-weighted-sum, the masked down-projection straight from h, and the count of
+active units that the default MLP forward's per-call decision needs.
 
 ``embedding_bag`` (the torch path) streams the selected rows at ~60% of the rate a dense GEMV
 streams the same bytes, which caps an activation-sparse down-projection at ~55% of its ideal
