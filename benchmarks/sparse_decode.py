@@ -15,7 +15,9 @@ prompt):
 Contenders: dense; auto (`SparseMLP.__call__`: dense or sparse down-projection by the measured
 cost model, exact); predicted (`PredictedMLP`: the predictor's units only, where the cost model
 says it pays); and, to show what the cost model avoids and what the predictor alone changes,
-"sparse down (forced)" and "predicted (forced)", which always take the sparse path.
+"sparse down (forced)" and "predicted (forced) r=R", which always take the sparse path, the
+latter once per target recall in `--recalls` (the predictors are trained at 0.95; each R moves
+the cut, `LayerPredictor.at_recall`), with the share of units it computed per call.
 
     python benchmarks/sparse_decode.py [--prompts 16] [--steps 32] [--synthetic]
 """
@@ -41,27 +43,50 @@ ZOO_DENSITIES = (0.2156, 0.0406, 0.0461, 0.0514)
 """zoo:pystdlib-4l-v2's per-layer densities (`saelab sparsity`, 65,656 held-out tokens)."""
 
 
-def _forced(mlp, predictor):
-    return lambda x: mlp.active(x, *mask_code(predictor.predict(x)))
+def _forced(mlp, predictor, computed: list[float]):
+    """The predictor's units only, every call; appends the share of units computed per call."""
+    def forward(x):
+        mask = predictor.predict(x)
+        computed.append(float(mask.float().mean()))
+        return mlp.active(x, *mask_code(mask))
+    return forward
 
 
-def _contenders(mlps, preds) -> dict:
-    return {
+def _contenders(mlps, preds, recalls) -> tuple[dict, dict[str, list[float]]]:
+    """The contenders' MLPs, and the units each forced-predictor contender computed per call."""
+    contenders = {
         "dense": [m.dense for m in mlps],
         "auto": list(mlps),
         "predicted": [PredictedMLP(m, p) for m, p in zip(mlps, preds, strict=True)],
         "sparse down (forced)": [m.sparse_down for m in mlps],
-        "predicted (forced)": [_forced(m, p) for m, p in zip(mlps, preds, strict=True)],
     }
+    computed: dict[str, list[float]] = {}
+    for recall in recalls:  # the same predictors, their cut moved (LayerPredictor.at_recall)
+        name = f"predicted (forced) r={recall:g}"
+        computed[name] = []
+        contenders[name] = [_forced(m, p.at_recall(recall), computed[name])
+                            for m, p in zip(mlps, preds, strict=True)]
+    return contenders, computed
+
+
+def _run(decoder, mlps, preds, prompts, steps, recalls) -> dict:
+    contenders, computed = _contenders(mlps, preds, recalls)
+    result = compare(decoder, contenders, prompts, steps)
+    for name, shares in computed.items():
+        result["contenders"][name]["units_computed"] = sum(shares) / len(shares)
+    return result
 
 
 def _print(title: str, result: dict) -> None:
     print(f"\n{title}: {result['prompts']} prompts x {result['steps']} generated tokens, load "
           f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}")
-    print(f"{'contender':>22} {'tokens/s':>9} {'speedup':>8} {'tokens differ':>13} {'identical':>9}")
+    print(f"{'contender':>30} {'tokens/s':>9} {'speedup':>8} {'tokens differ':>13} {'identical':>9} "
+          f"{'units computed':>14}")
     for name, r in result["contenders"].items():
-        print(f"{name:>22} {r['tokens_per_second']:>9.2f} {r['speedup_median']:>7.2f}x "
-              f"{100 * r['token_differ_rate']:>12.1f}% {100 * r['identical_prompts']:>8.0f}%", flush=True)
+        units = f"{100 * r['units_computed']:.1f}%" if "units_computed" in r else "all"
+        print(f"{name:>30} {r['tokens_per_second']:>9.2f} {r['speedup_median']:>7.2f}x "
+              f"{100 * r['token_differ_rate']:>12.1f}% {100 * r['identical_prompts']:>8.0f}% {units:>14}",
+              flush=True)
 
 
 def zoo(args) -> dict:
@@ -71,7 +96,7 @@ def zoo(args) -> dict:
     preds, seen = train_predictors(model, TokenData(split="train"), args.predictor_tokens)
     decoder = Decoder.of(model)
     mlps = [mlp_weights(model, i) for i in range(model.n_layers)]
-    result = compare(decoder, _contenders(mlps, preds), [r.tolist() for r in rows], args.steps)
+    result = _run(decoder, mlps, preds, [r.tolist() for r in rows], args.steps, args.recalls)
     result.update(model=model.spec, predictor_train_tokens=seen)
     return result
 
@@ -92,7 +117,7 @@ def synthetic_7b(args) -> dict:
             x = decoder._norm(x + mlp.down(h))
     prompts = [torch.randint(0, 257, (args.synthetic_prompt,), generator=gen).tolist()
                for _ in range(args.synthetic_prompts)]
-    result = compare(decoder, _contenders(mlps, preds), prompts, args.synthetic_steps)
+    result = _run(decoder, mlps, preds, prompts, args.synthetic_steps, args.recalls)
     result.update(model="synthetic MLP-only layers, d 4096, d_ff 16384", densities=list(args.densities),
                   predictor_train_tokens=args.synthetic_tokens)
     return result
@@ -106,6 +131,8 @@ def main() -> None:
     p.add_argument("--prompt", type=int, default=32, help="prompt tokens")
     p.add_argument("--steps", type=int, default=32, help="generated tokens per prompt")
     p.add_argument("--predictor-tokens", type=int, default=16384)
+    p.add_argument("--recalls", nargs="+", type=float, default=[0.95, 0.99, 0.999, 1.0],
+                   help="target recalls of the forced-predictor contenders (trained at 0.95, cut moved)")
     p.add_argument("--synthetic", action="store_true", help="also run the 7B-shape MLP-only layers")
     p.add_argument("--densities", nargs="+", type=float, default=list(ZOO_DENSITIES))
     p.add_argument("--synthetic-tokens", type=int, default=2048)

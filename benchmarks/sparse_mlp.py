@@ -9,7 +9,9 @@ median over rounds of the two contenders' time ratio:
 - down dense:  ``SparseMLP.down(h)``, ``h @ W_out + b_out`` in the layout the dense GEMV is fast
   in (``F.linear``'s for bf16: ``h @ W_out`` in bf16 is ~47x slower on an AVX2 CPU);
 - down sparse: ``SparseMLP.down_sparse(h)``: finding the active units (included) and the
-  gather-weighted-sum over their rows of W_out only;
+  gather-weighted-sum over their rows of W_out only (the compiled loop of
+  `saelab.kernels.native` when it builds, ``embedding_bag`` otherwise: the first line says which;
+  ``SAELAB_NATIVE=0`` times the fallback);
 - MLP dense:   ``SparseMLP.dense(x)``, both projections dense;
 - MLP sparse:  ``SparseMLP.sparse_down(x)``, dense up-projection, sparse down-projection;
 - MLP auto:    ``mlp(x)``, the default forward: dense or sparse per call from the cost model it
@@ -37,6 +39,7 @@ time / auto time: at most 1.05x the dense time means >= 0.95. What this does not
 numbers (Triton is only run under its interpreter here).
 
     python benchmarks/sparse_mlp.py [--threads 1] [--rounds 7] [--measured runs/sparsity/sparsity.json]
+        [--auto-rounds 101]   # + auto against dense alone in many short paired rounds
 
 On a machine shared with other work, --threads 1 avoids the barrier waits that oversubscribed
 multi-threaded GEMVs suffer (every contender alike, but not equally).
@@ -60,7 +63,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from saelab.kernels import SparseMLP, mask_code, padded_rows
+from saelab.kernels import SparseMLP, mask_code, native
 from saelab.storage.files import write_json
 
 SHAPES = {"zoo": (128, 512), "7B": (4096, 16384)}
@@ -137,8 +140,8 @@ def contenders(d: int, d_ff: int, B: int, density: float, dtype: torch.dtype) ->
     }
     with torch.no_grad():
         computed = float((torch.addmm(c, xs[0] @ A, Bp) > cut).float().mean())
-        costs = mlp.costs(B)  # the one-time calibration, here rather than in the timed warm-up
-        picks = [not costs.never_sparse and costs.use_sparse(padded_rows(mlp.hidden(x) != 0)) for x in xs]
+        mlp.costs(B)  # the one-time calibration, here rather than in the timed warm-up
+        picks = [mlp.sparse_pays(mlp.hidden(x)) for x in xs]
         natural = float((mlp.hidden(torch.cat(xs)) != 0).float().mean())
         ref = mlp.down(hs[0]).float()
         torch.testing.assert_close(mlp.down_sparse(hs[0]).float(), ref, rtol=2e-2, atol=2e-2)
@@ -205,6 +208,16 @@ def speedup(samples: dict[str, list[float]], ref: str, name: str) -> float:
     return statistics.median(r / t for r, t in zip(samples[ref], samples[name], strict=True))
 
 
+def _auto_paired(fns: dict[str, Callable[[], object]], rounds: int, seconds: float) -> list[float]:
+    """MLP auto against MLP dense alone, many short paired rounds: the ratio's quartiles, printed."""
+    samples = round_times({n: fns[n] for n in ("MLP dense", "MLP auto")}, rounds, seconds)
+    ratios = [d / a for d, a in zip(samples["MLP dense"], samples["MLP auto"], strict=True)]
+    q1, q2, q3 = statistics.quantiles(ratios, n=4)
+    print(f"{'':>37}auto alone, {rounds} paired rounds of {seconds:g} s: dense / auto median {q2:.3f}x "
+          f"(quartiles {q1:.3f}-{q3:.3f}) | {os.getloadavg()[0]:.1f}", flush=True)
+    return [q1, q2, q3]
+
+
 def _pick(share: float) -> str:
     """What auto ran on this row's inputs: sparse, dense, or a mix (the share sparse)."""
     return "dense" if share == 0 else "sparse" if share == 1 else f"{100 * share:.0f}%S"
@@ -224,6 +237,10 @@ def main() -> None:
     p.add_argument("--batches", nargs="+", type=int, default=[1, 8, 64])
     p.add_argument("--densities", nargs="+", type=float, default=[0.03, 0.10, 0.25, 0.50])
     p.add_argument("--measured", help="a sparsity.json whose per-layer densities are added")
+    p.add_argument("--auto-rounds", type=int, default=0,
+                   help="also time MLP auto against MLP dense alone in this many paired rounds of "
+                        "--auto-seconds each, and print the ratio's median and quartiles")
+    p.add_argument("--auto-seconds", type=float, default=0.02)
     p.add_argument("--json", help="also write the rows here")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -235,7 +252,8 @@ def main() -> None:
     copy_bw, read_bw = bandwidth()
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
           f"{args.threads} threads, {os.cpu_count()} CPUs; load average before: {_load()}; "
-          f"copy bandwidth {copy_bw:.1f} GB/s (read + write), read bandwidth {read_bw:.1f} GB/s")
+          f"copy bandwidth {copy_bw:.1f} GB/s (read + write), read bandwidth {read_bw:.1f} GB/s; "
+          f"compiled gather (saelab.kernels.native): {native.status()}")
     print("speedup = median over rounds of dense time / sparse time (ms columns: medians); "
           "%ideal = speedup / bound, bound = dense / sparse "
           "weight bytes (distinct rows of the batch); KB/tok = weight bytes read per token; GB/s = "
@@ -277,6 +295,8 @@ def main() -> None:
                           f"{1e3 * t['MLP+predictor']:>7.3f}ms "
                           f"{ups['MLP+predictor']:>6.2f}x {info['mlp_bound']:>5.1f}x | "
                           f"{os.getloadavg()[0]:.1f}", flush=True)
+                    if args.auto_rounds:
+                        rows[-1]["auto_paired"] = _auto_paired(fns, args.auto_rounds, args.auto_seconds)
     copy_bw, read_bw = bandwidth()
     print(f"load average after: {_load()}; copy bandwidth {copy_bw:.1f} GB/s, read {read_bw:.1f} GB/s")
     if args.json:

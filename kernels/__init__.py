@@ -2,6 +2,8 @@
 
 Two backends (Triton for CUDA, plain torch for CPU and as fallback) behind one set of functions;
 ``SAELAB_KERNEL_BACKEND`` in {auto, torch, triton} forces one (``saelab.kernels.backend``).
+On CPU the gather-weighted-sum and the sparse MLP down-projection run a small C loop compiled on
+first use with the system compiler (``saelab.kernels.native``; ``embedding_bag`` without one).
 Depends on torch only (triton optionally, imported lazily), never on the rest of saelab.
 """
 

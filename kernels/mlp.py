@@ -20,6 +20,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
+from . import backend, native, torch_ops
 from .autograd import sparse_decode
 from .cost import COSTS, CostModel, bucket, calibrate
 from .primitives import check_matrix, gather_dot
@@ -96,6 +97,9 @@ def sparse_mlp_down(
     return sparse_decode(idx, vals, W_out, b_out)
 
 
+CALIBRATION_BYTES = 256 * 2**20
+"""Most weight bytes one calibration call of the sparse path may read."""
+
 _LAYOUT_SENSITIVE = (torch.float16, torch.bfloat16)
 """Dtypes whose CPU GEMV is only fast with the reduced dimension contiguous (``F.linear``'s
 weight layout): ``h @ W_out`` with W_out (d_ff, d) in bf16 ran 47x slower than ``F.linear(h,
@@ -128,8 +132,10 @@ class SparseMLP:
             whose loss cost `saelab sparsity` measures.
         W_out_cols: (d, d_ff), ``W_out.T`` contiguous, for the dense down-projection of half
             dtypes (see `_LAYOUT_SENSITIVE`); None otherwise.
-        _costs: this layer's cost models by batch size, so a call does not rebuild the
-            process-wide key (which cost ~20% of a zoo-sized MLP under heavy load).
+        _routes: by batch size, the forward `__call__` runs: `dense` itself where the cost model
+            says the sparse path never pays (the zoo's shape), else `_auto`. Decided on a batch
+            size's first call, so later calls add one dict lookup to a plain dense call (building
+            the process-wide cost key per call cost ~20% of a zoo-sized MLP).
     """
 
     W_in: torch.Tensor
@@ -140,7 +146,8 @@ class SparseMLP:
     act: Callable[[torch.Tensor], torch.Tensor] = torch.relu
     threshold: float = 0.0
     W_out_cols: torch.Tensor | None = None
-    _costs: dict[int, CostModel] = field(default_factory=dict, compare=False, repr=False)
+    _routes: dict[int, Callable[[torch.Tensor], torch.Tensor]] = field(
+        default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def of(cls, W_in: torch.Tensor, b_in: torch.Tensor | None, W_out: torch.Tensor,
@@ -163,7 +170,12 @@ class SparseMLP:
         return h @ self.W_out if self.b_out is None else torch.addmm(self.b_out, h, self.W_out)
 
     def down_sparse(self, h: torch.Tensor) -> torch.Tensor:
-        """The down-projection over each token's active rows of W_out only (|h| > threshold)."""
+        """The down-projection over each token's active rows of W_out only (|h| > threshold): on
+        CPU with the compiled kernel, straight from ``h`` (`native.masked_down`, no gradient);
+        else the differentiable `sparse_mlp_down` over `active_code`."""
+        if self._masked(h):
+            out = native.masked_down(h, self.W_out, self.threshold)
+            return out if self.b_out is None else out + self.b_out
         return sparse_mlp_down(*active_code(h, threshold=self.threshold), self.W_out, self.b_out)
 
     def dense(self, x: torch.Tensor) -> torch.Tensor:
@@ -174,15 +186,37 @@ class SparseMLP:
         return self.down_sparse(self.hidden(x))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """`dense` or `sparse_down`, whichever the measured cost model predicts faster for the
-        rows the sparse path would read (tokens times the most active token's count; the
-        up-projection is common to both)."""
-        costs = self._costs.get(x.shape[0]) or self._costs.setdefault(x.shape[0], self.costs(x.shape[0]))
+        """`dense` or `sparse_down`, whichever the measured cost model predicts faster (see
+        `_auto`); at batch sizes where sparse never pays, `dense` directly."""
+        route = self._routes.get(x.shape[0])
+        if route is None:
+            costs = self.costs(x.shape[0])
+            route = self.dense if costs.never_sparse else partial(self._auto, costs)
+            self._routes[x.shape[0]] = route
+        return route(x)
+
+    def _auto(self, costs: CostModel, x: torch.Tensor) -> torch.Tensor:
+        """Per call: the sparse down-projection when the cost model predicts it faster for the rows
+        it would read (the active units; tokens times the most active token's count where the
+        code is padded; the up-projection is common to both)."""
         h = self.hidden(x)
-        if costs.never_sparse:
-            return self.down(h)
-        rows = padded_rows(active_mask(h, self.threshold))
-        return self.down_sparse(h) if costs.use_sparse(rows) else self.down(h)
+        return self.down_sparse(h) if self._pays(costs, h) else self.down(h)
+
+    def sparse_pays(self, h: torch.Tensor) -> bool:
+        """Whether the default forward takes the sparse down-projection for hidden activations ``h``."""
+        costs = self.costs(h.shape[0])
+        return not costs.never_sparse and self._pays(costs, h)
+
+    def _pays(self, costs: CostModel, h: torch.Tensor) -> bool:
+        if self._masked(h):  # one compiled pass: the check runs on every call
+            return costs.use_sparse(native.count_active(h, self.threshold))
+        mask = active_mask(h, self.threshold)
+        return costs.use_sparse(int(mask.sum()) if self._masked(h) else padded_rows(mask))
+
+    def _masked(self, h: torch.Tensor) -> bool:
+        """Whether `down_sparse` runs the compiled loop on ``h``, which reads each token's own
+        active rows (no padding to the batch's largest count)."""
+        return native.usable_masked(h, self.W_out) and backend.select(h.device) is torch_ops
 
     def costs(self, batch: int) -> CostModel:
         """The down-projection's cost model for ``batch`` tokens (measured on first use)."""
@@ -200,11 +234,15 @@ class SparseMLP:
             idx = scores.topk(per_token, dim=1).indices
             return torch.zeros(size, d_ff, dtype=dtype, device=device).scatter_(1, idx, 1.0)
 
-        high = max(1, d_ff // (2 * size))
+        # the high point: at least an eighth of the units per token (a batch's rows are priced
+        # from it; half of dense's bytes spread over 64 tokens, 4 units each at the zoo's shape,
+        # left 10% density far outside the measured range), within CALIBRATION_BYTES per call
+        cap = max(1, CALIBRATION_BYTES // (size * d * self.W_out.element_size()))
+        high = max(1, min(max(d_ff // (2 * size), d_ff // 8), cap))
         dense_h = hidden(high)
         return calibrate(key, lambda: self.down(dense_h),
                          lambda rows: partial(self.down_sparse, hidden(rows // size)),
-                         size, high * size)
+                         size, high * size, check=partial(self._pays, CostModel(1.0, 0.0, 0.0), dense_h))
 
     def union_down(self, x: torch.Tensor) -> torch.Tensor:
         """Dense up-projection; one dense product over the rows of W_out active on any token.

@@ -9,13 +9,15 @@ sums (large k, d or B) do not drift. Results come in the promoted dtype of the f
 Each call validates shapes and dtypes, checks index ranges on CPU (where the torch op does not
 do it itself; on CUDA a check would cost a device sync per call, so out-of-range indices there are
 undefined behaviour, as in any gather), then runs the backend chosen by ``saelab.kernels.backend``.
+On CPU the torch backend's gather-weighted-sum runs the compiled loop of ``saelab.kernels.native``
+when it could be built (``SAELAB_NATIVE=0`` turns it off), ``embedding_bag`` otherwise.
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import backend, torch_ops
+from . import backend, native, torch_ops
 
 
 def check_code(idx: torch.Tensor, vals: torch.Tensor | None = None) -> None:
@@ -59,9 +61,12 @@ def gather_weighted_sum(idx: torch.Tensor, vals: torch.Tensor, W: torch.Tensor) 
     check_code(idx, vals)
     check_matrix("W", W, (None, None))
     ops = backend.select(W.device)
+    dtype = torch.promote_types(vals.dtype, W.dtype)
+    if ops is torch_ops and native.usable(idx, W, dtype):  # the compiled CPU loop, when built
+        _check_range(idx, W.shape[0])
+        return native.gather_weighted_sum(idx, vals, W, dtype)
     if ops is not torch_ops:  # torch's embedding_bag / index_select reject bad indices themselves
         _check_range(idx, W.shape[0])
-    dtype = torch.promote_types(vals.dtype, W.dtype)
     return ops.gather_weighted_sum(idx, vals, W, dtype)
 
 

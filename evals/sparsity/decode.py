@@ -139,15 +139,20 @@ class PredictedMLP:
 
     mlp: SparseMLP
     predictor: LayerPredictor
-    _costs: dict[int, cost.CostModel] = field(default_factory=dict, compare=False, repr=False)
+    _routes: dict[int, MLP] = field(default_factory=dict, compare=False, repr=False)
 
     def _predicted(self, x: torch.Tensor) -> torch.Tensor:
         return self.predictor.predict(x)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        costs = self._costs.get(x.shape[0]) or self._costs.setdefault(x.shape[0], self.costs(x.shape[0]))
-        if costs.never_sparse:
-            return self.mlp.dense(x)
+        route = self._routes.get(x.shape[0])
+        if route is None:  # decided once per batch size, as in SparseMLP.__call__
+            costs = self.costs(x.shape[0])
+            route = self._routes[x.shape[0]] = (self.mlp.dense if costs.never_sparse
+                                                else partial(self._sparse_or_dense, costs))
+        return route(x)
+
+    def _sparse_or_dense(self, costs: cost.CostModel, x: torch.Tensor) -> torch.Tensor:
         mask = self._predicted(x)
         if not costs.use_sparse(padded_rows(mask)):
             return self.mlp.dense(x)

@@ -21,7 +21,7 @@ from saelab.evals.sparsity.decode import Decoder, PredictedMLP, compare, synthet
 from saelab.evals.sparsity.emergence import checkpoint_dirs
 from saelab.evals.sparsity.measure import SMOOTH_THRESHOLD, LayerStats, default_threshold
 from saelab.evals.sparsity.modes import Calibration, stat_topk_threshold
-from saelab.evals.sparsity.predictor import evaluate_predictors, mlp_weights, train_predictors
+from saelab.evals.sparsity.predictor import LayerPredictor, evaluate_predictors, mlp_weights, train_predictors
 from saelab.kernels import SparseMLP, mask_code
 from saelab.kernels.cost import MARGIN, CostModel
 from saelab.models import HookedModel, load_model
@@ -287,6 +287,36 @@ def test_predictor_on_zoo(zoo_model, predictors):
         assert layer["true_density"] < layer["predicted_density"] < 0.8
     assert r["tokens"] >= TOKENS and 0 < r["density"] < r["flops_fraction"] < 1
     assert abs(r["delta_ce"]) < 0.2 and r["kl"] > 0  # some active neurons are missed
+
+
+def test_at_recall_moves_the_cut_hand_computed():
+    """Scores are x itself (A = I, B = I, c = 0); active train scores 1..5 kept sorted."""
+    eye = torch.eye(5)
+    pred = LayerPredictor(eye, eye, torch.zeros(5), 3.0, torch.arange(1.0, 6.0))
+    x = torch.arange(1.0, 6.0).view(1, 5)
+    assert pred.predict(x).tolist() == [[False, False, False, True, True]]
+    assert pred.at_recall(1.0).predict(x).all()  # below the lowest active score
+    assert pred.at_recall(0.6).predict(x).tolist() == [[False, True, True, True, True]]  # 40% quantile: 2
+    assert pred.at_recall(0.2).cut == pytest.approx(4.0 - 1e-6)  # 80% quantile, lower: 4 (2 of 5 kept)
+    assert pred.at_recall(1.0).A is pred.A  # the weights are shared, not copied
+    with pytest.raises(ValueError, match="outside"):
+        pred.at_recall(0.0)
+
+
+def test_at_recall_on_zoo_raises_recall(zoo_model, predictors):
+    """Higher target recall: at least as many units computed and at least the recall, held out."""
+    preds = predictors[0]
+    rows = heldout_rows(zoo_model.tokenizer, DATA, 200)
+    hooks = ["blocks.2.ln2.hook_normalized", "blocks.2.mlp.hook_post"]
+    acts = {h: a.flatten(0, 1) for h, a in zoo_model.activations(rows, hooks).items()}
+    true = acts[hooks[1]] != 0
+    recalls, sizes = [], []
+    for target in (0.9, 0.99, 1.0):
+        chosen = preds[2].at_recall(target).predict(acts[hooks[0]])
+        recalls.append(float((chosen & true).sum() / true.sum()))
+        sizes.append(int(chosen.sum()))
+    assert recalls == sorted(recalls) and sizes == sorted(sizes) and recalls[-1] > 0.97
+    assert preds[2].positives.numel() > 0 and bool((preds[2].positives.diff() >= 0).all())
 
 
 def test_predicted_forward_is_what_the_splice_computes(zoo_model, predictors):

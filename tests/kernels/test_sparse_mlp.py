@@ -13,7 +13,7 @@ import torch
 from torch.testing import assert_close
 
 from saelab.kernels import SparseMLP, backend, cost, mask_code
-from saelab.kernels.cost import MARGIN, CostModel, bucket
+from saelab.kernels.cost import CHECK_SHARE, MARGIN, CostModel, bucket
 
 F64 = torch.float64
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -137,6 +137,9 @@ def test_cost_model_hand_computed(monkeypatch):
     assert not model.never_sparse
     assert model.use_sparse(59) and not model.use_sparse(61)  # 0.25 + 0.6 = MARGIN * 1.0
     assert CostModel(dense=1.0, fixed=MARGIN, per_row=0.0).never_sparse
+    assert CostModel(dense=1.0, fixed=MARGIN - 0.1, per_row=0.0, check=0.1).never_sparse  # fixed + check
+    assert CostModel(dense=1.0, fixed=0.0, per_row=0.0, check=CHECK_SHARE + 0.01).never_sparse  # looking
+    assert not CostModel(dense=1.0, fixed=0.0, per_row=0.0, check=CHECK_SHARE).never_sparse
     assert [bucket(b) for b in (1, 2, 3, 8, 9, 64)] == [1, 2, 4, 8, 16, 64]
     # calibrate: per_row from the two timed row counts, fixed extrapolated to zero rows
     monkeypatch.setattr(cost, "_median_times", lambda fns, rounds: [2.0, 0.3, 1.3])
@@ -145,6 +148,9 @@ def test_cost_model_hand_computed(monkeypatch):
     assert (got.dense, got.fixed, got.per_row) == pytest.approx((2.0, 0.2, 0.01))
     monkeypatch.setattr(cost, "_median_times", lambda fns, rounds: pytest.fail("measured twice"))
     assert cost.calibrate("k", lambda: None, lambda rows: lambda: None, 10, 110) is got
+    monkeypatch.setattr(cost, "_median_times", lambda fns, rounds: [2.0, 0.3, 1.3, 0.07][: len(fns)])
+    checked = cost.calibrate("c", lambda: None, lambda rows: lambda: None, 10, 110, check=lambda: None)
+    assert checked.check == pytest.approx(0.07) and checked.never_sparse  # 0.07 > 3% of 2.0
 
 
 @pytest.mark.parametrize("dtype", [F64, torch.float32, torch.bfloat16])
@@ -155,7 +161,9 @@ def test_auto_forward_matches_dense_and_follows_the_cost_model(monkeypatch, dtyp
     mlp = _mlp(70, 96, seed=13, dtype=dtype)
     x64 = _x(3, 70, seed=14)
     x = x64.to(dtype)
-    rows = x.shape[0] * int((mlp.hidden(x) != 0).sum(1).max())  # every token padded to the most active
+    h = mlp.hidden(x)
+    # the compiled loop reads each token's active rows; the padded code pads to the most active
+    rows = int((h != 0).sum()) if mlp._masked(h) else x.shape[0] * int((h != 0).sum(1).max())
     fixed_cost = {"always sparse": CostModel(1.0, 0.0, 0.0), "never sparse": CostModel(1.0, 1.0, 0.0),
                   "by rows": CostModel(1.0, 0.0, MARGIN / (rows + 0.5))}[model]  # sparse wins at `rows`
     monkeypatch.setattr(SparseMLP, "costs", lambda self, batch: fixed_cost)
@@ -171,7 +179,7 @@ def test_auto_forward_matches_dense_and_follows_the_cost_model(monkeypatch, dtyp
     if model == "by rows":  # one more active row tips it to dense
         tipped = CostModel(1.0, 0.0, MARGIN / (rows - 0.5))
         monkeypatch.setattr(SparseMLP, "costs", lambda self, batch: tipped)
-        mlp._costs.clear()  # each layer keeps its cost models once looked up
+        mlp._routes.clear()  # each layer keeps its decision per batch size once made
         assert_close(mlp(x).double(), mlp64.dense(x64), **tol)
         assert len(calls) == 1
 
@@ -192,6 +200,15 @@ def test_auto_forward_counts_padded_rows_not_nonzeros(monkeypatch):
     assert calls == []
     mlp(x[1:])  # the three one-unit tokens: 3 rows, sparse
     assert calls == [1]
+    single = SparseMLP.of(mlp.W_in.float(), None, mlp.W_out.float(), None)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        if single._masked(x.float()):  # the compiled loop reads only the 13 active rows: sparse
+            assert_close(single(x.float()), single.dense(x.float()))
+            assert calls == [1, 1]
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_auto_forward_calibrates_once_per_bucket(monkeypatch):
@@ -205,3 +222,18 @@ def test_auto_forward_calibrates_once_per_bucket(monkeypatch):
     assert all(c.dense > 0 and c.per_row >= 0 for c in cost.COSTS.values())
 
 
+
+
+def test_auto_forward_decides_once_per_batch_size(monkeypatch):
+    """Where sparse never pays, later calls are the dense forward behind one lookup: the cost
+    model is consulted on a batch size's first call only, and nothing looks at the activations."""
+    looked_up = []
+    never = CostModel(1.0, 1.0, 0.0)
+    monkeypatch.setattr(SparseMLP, "costs", lambda self, batch: looked_up.append(batch) or never)
+    monkeypatch.setattr("saelab.kernels.mlp.active_mask", lambda *a: pytest.fail("looked at activations"))
+    mlp = _mlp(12, 40, seed=16)
+    for B in (2, 2, 5, 2, 5):
+        x = _x(B, 12, seed=B)
+        assert_close(mlp(x), _mlp(12, 40, seed=16).dense(x))
+    assert looked_up == [2, 5]
+    assert mlp._routes[2] == mlp.dense
