@@ -210,8 +210,7 @@ class SparseMLP:
     def _pays(self, costs: CostModel, h: torch.Tensor) -> bool:
         if self._masked(h):  # one compiled pass: the check runs on every call
             return costs.use_sparse(native.count_active(h, self.threshold))
-        mask = active_mask(h, self.threshold)
-        return costs.use_sparse(int(mask.sum()) if self._masked(h) else padded_rows(mask))
+        return costs.use_sparse(padded_rows(active_mask(h, self.threshold)))
 
     def _masked(self, h: torch.Tensor) -> bool:
         """Whether `down_sparse` runs the compiled loop on ``h``, which reads each token's own
