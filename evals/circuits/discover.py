@@ -349,6 +349,8 @@ def check_prompt_memory(cfg: DiscoverConfig, name: str, fixed: Task | None,
         heads, mcfg = n_layers * n_heads, model.model.cfg
         d, edges = mcfg.d_model, heads * heads if cfg.edges else 0
         prompt = TOKEN_BYTES * tokens + 3 * heads * d * 4  # ids; head outputs, two runs + one join
+        if cfg.edges and cfg.edge_by == "routed":  # every head's input gradient at every position
+            prompt += tokens * heads * d * 4
         train += prompt + 2 * heads * 4 * (2 * d + SAE_MATRICES * cfg.n_latents)
         held_out += prompt + heads * 4 * (d + cfg.n_latents) + 16 * heads + 32 * edges
         captures = 2 if cfg.ablation == "counterfactual" else 1
