@@ -19,15 +19,18 @@ reported (--seed 0).
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import time
 from pathlib import Path
 
 from saelab.evals.circuits import DiscoverConfig, discover, ground_truth
 from saelab.evals.circuits.codes import POSITIONS
 from saelab.evals.circuits.discover import CIRCUITS_MODEL, DEFAULT_SAE, DEFAULT_SCORE, TRUTH_SEED
-from saelab.evals.circuits.scoring import SCORES
-from saelab.models import load_model
-from saelab.storage.files import write_json
+from saelab.evals.circuits.patching import GroundTruth
+from saelab.evals.circuits.scoring import EDGE_SCORES, SCORES
+from saelab.models import HookedModel, load_model
+from saelab.storage.files import read_safetensors, write_json, write_safetensors
 from saelab.tasks import GENERATORS, capacity, default_metric, generate, tokenize
 
 PUBLISHED = {  # O'Neill & Bui 2024, node / edge ROC AUC, mean +- std over 10 trials
@@ -35,6 +38,29 @@ PUBLISHED = {  # O'Neill & Bui 2024, node / edge ROC AUC, mean +- std over 10 tr
     "greater-than": ((0.855, 0.036), (0.873, 0.020)),
     "docstring": ((0.869, 0.038), (0.896, 0.017)),
 }
+
+
+TRUTH_TENSORS = ("node_effect", "node_se", "edge_effect")
+
+
+def truth_for(model: HookedModel, spec: str, task: str, prompts: int, cache: Path | None) -> GroundTruth:
+    """The task's patching ground truth (heads and edges on `prompts` prompts of TRUTH_SEED,
+    which no trial's seed draws), read from `cache` when a run with the same model, task and
+    prompt count left it there: it does not depend on --seed, so dev and reported runs share it."""
+    path = cache / f"{spec.replace(':', '_').replace('/', '_')}_{task}_{prompts}" if cache else None
+    if path is not None and path.with_suffix(".json").exists():
+        tensors, _ = read_safetensors(path.with_suffix(".safetensors"), what="cached ground truth")
+        fields = json.loads(path.with_suffix(".json").read_text())
+        return GroundTruth(**fields, **tensors)
+    truth = ground_truth(model, tokenize(generate(task, prompts, TRUTH_SEED), model.tokenizer,
+                                         model.context_length),
+                         metric=default_metric(task), progress=False)
+    if path is not None:
+        cache.mkdir(parents=True, exist_ok=True)
+        write_safetensors(path.with_suffix(".safetensors"), {k: getattr(truth, k) for k in TRUTH_TENSORS})
+        write_json(path.with_suffix(".json"), {k: v for k, v in dataclasses.asdict(truth).items()
+                                               if k not in TRUTH_TENSORS})
+    return truth
 
 
 def main() -> None:
@@ -47,6 +73,8 @@ def main() -> None:
     ap.add_argument("--sae", nargs="+", default=[DEFAULT_SAE], help="one row per SAE kind")
     ap.add_argument("--score", nargs="+", default=[DEFAULT_SCORE], choices=SCORES,
                     help="node score from the codes (DiscoverConfig.score); one row each")
+    ap.add_argument("--edge-score", nargs="+", default=[None], choices=EDGE_SCORES,
+                    help="edge score (DiscoverConfig.edge_score; default: the score's own); one row each")
     ap.add_argument("--position", nargs="+", default=[None], choices=POSITIONS,
                     help="head outputs at the last position, averaged or at every position "
                     "(default: the score's own); one row each")
@@ -54,15 +82,15 @@ def main() -> None:
     ap.add_argument("--truth-prompts", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    ap.add_argument("--truth-cache", type=Path, default=None,
+                    help="keep each task's ground truth here and reuse it in later runs")
     args = ap.parse_args()
 
     model = load_model(args.model)
     rows = []
     for task in args.tasks:
         start = time.perf_counter()
-        truth = ground_truth(model, tokenize(generate(task, args.truth_prompts, TRUTH_SEED),
-                                             model.tokenizer, model.context_length),
-                             metric=default_metric(task), progress=False)
+        truth = truth_for(model, args.model, task, args.truth_prompts, args.truth_cache)
         t = truth.to_dict()
         print(f"\n{task}: ground truth {len(t['heads'])} heads {' '.join(t['heads'])}, "
               f"{len(t['edges'])} of {int(truth.edge_mask.sum())} edges; patching heads "
@@ -75,18 +103,20 @@ def main() -> None:
         for n in (n for n in args.train_prompts if n > fits):
             print(f"  {task}: {n} training prompts skipped (+ {args.prompts} held out exceeds its "
                   f"{capacity(task)} distinct rows)")
-        for sae, score, position, n_train in ((kind, sc, pos, n) for kind in args.sae
-                                              for sc in args.score for pos in args.position
-                                              for n in args.train_prompts if n <= fits):
+        for sae, score, edge_score, position, n_train in (
+                (kind, sc, es, pos, n) for kind in args.sae for sc in args.score
+                for es in args.edge_score for pos in args.position
+                for n in args.train_prompts if n <= fits):
             cfg = DiscoverConfig(train_prompts=n_train, prompts=args.prompts, trials=args.trials,
-                                 sae=sae, score=score, position=position, center=args.center,
-                                 seed=args.seed)
+                                 sae=sae, score=score, edge_score=edge_score, position=position,
+                                 center=args.center, seed=args.seed)
             position = cfg.at
             r = discover(model, task, config=cfg, truth=truth, progress=False)
             s = r.summary()
             edge_passes = s["patching_edge_forward_passes"]
             row = {
                 "model": args.model, "task": task, "sae": sae, "score": score,
+                "edge_score": cfg.edge_by,
                 "position": position, "center": args.center,
                 "train_prompts": n_train, "trials": args.trials,
                 "held_out_prompts": args.prompts,
@@ -98,6 +128,7 @@ def main() -> None:
                 "truth_heads": s["ground_truth"]["heads"],
                 "method_passes": s["method_forward_passes_per_trial"],
                 "method_backward_passes": s["method_backward_passes_per_trial"],
+                "method_local_backward_passes": s["method_local_backward_passes_per_trial"],
                 "method_seconds": s["method_seconds_per_trial"]["mean"],
                 "patching_edge_passes": edge_passes,
                 "patching_edge_seconds": s["patching_edge_seconds"],
@@ -107,12 +138,15 @@ def main() -> None:
             pub = PUBLISHED.get(task)
             pub_text = (f"  published {pub[0][0]:.3f}+-{pub[0][1]:.3f} / {pub[1][0]:.3f}+-{pub[1][1]:.3f}"
                         if pub else "")
-            print(f"  {sae} {score} {position} train {n_train:>3}: node AUC {row['node_auc']['mean']:.3f} +- "
+            print(f"  {sae} {score} {cfg.edge_by} {position} train {n_train:>3}: node AUC "
+                  f"{row['node_auc']['mean']:.3f} +- "
                   f"{row['node_auc']['std']:.3f}  edge AUC {row['edge_auc']['mean']:.3f} +- "
                   f"{row['edge_auc']['std']:.3f}  node F1 {row['node_f1']['mean']:.2f} (P "
                   f"{row['node_precision']['mean']:.2f} R {row['node_recall']['mean']:.2f})  edge F1 "
                   f"{row['edge_f1']['mean']:.2f}  {row['method_passes']} forward + "
-                  f"{row['method_backward_passes']} backward passes {row['method_seconds']:.1f} s/trial "
+                  f"{row['method_backward_passes']} backward (+ "
+                  f"{row['method_local_backward_passes']} through one layer) passes "
+                  f"{row['method_seconds']:.1f} s/trial "
                   f"({row['fewer_passes_than_edge_patching']:.1f}x fewer passes than edge patching)"
                   f"{pub_text}", flush=True)
         if args.json:  # after every task, so a cut-short run keeps what it measured

@@ -19,11 +19,16 @@ latents times their decoder rows, in the head output's units): the change of tha
 between a prompt and its counterfactual is what the `change` and `relevance` scores measure
 (`scoring`). `position="all"` keeps every real position (the SAE then trains on every
 position's rows), since a head can matter through a position other than the last (on
-greater-than, an early head reading the year); `metric_gradients` gives the task metric's
-gradient with respect to every head's output, the relevance weight.
+greater-than, an early head reading the year); `head_gradients` gives the task metric's
+gradient with respect to every head's output, the relevance weight, and (`receivers`) each
+head's input gradient: that output gradient taken back through the head's own attention layer
+to the layer's residual input (one small backward per head, through one layer only), which a
+sender's change is dotted with for the routed edge score (`scoring.edge_relevance`).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -73,28 +78,88 @@ def head_outputs(model: HookedModel, tokens: torch.Tensor, lengths: torch.Tensor
     return torch.cat(out)
 
 
-def outputs_and_gradients(model: HookedModel, tok: TaskTokens, metric: str, n_layers: int,
-                          n_heads: int, position: str = "last",
-                          batch: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """`head_outputs` of the positive prompts and d(task metric)/d(each head's output) in the
-    same shape (`position` last or all; zero at padding): one forward and one backward pass a
-    prompt."""
+def resid_pre_hook(layer: int) -> str:
+    return f"blocks.{layer}.hook_resid_pre"
+
+
+@dataclass
+class HeadGradients:
+    """One forward and backward pass over the positive prompts, in `head_outputs`' shape
+    (P, [T,] L*H, d_model), zero at padding.
+
+    Fields:
+        outputs: each head's output.
+        grads: d(task metric)/d(each head's output).
+        inputs: with `receivers`, d(grads . head's output)/d(its layer's residual input): how
+            the metric would move, through this head alone, per unit change of the head's
+            input (zero for layer-0 heads, which no head sends to); None otherwise.
+        local_backward_passes: per prompt, the extra backward passes through one attention
+            layer that `inputs` took (one per head above layer 0).
+    """
+
+    outputs: torch.Tensor
+    grads: torch.Tensor
+    inputs: torch.Tensor | None = None
+    local_backward_passes: int = 0
+
+
+def _receiver_inputs(acts: dict[str, torch.Tensor], grads: list[torch.Tensor], shape: tuple[int, ...],
+                     n_layers: int, n_heads: int) -> torch.Tensor:
+    """(B, T, L*H, d_model): per head above layer 0, the vector-Jacobian product of its output's
+    metric gradient through its own attention layer back to that layer's residual input."""
+    out = torch.zeros(*shape, n_layers * n_heads, acts[resid_pre_hook(1)].shape[-1])
+    for layer in range(1, n_layers):
+        result = acts[result_hook(layer)].reshape(*shape, n_heads, -1)
+        g = grads[layer].reshape(*shape, n_heads, -1)
+        for head in range(n_heads):
+            vjp, = torch.autograd.grad(result[:, :, head], acts[resid_pre_hook(layer)],
+                                       grad_outputs=g[:, :, head], retain_graph=True)
+            out[:, :, layer * n_heads + head] = vjp.detach().cpu().float()
+    return out
+
+
+def head_gradients(model: HookedModel, tok: TaskTokens, metric: str, n_layers: int,
+                   n_heads: int, position: str = "last", receivers: bool = False,
+                   batch: int = 64) -> HeadGradients:
+    """`head_outputs` of the positive prompts, the task metric's gradient with respect to each,
+    and with `receivers` each head's input gradient (`HeadGradients`); `position` last or all."""
     if position not in ("last", "all"):
         raise SaelabError(f"metric gradients are per position: use last or all, not {position!r}")
     hooks = [result_hook(layer) for layer in range(n_layers)]
+    inputs = [resid_pre_hook(layer) for layer in range(1, n_layers)] if receivers and n_layers > 1 else []
+    model.check_hooks(hooks + inputs)
     fn = task_metric(metric)
-    outs: list[torch.Tensor] = []
-    grads: list[torch.Tensor] = []
+    parts: dict[str, list[torch.Tensor]] = {"outputs": [], "grads": [], "inputs": []}
     for index in torch.arange(len(tok)).split(batch):
         part = tok.rows(index)
-        def loss(logits: torch.Tensor, p: TaskTokens = part) -> torch.Tensor:
-            return fn(last_logits(logits, p.pos_len).cpu(), p).sum()
+        acts: dict[str, torch.Tensor] = {}
 
-        acts = model.activations(part.pos.to(model.device), hooks, with_grads=True, loss=loss)
-        for keys, store in ((hooks, outs), ([f"{h}:grad" for h in hooks], grads)):
-            a = torch.cat([acts[k].cpu().float().reshape(*part.pos.shape, n_heads, -1) for k in keys], 2)
-            store.append(_reduce(a, part.pos_len, position))
-    return torch.cat(outs), torch.cat(grads)
+        def keep(name: str, store: dict[str, torch.Tensor] = acts):
+            def fn(x: torch.Tensor, hook) -> torch.Tensor:
+                store[name] = x
+                return x
+            return fn
+
+        # frozen weights: an embedding leaf that needs grad puts every later activation on the graph
+        fwd = [("hook_embed", lambda x, hook: x.detach().requires_grad_(True))]
+        fwd += [(h, keep(h)) for h in hooks + inputs]
+        with torch.enable_grad():
+            logits = model.model.run_with_hooks(part.pos.to(model.device), fwd_hooks=fwd,
+                                                return_type="logits")
+            value = fn(last_logits(logits, part.pos_len).cpu(), part).sum()
+            grads = list(torch.autograd.grad(value, [acts[h] for h in hooks], retain_graph=bool(inputs)))
+            shape = tuple(part.pos.shape)
+            per_head = {
+                "outputs": [acts[h].detach().cpu().float().reshape(*shape, n_heads, -1) for h in hooks],
+                "grads": [g.cpu().float().reshape(*shape, n_heads, -1) for g in grads],
+            }
+            if inputs:
+                per_head["inputs"] = [_receiver_inputs(acts, grads, shape, n_layers, n_heads)]
+        for key, values in per_head.items():
+            parts[key].append(_reduce(torch.cat(values, 2), part.pos_len, position))
+    return HeadGradients(torch.cat(parts["outputs"]), torch.cat(parts["grads"]),
+                         torch.cat(parts["inputs"]) if parts["inputs"] else None,
+                         n_heads * (n_layers - 1) if inputs else 0)
 
 
 class CircuitSAE(SAE):

@@ -47,8 +47,8 @@ from .codes import (
     SAE_KINDS,
     code_vectors,
     codes,
+    head_gradients,
     head_outputs,
-    outputs_and_gradients,
     real_mask,
     train_sae,
 )
@@ -123,6 +123,13 @@ class DiscoverConfig:
     center: bool = doc_field(False, "Subtract each head's mean output over the training prompts "
                              "before the SAE, so its latents split what varies within a head "
                              "rather than which head it is (O'Neill & Bui do not centre).")
+    edge_score: str | None = doc_field(None, "Edge score: routed (relevance only: the receiver's "
+                                       "metric gradient taken back through its own attention "
+                                       "layer to its input, dotted with the sender's code "
+                                       "change; one local backward per receiving head) or "
+                                       "product (sender's node score times receiver's).",
+                                       default_doc="routed for relevance, product for change; "
+                                       "unique counts code pairs")
     position: str | None = doc_field(None, "Head outputs at the prompt's last position (last, "
                                      "where the metric is read), averaged over it (mean, as "
                                      "O'Neill & Bui; unique only) or at every position (all; "
@@ -150,8 +157,23 @@ class DiscoverConfig:
         if self.at == ("all" if self.score == "unique" else "mean"):
             raise SaelabError(f"position {self.at} does not go with score {self.score}: "
                               "unique takes last or mean, change and relevance take last or all")
+        if self.edge_score is not None and self.edge_score not in scoring.EDGE_SCORES:
+            raise SaelabError(f"unknown edge score {self.edge_score!r}; use "
+                              f"{' or '.join(scoring.EDGE_SCORES)}")
+        if self.edge_score is not None and (self.score == "unique" or (
+                self.edge_score == "routed" and self.score != "relevance")):
+            raise SaelabError(f"edge score {self.edge_score} does not go with score {self.score}: "
+                              "routed needs relevance's gradients, product goes with change or "
+                              "relevance, unique counts code pairs")
         if self.metric is not None and self.metric not in METRICS:
             raise SaelabError(f"unknown task metric {self.metric!r}; use {' or '.join(METRICS)}")
+
+    @property
+    def edge_by(self) -> str:
+        """The edge score used: `edge_score`, or the score's default (unique: code pairs)."""
+        if self.edge_score is not None:
+            return self.edge_score
+        return {"relevance": "routed", "change": "product"}.get(self.score, "pairs")
 
     @property
     def at(self) -> str:
@@ -202,14 +224,17 @@ class CircuitResult:
         node_counts: (trials, L*H) per-head scores of `config.score` (unique: codes unique to
             positives; change, relevance: the codes' change, the default relevance weighted by
             the metric's gradient).
-        edge_counts: (trials, L*H, L*H) per-edge scores (unique: code pairs unique to positives;
-            otherwise the product of the two heads' scores; NaN: no edge).
+        edge_counts: (trials, L*H, L*H) per-edge scores (`config.edge_by`: unique counts code
+            pairs unique to positives, routed the sender's code change through the receiver's
+            input gradient, product the two heads' scores; NaN: no edge).
         node_auc, edge_auc: per-trial ROC AUC against the patching truth.
         node_prf, edge_prf: per-trial precision / recall / F1 of the predicted circuit.
         published_auc: per-trial node AUC against the published head set, if the model has one.
         published_entry: that published circuit (heads, source).
         seconds, passes: per-trial wall time and forward passes (per prompt) of the method.
         backward_passes: per-trial backward passes (per prompt; the relevance score's).
+        local_backward_passes: per-trial backward passes through one attention layer (per
+            prompt and receiving head; the routed edge score's).
     """
 
     model: str
@@ -225,6 +250,7 @@ class CircuitResult:
     seconds: list[float]
     passes: list[int]
     backward_passes: list[int] = field(default_factory=list)
+    local_backward_passes: list[int] = field(default_factory=list)
     published_auc: list[float] = field(default_factory=list)
     published_entry: dict | None = None
 
@@ -260,7 +286,8 @@ class CircuitResult:
         truth = self.truth
         out = {
             "model": self.model, "task": self.task,
-            "config": {**dataclasses.asdict(self.config), "position": self.config.at},
+            "config": {**dataclasses.asdict(self.config), "position": self.config.at,
+                       "edge_score": self.config.edge_by},
             "trials": len(self.node_auc),
             "node_roc_auc": ms(self.node_auc),
             "edge_roc_auc": ms(self.edge_auc) if truth.has_edges else {"mean": None, "std": None},
@@ -275,6 +302,7 @@ class CircuitResult:
             "method_seconds_per_trial": ms(self.seconds),
             "method_forward_passes_per_trial": self.passes[0],
             "method_backward_passes_per_trial": self.backward_passes[0],
+            "method_local_backward_passes_per_trial": (self.local_backward_passes or [0])[0],
             "patching_node_forward_passes": truth.node_passes,
             "patching_edge_forward_passes": truth.node_passes + truth.edge_passes,
             "patching_node_seconds": truth.node_seconds,
@@ -321,6 +349,8 @@ def check_prompt_memory(cfg: DiscoverConfig, name: str, fixed: Task | None,
         heads, mcfg = n_layers * n_heads, model.model.cfg
         d, edges = mcfg.d_model, heads * heads if cfg.edges else 0
         prompt = TOKEN_BYTES * tokens + 3 * heads * d * 4  # ids; head outputs, two runs + one join
+        if cfg.edges and cfg.edge_by == "routed":  # every head's input gradient at every position
+            prompt += tokens * heads * d * 4
         train += prompt + 2 * heads * 4 * (2 * d + SAE_MATRICES * cfg.n_latents)
         held_out += prompt + heads * 4 * (d + cfg.n_latents) + 16 * heads + 32 * edges
         captures = 2 if cfg.ablation == "counterfactual" else 1
@@ -435,7 +465,9 @@ def discover(model: str | HookedModel, task: str | Task = DEFAULT_TASK, *, task_
         tok = trial_tokens[trial]
         grads = None
         if cfg.score == "relevance":
-            out_pos, grads = outputs_and_gradients(m, tok, metric, n_layers, n_heads, cfg.at)
+            grads = head_gradients(m, tok, metric, n_layers, n_heads, cfg.at,
+                                   receivers=cfg.edges and cfg.edge_by == "routed")
+            out_pos = grads.outputs
         else:
             out_pos = head_outputs(m, tok.pos, tok.pos_len, n_layers, n_heads, cfg.at)
         out_cf = head_outputs(m, tok.cf, tok.cf_len, n_layers, n_heads, cfg.at)
@@ -456,14 +488,17 @@ def discover(model: str | HookedModel, task: str | Task = DEFAULT_TASK, *, task_
             edge = scoring.edge_counts(pos_codes, neg_codes, emask, cfg.n_latents)
         else:
             vec_pos, vec_cf = code_vectors(sae, out_pos[ev]), code_vectors(sae, out_cf[ev])
-            node = (scoring.relevance(vec_pos, vec_cf, grads[ev]) if grads is not None
+            node = (scoring.relevance(vec_pos, vec_cf, grads.grads[ev]) if grads is not None
                     else scoring.code_change(vec_pos, vec_cf))
-            edge = scoring.edge_products(node, emask)
+            edge = (scoring.edge_relevance(vec_pos, vec_cf, grads.inputs[ev], emask)
+                    if grads is not None and grads.inputs is not None
+                    else scoring.edge_products(node, emask))
         if not cfg.edges:
             edge = torch.full(emask.shape, float("nan"))
         result.seconds.append(time.perf_counter() - start)
         result.passes.append(2 * need)
         result.backward_passes.append(need if grads is not None else 0)
+        result.local_backward_passes.append(need * grads.local_backward_passes if grads else 0)
         nodes.append(node)
         edges.append(edge)
         result.node_auc.append(scoring.roc_auc(node, truth.nodes))

@@ -53,7 +53,9 @@ def _rows(s: dict) -> list[tuple[str, str]]:
         ("SAE method cost", f"{_pm(s['method_seconds_per_trial'], 2)} s, "
          f"{s['method_forward_passes_per_trial']} forward passes per trial"
          + (f" and {s['method_backward_passes_per_trial']} backward"
-            if s.get("method_backward_passes_per_trial") else "")),
+            if s.get("method_backward_passes_per_trial") else "")
+         + (f" (+ {s['method_local_backward_passes_per_trial']} through one attention layer "
+            "for the routed edge score)" if s.get("method_local_backward_passes_per_trial") else "")),
         ("patching cost, heads", f"{s['patching_node_seconds']:.2f} s, "
          f"{s['patching_node_forward_passes']} forward passes"),
         ("patching cost, heads + edges", f"{s['patching_edge_seconds']:.2f} s, "

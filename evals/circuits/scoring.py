@@ -16,7 +16,14 @@ Codes: one integer per (prompt, head), the argmax latent of the shared SAE.
   absolute value averaged over prompts: the first-order change of the metric the code change
   would cause. One backward pass a prompt; the weighting is attribution patching's
   (REFERENCES.md), applied to the change of the SAE code rather than of the raw output.
-- Edges for `change` and `relevance`: the product of sender and receiver scores.
+- `routed` (edge, with relevance, the default): the sender's code vector change dotted with
+  the receiver's input gradient (`codes.head_gradients`: the metric's gradient at the
+  receiver's output taken back through the receiver's attention layer to its residual input),
+  summed over positions, its absolute value averaged over prompts: the first-order change of
+  the metric when the sender's change reaches the receiver alone, which is what path patching
+  measures exactly (`patching`). A product of node scores cannot tell which of a circuit
+  head's senders it reads; this can.
+- `product` (edge, with change or relevance): sender's node score times receiver's.
 - Predicted circuit (for precision / recall / F1): items whose count is above the mean count,
   i.e. more than an equal share, the same rule the patching ground truth uses for effects.
 - ROC AUC: the Mann-Whitney statistic, P(score of a true item > score of a false item), ties
@@ -56,6 +63,7 @@ def edge_counts(pos: torch.Tensor, neg: torch.Tensor, mask: torch.Tensor,
 
 
 SCORES = ("unique", "change", "relevance")
+EDGE_SCORES = ("routed", "product")
 
 
 def _per_prompt(values: torch.Tensor) -> torch.Tensor:
@@ -77,6 +85,19 @@ def edge_products(node: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """(N, N) sender score times receiver score on `mask`, NaN elsewhere."""
     out = torch.full(mask.shape, float("nan"))
     out[mask] = (node[:, None] * node[None, :])[mask]
+    return out
+
+
+def edge_relevance(vec_pos: torch.Tensor, vec_cf: torch.Tensor, inputs: torch.Tensor,
+                   mask: torch.Tensor) -> torch.Tensor:
+    """(N, N) on `mask` (NaN elsewhere): mean over prompts of |sum over positions of (sender's
+    code vector change . receiver's input gradient)|; inputs (P, [T,] N, d)."""
+    delta = vec_pos - vec_cf
+    if delta.dim() == 3:
+        delta, inputs = delta[:, None], inputs[:, None]
+    per_prompt = torch.einsum("ptsd,ptrd->psr", delta, inputs)
+    out = torch.full(mask.shape, float("nan"))
+    out[mask] = per_prompt.abs().mean(0)[mask]
     return out
 
 

@@ -10,7 +10,7 @@ from test_circuits_patching import tiny_model
 
 from saelab.errors import SaelabError
 from saelab.evals.circuits import DiscoverConfig, discover, headline, published, scoring, write_report
-from saelab.evals.circuits.codes import code_vectors, codes, head_outputs, outputs_and_gradients, train_sae
+from saelab.evals.circuits.codes import code_vectors, codes, head_gradients, head_outputs, train_sae
 from saelab.evals.circuits.discover import _trial_task
 from saelab.evals.circuits.patching import edge_mask
 from saelab.tasks import GENERATORS, Task, capacity
@@ -261,6 +261,54 @@ def test_change_and_relevance_scores_hand_computed():
     assert e[0, 1] == 6.0 and e[mask].numel() == 1 and torch.isnan(e[~mask]).all()
 
 
+def test_edge_relevance_hand_computed():
+    # 1 prompt, 2 positions, heads 0 (layer 0) -> 1, 2 (layer 1); d = 2
+    vec_pos = torch.tensor([[[[1.0, 0.0], [0.0, 0.0], [0.0, 0.0]],
+                             [[0.0, 2.0], [0.0, 0.0], [0.0, 0.0]]]])
+    inputs = torch.tensor([[[[9.0, 9.0], [3.0, 1.0], [1.0, 0.0]],
+                            [[9.0, 9.0], [0.0, 1.0], [0.0, -0.5]]]])
+    mask = torch.tensor([[False, True, True], [False, False, False], [False, False, False]])
+    e = scoring.edge_relevance(vec_pos, torch.zeros_like(vec_pos), inputs, mask)
+    # 0 -> 1: 1 * 3 + 2 * 1 = 5; 0 -> 2: |1 * 1 + 2 * -0.5| = 0: the two positions cancel
+    assert e[0, 1] == pytest.approx(5.0) and e[0, 2] == pytest.approx(0.0)
+    assert torch.isnan(e[~mask]).all()
+    last = scoring.edge_relevance(vec_pos[:, 1], torch.zeros_like(vec_pos[:, 1]), inputs[:, 1], mask)
+    assert last[0, 1] == pytest.approx(2.0) and last[0, 2] == pytest.approx(1.0)
+
+
+def test_receiver_gradients_match_path_patching_finite_differences(tmp_path):
+    """Every head live: sender s's output change, scaled by eps and path-patched into the
+    receiver's layer input (patching.py's edge construction), moves the metric through
+    receiver r alone by eps * (s's change . r's input gradient), summed over positions."""
+    from saelab.evals.circuits.patching import _set_head, z_hook
+    from saelab.tasks import last_logits, logit_diff, tokenize
+
+    model = tiny_model(tmp_path / "m", live={(0, 0), (0, 1), (1, 0), (1, 1)}, seed=3)
+    task = Task("copy", ("abcd", "qbcd"), ("xbcd", "zbcd"), (("e",), ("e",)), (("f",), ("f",)))
+    tok = tokenize(task, model.tokenizer, model.context_length)
+    got = head_gradients(model, tok, "logit-diff", 2, 2, "all", receivers=True, batch=1)
+    assert got.inputs.shape == (2, tok.pos.shape[1], 4, 16) and got.local_backward_passes == 2
+    assert (got.inputs[:, :, :2] == 0).all()  # layer 0 receives from no head
+    delta = head_outputs(model, tok.cf, tok.cf_len, 2, 2, "all") - got.outputs
+    eps = 1e-3
+    for prompt, sender, receiver in ((0, 0, 2), (0, 1, 3), (1, 1, 2)):
+        row = tok.rows(torch.tensor([prompt]))
+        clean = float(logit_diff(last_logits(model.logits(row.pos), row.pos_len), row)[0])
+
+        def path_patched(sign, s=sender, r=receiver, p=prompt, row=row, clean=clean):
+            add = {"blocks.1.hook_resid_pre": lambda x: x + sign * eps * delta[p:p + 1, :, s]}
+            z = {}
+            model.logits(row.pos, {**add, z_hook(1): lambda x: z.setdefault("z", x.clone())})
+            logits = model.logits(row.pos, {z_hook(1): _set_head(r - 2, 8, z["z"])})
+            return float(logit_diff(last_logits(logits, row.pos_len), row)[0]) - clean
+
+        fd = (path_patched(1) - path_patched(-1)) / (2 * eps)
+        want = float((delta[prompt, :, sender] * got.inputs[prompt, :, receiver]).sum())
+        assert want == pytest.approx(fd, rel=2e-2, abs=1e-3)
+        assert abs(fd) > 1e-3  # a live edge: the check is not 0 == 0
+    torch.testing.assert_close(got.outputs, head_outputs(model, tok.pos, tok.pos_len, 2, 2, "all"))
+
+
 def test_code_vectors_are_what_the_code_writes():
     x = torch.randn(30, 6, generator=torch.Generator().manual_seed(1)) * 4
     for kind in ("relu", "topk"):
@@ -283,7 +331,9 @@ def test_metric_gradients_match_finite_differences(tmp_path):
     model = tiny_model(tmp_path / "m", live={(0, 1), (1, 0)}, seed=2)
     task = Task("copy", ("abcd", "qbc"), ("xbcd", "zbc"), (("e",), ("e",)), (("f",), ("f",)))
     tok = tokenize(task, model.tokenizer, model.context_length)
-    outs, grads = outputs_and_gradients(model, tok, "logit-diff", 2, 2, "all", batch=1)
+    got = head_gradients(model, tok, "logit-diff", 2, 2, "all", batch=1)
+    outs, grads = got.outputs, got.grads
+    assert got.inputs is None and got.local_backward_passes == 0
     assert outs.shape == grads.shape == (2, tok.pos.shape[1], 4, 16)
     assert (grads[1, int(tok.pos_len[1]):] == 0).all()  # padding
     direction = torch.randn(16, generator=torch.Generator().manual_seed(0))
@@ -320,7 +370,12 @@ def test_change_and_relevance_discover_end_to_end(tmp_path):
         assert r.summary()["method_backward_passes_per_trial"] == 7 * (score == "relevance")
         em = edge_mask(2, 2)
         node = r.node_counts[0]
-        torch.testing.assert_close(r.edge_counts[0][em], (node[:, None] * node[None])[em])
+        if score == "change":
+            torch.testing.assert_close(r.edge_counts[0][em], (node[:, None] * node[None])[em])
+        else:  # routed: only the live edge 0.1 -> 1.0 carries anything
+            assert r.edge_counts[:, 1, 2].min() > 0 and r.edge_counts[:, em].max(1).values.eq(
+                r.edge_counts[:, 1, 2]).all()
+            assert r.local_backward_passes == [7 * 2] * 2  # 7 prompts x 2 heads above layer 0
 
 
 def test_score_and_position_must_fit():
@@ -329,6 +384,14 @@ def test_score_and_position_must_fit():
             DiscoverConfig(score=score, position=position)
     with pytest.raises(SaelabError, match="unknown score 'best'"):
         DiscoverConfig(score="best")
+    for score, edge in (("change", "routed"), ("unique", "routed"), ("unique", "product")):
+        with pytest.raises(SaelabError, match=f"edge score {edge} does not go with score {score}"):
+            DiscoverConfig(score=score, edge_score=edge)
+    with pytest.raises(SaelabError, match="unknown edge score 'pairs'; use routed or product"):
+        DiscoverConfig(edge_score="pairs")
+    assert [DiscoverConfig(score=s).edge_by for s in ("relevance", "change", "unique")] == [
+        "routed", "product", "pairs"]
+    assert DiscoverConfig(edge_score="product").edge_by == "product"
 
 
 def test_position_all_refuses_unequal_lengths_before_the_ground_truth(tmp_path, monkeypatch):
