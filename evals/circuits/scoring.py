@@ -12,7 +12,7 @@ Codes: one integer per (prompt, head), the argmax latent of the shared SAE.
   kept, averaged over prompts. Gradient-free; it cannot tell a change that matters to the
   metric from one that does not.
 - `relevance` (node): the same change dotted with the task metric's gradient with respect to
-  the head's output on the prompt (`codes.outputs_and_gradients`), summed over positions, its
+  the head's output on the prompt (`codes.head_gradients`), summed over positions, its
   absolute value averaged over prompts: the first-order change of the metric the code change
   would cause. One backward pass a prompt; the weighting is attribution patching's
   (REFERENCES.md), applied to the change of the SAE code rather than of the raw output.
