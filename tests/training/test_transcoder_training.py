@@ -53,9 +53,9 @@ def _mlp_data(m: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 @pytest.mark.parametrize("allocator", ["topk", "relu"])
 def test_transcoder_init_explains_variance_on_fresh_tokens(allocator):
-    """The init writes what its latents' tokens need. Random decoder rows (the old init) start
-    at FVU ~3.5 here (2.5 on zoo:pystdlib-4l-v2's blocks.1 MLP): that overshoot drove b_enc
-    down until top-k slots held negative pre-activations (L0 ~21 at k 32) and most latents died."""
+    """The init writes what its latents' tokens need. Random decoder rows (the former init)
+    start at FVU ~3.5 here (2.5 on zoo:pystdlib-4l-v2's blocks.1 MLP, whose transcoder then
+    trained to ~3x the held-out FVU and KL of one from this init, with 69% of latents dead)."""
     from saelab.evals import reconstruction_stats
     from saelab.sae_init import init_sae
 
