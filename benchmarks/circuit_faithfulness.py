@@ -315,12 +315,15 @@ COLOURS = dict(zip(BASES, ("black", "grey", "tab:blue", "tab:orange", "tab:green
                            "tab:purple"), strict=True))
 
 
-def mean_std(values: list[float]) -> str:
+def mean_std(values: list) -> str:
+    """mean ± sample std (counts to whole numbers), or the one value."""
     if not values:
         return "n/a"
+    counts = all(isinstance(v, int) for v in values)
     if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+        return str(values[0]) if counts else f"{values[0]:.3f}"
+    d = 0 if counts else 3
+    return f"{statistics.mean(values):.{d}f} ± {statistics.stdev(values):.{d}f}"
 
 
 def training_notes(rows: list[dict]) -> list[str]:
@@ -344,8 +347,10 @@ def training_notes(rows: list[dict]) -> list[str]:
             and plat and r["lr"] == plat[0]["lr"]]
     if plat and base:
         gain = (base[0]["fvu"] - plat[0]["fvu"]) / base[0]["fvu"]
-        out.append(f"- plateau: topk on {SWEEP_HOOK}, FVU {base[0]['fvu']:.4f} at {TOKENS:,} tokens, "
-                   f"{plat[0]['fvu']:.4f} at {2 * TOKENS:,}: doubling gains {gain:.1%}")
+        out.append(f"- plateau: topk on {SWEEP_HOOK} at lr {plat[0]['lr']:g}, FVU {base[0]['fvu']:.4f} "
+                   f"at {TOKENS:,} tokens, {plat[0]['fvu']:.4f} at {2 * TOKENS:,} "
+                   + (f"(doubling gains {gain:.1%})" if gain >= 0 else
+                      f"(the longer run collapsed, {plat[0]['dead_frac']:.0%} dead: no plateau measured)"))
     neu = [r for r in rows if r["stage"] == "neurons"]
     if neu:
         out.append("- neurons active (> 0) per token, held-out task text: " + ", ".join(
@@ -362,29 +367,48 @@ def report(args) -> None:
     circ = [r for r in rows if r["stage"] == "circuit"]
     trained = {(r["allocator"], r["seed"]): r for r in rows if r["stage"] == "study"}
 
-    def cell(basis: str, task: str, key: str) -> str:
-        vals = [r[key] for r in circ if r["basis"] == basis and r["task"] == task]
-        if key == "nodes_to_08":
-            missing = sum(v is None for v in vals)
-            vals = [v for v in vals if v is not None]
-            s = mean_std(vals).replace(".000", "") if vals else "never"
-            return s + (f" ({missing} never)" if missing and vals else "")
-        return mean_std(vals)
+    def values(basis: str, task: str, key) -> list:
+        return [key(r) if callable(key) else r[key] for r in circ
+                if r["basis"] == basis and r["task"] == task]
 
-    lines = ["CPR (higher is better) / CMD (lower is better) / nodes to f >= 0.8, EAP-IG scores, "
-             f"mean ± std over seeds (neurons: one basis), {PROMPTS} held-out prompts a task.", ""]
-    head = ["basis", "seeds", "FVU", "L0"] + [f"{t} CPR / CMD / to 0.8" for t in TASKS]
-    table = []
-    for b in BASES:
-        seeds = sorted({r["seed"] for r in circ if r["basis"] == b})
-        if not seeds:
-            continue
-        fits = [trained[(b, s)] for s in seeds if (b, s) in trained]
-        fvu = mean_std([f["fvu"] for f in fits]) if fits else "0"
-        l0 = mean_std([f["l0"] for f in fits]).replace(".000", "") if fits else "n/a"
-        table.append([b, str(len(seeds)), fvu, l0] + [
-            " / ".join(cell(b, t, k) for k in ("cpr", "cmd", "nodes_to_08")) for t in TASKS])
-    lines += md_table(head, table)
+    def to08(basis: str, task: str) -> str:
+        vals = values(basis, task, "nodes_to_08")
+        if not vals:
+            return "n/a"
+        missing = sum(v is None for v in vals)
+        vals = [v for v in vals if v is not None]
+        s = mean_std(vals) if vals else "never"
+        return s + (f" ({missing} never)" if missing and vals else "")
+
+    def at(k: int):
+        return lambda r: r["faithfulness"][r["sizes"].index(k)]
+
+    def errors08(r: dict) -> int | None:
+        return None if r["nodes_to_08"] is None else r["error_nodes_kept"][r["sizes"].index(r["nodes_to_08"])]
+
+    lines = [f"EAP-IG node scores on {PROMPTS} prompts a task, faithfulness on {PROMPTS} held-out ones; "
+             "mean ± std over seeds (neurons: one basis). Nodes: 2,048 (+4 error nodes for a "
+             "dictionary). FVU and L0: held-out task text, mean of the four sites.", ""]
+    bases = [b for b in BASES if any(r["basis"] == b for r in circ)]
+
+    def seeds(b: str) -> list[int]:
+        return sorted({r["seed"] for r in circ if r["basis"] == b})
+
+    def fit(b: str, key: str) -> str:
+        fits = [trained[(b, s)][key] for s in seeds(b) if (b, s) in trained]
+        return mean_std(fits) if fits else {"fvu": "0", "l0": "n/a", "dead_frac": "n/a"}[key]
+
+    lines += ["CPR (higher is better) / CMD (lower is better):", ""]
+    lines += md_table(["basis", "seeds", "FVU", "L0", "dead"] + list(TASKS), [
+        [b, str(len(seeds(b))), fit(b, "fvu"), fit(b, "l0"), fit(b, "dead_frac")]
+        + [f"{mean_std(values(b, t, 'cpr'))} / {mean_std(values(b, t, 'cmd'))}" for t in TASKS]
+        for b in bases])
+    lines += ["", "Smallest evaluated circuit with f >= 0.8 (error nodes it keeps) / f of the top "
+              "20 nodes / f of the top 50 nodes:", ""]
+    lines += md_table(["basis"] + list(TASKS), [
+        [b] + [f"{to08(b, t)} ({mean_std([e for e in values(b, t, errors08) if e is not None])}) / "
+               f"{mean_std(values(b, t, at(20)))} / {mean_std(values(b, t, at(50)))}" for t in TASKS]
+        for b in bases])
     lines += ["", *training_notes(rows)]
     text = "\n".join(lines) + "\n"
     write_text(args.out_dir / "circuit_faithfulness.md", text)
