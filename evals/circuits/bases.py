@@ -10,6 +10,9 @@ gradient reaching upstream are the model's own.
 
 - heads: one site per layer at `blocks.L.attn.hook_z`, a node per head (width d_head).
 - neurons: one site per layer at `blocks.L.mlp.hook_post`, a node per neuron (width 1).
+- rotation: the neurons' sites in a random orthogonal basis (a node per direction, width 1):
+  as many nodes as neurons, describing the same activations, with no error node (the rotation
+  rebuilds x exactly); the baseline a dictionary must beat to show its directions are special.
 - a dictionary (saelab, SAELens or sparsify; a run directory gives one site per hook): its
   latents (width 1; the part is the latent's activation, lin multiplies by its decoder row)
   and one error node (width d: x - x_hat, as Marks et al.), at the hook it was trained on.
@@ -31,7 +34,8 @@ from saelab.models import HookedModel
 from .patching import head_shape, z_hook
 
 Parts = list[torch.Tensor]
-NAMED_BASES = ("heads", "neurons")
+NAMED_BASES = ("heads", "neurons", "rotation")
+DEFAULT_ROTATION_SEED = 0
 
 
 class Site:
@@ -82,6 +86,33 @@ class NeuronSite(Site):
 
     def sizes(self):
         return [len(self.names)]
+
+
+class RotationSite(Site):
+    """The activation at `hook` (width d) in the orthonormal basis of `q`'s rows (d, d):
+    node i is x . q_i, and x = sum_i (x . q_i) q_i."""
+
+    def __init__(self, hook: str, q: torch.Tensor):
+        self.hook, self.q = hook, q
+        self.names = [f"{hook}/r{i}" for i in range(q.shape[0])]
+        self.errors = [False] * q.shape[0]
+
+    def split(self, x):
+        return [(x @ self.q.T.to(x)).unsqueeze(-1)]
+
+    def lin(self, parts):
+        return parts[0].squeeze(-1) @ self.q.to(parts[0])
+
+    def sizes(self):
+        return [len(self.names)]
+
+
+def random_rotation(d: int, seed: int) -> torch.Tensor:
+    """A (d, d) orthogonal matrix drawn uniformly (Haar): QR of a Gaussian matrix in float64,
+    columns' signs fixed by R's diagonal."""
+    g = torch.randn(d, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    q, r = torch.linalg.qr(g)
+    return (q * torch.sign(torch.diagonal(r))).T.float()
 
 
 class DictionarySite(Site):
@@ -140,15 +171,16 @@ class Basis:
 
 
 def basis(model: HookedModel, spec) -> Basis:
-    """The basis `spec` names on `model`: "heads", "neurons", a dictionary or run directory
-    path, an SAE, or {hook: SAE}; every dictionary is checked against the model first."""
+    """The basis `spec` names on `model`: "heads", "neurons", "rotation" (seed
+    `DEFAULT_ROTATION_SEED`), a dictionary or run directory path, an SAE, or {hook: SAE}; every
+    dictionary is checked against the model first."""
     if isinstance(spec, str | Path) and str(spec) in NAMED_BASES:
-        return heads(model) if str(spec) == "heads" else neurons(model)
+        return {"heads": heads, "neurons": neurons, "rotation": rotation}[str(spec)](model)
     if isinstance(spec, str | Path):
         from saelab.formats import open_dictionary
 
         if not Path(spec).is_dir():
-            raise SaelabError(f"unknown basis {str(spec)!r}; use heads, neurons, or a dictionary "
+            raise SaelabError(f"unknown basis {str(spec)!r}; use heads, neurons, rotation, or a dictionary "
                               "(or run) directory")
         name, spec = Path(spec).name, open_dictionary(spec, device=model.device)
     else:
@@ -169,6 +201,14 @@ def neurons(model: HookedModel) -> Basis:
         raise SaelabError(f"model {model.spec} has no MLP neurons to patch (blocks.L.mlp.hook_post "
                           "is missing); use --basis heads or a dictionary")
     return Basis("neurons", sites)
+
+
+def rotation(model: HookedModel, seed: int = DEFAULT_ROTATION_SEED) -> Basis:
+    """The neurons' sites, each in its own random orthogonal basis (seeded by `seed` and the
+    layer)."""
+    sites: list[Site] = [RotationSite(s.hook, random_rotation(len(s.names), seed * 1000 + layer))
+                         for layer, s in enumerate(neurons(model).sites)]
+    return Basis("rotation", sites)
 
 
 def _in_order(model: HookedModel, saes: dict) -> list[tuple[str, object]]:

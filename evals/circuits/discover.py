@@ -196,7 +196,8 @@ class CircuitsConfig:
                                       path=True)
     method: str = doc_field("codes", "How nodes are scored: codes (O'Neill & Bui, heads), "
                             "patching (exact), eap or eap-ig (attribution patching).")
-    basis: str = doc_field("heads", "What the nodes are: heads, neurons, or a dictionary or run "
+    basis: str = doc_field("heads", "What the nodes are: heads, neurons, rotation (the neurons in a "
+                           "random orthogonal basis), or a dictionary or run "
                            "directory (its latents and error nodes at its hooks).")
     discover: DiscoverConfig = dataclasses.field(default_factory=DiscoverConfig,
                                                  metadata={"panel": "Discovery"})
