@@ -160,8 +160,10 @@ def test_error_node_carries_what_the_latents_miss(head_model):
     b = basis(head_model, partial_dictionary(head_model))
     assert b.names[-1] == f"{LINEAR_HOOK}/error" and b.errors.tolist() == [False] * 4 + [True]
     effect = exact(head_model, tok, b, progress=False).scores
-    # linear after the site: patching every node is the counterfactual run, so effects sum to 1
-    assert math.isclose(float(effect.sum()), 1.0, abs_tol=1e-4)
+    # linear after the site: patching every node is the counterfactual run, so effects sum to 1,
+    # up to float32 rounding of terms that cancel (|effects| sum to ~8 here; the compiled gather
+    # and embedding_bag round differently)
+    assert math.isclose(float(effect.sum()), 1.0, abs_tol=1e-4 * float(effect.abs().sum()))
     assert abs(float(effect[-1])) > 0.5  # four random latents miss most of the answer direction
     faith = faithfulness(head_model, tok, b, effect, progress=False)
     first = faith["sizes"].index(1)
