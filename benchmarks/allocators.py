@@ -353,16 +353,19 @@ def grid_runs(scale: Scale, allocators: list[str]) -> list[dict]:
 
 
 def quality(study: Study, allocators: list[str]) -> None:
-    """Probe the grid's dictionaries at k = QUALITY_K on the first hook: every seed at probe seed
-    0, then the first seed's at the other probe seeds (after all of those, so a worker never
-    probes a dictionary another is still retraining)."""
+    """Probe the grid's dictionaries at k = QUALITY_K on the first hook, in passes: the first
+    seed's dictionaries at the first probe seed, then at the others, then each further seed's
+    (so a stopped stage has both kinds of noise early, and no worker probes a dictionary another
+    is still retraining)."""
     s = study.scale
-    runs = study_fields(study, [dict(allocator=a, hook=s.hooks[0], k=QUALITY_K, seed=seed, aux="auxk")
-                                for seed in s.seeds for a in allocators])
-    jobs = [(f, s.probe_seeds[0]) for f in runs]
-    jobs += [(f, p) for f in runs if f["seed"] == s.seeds[0] for p in s.probe_seeds[1:]]
-    done = study.done()
-    study.in_pool("quality", [job for job in jobs if _quality_id(study, *job) not in done])
+    seeds = [study_fields(study, [dict(allocator=a, hook=s.hooks[0], k=QUALITY_K, seed=seed, aux="auxk")
+                                  for a in allocators]) for seed in s.seeds]
+    passes = [[(f, s.probe_seeds[0]) for f in seeds[0]],
+              [(f, p) for f in seeds[0] for p in s.probe_seeds[1:]],
+              *([(f, s.probe_seeds[0]) for f in runs] for runs in seeds[1:])]
+    for jobs in passes:
+        done = study.done()
+        study.in_pool("quality", [job for job in jobs if _quality_id(study, *job) not in done])
 
 
 def _quality_id(study: Study, fields: dict, probe_seed: int) -> str:
