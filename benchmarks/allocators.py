@@ -11,8 +11,8 @@ compared at; k in {8, 16, 32, 64}, three seeds, two layers of the default zoo mo
     add --quick to any of them for a minutes-long smoke run (small sizes, one seed);
     --workers N runs N SAEs at a time, one thread each (default 2: this machine's cores);
     --allocators a,b (default: the four batch/token allocators; `quality`: those and EXTRA)
-    chooses whom a stage runs; --sizes, --lrs and --hooks set the sweep's sizes and starting grid
-    and the hooks the cache holds and the study runs.
+    chooses whom a stage runs; --sizes, --lrs, --ks and --hooks set the sweep's sizes and starting
+    grid, the study's k grid and the hooks the cache holds and the study runs.
 
 Every SAE trains from one activation cache (both layers, with loss gradients for gradient_topk)
 and is scored on held-out tokens it never saw. Stages append one JSON line per run to
@@ -585,11 +585,13 @@ def main() -> None:
                    help="sweep: dictionary sizes [default: the scale's]")
     p.add_argument("--lrs", type=lambda t: tuple(float(v) for v in t.split(",")), default=None,
                    help="sweep: the starting lr grid [default: the scale's]")
+    p.add_argument("--ks", type=lambda t: tuple(int(v) for v in t.split(",")), default=None,
+                   help="study: the k grid [default: the scale's]")
     p.add_argument("--hooks", type=lambda t: tuple(t.split(",")), default=None,
                    help="the hooks the cache holds and the study runs [default: the scale's]")
     args = p.parse_args()
     scale = QUICK if args.quick else FULL
-    scale = replace(scale, hooks=args.hooks or scale.hooks, lrs=args.lrs or scale.lrs)
+    scale = replace(scale, hooks=args.hooks or scale.hooks, lrs=args.lrs or scale.lrs, ks=args.ks or scale.ks)
     allocators = args.allocators or (ALLOCATORS + EXTRA if args.stage == "quality" else ALLOCATORS)
     out = args.out or Path("benchmarks/out/allocators" + ("-quick" if args.quick else ""))
     out.mkdir(parents=True, exist_ok=True)
