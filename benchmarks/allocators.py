@@ -5,9 +5,14 @@ compared at; k in {8, 16, 32, 64}, three seeds, two layers of the default zoo mo
     python benchmarks/allocators.py plateau    # how much longer runs still gain, and the order
     python benchmarks/allocators.py study      # k x seeds x layers at the tuned lrs
     python benchmarks/allocators.py variants   # aux_zipf vs AuxK; gradient_topk raw vs normalised
-    python benchmarks/allocators.py report     # table (markdown), FVU/KL-vs-L0 PNGs, variants.png
+    python benchmarks/allocators.py quality    # sparse probing and absorption of the k = 32 dictionaries
+    python benchmarks/allocators.py report     # tables (markdown), FVU/KL-vs-L0 PNGs, variants.png,
+                                               # quality.png
     add --quick to any of them for a minutes-long smoke run (small sizes, one seed);
-    --workers N runs N SAEs at a time, one thread each (default 2: this machine's cores)
+    --workers N runs N SAEs at a time, one thread each (default 2: this machine's cores);
+    --allocators a,b (default: the four batch/token allocators; `quality`: those and EXTRA)
+    chooses whom a stage runs; --sizes, --lrs, --ks and --hooks set the sweep's sizes and starting
+    grid, the study's k grid and the hooks the cache holds and the study runs.
 
 Every SAE trains from one activation cache (both layers, with loss gradients for gradient_topk)
 and is scored on held-out tokens it never saw. Stages append one JSON line per run to
@@ -23,6 +28,16 @@ The sweep and plateau stages score by held-out FVU alone (cheap); the study and 
 (gradient_topk: plain topk; batch-level allocators: their thresholds), dead latents (never active
 in the eval window), rare ones (active on 1-9 of its tokens: if few, the window is long enough
 for the rarest live latents) and dense ones (active on > 10% of tokens).
+The kinds in EXTRA (jumprelu, matryoshka) run the same stages with `--allocators`. jumprelu's L0
+is steered to k by its controller, not fixed, so the sweep chooses its lr among runs whose L0 is
+within `l0_tolerance` of k, and the report compares it with the others at its measured L0
+(log-log interpolation between the reference's neighbouring k). matryoshka keeps its default
+prefixes (n/16, n/4, n).
+The quality stage probes the k = 32 dictionaries of the first hook (`saelab.evals.probes`: sparse
+probing per label family and absorption), every seed at probe seed 0 and the first seed's
+dictionary at every probe seed, so reseed noise and probe-sample noise sit side by side; a
+dictionary the study did not keep on disk is retrained into its run directory and its held-out
+FVU checked against the study's row.
 """
 
 from __future__ import annotations
@@ -30,26 +45,35 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from multiprocessing import get_context
 from pathlib import Path
 
 import torch
+from matplotlib.figure import Figure
 
 from saelab.data.cache import MANIFEST, build_cache
 from saelab.data.heldout import heldout_activations
 from saelab.data.tokens import TokenData
 from saelab.evals import evaluate, reconstruction_stats
+from saelab.evals.probes import probes
+from saelab.evals.render import md_table, save_png
 from saelab.models import load_model
-from saelab.sae import SAE
+from saelab.sae import SAE, WEIGHTS_FILE
 from saelab.storage.files import write_json, write_text
 from saelab.training import TrainConfig, train
 from saelab.zoo import DEFAULT_MODEL
 
 ALLOCATORS = ["topk", "gradient_topk", "feature_choice", "mutual_choice"]
+EXTRA = ["jumprelu", "matryoshka"]  # later kinds, run into the same results with --allocators
+QUALITY_K = 32
+FAMILIES = ("token type", "word", "first letter")  # probe families the quality table shows
+QUALITY = {**{f"{fam}_k{k}": f"{fam} k={k}" for fam in FAMILIES for k in (1, 5)},
+           "absorption": "absorption"}  # quality row key -> its column
 FORMATS = {"fvu": 4, "l0": 1, "kl_sae": 4, "delta_loss": 4}  # the table's columns: decimal places
 
 
@@ -70,6 +94,9 @@ class Scale:
     gain: float = 0.03
     lr_extend: int = 3  # grid extensions (one x2 step each) past an edge that holds the best lr
     max_dead: float = 0.05  # an lr leaving more of the latents dead on held-out tokens is not chosen
+    l0_tolerance: float = 0.1  # nor one whose held-out L0 is further than this from k (relative)
+    probe_seeds: tuple[int, ...] = (0, 1, 2)  # quality: the first seed's dictionary at each
+    train_overrides: tuple[tuple[str, int], ...] = ()  # training fields every run takes (not in ids)
     betas: tuple[float, ...] = (4.0, 16.0, 64.0)  # gradient_topk raw score: the betas tried
 
 
@@ -81,7 +108,8 @@ FULL = Scale(hooks=("blocks.1.hook_resid_post", "blocks.3.hook_resid_post"), cac
              eval_tokens=2**17)
 QUICK = Scale(hooks=("blocks.1.hook_resid_post",), cache_tokens=65_536, n_latents=(256, 512),
               lrs=(1e-3, 4e-3), sweep_tokens=65_536, plateau_start=32_768, plateau_max=131_072,
-              ks=(8, 32), seeds=(0,), eval_tokens=4096, lr_extend=1)
+              ks=(8, 32), seeds=(0,), eval_tokens=4096, lr_extend=1, probe_seeds=(0, 1),
+              train_overrides=(("topk_warmup_steps", 4),))  # 16 steps: jumprelu needs its switch
 
 
 class Study:
@@ -118,27 +146,44 @@ class Study:
     def run_all(self, stage: str, full_eval: bool, runs: list[dict]) -> list[dict]:
         """Every run's row, training the missing ones `workers` at a time (one thread each)."""
         todo = [f for f in runs if self.run_id(full_eval, f) not in self.done()]
-        if self.workers > 1 and len(todo) > 1:
-            with ProcessPoolExecutor(min(self.workers, len(todo)), mp_context=get_context("spawn"),
-                                     initializer=_start_worker, initargs=(self.out, self.scale)) as pool:
-                list(pool.map(_run_in_worker, [(stage, full_eval, f) for f in todo]))
-        else:
-            for f in todo:
-                self.run(stage, full_eval, **f)
+        self.in_pool("run", [(stage, full_eval, f) for f in todo])
         done = self.done()
         return [done[self.run_id(full_eval, f)] for f in runs]
 
-    def run(self, stage: str, full_eval: bool, **fields) -> dict:
+    def in_pool(self, method: str, jobs: list[tuple]) -> None:
+        """self.<method>(*job) for every job, `workers` at a time in processes of one thread."""
+        if self.workers > 1 and len(jobs) > 1:
+            with ProcessPoolExecutor(min(self.workers, len(jobs)), mp_context=get_context("spawn"),
+                                     initializer=_start_worker, initargs=(self.out, self.scale)) as pool:
+                list(pool.map(_in_worker, [(method, job) for job in jobs]))
+        else:
+            for job in jobs:
+                getattr(self, method)(*job)
+
+    def run_dir(self, run_id: str) -> Path:
+        return self.out / "runs" / run_id.replace(":", "/").replace(",", "_").replace("=", "-")
+
+    def train_into(self, out: Path, fields: dict):
+        """Train the run `fields` (with its dead window) into `out`; its TrainResult."""
+        (result,) = train(TrainConfig.of(cache=str(self.cache), out=str(out), overwrite=True,
+                                         checkpoint_every=0, **dict(self.scale.train_overrides),
+                                         **self.with_dead_window(fields))).values()
+        return result
+
+    def append(self, row: dict) -> None:
+        with self.results.open("a") as f:  # one short line per O_APPEND write: workers never interleave
+            f.write(json.dumps(row) + "\n")
+
+    def run(self, stage: str, full_eval: bool, fields: dict) -> dict:
         """Train one SAE (or reuse a finished run with the same fields and scoring, whichever
         stage ran it) and score it on held-out tokens."""
         run_id = self.run_id(full_eval, fields)
         if run_id in (done := self.done()):
             return done[run_id]
-        fields = self.with_dead_window(fields)
-        out = self.out / "runs" / run_id.replace(":", "/").replace(",", "_").replace("=", "-")
+        out = self.run_dir(run_id)
         start = time.perf_counter()
-        (result,) = train(TrainConfig.of(cache=str(self.cache), out=str(out), overwrite=True,
-                                         checkpoint_every=0, **fields)).values()
+        result = self.train_into(out, fields)
+        fields = self.with_dead_window(fields)
         seconds = time.perf_counter() - start
         if full_eval:
             r = evaluate(str(out), tokens=self.scale.eval_tokens, model=self.model, data=self.heldout)
@@ -153,16 +198,55 @@ class Study:
         scores["eval_tokens"] = scores.pop("tokens")  # the run's own `tokens` is its training budget
         row = {"id": run_id, "stage": stage, **fields, **scores, "train_seconds": round(seconds, 1),
                "tokens_per_s": round(result.summary["tokens_per_s"])}
-        with self.results.open("a") as f:  # one short line per O_APPEND write: workers never interleave
-            f.write(json.dumps(row) + "\n")
+        self.append(row)
         print(f"{stage} {run_id}: FVU {row['fvu']:.4f}, L0 {row['l0']:.1f} ({seconds:.0f} s, "
               f"{row['tokens_per_s']:,} tok/s)", flush=True)
+        return row
+
+    def quality(self, fields: dict, probe_seed: int) -> dict:
+        """The probing row of the fully evaluated run `fields` at `probe_seed` (module docstring):
+        family accuracies at k = 1 and 5 (and the ceiling), the mean absorption rate."""
+        run_id = self.run_id(True, fields)
+        qid = _quality_id(self, fields, probe_seed)
+        if qid in (done := self.done()):
+            return done[qid]
+        study_row = done.get(run_id) or self.run("study", True, fields)
+        out, check = self.run_dir(run_id), {}
+        if not (out / WEIGHTS_FILE).exists():
+            self.train_into(out, fields)
+            x = self.heldout_x(fields["hook"])
+            check["fvu_retrained"] = reconstruction_stats(SAE.load(str(out)), x)["fvu"]
+            print(f"retrained {run_id}: held-out FVU {check['fvu_retrained']:.4f} (study: "
+                  f"{study_row['fvu']:.4f})", flush=True)
+        r = probes(str(out), tokens=self.scale.eval_tokens // 2, model=self.model, seed=probe_seed)
+        scores = _family_means(r["labels"].values())
+        row = {"id": qid, "stage": "quality", **self.with_dead_window(fields), "probe_seed": probe_seed,
+               "fvu": study_row["fvu"], "l0": study_row["l0"], **check, **scores,
+               "absorption": r["absorption"]["mean_rate"], "positions": r["positions"],
+               **{key: r["absorption"][key] for key in ("letters_included", "split_letters")},
+               "probe_seconds": r["seconds"]}
+        self.append(row)
+        print(f"quality {qid}: token type k=1 {row['token type_k1']:.3f}, absorption "
+              f"{row['absorption']}", flush=True)
         return row
 
     def heldout_x(self, hook: str):
         if hook not in self._x:
             self._x[hook] = heldout_activations(self.model, self.heldout, hook, self.scale.eval_tokens)
         return self._x[hook]
+
+
+def _family_means(labels) -> dict[str, float]:
+    """Mean held-out accuracy per label family of a probing report's label rows: k = 1, k = 5
+    and the ceiling, keyed "<family>_k1" and so on."""
+    families: dict[str, list[dict]] = {}
+    for label in labels:
+        families.setdefault(label["family"], []).append(label)
+    return {f"{fam}_{key}": statistics.fmean(pick(row) for row in rows)
+            for fam, rows in families.items()
+            for key, pick in (("k1", lambda row: row["sparse"]["1"]["accuracy"]),
+                              ("k5", lambda row: row["sparse"]["5"]["accuracy"]),
+                              ("ceiling", lambda row: row["ceiling"]["accuracy"]))}
 
 
 _WORKER: Study | None = None
@@ -174,16 +258,19 @@ def _start_worker(out: Path, scale: Scale) -> None:
     _WORKER = Study(out, scale)
 
 
-def _run_in_worker(job: tuple[str, bool, dict]) -> None:
-    stage, full_eval, fields = job
-    _WORKER.run(stage, full_eval, **fields)
+def _in_worker(job: tuple[str, tuple]) -> None:
+    method, args = job
+    getattr(_WORKER, method)(*args)
 
 
-def pick_lr(rows: list[dict], max_dead: float) -> float:
+def pick_lr(rows: list[dict], max_dead: float, l0_tolerance: float) -> float:
     """The lr of the lowest held-out FVU among runs leaving at most `max_dead` of the latents
-    dead (never active on the held-out tokens); among all runs if none does. Without the cap
-    the sweep picks lrs that buy the last percent of FVU with a third of the dictionary."""
-    eligible = [r for r in rows if r["dead_frac"] <= max_dead] or rows
+    dead (never active on the held-out tokens) and whose held-out L0 is within `l0_tolerance`
+    of k; among all runs if none is. Without the dead cap the sweep picks lrs that buy the last
+    percent of FVU with a third of the dictionary; without the L0 one, a jumprelu lr whose
+    controller overshot k would win on FVU bought with L0."""
+    eligible = [r for r in rows if r["dead_frac"] <= max_dead
+                and abs(r["l0"] / r["k"] - 1) <= l0_tolerance] or rows
     return min(eligible, key=lambda r: r["fvu"])["lr"]
 
 
@@ -192,22 +279,22 @@ def best_lrs(study: Study) -> dict[tuple[str, int], float]:
     s = study.scale
     rows = [r for r in study.done().values()
             if r["id"].startswith("fvu:") and r["tokens"] == s.sweep_tokens and r["k"] == 32]
-    return {key: pick_lr(group, s.max_dead)
+    return {key: pick_lr(group, s.max_dead, s.l0_tolerance)
             for key, group in _groups(rows, ("allocator", "n_latents")).items()}
 
 
-def sweep(study: Study) -> None:
+def sweep(study: Study, allocators: list[str], sizes: tuple[int, ...]) -> None:
     """lr per allocator and dictionary size, at k = 32 (the default), one seed, the first hook:
     the grid, then x2 steps past the end that holds the chosen lr, until it is inside."""
     s = study.scale
-    grids = {(a, n): list(s.lrs) for n in s.n_latents for a in ALLOCATORS}
+    grids = {(a, n): list(s.lrs) for n in sizes for a in allocators}
     for round_ in range(s.lr_extend + 1):
         runs = [dict(allocator=a, hook=s.hooks[0], n_latents=n, k=32, lr=lr, tokens=s.sweep_tokens)
                 for (a, n), grid in grids.items() for lr in grid]
         rows = _groups(study.run_all("sweep", False, runs), ("allocator", "n_latents"))
         moved = False
         for key, grid in grids.items():
-            best = pick_lr(rows[key], s.max_dead)
+            best = pick_lr(rows[key], s.max_dead, s.l0_tolerance)
             if round_ < s.lr_extend and best == grid[-1]:
                 grid.append(grid[-1] * 2)
                 moved = True
@@ -220,15 +307,15 @@ def sweep(study: Study) -> None:
         print(f"chosen lr {allocator:>15} n={n:>5}: {lr:g}")
 
 
-def plateau(study: Study) -> None:
+def plateau(study: Study, allocators: list[str]) -> None:
     """How far each allocator is from a plateau at the study's budget: at k = 32 and its tuned
     lr, the budget doubles from `plateau_start` until held-out FVU improves by less than `gain`
     (relative) or the next budget would pass `plateau_max`. Prints the gain per doubling and the
     allocators' order at each budget (the study compares them at `sweep_tokens`)."""
     s, n = study.scale, study.scale.n_latents[0]
     lrs = best_lrs(study)
-    fvu: dict[str, dict[int, float]] = {a: {} for a in ALLOCATORS}
-    tokens, live = s.plateau_start, list(ALLOCATORS)
+    fvu: dict[str, dict[int, float]] = {a: {} for a in allocators}
+    tokens, live = s.plateau_start, list(allocators)
     while live and tokens <= s.plateau_max:
         runs = [dict(allocator=a, hook=s.hooks[0], n_latents=n, k=32, lr=lrs[(a, n)], tokens=tokens)
                 for a in live]
@@ -240,25 +327,49 @@ def plateau(study: Study) -> None:
     for t in sorted({t for by_t in fvu.values() for t in by_t}):
         at_t = sorted((by_t[t], a) for a, by_t in fvu.items() if t in by_t)
         print(f"{t:>10,} tokens: " + " < ".join(f"{a} {v:.4f}" for v, a in at_t))
-    for a in ALLOCATORS:
+    for a in allocators:
         steps = sorted(fvu[a].items())
         gains = [f"{100 * (f0 - f1) / f0:.0f}%" for (_, f0), (_, f1) in itertools.pairwise(steps)]
         print(f"plateau {a:>15} (lr {lrs[(a, n)]:g}): gain per doubling {', '.join(gains)}")
 
 
-def study_runs(study: Study, stage: str, runs: list[dict]) -> list[dict]:
-    """Fully evaluated rows of `runs`, completed with the study's dictionary size, budget
-    (`sweep_tokens`) and each allocator's lr tuned at that size and budget."""
+def study_fields(study: Study, runs: list[dict]) -> list[dict]:
+    """`runs` completed with the study's dictionary size, budget (`sweep_tokens`) and each
+    allocator's lr tuned at that size and budget."""
     s = study.scale
     n, lrs = s.n_latents[0], best_lrs(study)
-    return study.run_all(stage, True, [dict(n_latents=n, lr=lrs[(r["allocator"], n)],
-                                            tokens=s.sweep_tokens, **r) for r in runs])
+    return [dict(n_latents=n, lr=lrs[(r["allocator"], n)], tokens=s.sweep_tokens, **r) for r in runs]
 
 
-def grid_runs(scale: Scale) -> list[dict]:
+def study_runs(study: Study, stage: str, runs: list[dict]) -> list[dict]:
+    """Fully evaluated rows of `runs` (`study_fields`)."""
+    return study.run_all(stage, True, study_fields(study, runs))
+
+
+def grid_runs(scale: Scale, allocators: list[str]) -> list[dict]:
     """The study's grid, seed outermost: a study stopped early has every cell at its first seeds."""
     return [dict(allocator=a, hook=hook, k=k, seed=seed, aux="auxk")
-            for seed in scale.seeds for k in scale.ks for hook in scale.hooks for a in ALLOCATORS]
+            for seed in scale.seeds for k in scale.ks for hook in scale.hooks for a in allocators]
+
+
+def quality(study: Study, allocators: list[str]) -> None:
+    """Probe the grid's dictionaries at k = QUALITY_K on the first hook, in passes: the first
+    seed's dictionaries at the first probe seed, then at the others, then each further seed's
+    (so a stopped stage has both kinds of noise early, and no worker probes a dictionary another
+    is still retraining)."""
+    s = study.scale
+    seeds = [study_fields(study, [dict(allocator=a, hook=s.hooks[0], k=QUALITY_K, seed=seed, aux="auxk")
+                                  for a in allocators]) for seed in s.seeds]
+    passes = [[(f, s.probe_seeds[0]) for f in seeds[0]],
+              [(f, p) for f in seeds[0] for p in s.probe_seeds[1:]],
+              *([(f, s.probe_seeds[0]) for f in runs] for runs in seeds[1:])]
+    for jobs in passes:
+        done = study.done()
+        study.in_pool("quality", [job for job in jobs if _quality_id(study, *job) not in done])
+
+
+def _quality_id(study: Study, fields: dict, probe_seed: int) -> str:
+    return f"probes:probe_seed={probe_seed}," + study.run_id(True, fields).removeprefix("eval:")
 
 
 def variant_runs(study: Study) -> list[dict]:
@@ -301,10 +412,15 @@ def report(study: Study) -> None:
         raw = r.get("grad_score") == "raw"
         r["variant"] = r.get("aux", "") + (f", raw beta {r['beta']:g}" if raw else "")
     full = [r for r in rows if r["id"].startswith("eval:")]
-    write_text(study.out / "results.md", _table(rows, full))
-    _l0_plots(study.out, [r for r in full if r["variant"] == "auxk"])
+    grid = [r for r in full if r["variant"] == "auxk"]
+    probed = [r for r in rows if r["id"].startswith("probes:")]
+    write_text(study.out / "results.md", "\n".join([_table(rows, full), *_matched_tables(grid),
+                                                     *_quality_tables(probed, study.scale)]))
+    _l0_plots(study.out, grid)
     if any(r["stage"] == "variants" for r in full):
         _variants_plot(study.out, full)
+    if probed:
+        save_png(_quality_plot(probed, study.scale), study.out / "quality.png")
     print(f"written: {study.out / 'results.md'} and the PNGs beside it")
 
 
@@ -324,6 +440,96 @@ def _table(rows: list[dict], full: list[dict]) -> str:
               for r in sorted((r for r in rows if r["id"].startswith("fvu:")),
                               key=lambda r: (r["allocator"], r["n_latents"], r["tokens"], r["lr"]))]
     return "\n".join(lines) + "\n"
+
+
+def _at_l0(cells: list[tuple[float, float, float]], l0: float) -> tuple[float, float] | None:
+    """(mean, std) of a metric at `l0`, from (L0, mean, std) cells sorted by L0: log-log linear
+    between the two neighbours (std linear in the same weight); None outside their range."""
+    for (l0_a, m_a, sd_a), (l0_b, m_b, sd_b) in itertools.pairwise(cells):
+        if l0_a <= l0 <= l0_b:
+            t = math.log(l0 / l0_a) / math.log(l0_b / l0_a)
+            return math.exp((1 - t) * math.log(m_a) + t * math.log(m_b)), (1 - t) * sd_a + t * sd_b
+    return None
+
+
+def _matched_tables(grid: list[dict]) -> list[str]:
+    """Each EXTRA kind's FVU and KL at its measured L0 beside topk's and mutual_choice's
+    interpolated there (`_at_l0`), per hook and k; the gap in combined standard deviations."""
+    lines = []
+    for key, name in (("fvu", "held-out FVU"), ("kl_sae", "KL")):
+        head = ["hook", "kind", "k", "L0", name,
+                *(f"{ref} at that L0 (gap, sd)" for ref in ("topk", "mutual_choice"))]
+        body = []
+        for (hook, kind, k), group in sorted(_groups(grid, ("hook", "allocator", "k")).items()):
+            if kind not in EXTRA:
+                continue
+            (l0, l0_sd), (m, sd) = _mean_std(group, "l0"), _mean_std(group, key)
+            cells = [f"{l0:.1f} +- {l0_sd:.1f}", f"{m:.4f} +- {sd:.4f}"]
+            for ref in ("topk", "mutual_choice"):
+                refs = sorted((_mean_std(g, "l0")[0], *_mean_std(g, key)) for (h, a, _), g in
+                              _groups(grid, ("hook", "allocator", "k")).items() if h == hook and a == ref)
+                at = _at_l0(refs, l0)
+                cells.append("outside its L0 range" if at is None else
+                             f"{at[0]:.4f} +- {at[1]:.4f} ({(m - at[0]) / math.hypot(sd, at[1]):+.1f})")
+            body.append([hook, kind, str(k), *cells])
+        if body:
+            lines += ["", f"{name} at matched L0 (the reference log-log interpolated between its "
+                      "neighbouring k; gap = (kind - reference) / combined sd):", "", *md_table(head, body)]
+    return lines
+
+
+def _quality_tables(probed: list[dict], scale: Scale) -> list[str]:
+    """Probe metrics per allocator: mean +- std over the seeds' dictionaries (probe seed 0), and
+    the first seed's dictionary's std over probe seeds beside it."""
+    if not probed:
+        return []
+    reseed = _groups([r for r in probed if r["probe_seed"] == scale.probe_seeds[0]], ("allocator",))
+    reprobe = _groups([r for r in probed if r["seed"] == scale.seeds[0]], ("allocator",))
+    head = ["allocator", "dictionaries", "FVU", *QUALITY.values()]
+    body = [[a, str(len(g)), *(f"{m:.4f} +- {sd:.4f}" for m, sd in [_mean_std(g, "fvu")]),
+             *(_measured(g, key, lambda m, sd: f"{m:.3f} +- {sd:.3f}") for key in QUALITY)]
+            for (a,), g in sorted(reseed.items())]
+    noise = [[a, f"{len(reprobe[(a,)])} probe seeds",
+              *(" / ".join(_measured(g, key, lambda m, sd: f"{sd:.3f}")
+                           for g in (reseed[(a,)], reprobe[(a,)])) for key in QUALITY)]
+             for (a,) in sorted(reseed) if (a,) in reprobe]
+    return ["", f"Feature quality (k = {QUALITY_K}, {probed[0]['hook']}): mean held-out accuracy per "
+            "label family, mean absorption rate; mean +- std over seeds (probe seed "
+            f"{scale.probe_seeds[0]}):", "", *md_table(head, body), "",
+            "Noise: std across the seeds' dictionaries / std across probe seeds of the first seed's:", "",
+            *md_table(["allocator", "probe seeds", *QUALITY.values()], noise)]
+
+
+def _measured(rows: list[dict], key: str, cell) -> str:
+    """cell(mean, std) over the rows that measured `key` (a family with too few positions, or
+    absorption with no letter whose probe passes, is missing or None), "n/a" if none did."""
+    rows = [r for r in rows if r.get(key) is not None]
+    return cell(*_mean_std(rows, key)) if rows else "n/a"
+
+
+def _quality_plot(probed: list[dict], scale: Scale) -> Figure:
+    """One panel per quality metric: each allocator's seed dictionaries (dots, mean +- std) and
+    its first dictionary at every probe seed (crosses, beside)."""
+    fig = Figure(figsize=(15, 4.2), layout="constrained")
+    axes = fig.subplots(1, len(QUALITY), sharey=False)
+    kinds = sorted({r["allocator"] for r in probed})
+    for ax, (key, label) in zip(axes, QUALITY.items(), strict=True):
+        for i, kind in enumerate(kinds):
+            mine = [r for r in probed if r["allocator"] == kind and r.get(key) is not None]
+            seeds = [r[key] for r in mine if r["probe_seed"] == scale.probe_seeds[0]]
+            probes_ = [r[key] for r in mine if r["seed"] == scale.seeds[0]]
+            ax.plot([i - 0.12] * len(seeds), seeds, "o", color="C0", ms=4, label="seeds" if i == 0 else None)
+            if seeds:
+                m, sd = _mean_std([{key: v} for v in seeds], key)
+                ax.errorbar(i - 0.12, m, yerr=sd, color="C0", capsize=4, marker="_", ms=12)
+            ax.plot([i + 0.12] * len(probes_), probes_, "x", color="C3", ms=5,
+                    label="probe seeds, seed-0 dictionary" if i == 0 else None)
+        ax.set_xticks(range(len(kinds)), kinds, rotation=60, fontsize=8)
+        ax.set_title(label, fontsize=9)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"{DEFAULT_MODEL} {probed[0]['hook']}, k = {QUALITY_K}: feature quality, reseed vs "
+                 "probe-seed spread")
+    return fig
 
 
 def _l0_plots(out: Path, grid: list[dict]) -> None:
@@ -368,25 +574,39 @@ def _variants_plot(out: Path, full: list[dict]) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("stage", choices=["sweep", "plateau", "study", "variants", "report"])
+    p.add_argument("stage", choices=["sweep", "plateau", "study", "variants", "quality", "report"])
     p.add_argument("--quick", action="store_true", help="minutes, not hours: small sizes, one seed")
     p.add_argument("--workers", type=int, default=2, help="SAEs trained at once, one thread each")
     p.add_argument("--out", type=Path, default=None,
                    help="output directory [default: benchmarks/out/allocators(-quick)]")
+    p.add_argument("--allocators", type=lambda t: t.split(","), default=None,
+                   help="comma-separated kinds a stage runs [default: the four; quality: and EXTRA]")
+    p.add_argument("--sizes", type=lambda t: tuple(int(n) for n in t.split(",")), default=None,
+                   help="sweep: dictionary sizes [default: the scale's]")
+    p.add_argument("--lrs", type=lambda t: tuple(float(v) for v in t.split(",")), default=None,
+                   help="sweep: the starting lr grid [default: the scale's]")
+    p.add_argument("--ks", type=lambda t: tuple(int(v) for v in t.split(",")), default=None,
+                   help="study: the k grid [default: the scale's]")
+    p.add_argument("--hooks", type=lambda t: tuple(t.split(",")), default=None,
+                   help="the hooks the cache holds and the study runs [default: the scale's]")
     args = p.parse_args()
     scale = QUICK if args.quick else FULL
+    scale = replace(scale, hooks=args.hooks or scale.hooks, lrs=args.lrs or scale.lrs, ks=args.ks or scale.ks)
+    allocators = args.allocators or (ALLOCATORS + EXTRA if args.stage == "quality" else ALLOCATORS)
     out = args.out or Path("benchmarks/out/allocators" + ("-quick" if args.quick else ""))
     out.mkdir(parents=True, exist_ok=True)
     study = Study(out, scale, args.workers)
     write_json(out / "scale.json", {"model": DEFAULT_MODEL, **scale.__dict__})
     if args.stage == "sweep":
-        sweep(study)
+        sweep(study, allocators, args.sizes or scale.n_latents)
     elif args.stage == "plateau":
-        plateau(study)
+        plateau(study, allocators)
     elif args.stage == "study":
-        study_runs(study, "study", grid_runs(scale))
+        study_runs(study, "study", grid_runs(scale, allocators))
     elif args.stage == "variants":
         study_runs(study, "variants", variant_runs(study))
+    elif args.stage == "quality":
+        quality(study, allocators)
     report(study)
 
 

@@ -26,6 +26,7 @@ from saelab.evals.probes import task_labels
 from saelab.evals.probes.labels import char_labels, token_fields
 from saelab.evals.probes.probing import Features
 from saelab.models import HookedModel
+from saelab.sae import SparseCode
 
 TEST_FRACTION = 0.3
 CHARS_PER_POSITION, MIN_FILES = 16, 12
@@ -126,7 +127,8 @@ def encode_rows(model: HookedModel, sae, rows: list[_Row], batch_rows: int) -> F
     tok: Any = model.tokenizer
     head = [] if tok.bos_token_id is None else [tok.bos_token_id]
     pad = tok.eos_token_id if tok.eos_token_id is not None else 0
-    xs, idxs, valss = [], [], []
+    xs: list[torch.Tensor] = []
+    codes: list[SparseCode] = []
     hook = sae.cfg.hook
     for start in tqdm(range(0, len(rows), batch_rows), desc=f"probes {hook}", unit="batch"):
         part = rows[start : start + batch_rows]
@@ -136,7 +138,7 @@ def encode_rows(model: HookedModel, sae, rows: list[_Row], batch_rows: int) -> F
         x = model.activations(ids, [hook])[hook][:, len(head):][real.to(model.device)]
         idx, vals = sae.encode(x.to(sae.W_dec.dtype))
         xs.append(x.float().cpu())
-        idxs.append(idx.long().cpu())
-        valss.append(vals.float().cpu())
+        codes.append(SparseCode(idx.long().cpu(), vals.float().cpu(), sae.cfg.n_latents))
     test = torch.cat([torch.full((len(r.ids),), r.test, dtype=torch.bool) for r in rows])
-    return Features(torch.cat(xs), torch.cat(idxs), torch.cat(valss), sae.cfg.n_latents, test)
+    code = SparseCode.cat(codes)  # threshold-mode codes are as wide as their batch's busiest token
+    return Features(torch.cat(xs), code.idx, code.vals, sae.cfg.n_latents, test)

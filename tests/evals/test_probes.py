@@ -179,3 +179,33 @@ def test_probes_refuse_a_transcoder_before_loading_a_model(tmp_path):
     for given in (sae, str(tmp_path / "tc")):  # a missing model would fail later, in a different way
         with pytest.raises(SaelabError, match="transcoder"):
             probes(given)
+
+
+def test_codes_of_different_widths_per_batch_are_padded_not_refused():
+    """Threshold-mode dictionaries return codes as wide as a batch's busiest token, so two
+    batches differ in width (feature_choice / mutual_choice probes crashed on torch.cat)."""
+    from types import SimpleNamespace
+
+    from saelab.evals.probes.collect import _Row, encode_rows
+
+    class Model:
+        device = "cpu"
+        tokenizer = SimpleNamespace(bos_token_id=None, eos_token_id=0)
+
+        def activations(self, ids, hooks):
+            return {hooks[0]: ids.float().unsqueeze(-1)}
+
+    class Sae:  # width = the batch's largest token id; latent j = j, value = id
+        cfg = SimpleNamespace(hook="h", n_latents=8)
+        W_dec = torch.zeros(8, 1)
+
+        def encode(self, x):
+            width = int(x.max())
+            vals = x.expand(-1, width).clone()
+            return torch.arange(width).expand(len(x), -1), vals
+
+    rows = [_Row([1, 2], torch.zeros(2, 1), False), _Row([5], torch.zeros(1, 1), True)]
+    feats = encode_rows(Model(), Sae(), rows, batch_rows=1)
+    assert feats.idx.shape == (3, 5)
+    assert feats.vals[0].tolist() == [1.0, 1.0, 0.0, 0.0, 0.0]
+    assert feats.vals[:, 2:].sum(1).tolist() == [0.0, 0.0, 15.0]  # padding slots carry 0

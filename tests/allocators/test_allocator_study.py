@@ -1,0 +1,45 @@
+"""The allocator study's pure helpers (benchmarks/allocators.py): the lr pick, interpolation at
+a matched L0 and the probe families' means, against hand-computed cases."""
+
+import math
+
+import pytest
+
+from benchmarks.allocators import _at_l0, _family_means, pick_lr
+
+
+def _row(lr: float, fvu: float, l0: float, dead: float = 0.0, k: int = 32) -> dict:
+    return {"lr": lr, "fvu": fvu, "l0": l0, "dead_frac": dead, "k": k}
+
+
+def test_pick_lr_skips_runs_off_their_target_l0_or_too_dead():
+    rows = [_row(1e-3, 0.030, 32.5), _row(2e-3, 0.020, 40.0), _row(4e-3, 0.025, 30.0),
+            _row(8e-3, 0.010, 32.0, dead=0.3)]
+    # 2e-3 overshoots L0 by 25%, 8e-3 leaves 30% dead: 4e-3 is the best of the rest
+    assert pick_lr(rows, max_dead=0.05, l0_tolerance=0.1) == 4e-3
+    assert pick_lr(rows, max_dead=0.05, l0_tolerance=0.3) == 2e-3
+    # nothing eligible: the lowest FVU of all
+    assert pick_lr([_row(1e-3, 0.03, 50.0), _row(2e-3, 0.02, 50.0)], 0.05, 0.1) == 2e-3
+
+
+def test_at_l0_is_exact_for_a_power_law_and_refuses_to_extrapolate():
+    law = lambda l0: 2.0 * l0 ** -1.5  # noqa: E731  (log-log linear: interpolation is exact)
+    cells = [(l0, law(l0), sd) for l0, sd in ((8.0, 0.1), (16.0, 0.2), (32.0, 0.4))]
+    mean, sd = _at_l0(cells, 20.0)
+    assert mean == pytest.approx(law(20.0), rel=1e-12)
+    t = math.log(20 / 16) / math.log(2)
+    assert sd == pytest.approx((1 - t) * 0.2 + t * 0.4)
+    assert _at_l0(cells, 8.0)[0] == pytest.approx(law(8.0))
+    assert _at_l0(cells, 7.9) is None and _at_l0(cells, 33.0) is None
+
+
+def test_family_means_average_each_family_at_k1_k5_and_the_ceiling():
+    def label(family, k1, k5, ceiling):
+        return {"family": family, "ceiling": {"accuracy": ceiling},
+                "sparse": {"1": {"accuracy": k1}, "2": {"accuracy": 0.0}, "5": {"accuracy": k5}}}
+
+    got = _family_means([label("word", 0.6, 0.8, 0.9), label("word", 0.8, 1.0, 1.0),
+                         label("first letter", 0.5, 0.7, 0.75)])
+    assert got == pytest.approx({"word_k1": 0.7, "word_k5": 0.9, "word_ceiling": 0.95,
+                                 "first letter_k1": 0.5, "first letter_k5": 0.7,
+                                 "first letter_ceiling": 0.75})
