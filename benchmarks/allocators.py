@@ -263,14 +263,15 @@ def _in_worker(job: tuple[str, tuple]) -> None:
     getattr(_WORKER, method)(*args)
 
 
-def pick_lr(rows: list[dict], max_dead: float, l0_tolerance: float) -> float:
+def pick_lr(rows: list[dict], max_dead: float, l0_tolerance: float = math.inf) -> float:
     """The lr of the lowest held-out FVU among runs leaving at most `max_dead` of the latents
     dead (never active on the held-out tokens) and whose held-out L0 is within `l0_tolerance`
     of k; among all runs if none is. Without the dead cap the sweep picks lrs that buy the last
     percent of FVU with a third of the dictionary; without the L0 one, a jumprelu lr whose
-    controller overshot k would win on FVU bought with L0."""
+    controller overshot k would win on FVU bought with L0. The transcoder and circuit studies
+    pass no tolerance: a topk transcoder's L0 sits below k by design."""
     eligible = [r for r in rows if r["dead_frac"] <= max_dead
-                and abs(r["l0"] / r["k"] - 1) <= l0_tolerance] or rows
+                and ("k" not in r or abs(r["l0"] / r["k"] - 1) <= l0_tolerance)] or rows
     return min(eligible, key=lambda r: r["fvu"])["lr"]
 
 
