@@ -127,10 +127,7 @@ class Study:
         self._x: dict[str, object] = {}
 
     def done(self) -> dict[str, dict]:
-        if not self.results.exists():
-            return {}
-        rows = [json.loads(line) for line in self.results.read_text().splitlines() if line]
-        return {r["id"]: r for r in rows}
+        return read_results(self.results)
 
     @staticmethod
     def with_dead_window(fields: dict) -> dict:
@@ -261,6 +258,15 @@ def _start_worker(out: Path, scale: Scale) -> None:
 def _in_worker(job: tuple[str, tuple]) -> None:
     method, args = job
     getattr(_WORKER, method)(*args)
+
+
+def read_results(path: Path) -> dict[str, dict]:
+    """The rows of a study's JSON-lines results file by id ({} before the first run): what a
+    resumed stage skips. The transcoder and circuit studies read theirs with it too."""
+    if not path.exists():
+        return {}
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line]
+    return {r["id"]: r for r in rows}
 
 
 def pick_lr(rows: list[dict], max_dead: float, l0_tolerance: float = math.inf) -> float:

@@ -30,7 +30,7 @@ from multiprocessing import get_context
 from pathlib import Path
 
 import torch
-from allocators import _groups, _mean_std, pick_lr  # the allocator study's lr rule and helpers
+from allocators import _groups, _mean_std, pick_lr, read_results  # the allocator study's lr rule and helpers
 
 from saelab.data.cache import MANIFEST, build_cache
 from saelab.data.tokens import TokenData
@@ -99,10 +99,7 @@ class Study:
         self.heldout = TokenData(split="heldout")
 
     def done(self) -> dict[str, dict]:
-        if not self.results.exists():
-            return {}
-        rows = [json.loads(line) for line in self.results.read_text().splitlines() if line]
-        return {r["id"]: r for r in rows}
+        return read_results(self.results)
 
     @staticmethod
     def run_id(run: dict) -> str:
