@@ -572,7 +572,8 @@ def _table(rows: list[dict], full: list[dict]) -> str:
 
 
 def _l1(row: dict) -> str:
-    return f" (L1 {row['l1_coefficient']:g}, L0 {row['l0']:.1f})" if "l1_coefficient" in row else ""
+    seed = f", seed {row['seed']}" if "seed" in row else ""  # the relu check run beside the sweep's
+    return f" (L1 {row['l1_coefficient']:g}, L0 {row['l0']:.1f}{seed})" if "l1_coefficient" in row else ""
 
 
 def _at_l0(cells: list[tuple[float, float, float]], l0: float) -> tuple[float, float] | None:
