@@ -250,3 +250,23 @@ def test_codes_of_different_widths_per_batch_are_padded_not_refused():
     assert feats.idx.shape == (3, 5)
     assert feats.vals[0].tolist() == [1.0, 1.0, 0.0, 0.0, 0.0]
     assert feats.vals[:, 2:].sum(1).tolist() == [0.0, 0.0, 15.0]  # padding slots carry 0
+
+
+def test_rows_drawn_for_a_rare_label_are_in_its_scope_alone():
+    """Positions drawn for the f-string label count for it, not for NAME (whose positives and
+    latent F1 come from the budget's positions only)."""
+    gen = torch.Generator().manual_seed(2)
+    n, n_latents = 4000, 50
+    name = torch.rand(n, generator=gen) < 0.5
+    fstring = torch.rand(n, generator=gen) < 0.3
+    extra = torch.arange(n) >= 3000
+    feats = _features(n, n_latents, {3: name | extra, 4: fstring}, 8, gen)  # 3 also fires on every extra
+    fields = torch.full((n, len(FIELDS)), NONE)
+    fields[:, FIELDS.index("fstring")] = fstring.long()
+    fields[name, FIELDS.index("type")] = TYPES.index("NAME")
+    rare = LABELS.index(next(lab for lab in LABELS if lab.rare))
+    drawn_for = torch.where(extra, rare, -1)
+    r = analyse(Collected(feats, fields, 1, 0, 1, drawn_for), torch.randn(n_latents, 8), seed=0)
+    assert r["labels"]["NAME"]["positives"] == int(name[:3000].sum())
+    assert r["labels"]["f-string"]["positives"] == int(fstring.sum())
+    assert r["latent_labels"]["f1"][3] == 1.0  # latent 3 = NAME exactly on the budget's positions
