@@ -6,6 +6,8 @@ compared at; k in {8, 16, 32, 64}, three seeds, two layers of the default zoo mo
     python benchmarks/allocators.py study      # k x seeds x layers at the tuned lrs
     python benchmarks/allocators.py variants   # aux_zipf vs AuxK; gradient_topk raw vs normalised
     python benchmarks/allocators.py quality    # sparse probing and absorption of the k = 32 dictionaries
+    python benchmarks/allocators.py letters    # their first-letter family and absorption, probed
+                                               # alone (SAEBench's negatives)
     python benchmarks/allocators.py report     # tables (markdown), FVU/KL-vs-L0 PNGs, variants.png,
                                                # quality.png
     add --quick to any of them for a minutes-long smoke run (small sizes, one seed);
@@ -28,16 +30,23 @@ The sweep and plateau stages score by held-out FVU alone (cheap); the study and 
 (gradient_topk: plain topk; batch-level allocators: their thresholds), dead latents (never active
 in the eval window), rare ones (active on 1-9 of its tokens: if few, the window is long enough
 for the rarest live latents) and dense ones (active on > 10% of tokens).
-The kinds in EXTRA (jumprelu, matryoshka) run the same stages with `--allocators`. jumprelu's L0
-is steered to k by its controller, not fixed, so the sweep chooses its lr among runs whose L0 is
-within `l0_tolerance` of k, and the report compares it with the others at its measured L0
-(log-log interpolation between the reference's neighbouring k). matryoshka keeps its default
-prefixes (n/16, n/4, n).
+The kinds in EXTRA (jumprelu, matryoshka, relu) run the same stages with `--allocators`.
+jumprelu's L0 is steered to k by its controller, not fixed, so the sweep chooses its lr among runs
+whose L0 is within `l0_tolerance` of k, and the report compares it with the others at its measured
+L0 (log-log interpolation between the reference's neighbouring k). matryoshka keeps its default
+prefixes (n/16, n/4, n). relu's L0 is set by its L1 coefficient alone (`calibrate`): the sweep
+brackets L0 = k with L1 values at `calibrate_lr` and interpolates (log-log), then tunes the lr at
+that L1 like the others' (L0 within `l0_tolerance` of k), recalibrating at the chosen lr if its
+L0 is outside; the study runs it at k = 32 only (the quality stage's frame).
 The quality stage probes the k = 32 dictionaries of the first hook (`saelab.evals.probes`: sparse
 probing per label family and absorption), every seed at probe seed 0 and the first seed's
 dictionary at every probe seed, so reseed noise and probe-sample noise sit side by side; a
 dictionary the study did not keep on disk is retrained into its run directory and its held-out
-FVU checked against the study's row.
+FVU checked against the study's row. Quality rows probed before first-letter labels took
+SAEBench's negatives (identifiers of other letters; before: every other position) carry no
+`letter_negatives`; the letters stage probes every quality row's first-letter family and
+absorption alone (`letters:` rows: the same draw for every kind) and the report takes those
+columns from it, "n/a" for an older row without one.
 """
 
 from __future__ import annotations
@@ -56,6 +65,7 @@ from pathlib import Path
 import torch
 from matplotlib.figure import Figure
 
+from saelab import allocators as registry
 from saelab.data.cache import MANIFEST, build_cache
 from saelab.data.heldout import heldout_activations
 from saelab.data.tokens import TokenData
@@ -69,7 +79,7 @@ from saelab.training import TrainConfig, train
 from saelab.zoo import DEFAULT_MODEL
 
 ALLOCATORS = ["topk", "gradient_topk", "feature_choice", "mutual_choice"]
-EXTRA = ["jumprelu", "matryoshka"]  # later kinds, run into the same results with --allocators
+EXTRA = ["jumprelu", "matryoshka", "relu"]  # later kinds, run into the same results with --allocators
 QUALITY_K = 32
 FAMILIES = ("token type", "word", "first letter")  # probe families the quality table shows
 QUALITY = {**{f"{fam}_k{k}": f"{fam} k={k}" for fam in FAMILIES for k in (1, 5)},
@@ -98,6 +108,8 @@ class Scale:
     probe_seeds: tuple[int, ...] = (0, 1, 2)  # quality: the first seed's dictionary at each
     train_overrides: tuple[tuple[str, int], ...] = ()  # training fields every run takes (not in ids)
     betas: tuple[float, ...] = (4.0, 16.0, 64.0)  # gradient_topk raw score: the betas tried
+    l1s: tuple[float, ...] = (0.025, 0.05)  # relu: the first L1 coefficients tried (x2 steps out)
+    calibrate_lr: float = 0.016  # relu: the lr its L1 is first calibrated at
 
 
 # The study's dictionary is n = 512 (expansion 4): at 2048 its 96 runs take ~4x as long, beyond
@@ -216,14 +228,26 @@ class Study:
             print(f"retrained {run_id}: held-out FVU {check['fvu_retrained']:.4f} (study: "
                   f"{study_row['fvu']:.4f})", flush=True)
         r = probes(str(out), tokens=self.scale.eval_tokens // 2, model=self.model, seed=probe_seed)
-        scores = _family_means(r["labels"].values())
         row = {"id": qid, "stage": "quality", **self.with_dead_window(fields), "probe_seed": probe_seed,
-               "fvu": study_row["fvu"], "l0": study_row["l0"], **check, **scores,
-               "absorption": r["absorption"]["mean_rate"], "positions": r["positions"],
-               **{key: r["absorption"][key] for key in ("letters_included", "split_letters")},
-               "probe_seconds": r["seconds"]}
+               "fvu": study_row["fvu"], "l0": study_row["l0"], **check, **_probe_scores(r)}
         self.append(row)
         print(f"quality {qid}: token type k=1 {row['token type_k1']:.3f}, absorption "
+              f"{row['absorption']}", flush=True)
+        return row
+
+    def letters(self, fields: dict, probe_seed: int) -> dict:
+        """The `letters:` row of a dictionary the quality stage probed before first-letter labels
+        took SAEBench's negatives: its first-letter family and absorption, probed again."""
+        lid = "letters:" + _quality_id(self, fields, probe_seed).removeprefix("probes:")
+        if lid in (done := self.done()):
+            return done[lid]
+        out = self.run_dir(self.run_id(True, fields))
+        r = probes(str(out), tokens=self.scale.eval_tokens // 2, model=self.model, seed=probe_seed,
+                   labels="letters")
+        row = {"id": lid, "stage": "letters", **self.with_dead_window(fields), "probe_seed": probe_seed,
+               **_probe_scores(r)}
+        self.append(row)
+        print(f"letters {lid}: first letter k=1 {row['first letter_k1']:.3f}, absorption "
               f"{row['absorption']}", flush=True)
         return row
 
@@ -231,6 +255,31 @@ class Study:
         if hook not in self._x:
             self._x[hook] = heldout_activations(self.model, self.heldout, hook, self.scale.eval_tokens)
         return self._x[hook]
+
+
+def _probe_scores(r: dict) -> dict:
+    """A quality or letters row's scores from a probing report."""
+    return {**_family_means(r["labels"].values()), "absorption": r["absorption"]["mean_rate"],
+            **{key: r["absorption"][key] for key in ("letters_included", "split_letters")},
+            "positions": r["positions"], "letter_negatives": r["letter_negatives"],
+            "probe_seconds": r["seconds"]}
+
+
+LETTER_KEYS = ("first letter_k1", "first letter_k5", "first letter_ceiling", "absorption",
+               "letters_included", "split_letters")  # what a letters row replaces in a quality row
+
+
+def _with_letters(probed: list[dict], rows: dict[str, dict]) -> list[dict]:
+    """Quality rows with first-letter columns of SAEBench's negatives: their letters row's (so
+    every kind's come from the same draw), else their own if probed so, else None (probed with
+    every other position as negatives: not shown)."""
+    out = []
+    for r in probed:
+        again = rows.get("letters:" + r["id"].removeprefix("probes:"))
+        if again or "letter_negatives" not in r:
+            r = {**r, **{key: (again or {}).get(key) for key in LETTER_KEYS}}
+        out.append(r)
+    return out
 
 
 def _family_means(labels) -> dict[str, float]:
@@ -284,8 +333,8 @@ def pick_lr(rows: list[dict], max_dead: float, l0_tolerance: float = math.inf) -
 def best_lrs(study: Study) -> dict[tuple[str, int], float]:
     """(allocator, n_latents) -> the chosen lr of the sweep (`pick_lr`)."""
     s = study.scale
-    rows = [r for r in study.done().values()
-            if r["id"].startswith("fvu:") and r["tokens"] == s.sweep_tokens and r["k"] == 32]
+    rows = [r for r in study.done().values() if r["id"].startswith("fvu:") and r["tokens"] == s.sweep_tokens
+            and r["k"] == 32 and "l1_coefficient" not in r]  # relu's: `calibrate`
     return {key: pick_lr(group, s.max_dead, s.l0_tolerance)
             for key, group in _groups(rows, ("allocator", "n_latents")).items()}
 
@@ -294,6 +343,9 @@ def sweep(study: Study, allocators: list[str], sizes: tuple[int, ...]) -> None:
     """lr per allocator and dictionary size, at k = 32 (the default), one seed, the first hook:
     the grid, then x2 steps past the end that holds the chosen lr, until it is inside."""
     s = study.scale
+    for a in [a for a in allocators if l1_steered(a)]:
+        calibrate(study, a)
+    allocators = [a for a in allocators if not l1_steered(a)]
     grids = {(a, n): list(s.lrs) for n in sizes for a in allocators}
     for round_ in range(s.lr_extend + 1):
         runs = [dict(allocator=a, hook=s.hooks[0], n_latents=n, k=32, lr=lr, tokens=s.sweep_tokens)
@@ -312,6 +364,58 @@ def sweep(study: Study, allocators: list[str], sizes: tuple[int, ...]) -> None:
             break
     for (allocator, n), lr in sorted(best_lrs(study).items()):
         print(f"chosen lr {allocator:>15} n={n:>5}: {lr:g}")
+
+
+def l1_steered(allocator: str) -> bool:
+    """The kind's L0 is set by its L1 coefficient alone (relu): no budget k, no controller."""
+    kind = registry.get(allocator)
+    return not kind.budget and not kind.learns_thresholds
+
+
+def calibrate(study: Study, allocator: str) -> tuple[float, float]:
+    """(lr, L1 coefficient) of an L1-steered kind at the study's size, budget and first hook, for
+    held-out L0 ~QUALITY_K (module docstring): L1 calibrated at `calibrate_lr`, then the lr
+    grid (x2 either side, extended past an edge that holds the best) at that L1; an lr whose L0
+    lands outside `l0_tolerance` of k gets its own L1, so every lr is compared near L0 = k."""
+    from circuit_faithfulness import K, calibrated_l1  # log-log interpolation to L0 = K
+
+    assert K == QUALITY_K, "circuit_faithfulness.calibrated_l1 aims at its K"
+    s = study.scale
+    base = dict(allocator=allocator, hook=s.hooks[0], n_latents=s.n_latents[0], k=QUALITY_K,
+                tokens=s.sweep_tokens)
+
+    def l1_at(lr: float, l1s: list[float]) -> float:
+        """L1 for L0 = k at `lr`: `l1s` (ascending), x2 steps out until their L0s bracket k."""
+        for round_ in range(s.lr_extend + 1):
+            rows = study.run_all("calibrate", False, [dict(base, lr=lr, l1_coefficient=v) for v in l1s])
+            l0s = [r["l0"] for r in rows]
+            if min(l0s) <= QUALITY_K <= max(l0s) or round_ == s.lr_extend:
+                break
+            l1s = [*l1s, l1s[-1] * 2] if min(l0s) > QUALITY_K else [l1s[0] / 2, *l1s]
+        l1 = calibrated_l1([{"l1": r["l1_coefficient"], "l0": r["l0"]} for r in rows])
+        print(f"calibrate {allocator} lr {lr:g}: " + ", ".join(
+            f"L1 {r['l1_coefficient']:g} L0 {r['l0']:.1f}" for r in rows) + f" -> L1 {l1:g}", flush=True)
+        return l1
+
+    l1 = {s.calibrate_lr: l1_at(s.calibrate_lr, list(s.l1s))}
+    grid = [s.calibrate_lr / 2, s.calibrate_lr, s.calibrate_lr * 2]
+    for round_ in range(s.lr_extend + 1):
+        first = l1[s.calibrate_lr]
+        rows = study.run_all("calibrate", False, [dict(base, lr=lr, l1_coefficient=l1.get(lr, first))
+                                                  for lr in grid])
+        for r in rows:  # an lr that moved L0 off k: its own L1, its run at that L1 in the comparison
+            if r["lr"] not in l1 and abs(r["l0"] / QUALITY_K - 1) > s.l0_tolerance:
+                l1[r["lr"]] = l1_at(r["lr"], [r["l1_coefficient"]])
+        l1.update({lr: first for lr in grid if lr not in l1})
+        rows = study.run_all("calibrate", False, [dict(base, lr=lr, l1_coefficient=l1[lr]) for lr in grid])
+        best = pick_lr(rows, s.max_dead, s.l0_tolerance)
+        if round_ == s.lr_extend or best not in (grid[0], grid[-1]):
+            break
+        grid = [*grid, grid[-1] * 2] if best == grid[-1] else [grid[0] / 2, *grid]
+    print(f"chosen {allocator}: lr {best:g}, L1 {l1[best]:g}: " + ", ".join(
+        f"lr {r['lr']:g} L1 {r['l1_coefficient']:g} FVU {r['fvu']:.4f} L0 {r['l0']:.1f} dead "
+        f"{r['dead_frac']:.3f}" for r in rows), flush=True)
+    return best, l1[best]
 
 
 def plateau(study: Study, allocators: list[str]) -> None:
@@ -345,7 +449,10 @@ def study_fields(study: Study, runs: list[dict]) -> list[dict]:
     allocator's lr tuned at that size and budget."""
     s = study.scale
     n, lrs = s.n_latents[0], best_lrs(study)
-    return [dict(n_latents=n, lr=lrs[(r["allocator"], n)], tokens=s.sweep_tokens, **r) for r in runs]
+    tuned = {a: calibrate(study, a) for a in dict.fromkeys(r["allocator"] for r in runs) if l1_steered(a)}
+    return [dict(n_latents=n, lr=tuned[a][0], l1_coefficient=tuned[a][1], tokens=s.sweep_tokens, **r)
+            if (a := r["allocator"]) in tuned else
+            dict(n_latents=n, lr=lrs[(a, n)], tokens=s.sweep_tokens, **r) for r in runs]
 
 
 def study_runs(study: Study, stage: str, runs: list[dict]) -> list[dict]:
@@ -354,9 +461,11 @@ def study_runs(study: Study, stage: str, runs: list[dict]) -> list[dict]:
 
 
 def grid_runs(scale: Scale, allocators: list[str]) -> list[dict]:
-    """The study's grid, seed outermost: a study stopped early has every cell at its first seeds."""
+    """The study's grid, seed outermost: a study stopped early has every cell at its first seeds.
+    An L1-steered kind only where its L1 is calibrated: k = QUALITY_K on the first hook."""
     return [dict(allocator=a, hook=hook, k=k, seed=seed, aux="auxk")
-            for seed in scale.seeds for k in scale.ks for hook in scale.hooks for a in allocators]
+            for seed in scale.seeds for k in scale.ks for hook in scale.hooks for a in allocators
+            if not l1_steered(a) or (k, hook) == (QUALITY_K, scale.hooks[0])]
 
 
 def quality(study: Study, allocators: list[str]) -> None:
@@ -373,6 +482,18 @@ def quality(study: Study, allocators: list[str]) -> None:
     for jobs in passes:
         done = study.done()
         study.in_pool("quality", [job for job in jobs if _quality_id(study, *job) not in done])
+
+
+def letters(study: Study, allocators: list[str]) -> None:
+    """The first-letter family and absorption of every quality row, probed alone (the same draw
+    for every kind, and SAEBench's negatives for rows that predate them): each seed's dictionary
+    at the first probe seed, then the first seed's at the others."""
+    s, done = study.scale, study.done()
+    seeds = [study_fields(study, [dict(allocator=a, hook=s.hooks[0], k=QUALITY_K, seed=seed, aux="auxk")
+                                  for a in allocators]) for seed in s.seeds]
+    jobs = [(f, s.probe_seeds[0]) for runs in seeds for f in runs] + \
+        [(f, p) for f in seeds[0] for p in s.probe_seeds[1:]]
+    study.in_pool("letters", [job for job in jobs if _quality_id(study, *job) in done])
 
 
 def _quality_id(study: Study, fields: dict, probe_seed: int) -> str:
@@ -420,7 +541,7 @@ def report(study: Study) -> None:
         r["variant"] = r.get("aux", "") + (f", raw beta {r['beta']:g}" if raw else "")
     full = [r for r in rows if r["id"].startswith("eval:")]
     grid = [r for r in full if r["variant"] == "auxk"]
-    probed = [r for r in rows if r["id"].startswith("probes:")]
+    probed = _with_letters([r for r in rows if r["id"].startswith("probes:")], study.done())
     write_text(study.out / "results.md", "\n".join([_table(rows, full), *_matched_tables(grid),
                                                      *_quality_tables(probed, study.scale)]))
     _l0_plots(study.out, grid)
@@ -443,10 +564,16 @@ def _table(rows: list[dict], full: list[dict]) -> str:
                   for m, sd in [_mean_std(group, key)]]
         lines.append(f"| {hook} | {allocator} | {variant} | {k} | {len(group)} | " + " | ".join(cells) + " |")
     lines += ["", "| allocator | n_latents | lr | tokens | held-out FVU |", "| --- | --- | --- | --- | --- |"]
-    lines += [f"| {r['allocator']} | {r['n_latents']} | {r['lr']:g} | {r['tokens']:,} | {r['fvu']:.4f} |"
+    lines += [f"| {r['allocator']}{_l1(r)} | {r['n_latents']} | {r['lr']:g} | {r['tokens']:,} "
+              f"| {r['fvu']:.4f} |"
               for r in sorted((r for r in rows if r["id"].startswith("fvu:")),
                               key=lambda r: (r["allocator"], r["n_latents"], r["tokens"], r["lr"]))]
     return "\n".join(lines) + "\n"
+
+
+def _l1(row: dict) -> str:
+    seed = f", seed {row['seed']}" if "seed" in row else ""  # the relu check run beside the sweep's
+    return f" (L1 {row['l1_coefficient']:g}, L0 {row['l0']:.1f}{seed})" if "l1_coefficient" in row else ""
 
 
 def _at_l0(cells: list[tuple[float, float, float]], l0: float) -> tuple[float, float] | None:
@@ -581,7 +708,7 @@ def _variants_plot(out: Path, full: list[dict]) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("stage", choices=["sweep", "plateau", "study", "variants", "quality", "report"])
+    p.add_argument("stage", choices=["sweep", "plateau", "study", "variants", "quality", "letters", "report"])
     p.add_argument("--quick", action="store_true", help="minutes, not hours: small sizes, one seed")
     p.add_argument("--workers", type=int, default=2, help="SAEs trained at once, one thread each")
     p.add_argument("--out", type=Path, default=None,
@@ -599,7 +726,8 @@ def main() -> None:
     args = p.parse_args()
     scale = QUICK if args.quick else FULL
     scale = replace(scale, hooks=args.hooks or scale.hooks, lrs=args.lrs or scale.lrs, ks=args.ks or scale.ks)
-    allocators = args.allocators or (ALLOCATORS + EXTRA if args.stage == "quality" else ALLOCATORS)
+    probing = args.stage in ("quality", "letters")
+    allocators = args.allocators or (ALLOCATORS + EXTRA if probing else ALLOCATORS)
     out = args.out or Path("benchmarks/out/allocators" + ("-quick" if args.quick else ""))
     out.mkdir(parents=True, exist_ok=True)
     study = Study(out, scale, args.workers)
@@ -614,6 +742,8 @@ def main() -> None:
         study_runs(study, "variants", variant_runs(study))
     elif args.stage == "quality":
         quality(study, allocators)
+    elif args.stage == "letters":
+        letters(study, allocators)
     report(study)
 
 

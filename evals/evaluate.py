@@ -53,7 +53,8 @@ class EvalConfig:
                              "probing, absorption): probing.json, probing.md, probing.png.")
     probe_tokens: int = doc_field(2**16, "Held-out positions the probes read (with --probes).")
     probe_labels: str = doc_field("python", "With --probes: python (tokenize labels on the data's "
-                                  "held-out files) or tasks (roles from the circuit-task "
+                                  "held-out files), letters (their first-letter labels alone: "
+                                  "absorption, in less time) or tasks (roles from the circuit-task "
                                   "generators, for zoo:tasks-4l-v2).")
     task: str | None = doc_field(None, "Also measure how faithful circuits of the dictionary's "
                                  "latents (and error node) are on this task (ioi, greater-than, "

@@ -6,7 +6,10 @@ Files are taken in a seeded random order until they hold several times the chara
 (`labels.char_labels`); it is cut into rows of context_length - 1 tokens, each run with BOS
 first as the model was trained. Rows are drawn at random over those files (seeded) until the
 budget of positions is met, so a file contributes from anywhere in it, not only its license
-header. Whole files are held out
+header. A rare label (`labels.Label.rare`) then gets extra rows from the same files, those holding
+its positives, until each side (train, test) has as many positives as the probes can use or the
+files run out; the extra positions are in that label's scope only, so every other label sees the
+budget's rows alone. Whole files are held out
 for testing (`TEST_FRACTION` of them, seeded). Files that do not tokenize as Python are skipped
 and counted.
 """
@@ -23,7 +26,7 @@ from tqdm import tqdm
 from saelab.data.tokens import TokenData, load_texts
 from saelab.errors import SaelabError
 from saelab.evals.probes import task_labels
-from saelab.evals.probes.labels import char_labels, token_fields
+from saelab.evals.probes.labels import Label, char_labels, label_matrix, token_fields
 from saelab.evals.probes.probing import Features
 from saelab.models import HookedModel
 from saelab.sae import SparseCode
@@ -42,6 +45,7 @@ class Collected:
     files: int
     skipped: int
     rows: int
+    drawn_for: torch.Tensor | None = None  # (N,) label a position was drawn for (rare); -1: budget
 
 
 @dataclass(frozen=True)
@@ -87,8 +91,34 @@ def _file_rows(tokenizer, texts: list[str], body: int, seed: int) -> tuple[list[
     return rows, used, skipped
 
 
-def collect(model: HookedModel, sae, data: TokenData, tokens: int, batch_rows: int, seed: int) -> Collected:
-    """Run `tokens` positions (rounded up to whole rows) of `data`'s held-out files."""
+def _rare_rows(drawn: list[_Row], pool: list[_Row], labels: tuple[Label, ...],
+               want: tuple[int, int]) -> list[tuple[_Row, int]]:
+    """(row, label index) for each rare label: rows of `pool` (in its seeded order) holding the
+    label's positives, taken while the positives on the row's side are fewer than `want`
+    (train, test), counting those already in `drawn`."""
+    out = []
+    for j, lab in enumerate(labels):
+        if not lab.rare:
+            continue
+
+        def positives(row: _Row, lab: Label = lab) -> int:
+            y, scope = label_matrix(row.fields, (lab,))
+            return int((y & scope).sum())
+
+        have = [0, 0]
+        for row in drawn:
+            have[row.test] += positives(row)
+        for row in pool:
+            if have[row.test] < want[row.test] and (n := positives(row)):
+                out.append((row, j))
+                have[row.test] += n
+    return out
+
+
+def collect(model: HookedModel, sae, data: TokenData, tokens: int, batch_rows: int, seed: int,
+            labels: tuple[Label, ...] = (), want: tuple[int, int] = (0, 0)) -> Collected:
+    """Run `tokens` positions (rounded up to whole rows) of `data`'s held-out files, and the
+    extra rows of `labels`' rare ones (up to `want` positives a side, train and test)."""
     tok: Any = model.tokenizer  # a Hugging Face tokenizer
     body = data.context_length - (tok.bos_token_id is not None)
     texts = _pick_files(load_texts(data.spec, "heldout"), tokens, seed)
@@ -99,9 +129,13 @@ def collect(model: HookedModel, sae, data: TokenData, tokens: int, batch_rows: i
             "Python source, e.g. --data builtin:stdlib"
         )
     random.Random(f"{seed}:rows").shuffle(rows)
-    rows = rows[: -(-tokens // body)]
+    n = -(-tokens // body)
+    extra = _rare_rows(rows[:n], rows[n:], labels, want)
+    drawn = [(r, -1) for r in rows[:n]] + extra
+    rows = [r for r, _ in drawn]
+    drawn_for = torch.cat([torch.full((len(r.ids),), j, dtype=torch.long) for r, j in drawn])
     return Collected(encode_rows(model, sae, rows, batch_rows), torch.cat([r.fields for r in rows]),
-                     used, skipped, len(rows))
+                     used, skipped, n, drawn_for)
 
 
 def collect_tasks(model: HookedModel, sae, tokens: int, batch_rows: int, seed: int) -> Collected:

@@ -9,6 +9,11 @@ token takes the labels of the character its offset mapping starts at, so byte-le
 (several tokens for one non-ASCII character) and word tokenizers align alike.
 
 Binary labels (`LABELS`) are predicates on these fields, grouped in families for the report.
+A label may have a scope, the positions where it is defined: a first-letter label is defined on
+the identifier characters that carry a letter, so its negatives are identifiers spelled from
+another letter (SAEBench's first-letter task contrasts a letter with the others), not commas or
+keywords. A rare label is one whose positives come in long runs from few places (one f-string is
+a dozen positions of one occurrence): the probes draw extra rows for it (`collect`).
 """
 
 from __future__ import annotations
@@ -39,12 +44,14 @@ _FSTRING_PARTS = {t for t in (_FSTRING_START, getattr(tokenize, "FSTRING_MIDDLE"
 class Label:
     """One binary label: its name, its family in the report, the predicate on a (positions,
     fields) LongTensor of per-position field values (columns in `FIELDS` order), and where it
-    is defined (its scope; None: everywhere): positions outside are neither class."""
+    is defined (its scope; None: everywhere): positions outside are neither class. `rare`:
+    the budget's rows hold too few occurrences to probe it, so extra rows are drawn for it."""
 
     name: str
     family: str
     test: Callable[[torch.Tensor], torch.Tensor]
     scope: Callable[[torch.Tensor], torch.Tensor] | None = None
+    rare: bool = False
 
 
 def _col(field: str) -> int:
@@ -64,11 +71,14 @@ LABELS: tuple[Label, ...] = (
     *(Label(t, "token type", _is("type", i)) for i, t in enumerate(TYPES)),
     *(Label(f"word:{w}", "word", _is("word", i)) for i, w in enumerate(WORDS)),
     Label("docstring", "context", _is("docstring", 1)),
-    Label("f-string", "context", _is("fstring", 1)),
+    Label("f-string", "context", _is("fstring", 1), rare=True),
     *(Label(f"indent>={d}", "depth", _at_least("indent", d)) for d in (1, 2, 3)),
     *(Label(f"bracket>={d}", "depth", _at_least("bracket", d)) for d in (1, 2)),
-    *(Label(f"letter:{c}", LETTER_FAMILY, _is("letter", i)) for i, c in enumerate(LETTERS)),
+    *(Label(f"letter:{c}", LETTER_FAMILY, _is("letter", i), _at_least("letter", 0))
+      for i, c in enumerate(LETTERS)),
 )
+LETTER_LABELS = tuple(lab for lab in LABELS if lab.family == LETTER_FAMILY)
+LETTER_NEGATIVES = "identifiers of other letters"  # what a first-letter label contrasts with (reports say)
 
 
 def _line_starts(source: str) -> list[int]:

@@ -118,14 +118,15 @@ def alive_latents(feats: Features) -> torch.Tensor:
     return torch.nonzero(hit).flatten()
 
 
-def latent_label_f1(feats: Features, y: torch.Tensor) -> torch.Tensor:
-    """(n_latents, labels) F1 of "latent active" as a predictor of each label over all
-    positions: 2 TP / (active count + label count)."""
-    yf = y.float()
+def latent_label_f1(feats: Features, y: torch.Tensor, where: torch.Tensor | None = None) -> torch.Tensor:
+    """(n_latents, labels) F1 of "latent active" as a predictor of each label over the
+    positions `where` (default: all): 2 TP / (active count + label count)."""
+    where = torch.ones(len(y), dtype=torch.bool) if where is None else where
+    yf = (y & where[:, None]).float()
     tp = torch.zeros(feats.n_latents, y.shape[1])
     active = torch.zeros(feats.n_latents)
     for s in range(feats.idx.shape[1]):
-        on = (feats.vals[:, s] > 0).float()
+        on = ((feats.vals[:, s] > 0) & where).float()
         tp.index_add_(0, feats.idx[:, s], yf * on[:, None])
         active.index_add_(0, feats.idx[:, s], on)
     denom = active[:, None] + yf.sum(0)[None, :]

@@ -95,8 +95,11 @@ PLOTS = (Plot(PNG, "sparse probing and absorption", _plot),)
 def _source(r: dict) -> str:
     if r.get("label_source") == "tasks":
         return f"{r['positions']:,} positions of {r['files']:,} prompts of the {r['data']}"
+    rare = (f", and {r['rare_positions']:,} more in rows drawn for rare labels (theirs alone)"
+            if r.get("rare_positions") else "")
     return (f"{r['positions']:,} positions ({r['rows']:,} rows of up to {r['context_length']}) from "
-            f"{r['files']} held-out files of `{r['data']}` ({r['files_skipped']} skipped: not Python)")
+            f"{r['files']} held-out files of `{r['data']}` ({r['files_skipped']} skipped: not Python)"
+            + rare)
 
 
 def _title(r: dict) -> str:
@@ -115,7 +118,8 @@ def _markdown(r: dict) -> str:
              "## Absorption (first letter of the identifier being spelled)", "",
              f"Mean full-absorption rate {_fmt_rate(a['mean_rate'])} over {a['letters_included']} "
              f"letters whose probe F1 > {MIN_PROBE_F1} ({a['letters_probed']} probed); "
-             f"{a['split_letters']} of them split over several main latents.", "",
+             f"{a['split_letters']} of them split over several main latents. A letter's negatives: "
+             f"{r.get('letter_negatives', 'every other position')}.", "",
              *md_table(["letter", "probe F1", "included", "main latents", "probe true positives",
                         "absorbed", "rate"], _letter_rows(r)), "",
              "## Per label", "",

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from benchmarks.allocators import _at_l0, _family_means, pick_lr
+from benchmarks.allocators import _at_l0, _family_means, _with_letters, pick_lr
 
 
 def _row(lr: float, fvu: float, l0: float, dead: float = 0.0, k: int = 32) -> dict:
@@ -43,3 +43,15 @@ def test_family_means_average_each_family_at_k1_k5_and_the_ceiling():
     assert got == pytest.approx({"word_k1": 0.7, "word_k5": 0.9, "word_ceiling": 0.95,
                                  "first letter_k1": 0.5, "first letter_k5": 0.7,
                                  "first letter_ceiling": 0.75})
+
+
+def test_quality_rows_take_first_letter_columns_from_their_letters_row():
+    old = {"id": "probes:probe_seed=0,a=1", "token type_k1": 0.7, "absorption": 0.03, "first letter_k1": 0.72}
+    new = {"id": "probes:probe_seed=0,a=2", "absorption": 0.05, "first letter_k1": 0.6,
+           "letter_negatives": "identifiers of other letters"}
+    bare = {"id": "probes:probe_seed=0,a=3", "absorption": 0.02, "first letter_k1": 0.7}
+    again = {"id": "letters:probe_seed=0,a=1", "absorption": 0.04, "first letter_k1": 0.65}
+    got = _with_letters([old, new, bare], {again["id"]: again})
+    assert (got[0]["token type_k1"], got[0]["absorption"], got[0]["first letter_k1"]) == (0.7, 0.04, 0.65)
+    assert (got[1]["absorption"], got[1]["first letter_k1"]) == (0.05, 0.6)  # probed with the new negatives
+    assert got[2]["absorption"] is None and got[2]["first letter_k1"] is None  # old negatives: not shown

@@ -50,7 +50,7 @@ def test_eval_probes_writes_the_report_and_the_browser_shows_labels(dictionary, 
 
 @pytest.mark.parametrize("extra, message", [
     (["--probe-tokens", "0"], "probe_tokens"),
-    (["--probe-labels", "bogus"], "unknown probe labels 'bogus'; use one of python, tasks"),
+    (["--probe-labels", "bogus"], "unknown probe labels 'bogus'; use one of python, letters, tasks"),
     (["--data", "{txt}"], "tokenizes as Python"),
 ])
 def test_bad_probe_input_is_one_line_and_writes_nothing(dictionary, tmp_path, extra, message, monkeypatch,

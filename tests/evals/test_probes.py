@@ -4,8 +4,19 @@ from __future__ import annotations
 
 import torch
 
-from saelab.evals.probes.collect import Collected
-from saelab.evals.probes.labels import FIELDS, LETTERS, NONE, TYPES, WORDS, char_labels, token_fields
+from saelab.evals.probes.collect import Collected, _rare_rows, _Row
+from saelab.evals.probes.labels import (
+    FIELDS,
+    LABELS,
+    LETTER_LABELS,
+    LETTERS,
+    NONE,
+    TYPES,
+    WORDS,
+    char_labels,
+    label_matrix,
+    token_fields,
+)
 from saelab.evals.probes.probing import Features, Split, score
 from saelab.evals.probes.run import analyse
 
@@ -53,6 +64,36 @@ def test_char_labels_by_hand():
     ]
     got = [(n, f, _field(c, _at(SOURCE, n, k), f)) for n, k, f, _ in checks]
     assert got == [(n, f, v) for n, _, f, v in checks]
+
+
+def test_first_letter_negatives_are_identifiers_of_other_letters():
+    """SAEBench's contrast: letter a against identifiers spelled from another letter; the
+    keyword, operators, spaces and each identifier's first character are neither class."""
+    src = "if ab: cd = 1\n"  # i0 f1 _2 a3 b4 :5 _6 c7 d8 _9 =10 _11 1(12) \n13
+    y, scope = label_matrix(char_labels(src), LETTER_LABELS)
+    a, c = LETTERS.index("a"), LETTERS.index("c")
+    assert torch.nonzero(y[:, a]).flatten().tolist() == [4]
+    assert torch.nonzero(y[:, c]).flatten().tolist() == [8]
+    assert torch.nonzero(scope[:, a]).flatten().tolist() == [4, 8]
+    assert (scope == scope[:, :1]).all()  # one scope for every letter
+
+
+def test_rare_label_rows_are_drawn_until_each_side_has_enough():
+    """Rows holding f-string positives are added from the pool in order, per side, until the
+    side's positives reach the wanted count; rows without positives are never added."""
+    fstring = LABELS.index(next(lab for lab in LABELS if lab.rare))
+
+    def row(positives: int, test: bool) -> _Row:
+        fields = torch.full((4, len(FIELDS)), NONE)
+        fields[:, FIELDS.index("fstring")] = (torch.arange(4) < positives).long()
+        return _Row([0] * 4, fields, test)
+
+    drawn = [row(1, False), row(0, True)]
+    pool = [row(0, False), row(2, False), row(3, True), row(4, False), row(1, True), row(2, False)]
+    got = _rare_rows(drawn, pool, LABELS, want=(5, 2))
+    # train: 1 drawn + 2 + 4 reaches 5 (the last pool row is not needed); test: 3 reaches 2
+    at = {id(r): i for i, r in enumerate(pool)}
+    assert [(at[id(r)], j) for r, j in got] == [(1, fstring), (2, fstring), (3, fstring)]
 
 
 def test_untokenizable_source_is_none():
@@ -128,9 +169,9 @@ def test_planted_absorption_is_found_at_the_planted_rate():
     feats = Features(x, feats.idx, feats.vals, n_latents, feats.test)
     w_dec = torch.nn.functional.normalize(torch.randn(n_latents, d, generator=gen), dim=1)
     w_dec[0], w_dec[1] = e0, (e0 + e1) / 2**0.5
-    fields = torch.full((n, len(FIELDS)), NONE)
-    fields[pos, FIELDS.index("letter")] = LETTERS.index("a")
-    r = analyse(_collected(feats, fields), w_dec, seed=0)
+    fields = torch.full((n, len(FIELDS)), NONE)  # negatives: identifiers spelled from b
+    fields[:, FIELDS.index("letter")] = torch.where(pos, LETTERS.index("a"), LETTERS.index("b"))
+    r = analyse(_collected(feats, fields), w_dec, seed=0, labels=LETTER_LABELS[:1])
     a = r["absorption"]["letters"]["a"]
     assert a["included"] and a["main_latents"] == [0] and not a["split"]
     planted = int((absorbed & feats.test).sum()) / int((pos & feats.test).sum())
@@ -209,3 +250,23 @@ def test_codes_of_different_widths_per_batch_are_padded_not_refused():
     assert feats.idx.shape == (3, 5)
     assert feats.vals[0].tolist() == [1.0, 1.0, 0.0, 0.0, 0.0]
     assert feats.vals[:, 2:].sum(1).tolist() == [0.0, 0.0, 15.0]  # padding slots carry 0
+
+
+def test_rows_drawn_for_a_rare_label_are_in_its_scope_alone():
+    """Positions drawn for the f-string label count for it, not for NAME (whose positives and
+    latent F1 come from the budget's positions only)."""
+    gen = torch.Generator().manual_seed(2)
+    n, n_latents = 4000, 50
+    name = torch.rand(n, generator=gen) < 0.5
+    fstring = torch.rand(n, generator=gen) < 0.3
+    extra = torch.arange(n) >= 3000
+    feats = _features(n, n_latents, {3: name | extra, 4: fstring}, 8, gen)  # 3 also fires on every extra
+    fields = torch.full((n, len(FIELDS)), NONE)
+    fields[:, FIELDS.index("fstring")] = fstring.long()
+    fields[name, FIELDS.index("type")] = TYPES.index("NAME")
+    rare = LABELS.index(next(lab for lab in LABELS if lab.rare))
+    drawn_for = torch.where(extra, rare, -1)
+    r = analyse(Collected(feats, fields, 1, 0, 1, drawn_for), torch.randn(n_latents, 8), seed=0)
+    assert r["labels"]["NAME"]["positives"] == int(name[:3000].sum())
+    assert r["labels"]["f-string"]["positives"] == int(fstring.sum())
+    assert r["latent_labels"]["f1"][3] == 1.0  # latent 3 = NAME exactly on the budget's positions
