@@ -33,11 +33,14 @@ for the rarest live latents) and dense ones (active on > 10% of tokens).
 The kinds in EXTRA (jumprelu, matryoshka, relu) run the same stages with `--allocators`.
 jumprelu's L0 is steered to k by its controller, not fixed, so the sweep chooses its lr among runs
 whose L0 is within `l0_tolerance` of k, and the report compares it with the others at its measured
-L0 (log-log interpolation between the reference's neighbouring k). matryoshka keeps its default
+L0 (log-log interpolation between the reference's neighbouring k; beyond the reference's range,
+both at the reference's nearest L0, the kind interpolated there). matryoshka keeps its default
 prefixes (n/16, n/4, n). relu's L0 is set by its L1 coefficient alone (`calibrate`): the sweep
 brackets L0 = k with L1 values at `calibrate_lr` and interpolates (log-log), then tunes the lr at
 that L1 like the others' (L0 within `l0_tolerance` of k), recalibrating at the chosen lr if its
-L0 is outside; the study runs it at k = 32 only (the quality stage's frame).
+L0 is outside, and keeps the chosen lr only if the other seeds train at it too (relu's third seed
+lost 40% of its latents at the lr its first seed chose); the study runs it at k = 32 only (the
+quality stage's frame).
 The quality stage probes the k = 32 dictionaries of the first hook (`saelab.evals.probes`: sparse
 probing per label family and absorption), every seed at probe seed 0 and the first seed's
 dictionary at every probe seed, so reseed noise and probe-sample noise sit side by side; a
@@ -586,11 +589,29 @@ def _at_l0(cells: list[tuple[float, float, float]], l0: float) -> tuple[float, f
     return None
 
 
+def _matched(own: tuple[float, float, float], kind: list[tuple[float, float, float]],
+             ref: list[tuple[float, float, float]]) -> tuple[float, float, float, float, float] | None:
+    """(L0, kind mean, kind std, reference mean, reference std) at one L0, from (L0, mean, std)
+    cells sorted by L0: the kind's cell `own` with the reference interpolated to its L0
+    (`_at_l0`); if that is outside the reference's range, the reference's measured L0 nearest to
+    it with the kind's cells `kind` interpolated there instead (never extrapolated); None if
+    neither is inside."""
+    if (at := _at_l0(ref, own[0])) is not None:
+        return *own, *at
+    near = min(ref, key=lambda c: abs(math.log(c[0] / own[0])))
+    mine = _at_l0(kind, near[0])
+    return None if mine is None else (near[0], *mine, near[1], near[2])
+
+
 def _matched_tables(grid: list[dict]) -> list[str]:
     """Each EXTRA kind's FVU and KL at its measured L0 beside topk's and mutual_choice's
-    interpolated there (`_at_l0`), per hook and k; the gap in combined standard deviations."""
+    interpolated there, or both at the reference's nearest L0 (`_matched`), per hook and k; the
+    gap in combined standard deviations."""
     lines = []
     for key, name in (("fvu", "held-out FVU"), ("kl_sae", "KL")):
+        curves = {ha: sorted((_mean_std(g, "l0")[0], *_mean_std(g, key))
+                             for g in _groups(rows, ("k",)).values())
+                  for ha, rows in _groups(grid, ("hook", "allocator")).items()}
         head = ["hook", "kind", "k", "L0", name,
                 *(f"{ref} at that L0 (gap, sd)" for ref in ("topk", "mutual_choice"))]
         body = []
@@ -600,15 +621,20 @@ def _matched_tables(grid: list[dict]) -> list[str]:
             (l0, l0_sd), (m, sd) = _mean_std(group, "l0"), _mean_std(group, key)
             cells = [f"{l0:.1f} +- {l0_sd:.1f}", f"{m:.4f} +- {sd:.4f}"]
             for ref in ("topk", "mutual_choice"):
-                refs = sorted((_mean_std(g, "l0")[0], *_mean_std(g, key)) for (h, a, _), g in
-                              _groups(grid, ("hook", "allocator", "k")).items() if h == hook and a == ref)
-                at = _at_l0(refs, l0)
-                cells.append("outside its L0 range" if at is None else
-                             f"{at[0]:.4f} +- {at[1]:.4f} ({(m - at[0]) / math.hypot(sd, at[1]):+.1f})")
+                at = _matched((l0, m, sd), curves[(hook, kind)], curves.get((hook, ref), []))
+                if at is None:
+                    cells.append("outside its L0 range")
+                    continue
+                where, mine, mine_sd, theirs, theirs_sd = at
+                moved = "" if where == l0 else f"; at its L0 {where:.1f}, {kind} {mine:.4f}"
+                gap = (mine - theirs) / math.hypot(mine_sd, theirs_sd)
+                cells.append(f"{theirs:.4f} +- {theirs_sd:.4f} ({gap:+.1f}{moved})")
             body.append([hook, kind, str(k), *cells])
         if body:
             lines += ["", f"{name} at matched L0 (the reference log-log interpolated between its "
-                      "neighbouring k; gap = (kind - reference) / combined sd):", "", *md_table(head, body)]
+                      "neighbouring k to the kind's L0; beyond the reference's range, the kind "
+                      "interpolated to the reference's nearest L0 instead, never extrapolated; gap = "
+                      "(kind - reference) / combined sd):", "", *md_table(head, body)]
     return lines
 
 

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from benchmarks.allocators import _at_l0, _family_means, _with_letters, pick_lr
+from benchmarks.allocators import _at_l0, _family_means, _matched, _with_letters, pick_lr
 
 
 def _row(lr: float, fvu: float, l0: float, dead: float = 0.0, k: int = 32) -> dict:
@@ -31,6 +31,22 @@ def test_at_l0_is_exact_for_a_power_law_and_refuses_to_extrapolate():
     assert sd == pytest.approx((1 - t) * 0.2 + t * 0.4)
     assert _at_l0(cells, 8.0)[0] == pytest.approx(law(8.0))
     assert _at_l0(cells, 7.9) is None and _at_l0(cells, 33.0) is None
+
+
+def test_matched_moves_to_the_references_l0_when_the_kind_is_beyond_its_range():
+    ref_law = lambda l0: 1.0 * l0 ** -1.0  # noqa: E731
+    kind_law = lambda l0: 0.5 * l0 ** -1.0  # noqa: E731
+    ref = [(l0, ref_law(l0), 0.01) for l0 in (8.0, 16.0, 32.0, 64.0)]
+    kind = [(l0, kind_law(l0), 0.02) for l0 in (8.5, 17.0, 34.0, 72.0)]
+    # inside the reference's range: the reference interpolated to the kind's L0
+    at = _matched(kind[1], kind, ref)
+    assert at[:3] == kind[1] and at[3] == pytest.approx(ref_law(17.0)) and at[4] == pytest.approx(0.01)
+    # L0 72 is beyond the reference's 64: both at 64, the kind interpolated there, not extrapolated
+    l0, mine, mine_sd, theirs, theirs_sd = _matched(kind[3], kind, ref)
+    assert (l0, theirs, theirs_sd) == (64.0, ref_law(64.0), 0.01)
+    assert mine == pytest.approx(kind_law(64.0)) and mine_sd == pytest.approx(0.02)
+    # the kind's own cells do not reach the reference's nearest L0 either: nothing to compare
+    assert _matched((100.0, 0.005, 0.001), [(80.0, 0.006, 0.001), (100.0, 0.005, 0.001)], ref) is None
 
 
 def test_family_means_average_each_family_at_k1_k5_and_the_ceiling():
