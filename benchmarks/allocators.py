@@ -72,6 +72,7 @@ from saelab import allocators as registry
 from saelab.data.cache import MANIFEST, build_cache
 from saelab.data.heldout import heldout_activations
 from saelab.data.tokens import TokenData
+from saelab.errors import SaelabError
 from saelab.evals import evaluate, reconstruction_stats
 from saelab.evals.probes import probes
 from saelab.evals.render import md_table, save_png
@@ -415,6 +416,22 @@ def calibrate(study: Study, allocator: str) -> tuple[float, float]:
         if round_ == s.lr_extend or best not in (grid[0], grid[-1]):
             break
         grid = [*grid, grid[-1] * 2] if best == grid[-1] else [grid[0] / 2, *grid]
+
+    def trains_every_seed(lr: float) -> bool:
+        """The other seeds at (lr, its L1) keep the dead and L0 limits: one seed's best lr can
+        sit at the edge of stability (relu's third seed lost 40% of its latents at the lr
+        its first seed chose)."""
+        seeds = study.run_all("calibrate", False, [dict(base, lr=lr, l1_coefficient=l1[lr], seed=seed)
+                                                    for seed in s.seeds[1:]])
+        return all(r["dead_frac"] <= s.max_dead and abs(r["l0"] / QUALITY_K - 1) <= s.l0_tolerance
+                   for r in seeds)
+
+    while not trains_every_seed(best):
+        print(f"{allocator}: lr {best:g} does not train every seed; the next best", flush=True)
+        rows = [r for r in rows if r["lr"] != best]
+        if not rows:
+            raise SaelabError(f"{allocator}: no lr of {grid} trains every seed within the dead and L0 limits")
+        best = pick_lr(rows, s.max_dead, s.l0_tolerance)
     print(f"chosen {allocator}: lr {best:g}, L1 {l1[best]:g}: " + ", ".join(
         f"lr {r['lr']:g} L1 {r['l1_coefficient']:g} FVU {r['fvu']:.4f} L0 {r['l0']:.1f} dead "
         f"{r['dead_frac']:.3f}" for r in rows), flush=True)
