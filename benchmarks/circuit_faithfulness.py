@@ -22,10 +22,11 @@ The study appends one JSON line per run to benchmarks/results/circuit_faithfulne
 skips runs already there (dictionaries under --work are reused too):
 - the sites: per layer, the neurons' own L0 and how many neurons fire at all on the held-out
   text. blocks.1 uses 148 of its 512 neurons (7 a token); blocks.0, 2 and 3 use 512, 414, 500;
-- each allocator's lr, on all four sites at once (the study trains the four from one stream, so
-  the sweep's seed-0 runs are the study's seed-0 dictionaries): LRS, then x LR_STEP steps past
-  whichever end holds the chosen lr, or below the grid while no lr is within the cap, until the
-  chosen lr has a tried lr on each side. Rule: the lowest held-out FVU (mean of the four sites)
+- the lr of topk, gradient_topk, feature_choice and mutual_choice (SWEPT), on all four sites
+  at once (the study trains the four from one stream, so the sweep's seed-0 runs are the
+  study's seed-0 dictionaries): LRS, then x LR_STEP steps past whichever end holds the chosen
+  lr, or below the grid while no lr is within the cap, until the chosen lr has a tried lr on
+  each side. Rule: the lowest held-out FVU (mean of the four sites)
   among lrs leaving at most MAX_DEAD of the latents dead at every site where at least MIN_EVER
   of the neurons ever fire -- blocks.0, 2 and 3 here; never "among all runs" when none
   qualifies (that fallback chose lrs with half the latents dead). blocks.1 is left out of the
@@ -33,12 +34,18 @@ skips runs already there (dictionaries under --work are reused too):
   active a token: latents die there at lrs that cost nothing elsewhere, so a cap at that site
   measures the site, not the allocator (its dead fraction is still reported). The first
   study's rule (one site, blocks.1; fallback to all runs) is replaced, not kept beside it;
-- relu: its lr swept the same way at L1 RELU_L1, then at the chosen lr a second L1 (x or /
-  L1_STEP) and the L1 for mean L0 = K log-log interpolated between the two;
-- seeds 1 and 2 at each allocator's chosen lr (and relu's L1), the circuits of every
-  dictionary, the neurons and three rotations;
-- the plateau check last: every allocator (PLATEAU order: topk and mutual_choice first) at its
-  chosen lr, seed 0, twice the budget; the report gives each one's FVU gain.
+- relu (KEPT) keeps the first study's lr 6e-3 and L1 0.0315 (four L1s at that lr, log-log
+  interpolated to L0 32; held-out L0 ~35 on four sites), its dictionaries and circuits reused:
+  its lr is not swept (each lr would need its own L1 calibration), within the cap (3.5% dead);
+- seeds 1 and 2 at each allocator's chosen lr (those of an allocator already bracketed train
+  while the others' sweeps go on), the circuits of every dictionary, the neurons and three
+  rotations;
+- the plateau check last: each allocator (PLATEAU order) at its chosen lr, seed 0, twice the
+  budget; the report gives each one's FVU gain.
+Reused from the first study (same settings, same ids; the rows moved into this file with their
+directories): the neurons' and rotations' circuits, feature_choice's and mutual_choice's lr 2e-3
+dictionaries (their sweeps' first point) and relu's. All of the first study's rows, under its
+rule, are kept in circuit_faithfulness.v1.jsonl.
 """
 
 from __future__ import annotations
@@ -46,7 +53,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import math
 import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -78,8 +84,10 @@ N_LATENTS, K = 512, 32
 TOKENS, BATCH = 131_072, 512  # 256 steps; the plateau runs measure what doubling still gains
 LRS = (2e-3, 4e-3, 8e-3)  # the first grid; the default rule gives 2.1e-3 at d_in = n = 512
 LR_STEP, LR_EXTEND = 2.0, 3  # grid step; at most this many lrs added to bracket the chosen one
-RELU_L1 = 0.0315  # relu's L1 during its lr sweep (held-out L0 ~35 at lr 6e-3 in the first study)
-L1_STEP = 1.5  # relu's second L1 at its chosen lr, x or / this, to interpolate to L0 = K
+SWEPT = ("topk", "gradient_topk", "feature_choice", "mutual_choice")  # lr swept under this rule
+# relu keeps the first study's lr (its calibration lr) and L1 (for L0 ~32), dictionaries and
+# circuits reused: sweeping its lr means recalibrating its L1 at each, not affordable here
+KEPT = {"relu": (6e-3, 0.0315)}
 SEEDS = (0, 1, 2)
 MAX_DEAD = 0.05  # of the latents, at each capped site
 MIN_EVER = 0.5  # a site takes the dead cap if this fraction of its neurons ever fires
@@ -287,17 +295,6 @@ def next_lr(grid: list[float], rows: list[dict], sites: list[str]) -> float | No
     return grid[-1] * LR_STEP if best == grid[-1] else None
 
 
-def calibrated_l1(rows: list[dict]) -> float:
-    """relu's L1 coefficient for L0 = K: log-log interpolation between the two tried values
-    whose L0s bracket K (the nearest one if none do)."""
-    pts = sorted((r["l1"], r["l0"]) for r in rows)
-    for (a, la), (b, lb) in itertools.pairwise(pts):
-        if (la - K) * (lb - K) <= 0 and la != lb:
-            t = (math.log(K) - math.log(la)) / (math.log(lb) - math.log(la))
-            return round(math.exp(math.log(a) + t * (math.log(b) - math.log(a))), 4)
-    return min(pts, key=lambda p: abs(math.log(p[1] / K)))[0]
-
-
 def circuit_job(basis: str, seed: int, row: dict | None = None) -> dict:
     """Circuits of neurons or a rotation, or of the dictionary of a training `row` (its lr and L1
     in the id: an allocator's circuits are those of its chosen lr)."""
@@ -308,15 +305,22 @@ def circuit_job(basis: str, seed: int, row: dict | None = None) -> dict:
 
 
 def sweep(args, rows: dict[str, dict], sites: list[str]) -> tuple[dict[str, dict], dict[str, float]]:
-    """Each allocator's lr: seed 0, all four sites (these are the study's seed-0 dictionaries),
-    LRS then x LR_STEP steps until the chosen lr is bracketed (at most LR_EXTEND more)."""
-    grids = {a: list(LRS) for a in ALLOCATORS}
+    """The SWEPT allocators' lrs: seed 0, all four sites (these are the study's seed-0
+    dictionaries), LRS then x LR_STEP steps until the chosen lr is bracketed (at most LR_EXTEND
+    more)."""
+    grids = {a: list(LRS) for a in SWEPT}
 
     def job(a: str, lr: float) -> dict:
-        return train_job("study", a, lr, 0.0 if allocators.get(a).budget else RELU_L1, SEEDS[0], HOOKS)
+        return train_job("study", a, lr, 0.0, SEEDS[0], HOOKS)
+
+    def settled() -> list[dict]:  # seeds 1 and 2 of the allocators whose lr is already bracketed
+        return [train_job("study", a, lr, 0.0, s, HOOKS) for a, g in grids.items()
+                if all(job(a, x)["id"] in rows for x in g)
+                and next_lr(g, [rows[job(a, x)["id"]] for x in g], sites) is None
+                and (lr := pick([rows[job(a, x)["id"]] for x in g], sites)) for s in SEEDS[1:]]
 
     for _ in range(LR_EXTEND + 1):
-        rows = run_jobs(args, [job(a, lr) for a, g in grids.items() for lr in g])
+        rows = run_jobs(args, [job(a, lr) for a, g in grids.items() for lr in g] + settled())
         moved = False
         for a, g in grids.items():
             lr = next_lr(g, [rows[job(a, x)["id"]] for x in g], sites)
@@ -336,27 +340,24 @@ def sweep(args, rows: dict[str, dict], sites: list[str]) -> tuple[dict[str, dict
 
 
 def study(args) -> None:
-    """Sites (which take the dead cap), then the lr sweep (the seed-0 dictionaries), relu's L1
-    at its lr, then seeds 1 and 2, the circuits, and the plateau checks last."""
+    """Sites (which take the dead cap), the SWEPT allocators' lr sweeps (their seed-0
+    dictionaries), their seeds 1 and 2 and circuits; then the plateau checks, then one run a
+    KEPT allocator at the next lr up (would the rule move it?)."""
     rows = run_jobs(args, [{"id": "sites", "stage": "sites"}])
     sites = capped(rows["sites"])
     rows, lrs = sweep(args, rows, sites)
-    relu_lr = lrs["relu"]
-    cal = train_job("study", "relu", relu_lr, RELU_L1, SEEDS[0], HOOKS)
-    probe_l1 = RELU_L1 * (L1_STEP if rows[cal["id"]]["l0"] > K else 1 / L1_STEP)
-    probe = train_job("study", "relu", relu_lr, round(probe_l1, 4), SEEDS[0], HOOKS)
-    rows = run_jobs(args, [probe])
-    l1 = calibrated_l1([rows[cal["id"]], rows[probe["id"]]])
-    params = {a: (lrs[a], 0.0 if allocators.get(a).budget else l1) for a in ALLOCATORS}
-    for a, (lr, a_l1) in params.items():
+    params = {**{a: (lrs[a], 0.0) for a in SWEPT}, **KEPT}
+    for a, (lr, l1) in params.items():
         if f"choice:{a}" not in rows:
             append(args.results, {"id": f"choice:{a}", "stage": "choice", "allocator": a, "lr": lr,
-                                  "l1": a_l1, "capped_sites": sites})
+                                  "l1": l1, "capped_sites": sites, "swept": a in SWEPT})
     trains = [train_job("study", a, *params[a], s, HOOKS) for s in SEEDS for a in ALLOCATORS]
     rows = run_jobs(args, trains)
     fixed = [circuit_job("neurons", 0)] + [circuit_job("rotation", s) for s in SEEDS]
-    rows = run_jobs(args, fixed + [circuit_job(j["allocator"], j["seed"], rows[j["id"]]) for j in trains])
-    run_jobs(args, [train_job("plateau", a, *params[a], SEEDS[0], HOOKS, 2 * TOKENS) for a in PLATEAU])
+    run_jobs(args, fixed + [circuit_job(j["allocator"], j["seed"], rows[j["id"]]) for j in trains])
+    run_jobs(args, [train_job("plateau", a, *params[a], SEEDS[0], HOOKS, 2 * TOKENS) for a in PLATEAU]
+             + [train_job("study", a, lr * LR_STEP, l1, SEEDS[0], HOOKS) for a, (lr, l1) in KEPT.items()
+                if allocators.get(a).budget])
 
 
 # ---------------------------------------------------------------- report
@@ -381,9 +382,8 @@ def site_name(hook: str) -> str:
     return f"blocks.{hook.split('.')[1]}"
 
 
-def sweep_rows(rows: list[dict], allocator: str) -> list[dict]:
-    """An allocator's lr sweep: its seed-0 dictionaries at the sweep's L1, by lr."""
-    l1 = 0.0 if allocators.get(allocator).budget else RELU_L1
+def sweep_rows(rows: list[dict], allocator: str, l1: float) -> list[dict]:
+    """An allocator's lr sweep (or check): its seed-0 dictionaries at L1 `l1`, by lr."""
     return sorted((r for r in rows if r["stage"] == "study" and r["allocator"] == allocator
                    and r["seed"] == SEEDS[0] and r["l1"] == l1), key=lambda r: r["lr"])
 
@@ -400,8 +400,7 @@ def plateau_gain(rows: list[dict], allocator: str, choice: dict) -> tuple[float,
 
 
 def training_notes(rows: list[dict], choices: dict[str, dict], uncapped: list[str]) -> list[str]:
-    """The sites, each allocator's lr sweep (the chosen lr in bold), relu's L1 at its lr, the
-    plateau checks."""
+    """The sites, each allocator's lr sweep (the chosen lr in bold), the plateau checks."""
     out = []
     site = [r for r in rows if r["stage"] == "sites"]
     if site:
@@ -412,19 +411,12 @@ def training_notes(rows: list[dict], choices: dict[str, dict], uncapped: list[st
     out.append("- lr sweeps (seed 0; mean FVU over the four sites, mean L0, dead at the capped sites "
                "(max) / at " + ", ".join(site_name(h) for h in uncapped) + "):")
     for a, c in choices.items():
-        tried = sweep_rows(rows, a)
+        tried = sweep_rows(rows, a, c["l1"])
         out.append(f"  - {a}: " + ", ".join(
             (f"**{r['lr']:g}**" if r["lr"] == c["lr"] else f"{r['lr']:g}")
             + f" FVU {r['fvu']:.4f} L0 {r['l0']:.1f} dead {dead_capped(r, c['capped_sites']):.1%}"
             + "".join(f" / {r['sites'][h]['dead_frac']:.1%}" for h in uncapped) for r in tried)
-            + (f" (L1 {RELU_L1})" if not allocators.get(a).budget else ""))
-    if "relu" in choices:
-        c = choices["relu"]
-        cal = sorted((r for r in rows if r["stage"] == "study" and r["allocator"] == "relu"
-                      and r["seed"] == SEEDS[0] and r["lr"] == c["lr"]), key=lambda r: r["l1"])
-        out.append(f"- relu L1 at lr {c['lr']:g} (mean L0 of the four sites): " + ", ".join(
-            (f"**{r['l1']:g}**" if r["l1"] == c["l1"] else f"{r['l1']:g}") + f" L0 {r['l0']:.1f}"
-            for r in cal) + " (bold: log-log interpolated to L0 32)")
+            + ("" if c.get("swept") else " (lr kept from the first study)"))
     gains = {a: g for a, c in choices.items() if (g := plateau_gain(rows, a, c))}
     if gains:
         out.append(f"- plateau (seed 0, chosen lr; mean FVU at {TOKENS:,} -> {2 * TOKENS:,} tokens, "
