@@ -185,7 +185,8 @@ class Worker:
             r = recover(self.model, task, b, "eap-ig", cfg, progress=False, truth=False)
             f = r["faithfulness"]
             row = {"id": tid, "stage": "circuit", "basis": job["basis"], "seed": job["seed"],
-                   **{k: job[k] for k in ("lr", "l1") if k in job}, "task": task, "method": "eap-ig",
+                   **{k: job[k] for k in ("lr", "l1", "tokens") if k in job}, "task": task,
+                   "method": "eap-ig",
                    "metric": r["metric"], "nodes": r["nodes"],
                    "error_nodes": r["error_nodes"], "cpr": r["cpr"], "cmd": r["cmd"],
                    "nodes_to_08": r["nodes_to_08"], "sizes": f["sizes"],
@@ -300,8 +301,10 @@ def circuit_job(basis: str, seed: int, row: dict | None = None) -> dict:
     in the id: an allocator's circuits are those of its chosen lr)."""
     if row is None:
         return {"id": f"circuit:{basis}:{seed}", "stage": "circuit", "basis": basis, "seed": seed}
-    return {"id": f"circuit:{basis}:{seed}:lr={row['lr']},l1={row['l1']}", "stage": "circuit",
-            "basis": basis, "seed": seed, "dir": row["dir"], "lr": row["lr"], "l1": row["l1"]}
+    tokens = "" if row["tokens"] == TOKENS else f",tokens={row['tokens']}"
+    return {"id": f"circuit:{basis}:{seed}:lr={row['lr']},l1={row['l1']}{tokens}", "stage": "circuit",
+            "basis": basis, "seed": seed, "dir": row["dir"], "lr": row["lr"], "l1": row["l1"],
+            "tokens": row["tokens"]}
 
 
 def sweep(args, rows: dict[str, dict], sites: list[str]) -> tuple[dict[str, dict], dict[str, float]]:
@@ -355,9 +358,9 @@ def study(args) -> None:
     rows = run_jobs(args, trains)
     fixed = [circuit_job("neurons", 0)] + [circuit_job("rotation", s) for s in SEEDS]
     run_jobs(args, fixed + [circuit_job(j["allocator"], j["seed"], rows[j["id"]]) for j in trains])
-    run_jobs(args, [train_job("plateau", a, *params[a], SEEDS[0], HOOKS, 2 * TOKENS) for a in PLATEAU]
-             + [train_job("study", a, lr * LR_STEP, l1, SEEDS[0], HOOKS) for a, (lr, l1) in KEPT.items()
-                if allocators.get(a).budget])
+    longer = [train_job("plateau", a, *params[a], SEEDS[0], HOOKS, 2 * TOKENS) for a in PLATEAU]
+    rows = run_jobs(args, longer)
+    run_jobs(args, [circuit_job(j["allocator"], j["seed"], rows[j["id"]]) for j in longer])
 
 
 # ---------------------------------------------------------------- report
@@ -389,7 +392,8 @@ def sweep_rows(rows: list[dict], allocator: str, l1: float) -> list[dict]:
 
 
 def plateau_gain(rows: list[dict], allocator: str, choice: dict) -> tuple[float, dict, dict] | None:
-    """Relative drop in mean held-out FVU from TOKENS to 2 x TOKENS at the chosen lr (seed 0)."""
+    """Relative drop in mean held-out FVU from TOKENS to 2 x TOKENS at the chosen lr (seed 0),
+    and the two rows."""
     def at(stage: str) -> list[dict]:
         return [r for r in rows if r["stage"] == stage and r["allocator"] == allocator
                 and r["seed"] == SEEDS[0] and (r["lr"], r["l1"]) == (choice["lr"], choice["l1"])]
@@ -420,8 +424,8 @@ def training_notes(rows: list[dict], choices: dict[str, dict], uncapped: list[st
     gains = {a: g for a, c in choices.items() if (g := plateau_gain(rows, a, c))}
     if gains:
         out.append(f"- plateau (seed 0, chosen lr; mean FVU at {TOKENS:,} -> {2 * TOKENS:,} tokens, "
-                   "the drop, capped dead at the longer budget): " + ", ".join(
-                       f"{a} {b['fvu']:.4f} -> {long['fvu']:.4f} ({g:+.1%} drop, dead "
+                   "its change, dead at the capped sites at the longer budget): " + ", ".join(
+                       f"{a} {b['fvu']:.4f} -> {long['fvu']:.4f} ({-g:+.1%}, dead "
                        f"{dead_capped(long, choices[a]['capped_sites']):.1%})"
                        for a, (g, b, long) in gains.items()))
     return out
@@ -435,9 +439,9 @@ def report(args) -> None:
     rows = list(done(args.results).values())
     choices = {r["allocator"]: r for r in rows if r["stage"] == "choice"}
 
-    def chosen(r: dict) -> bool:  # a dictionary at its allocator's chosen lr and L1
+    def chosen(r: dict) -> bool:  # a dictionary at its allocator's chosen lr and L1 and the budget
         c = choices.get(r["allocator"] if r["stage"] == "study" else r["basis"])
-        return c is not None and (r["lr"], r["l1"]) == (c["lr"], c["l1"])
+        return c is not None and (r["lr"], r["l1"], r.get("tokens", TOKENS)) == (c["lr"], c["l1"], TOKENS)
 
     circ = [r for r in rows if r["stage"] == "circuit"
             and (r["basis"] in ("neurons", "rotation") or chosen(r))]
@@ -499,6 +503,13 @@ def report(args) -> None:
                f"{mean_std(values(b, t, at(20)))} / {mean_std(values(b, t, at(50)))}" for t in TASKS]
         for b in bases])
     lines += ["", *training_notes(rows, choices, uncapped)]
+    longer = [r for r in rows if r["stage"] == "circuit" and r.get("tokens", TOKENS) != TOKENS]
+    if longer:
+        lines.append(f"- circuits of the {2 * TOKENS:,}-token dictionaries (seed 0), CPR per task "
+                     f"({', '.join(TASKS)}): " + "; ".join(
+                         f"{b} " + ", ".join(f"{r['cpr']:.3f}" for t in TASKS for r in longer
+                                             if r["basis"] == b and r["task"] == t)
+                         for b in BASES if any(r["basis"] == b for r in longer)))
     text = "\n".join(lines) + "\n"
     write_text(args.out_dir / "circuit_faithfulness.md", text)
     print(text)
