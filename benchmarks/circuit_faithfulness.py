@@ -15,19 +15,37 @@ f >= 0.8; `evals.circuits.faithfulness`) on 32 held-out prompts, the same prompt
 basis (32, not recover's 48, and 131k training tokens: the CPU budget of one shared machine).
 Error nodes are ranked and pruned like any node. Dictionaries and rotations: 3 seeds.
 
-    python benchmarks/circuit_faithfulness.py study --workers 2  # everything below; resumable
+    python benchmarks/circuit_faithfulness.py study --workers 1  # everything below; resumable
     python benchmarks/circuit_faithfulness.py report             # markdown table + curves PNG
 
 The study appends one JSON line per run to benchmarks/results/circuit_faithfulness.jsonl and
 skips runs already there (dictionaries under --work are reused too):
-- relu's L1 coefficient for L0 ~K: four values at CALIBRATE_LR, log-log interpolated (relu
-  keeps that lr: its lr is not swept, for time);
-- the lr of each other allocator: LRS on one site (`SWEEP_HOOK`) at the study's budget, one
-  seed, picked by held-out FVU among runs leaving at most 5% of latents dead, among all runs if
-  none does (benchmarks/allocators.py's rule);
-- the plateau check: topk at twice the budget (its gain is in the report);
-- the dictionaries (every allocator x seed, all four sites from one stream) and their circuits,
-  the neurons' and the rotations'.
+- the sites: per layer, the neurons' own L0 and how many neurons fire at all on the held-out
+  text. blocks.1 uses 148 of its 512 neurons (7 a token); blocks.0, 2 and 3 use 512, 414, 500;
+- the lr of topk, gradient_topk, feature_choice and mutual_choice (SWEPT), on all four sites
+  at once (the study trains the four from one stream, so the sweep's seed-0 runs are the
+  study's seed-0 dictionaries): LRS, then x LR_STEP steps past whichever end holds the chosen
+  lr, or below the grid while no lr is within the cap, until the chosen lr has a tried lr on
+  each side. Rule: the lowest held-out FVU (mean of the four sites)
+  among lrs leaving at most MAX_DEAD of the latents dead at every site where at least MIN_EVER
+  of the neurons ever fire -- blocks.0, 2 and 3 here; never "among all runs" when none
+  qualifies (that fallback chose lrs with half the latents dead). blocks.1 is left out of the
+  cap because 512 latents at k 32 there describe activations living on 148 neurons with 7
+  active a token: latents die there at lrs that cost nothing elsewhere, so a cap at that site
+  measures the site, not the allocator (its dead fraction is still reported). The first
+  study's rule (one site, blocks.1; fallback to all runs) is replaced, not kept beside it;
+- relu (KEPT) keeps the first study's lr 6e-3 and L1 0.0315 (four L1s at that lr, log-log
+  interpolated to L0 32; held-out L0 ~35 on four sites), its dictionaries and circuits reused:
+  its lr is not swept (each lr would need its own L1 calibration), within the cap (3.5% dead);
+- seeds 1 and 2 at each allocator's chosen lr (those of an allocator already bracketed train
+  while the others' sweeps go on), the circuits of every dictionary, the neurons and three
+  rotations;
+- the plateau check last: each allocator (PLATEAU order) at its chosen lr, seed 0, twice the
+  budget; the report gives each one's FVU gain.
+Reused from the first study (same settings, same ids; the rows moved into this file with their
+directories): the neurons' and rotations' circuits, feature_choice's and mutual_choice's lr 2e-3
+dictionaries (their sweeps' first point) and relu's. All of the first study's rows, under its
+rule, are kept in circuit_faithfulness.v1.jsonl.
 """
 
 from __future__ import annotations
@@ -35,7 +53,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import math
 import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -64,12 +81,17 @@ SWEEP_HOOK = "blocks.1.mlp.hook_post"
 ALLOCATORS = ("topk", "gradient_topk", "feature_choice", "mutual_choice", "relu")
 TASKS = ("ioi", "greater-than", "docstring", "induction")
 N_LATENTS, K = 512, 32
-TOKENS, BATCH = 131_072, 512  # 256 steps; `plateau` measures what doubling still gains
-LRS = (2e-3, 6e-3, 1.8e-2)  # the default rule gives 2.1e-3 at d_in = n = 512
-L1S = (0.0125, 0.025, 0.05, 0.1)  # relu's L1 coefficients tried at CALIBRATE_LR
-CALIBRATE_LR = 6e-3
+TOKENS, BATCH = 131_072, 512  # 256 steps; the plateau runs measure what doubling still gains
+LRS = (2e-3, 4e-3, 8e-3)  # the first grid; the default rule gives 2.1e-3 at d_in = n = 512
+LR_STEP, LR_EXTEND = 2.0, 3  # grid step; at most this many lrs added to bracket the chosen one
+SWEPT = ("topk", "gradient_topk", "feature_choice", "mutual_choice")  # lr swept under this rule
+# relu keeps the first study's lr (its calibration lr) and L1 (for L0 ~32), dictionaries and
+# circuits reused: sweeping its lr means recalibrating its L1 at each, not affordable here
+KEPT = {"relu": (6e-3, 0.0315)}
 SEEDS = (0, 1, 2)
-MAX_DEAD = 0.05
+MAX_DEAD = 0.05  # of the latents, at each capped site
+MIN_EVER = 0.5  # a site takes the dead cap if this fraction of its neurons ever fires
+PLATEAU = ("topk", "mutual_choice", "gradient_topk", "feature_choice", "relu")  # in this order
 DOCS = 60_000  # task documents in the data file (~1.5M tokens; ~95% train, 5% held out)
 EVAL_TOKENS = 16_384
 BUFFER = 2**15  # shuffle-buffer tokens: the default 2^17 x 4 sites x 512 floats took ~4 GB a worker
@@ -149,10 +171,6 @@ class Worker:
         """EAP-IG circuits of one basis on every task."""
         if job["basis"] == "neurons":
             b = make_basis(self.model, "neurons")
-            if "neurons:l0" not in done(self.results):  # the neurons' own L0 (ReLU: exact zeros)
-                l0 = {h: round(float((self.held(h) > 0).sum(-1).float().mean()), 2) for h in HOOKS}
-                append(self.results, {"id": "neurons:l0", "stage": "neurons", "sites": l0,
-                                      "l0": round(statistics.mean(l0.values()), 2)})
         elif job["basis"] == "rotation":
             b = rotation(self.model, job["seed"])
         else:
@@ -167,7 +185,9 @@ class Worker:
             r = recover(self.model, task, b, "eap-ig", cfg, progress=False, truth=False)
             f = r["faithfulness"]
             row = {"id": tid, "stage": "circuit", "basis": job["basis"], "seed": job["seed"],
-                   "task": task, "method": "eap-ig", "metric": r["metric"], "nodes": r["nodes"],
+                   **{k: job[k] for k in ("lr", "l1", "tokens") if k in job}, "task": task,
+                   "method": "eap-ig",
+                   "metric": r["metric"], "nodes": r["nodes"],
                    "error_nodes": r["error_nodes"], "cpr": r["cpr"], "cmd": r["cmd"],
                    "nodes_to_08": r["nodes_to_08"], "sizes": f["sizes"],
                    "fractions": f["fractions"], "faithfulness": f["faithfulness"],
@@ -179,8 +199,19 @@ class Worker:
                   f"({row['seconds']:.0f} s)", flush=True)
         return rows
 
+    def sites(self) -> dict:
+        """Per site, the neurons' own L0 (ReLU: exact zeros) and how many neurons fire at all
+        on the held-out text: how many directions the site's activations use."""
+        on = {h: self.held(h) > 0 for h in HOOKS}
+        return {"id": "sites", "stage": "sites",
+                "l0": {h: round(float(a.sum(-1).float().mean()), 2) for h, a in on.items()},
+                "ever": {h: int(a.any(0).sum()) for h, a in on.items()}}
+
     def run(self, job: dict) -> None:
         if job["id"] in done(self.results):
+            return
+        if job["stage"] == "sites":
+            append(self.results, self.sites())
             return
         if job["stage"] == "circuit":
             self.circuits(job)
@@ -235,75 +266,101 @@ def train_job(stage: str, allocator: str, lr: float, l1: float, seed: int, hooks
 # ---------------------------------------------------------------- stages
 
 
-def calibrated_l1(rows: list[dict]) -> float:
-    """relu's L1 coefficient for L0 = K: log-log interpolation between the two tried values
-    whose L0s bracket K (the nearest one if none do)."""
-    pts = sorted((r["l1"], r["l0"]) for r in rows)
-    for (a, la), (b, lb) in itertools.pairwise(pts):
-        if (la - K) * (lb - K) <= 0 and la != lb:
-            t = (math.log(K) - math.log(la)) / (math.log(lb) - math.log(la))
-            return round(math.exp(math.log(a) + t * (math.log(b) - math.log(a))), 4)
-    return min(pts, key=lambda p: abs(math.log(p[1] / K)))[0]
+def capped(site_row: dict) -> list[str]:
+    """The sites the dead cap applies to: those where at least half the neurons fire somewhere
+    on the held-out text (see the module docstring)."""
+    return [h for h in HOOKS if site_row["ever"][h] >= N_LATENTS * MIN_EVER]
 
 
-def calibration_jobs() -> list[dict]:
-    return [train_job("l1", "relu", CALIBRATE_LR, l1, 0, (SWEEP_HOOK,)) for l1 in L1S]
+def dead_capped(row: dict, sites: list[str]) -> float:
+    return max(row["sites"][h]["dead_frac"] for h in sites)
 
 
-def lr_jobs(allocator: str, l1: float) -> list[dict]:
-    return [train_job("sweep", allocator, lr, l1, 0, (SWEEP_HOOK,)) for lr in LRS]
+def pick(rows: list[dict], sites: list[str]) -> float | None:
+    """The lr of the lowest mean held-out FVU among runs within the dead cap on `sites`; None
+    when no run is (then the grid extends down instead of falling back to all runs)."""
+    from allocators import pick_lr  # imported where used: benchmarks/ is not a package
+
+    eligible = [{**r, "dead_frac": dead_capped(r, sites)} for r in rows]
+    if all(r["dead_frac"] > MAX_DEAD for r in eligible):
+        return None
+    return pick_lr(eligible, MAX_DEAD)
 
 
-def best_lr(allocator: str, rows: list[dict]) -> float:
-    """benchmarks/allocators.py's pick: the lowest FVU within the dead cap (among all runs if
-    none is)."""
-    from allocators import pick_lr
-
-    lr = pick_lr(rows, MAX_DEAD)
-    print(f"{allocator}: lr {lr} (l1 {rows[0]['l1']}): " + ", ".join(
-        f"{r['lr']}: FVU {r['fvu']:.4f} L0 {r['l0']:.1f} dead {r['dead_frac']:.3f}" for r in rows),
-        flush=True)
-    return lr
-
-
-def plateau_job(lr: float) -> dict:
-    return train_job("plateau", "topk", lr, 0.0, 0, (SWEEP_HOOK,), 2 * TOKENS)
+def next_lr(grid: list[float], rows: list[dict], sites: list[str]) -> float | None:
+    """The lr to add so that the chosen one has a tried lr on each side (x LR_STEP past the end
+    that holds it, or below the grid when none is within the cap); None once it has."""
+    best = pick(rows, sites)
+    if best is None or best == grid[0]:
+        return grid[0] / LR_STEP
+    return grid[-1] * LR_STEP if best == grid[-1] else None
 
 
 def circuit_job(basis: str, seed: int, row: dict | None = None) -> dict:
-    return {"id": f"circuit:{basis}:{seed}", "stage": "circuit", "basis": basis, "seed": seed,
-            **({"dir": row["dir"]} if row else {})}
+    """Circuits of neurons or a rotation, or of the dictionary of a training `row` (its lr and L1
+    in the id: an allocator's circuits are those of its chosen lr)."""
+    if row is None:
+        return {"id": f"circuit:{basis}:{seed}", "stage": "circuit", "basis": basis, "seed": seed}
+    tokens = "" if row["tokens"] == TOKENS else f",tokens={row['tokens']}"
+    return {"id": f"circuit:{basis}:{seed}:lr={row['lr']},l1={row['l1']}{tokens}", "stage": "circuit",
+            "basis": basis, "seed": seed, "dir": row["dir"], "lr": row["lr"], "l1": row["l1"],
+            "tokens": row["tokens"]}
+
+
+def sweep(args, rows: dict[str, dict], sites: list[str]) -> tuple[dict[str, dict], dict[str, float]]:
+    """The SWEPT allocators' lrs: seed 0, all four sites (these are the study's seed-0
+    dictionaries), LRS then x LR_STEP steps until the chosen lr is bracketed (at most LR_EXTEND
+    more)."""
+    grids = {a: list(LRS) for a in SWEPT}
+
+    def job(a: str, lr: float) -> dict:
+        return train_job("study", a, lr, 0.0, SEEDS[0], HOOKS)
+
+    def settled() -> list[dict]:  # seeds 1 and 2 of the allocators whose lr is already bracketed
+        return [train_job("study", a, lr, 0.0, s, HOOKS) for a, g in grids.items()
+                if all(job(a, x)["id"] in rows for x in g)
+                and next_lr(g, [rows[job(a, x)["id"]] for x in g], sites) is None
+                and (lr := pick([rows[job(a, x)["id"]] for x in g], sites)) for s in SEEDS[1:]]
+
+    for _ in range(LR_EXTEND + 1):
+        rows = run_jobs(args, [job(a, lr) for a, g in grids.items() for lr in g] + settled())
+        moved = False
+        for a, g in grids.items():
+            lr = next_lr(g, [rows[job(a, x)["id"]] for x in g], sites)
+            if lr is not None:
+                g.insert(0, lr) if lr < g[0] else g.append(lr)
+                moved = True
+        if not moved:
+            break
+    chosen = {}
+    for a, g in grids.items():
+        tried = [rows[job(a, x)["id"]] for x in g]
+        chosen[a] = pick(tried, sites) or min(g)  # within the cap once the grid has grown enough
+        print(f"{a}: lr {chosen[a]:g}: " + ", ".join(
+            f"{r['lr']:g} FVU {r['fvu']:.4f} L0 {r['l0']:.1f} dead {dead_capped(r, sites):.3f}"
+            for r in tried), flush=True)
+    return rows, chosen
 
 
 def study(args) -> None:
-    """relu's L1 and the other allocators' lrs first; then seed by seed (so that a study cut
-    short holds whole seeds), each wave training the next seed's dictionaries while the last
-    seed's circuits are scored."""
-    budget = [a for a in ALLOCATORS if allocators.get(a).budget]
-    calib = calibration_jobs()
-    sweeps = {a: lr_jobs(a, 0.0) for a in budget}
-    rows = run_jobs(args, calib)
-    l1 = calibrated_l1([rows[j["id"]] for j in calib])
-    print(f"relu: l1 {l1} for L0 ~{K} at lr {CALIBRATE_LR}", flush=True)
-
-    def lr_of(a: str) -> tuple[float, float]:
-        return (best_lr(a, [rows[j["id"]] for j in sweeps[a]]), 0.0) if a in budget else (CALIBRATE_LR, l1)
-
-    # the first seed's dictionaries of the allocators whose lrs are known train beside the sweep
-    ready = [a for a in ALLOCATORS if a not in budget or all(j["id"] in rows for j in sweeps[a])]
-    first = [train_job("study", a, *lr_of(a), SEEDS[0], HOOKS) for a in ready]
-    fixed = [circuit_job("neurons", 0), circuit_job("rotation", SEEDS[0])]
-    rows = run_jobs(args, fixed + [j for js in sweeps.values() for j in js] + first)
-    lrs = {a: lr_of(a) for a in ALLOCATORS}
-    trains = {s: [train_job("study", a, *lrs[a], s, HOOKS) for a in ALLOCATORS] for s in SEEDS}
-    extra = {SEEDS[1]: [plateau_job(lrs["topk"][0])]}
-    earlier: list[dict] = []  # dictionaries of the seeds before this wave's
-    for s in [*SEEDS, None]:
-        now = (trains[s] + [circuit_job("rotation", s)] + extra.get(s, [])) if s is not None else []
-        trained = earlier + [j for j in now if j["id"] in rows]
-        rows = run_jobs(args, now + [circuit_job(j["allocator"], j["seed"], rows[j["id"]]) for j in trained
-                                     if j["stage"] == "study"])
-        earlier += trains[s] if s is not None else []
+    """Sites (which take the dead cap), the SWEPT allocators' lr sweeps (their seed-0
+    dictionaries), their seeds 1 and 2 and circuits; then the plateau checks, then one run a
+    KEPT allocator at the next lr up (would the rule move it?)."""
+    rows = run_jobs(args, [{"id": "sites", "stage": "sites"}])
+    sites = capped(rows["sites"])
+    rows, lrs = sweep(args, rows, sites)
+    params = {**{a: (lrs[a], 0.0) for a in SWEPT}, **KEPT}
+    for a, (lr, l1) in params.items():
+        if f"choice:{a}" not in rows:
+            append(args.results, {"id": f"choice:{a}", "stage": "choice", "allocator": a, "lr": lr,
+                                  "l1": l1, "capped_sites": sites, "swept": a in SWEPT})
+    trains = [train_job("study", a, *params[a], s, HOOKS) for s in SEEDS for a in ALLOCATORS]
+    rows = run_jobs(args, trains)
+    fixed = [circuit_job("neurons", 0)] + [circuit_job("rotation", s) for s in SEEDS]
+    run_jobs(args, fixed + [circuit_job(j["allocator"], j["seed"], rows[j["id"]]) for j in trains])
+    longer = [train_job("plateau", a, *params[a], SEEDS[0], HOOKS, 2 * TOKENS) for a in PLATEAU]
+    rows = run_jobs(args, longer)
+    run_jobs(args, [circuit_job(j["allocator"], j["seed"], rows[j["id"]]) for j in longer])
 
 
 # ---------------------------------------------------------------- report
@@ -324,35 +381,53 @@ def mean_std(values: list) -> str:
     return f"{statistics.mean(values):.{d}f} ± {statistics.stdev(values):.{d}f}"
 
 
-def training_notes(rows: list[dict]) -> list[str]:
-    """The sweep's lrs (the chosen one in bold), relu's L1, the plateau check, the neurons' L0."""
+def site_name(hook: str) -> str:
+    return f"blocks.{hook.split('.')[1]}"
+
+
+def sweep_rows(rows: list[dict], allocator: str, l1: float) -> list[dict]:
+    """An allocator's lr sweep (or check): its seed-0 dictionaries at L1 `l1`, by lr."""
+    return sorted((r for r in rows if r["stage"] == "study" and r["allocator"] == allocator
+                   and r["seed"] == SEEDS[0] and r["l1"] == l1), key=lambda r: r["lr"])
+
+
+def plateau_gain(rows: list[dict], allocator: str, choice: dict) -> tuple[float, dict, dict] | None:
+    """Relative drop in mean held-out FVU from TOKENS to 2 x TOKENS at the chosen lr (seed 0),
+    and the two rows."""
+    def at(stage: str) -> list[dict]:
+        return [r for r in rows if r["stage"] == stage and r["allocator"] == allocator
+                and r["seed"] == SEEDS[0] and (r["lr"], r["l1"]) == (choice["lr"], choice["l1"])]
+    base, long = at("study"), at("plateau")
+    if not (base and long):
+        return None
+    return (base[0]["fvu"] - long[0]["fvu"]) / base[0]["fvu"], base[0], long[0]
+
+
+def training_notes(rows: list[dict], choices: dict[str, dict], uncapped: list[str]) -> list[str]:
+    """The sites, each allocator's lr sweep (the chosen lr in bold), the plateau checks."""
     out = []
-    study = {r["allocator"]: r for r in rows if r["stage"] == "study"}
-    for a in ALLOCATORS:
-        tried = sorted((r for r in rows if r["stage"] == "sweep" and r["allocator"] == a),
-                       key=lambda r: r["lr"])
-        if a in study and tried:
-            out.append(f"- {a}: " + ", ".join(
-                (f"**{r['lr']:g}**" if r["lr"] == study[a]["lr"] else f"{r['lr']:g}")
-                + f" FVU {r['fvu']:.4f} L0 {r['l0']:.1f} dead {r['dead_frac']:.1%}" for r in tried)
-                + (f" (l1 {study[a]['l1']})" if not allocators.get(a).budget else ""))
-    calib = sorted((r for r in rows if r["stage"] == "l1"), key=lambda r: r["l1"])
-    if calib:
-        out.append(f"- relu L1 at lr {CALIBRATE_LR:g}: " + ", ".join(
-            f"{r['l1']:g} L0 {r['l0']:.1f}" for r in calib))
-    plat = [r for r in rows if r["stage"] == "plateau"]
-    base = [r for r in rows if r["stage"] == "sweep" and r["allocator"] == "topk"
-            and plat and r["lr"] == plat[0]["lr"]]
-    if plat and base:
-        gain = (base[0]["fvu"] - plat[0]["fvu"]) / base[0]["fvu"]
-        out.append(f"- plateau: topk on {SWEEP_HOOK} at lr {plat[0]['lr']:g}, FVU {base[0]['fvu']:.4f} "
-                   f"at {TOKENS:,} tokens, {plat[0]['fvu']:.4f} at {2 * TOKENS:,} "
-                   + (f"(doubling gains {gain:.1%})" if gain >= 0 else
-                      f"(the longer run collapsed, {plat[0]['dead_frac']:.0%} dead: no plateau measured)"))
-    neu = [r for r in rows if r["stage"] == "neurons"]
-    if neu:
-        out.append("- neurons active (> 0) per token, held-out task text: " + ", ".join(
-            f"{h.split('.')[1]}: {v:.1f}" for h, v in neu[0]["sites"].items()))
+    site = [r for r in rows if r["stage"] == "sites"]
+    if site:
+        out.append("- sites (held-out task text): neurons active per token / neurons that ever fire: "
+                   + ", ".join(f"{site_name(h)} {site[0]['l0'][h]:.1f} / {site[0]['ever'][h]}" for h in HOOKS)
+                   + f"; dead cap {MAX_DEAD:.0%} on " + ", ".join(
+                       site_name(h) for h in HOOKS if h not in uncapped))
+    out.append("- lr sweeps (seed 0; mean FVU over the four sites, mean L0, dead at the capped sites "
+               "(max) / at " + ", ".join(site_name(h) for h in uncapped) + "):")
+    for a, c in choices.items():
+        tried = sweep_rows(rows, a, c["l1"])
+        out.append(f"  - {a}: " + ", ".join(
+            (f"**{r['lr']:g}**" if r["lr"] == c["lr"] else f"{r['lr']:g}")
+            + f" FVU {r['fvu']:.4f} L0 {r['l0']:.1f} dead {dead_capped(r, c['capped_sites']):.1%}"
+            + "".join(f" / {r['sites'][h]['dead_frac']:.1%}" for h in uncapped) for r in tried)
+            + ("" if c.get("swept") else " (lr kept from the first study)"))
+    gains = {a: g for a, c in choices.items() if (g := plateau_gain(rows, a, c))}
+    if gains:
+        out.append(f"- plateau (seed 0, chosen lr; mean FVU at {TOKENS:,} -> {2 * TOKENS:,} tokens, "
+                   "its change, dead at the capped sites at the longer budget): " + ", ".join(
+                       f"{a} {b['fvu']:.4f} -> {long['fvu']:.4f} ({-g:+.1%}, dead "
+                       f"{dead_capped(long, choices[a]['capped_sites']):.1%})"
+                       for a, (g, b, long) in gains.items()))
     return out
 
 
@@ -362,8 +437,17 @@ def report(args) -> None:
     from saelab.evals.render import md_table, save_png
 
     rows = list(done(args.results).values())
-    circ = [r for r in rows if r["stage"] == "circuit"]
-    trained = {(r["allocator"], r["seed"]): r for r in rows if r["stage"] == "study"}
+    choices = {r["allocator"]: r for r in rows if r["stage"] == "choice"}
+
+    def chosen(r: dict) -> bool:  # a dictionary at its allocator's chosen lr and L1 and the budget
+        c = choices.get(r["allocator"] if r["stage"] == "study" else r["basis"])
+        return c is not None and (r["lr"], r["l1"], r.get("tokens", TOKENS)) == (c["lr"], c["l1"], TOKENS)
+
+    circ = [r for r in rows if r["stage"] == "circuit"
+            and (r["basis"] in ("neurons", "rotation") or chosen(r))]
+    trained = {(r["allocator"], r["seed"]): r for r in rows if r["stage"] == "study" and chosen(r)}
+    capped_sites = next(iter(choices.values()))["capped_sites"] if choices else list(HOOKS)
+    uncapped = [h for h in HOOKS if h not in capped_sites]
 
     def values(basis: str, task: str, key) -> list:
         return [key(r) if callable(key) else r[key] for r in circ
@@ -386,19 +470,30 @@ def report(args) -> None:
 
     lines = [f"EAP-IG node scores on {PROMPTS} prompts a task, faithfulness on {PROMPTS} held-out ones; "
              "mean ± std over seeds (neurons: one basis). Nodes: 2,048 (+4 error nodes for a "
-             "dictionary). FVU and L0: held-out task text, mean of the four sites.", ""]
+             "dictionary). FVU and L0: held-out task text, mean of the four sites; dead: the "
+             "largest fraction at the capped sites / at " + ", ".join(site_name(h) for h in uncapped)
+             + f"; lr: each allocator's own (the sweep below), {TOKENS:,} training tokens.", ""]
     bases = [b for b in BASES if any(r["basis"] == b for r in circ)]
 
     def seeds(b: str) -> list[int]:
         return sorted({r["seed"] for r in circ if r["basis"] == b})
 
-    def fit(b: str, key: str) -> str:
-        fits = [trained[(b, s)][key] for s in seeds(b) if (b, s) in trained]
-        return mean_std(fits) if fits else {"fvu": "0", "l0": "n/a", "dead_frac": "n/a"}[key]
+    def fit(b: str, key) -> str:
+        fits = [key(trained[(b, s)]) for s in seeds(b) if (b, s) in trained]
+        return mean_std(fits) if fits else "n/a"
+
+    def dead(b: str) -> str:
+        return fit(b, lambda r: dead_capped(r, capped_sites)) + "".join(
+            " / " + fit(b, lambda r, h=h: r["sites"][h]["dead_frac"]) for h in uncapped)
+
+    def lr(b: str) -> str:
+        c = choices.get(b)
+        return "n/a" if c is None else f"{c['lr']:g}" + (f" (L1 {c['l1']:g})" if c["l1"] else "")
 
     lines += ["CPR (higher is better) / CMD (lower is better):", ""]
-    lines += md_table(["basis", "seeds", "FVU", "L0", "dead"] + list(TASKS), [
-        [b, str(len(seeds(b))), fit(b, "fvu"), fit(b, "l0"), fit(b, "dead_frac")]
+    lines += md_table(["basis", "seeds", "lr", "FVU", "L0", "dead"] + list(TASKS), [
+        [b, str(len(seeds(b))), lr(b), "0" if b in ("neurons", "rotation") else fit(b, lambda r: r["fvu"]),
+         fit(b, lambda r: r["l0"]), dead(b)]
         + [f"{mean_std(values(b, t, 'cpr'))} / {mean_std(values(b, t, 'cmd'))}" for t in TASKS]
         for b in bases])
     lines += ["", "Smallest evaluated circuit with f >= 0.8 (error nodes it keeps) / f of the top "
@@ -407,7 +502,14 @@ def report(args) -> None:
         [b] + [f"{to08(b, t)} ({mean_std([e for e in values(b, t, errors08) if e is not None])}) / "
                f"{mean_std(values(b, t, at(20)))} / {mean_std(values(b, t, at(50)))}" for t in TASKS]
         for b in bases])
-    lines += ["", *training_notes(rows)]
+    lines += ["", *training_notes(rows, choices, uncapped)]
+    longer = [r for r in rows if r["stage"] == "circuit" and r.get("tokens", TOKENS) != TOKENS]
+    if longer:
+        lines.append(f"- circuits of the {2 * TOKENS:,}-token dictionaries (seed 0), CPR per task "
+                     f"({', '.join(TASKS)}): " + "; ".join(
+                         f"{b} " + ", ".join(f"{r['cpr']:.3f}" for t in TASKS for r in longer
+                                             if r["basis"] == b and r["task"] == t)
+                         for b in BASES if any(r["basis"] == b for r in longer)))
     text = "\n".join(lines) + "\n"
     write_text(args.out_dir / "circuit_faithfulness.md", text)
     print(text)
