@@ -376,14 +376,22 @@ def l1_steered(allocator: str) -> bool:
     return not kind.budget and not kind.learns_thresholds
 
 
+def l1_for_l0(rows: list[dict], k: float) -> float:
+    """The L1 coefficient for held-out L0 = k: log-log interpolation between the two tried
+    coefficients whose L0s bracket k (the nearest one if none do); L0 falls as a power of L1."""
+    pts = sorted((r["l1_coefficient"], r["l0"]) for r in rows)
+    for (a, la), (b, lb) in itertools.pairwise(pts):
+        if (la - k) * (lb - k) <= 0 and la != lb:
+            t = math.log(k / la) / math.log(lb / la)
+            return round(a * (b / a) ** t, 4)
+    return min(pts, key=lambda p: abs(math.log(p[1] / k)))[0]
+
+
 def calibrate(study: Study, allocator: str) -> tuple[float, float]:
     """(lr, L1 coefficient) of an L1-steered kind at the study's size, budget and first hook, for
     held-out L0 ~QUALITY_K (module docstring): L1 calibrated at `calibrate_lr`, then the lr
     grid (x2 either side, extended past an edge that holds the best) at that L1; an lr whose L0
     lands outside `l0_tolerance` of k gets its own L1, so every lr is compared near L0 = k."""
-    from circuit_faithfulness import K, calibrated_l1  # log-log interpolation to L0 = K
-
-    assert K == QUALITY_K, "circuit_faithfulness.calibrated_l1 aims at its K"
     s = study.scale
     base = dict(allocator=allocator, hook=s.hooks[0], n_latents=s.n_latents[0], k=QUALITY_K,
                 tokens=s.sweep_tokens)
@@ -396,7 +404,7 @@ def calibrate(study: Study, allocator: str) -> tuple[float, float]:
             if min(l0s) <= QUALITY_K <= max(l0s) or round_ == s.lr_extend:
                 break
             l1s = [*l1s, l1s[-1] * 2] if min(l0s) > QUALITY_K else [l1s[0] / 2, *l1s]
-        l1 = calibrated_l1([{"l1": r["l1_coefficient"], "l0": r["l0"]} for r in rows])
+        l1 = l1_for_l0(rows, QUALITY_K)
         print(f"calibrate {allocator} lr {lr:g}: " + ", ".join(
             f"L1 {r['l1_coefficient']:g} L0 {r['l0']:.1f}" for r in rows) + f" -> L1 {l1:g}", flush=True)
         return l1

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from benchmarks.allocators import _at_l0, _family_means, _matched, _with_letters, pick_lr
+from benchmarks.allocators import _at_l0, _family_means, _matched, _with_letters, l1_for_l0, pick_lr
 
 
 def _row(lr: float, fvu: float, l0: float, dead: float = 0.0, k: int = 32) -> dict:
@@ -71,3 +71,11 @@ def test_quality_rows_take_first_letter_columns_from_their_letters_row():
     assert (got[0]["token type_k1"], got[0]["absorption"], got[0]["first letter_k1"]) == (0.7, 0.04, 0.65)
     assert (got[1]["absorption"], got[1]["first letter_k1"]) == (0.05, 0.6)  # probed with the new negatives
     assert got[2]["absorption"] is None and got[2]["first letter_k1"] is None  # old negatives: not shown
+
+
+def test_l1_for_l0_inverts_a_power_law_and_keeps_the_nearest_outside():
+    """L0 = 10 / sqrt(L1): log-log interpolation between bracketing coefficients is exact, so
+    L0 = 50 needs L1 = (10 / 50)^2 = 0.04; a target beyond every tried L0 takes the nearest."""
+    rows = [{"l1_coefficient": v, "l0": 10 / math.sqrt(v)} for v in (0.01, 0.1, 1.0)]
+    assert l1_for_l0(rows, 50) == pytest.approx(0.04, abs=1e-4)
+    assert l1_for_l0(rows, 500) == 0.01
