@@ -123,6 +123,13 @@ def synthetic_7b(args) -> dict:
     return result
 
 
+def _loaded(run, args) -> dict:
+    """`run(args)`'s result with the load averages (1, 5, 15 min) before and after it."""
+    before = os.getloadavg()
+    result = run(args)
+    return {**result, "load_before": before, "load_after": os.getloadavg(), "threads": args.threads}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=DEFAULT_MODEL)
@@ -145,10 +152,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     results = []
     if not args.skip_zoo:
-        results.append(zoo(args))
+        results.append(_loaded(zoo, args))
         _print(results[-1]["model"], results[-1])
     if args.synthetic:
-        results.append(synthetic_7b(args))
+        results.append(_loaded(synthetic_7b, args))
         _print(results[-1]["model"] + f", densities {args.densities}", results[-1])
     if args.json:
         write_json(Path(args.json), results)
