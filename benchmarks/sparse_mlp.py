@@ -12,10 +12,14 @@ median over rounds of the two contenders' time ratio:
   gather-weighted-sum over their rows of W_out only (the compiled loop of
   `saelab.kernels.native` when it builds, ``embedding_bag`` otherwise: the first line says which;
   ``SAELAB_NATIVE=0`` times the fallback);
-- MLP dense:   ``SparseMLP.dense(x)``, both projections dense;
+- MLP dense:   ``SparseMLP.dense(x)``, both projections dense: the computation a model's dense
+  MLP runs, called the way a model calls its MLP (one Python call, ``mlp.dense(x)``, as auto's
+  is ``mlp(x)``), with no further layer (an ``nn.Module``'s ``__call__`` would add ~1-5 us to
+  both): the strictest baseline for what auto's dispatch adds;
 - MLP sparse:  ``SparseMLP.sparse_down(x)``, dense up-projection, sparse down-projection;
 - MLP auto:    ``mlp(x)``, the default forward: dense or sparse per call from the cost model it
-  calibrated once on this machine (`saelab.kernels.cost`; the calibration runs in the warm-up);
+  calibrated once on this machine (`saelab.kernels.cost`; the calibration runs before the timed
+  rounds); where sparse never pays, the dense computation inline after one test of the batch size;
 - MLP + predictor: a rank-r predictor (``(x @ A) @ B + c > cut``, its cost included), then
   ``SparseMLP.active``: one gather-dot per predicted unit (up) and the gather-weighted-sum (down).
 
@@ -35,7 +39,10 @@ Printed beside each speedup: the share of the ideal it reaches (ideal = dense / 
 bytes, counting every distinct row of the batch once: 1 / density at batch 1), the bytes each
 path reads per token and the bandwidth it achieved, against this machine's measured copy
 bandwidth (read + write of a 256 MB buffer) and read bandwidth (a sum over it). "auto" is dense
-time / auto time: at most 1.05x the dense time means >= 0.952. What this does not show: GPU
+time / auto time: at most 1.05x the dense time means >= 0.952. ``--auto-rounds`` repeats auto
+against dense alone in many short paired rounds, timed in this thread's CPU time at one thread
+(both compute in this thread and wait on nothing else; wall time would add the waits for a core
+that other work on a shared machine causes), wall time otherwise. What this does not show: GPU
 numbers (Triton is only run under its interpreter here).
 
     python benchmarks/sparse_mlp.py [--threads 1] [--rounds 7] [--measured runs/sparsity/sparsity.json]
@@ -141,8 +148,9 @@ def contenders(d: int, d_ff: int, B: int, density: float, dtype: torch.dtype) ->
     with torch.no_grad():
         computed = float((torch.addmm(c, xs[0] @ A, Bp) > cut).float().mean())
         mlp.costs(B)  # the one-time calibration, here rather than in the timed warm-up
-        picks = [mlp.sparse_pays(mlp.hidden(x)) for x in xs]
-        natural = float((mlp.hidden(torch.cat(xs)) != 0).float().mean())
+        hiddens = [mlp.hidden(x) for x in xs]  # once (a bf16 7B up-projection at batch 64: ~1 s)
+        picks = [mlp.sparse_pays(h) for h in hiddens]
+        natural = float(torch.cat(hiddens).ne(0).float().mean())
         ref = mlp.down(hs[0]).float()
         torch.testing.assert_close(mlp.down_sparse(hs[0]).float(), ref, rtol=2e-2, atol=2e-2)
         torch.testing.assert_close(mlp(xs[0]).float(), mlp.dense(xs[0]).float(), rtol=2e-2, atol=2e-2)
@@ -175,8 +183,8 @@ def bandwidth() -> tuple[float, float]:
     return 2 * size / statistics.median(copies) / 1e9, size / statistics.median(reads) / 1e9
 
 
-def round_times(fns: dict[str, Callable[[], object]], rounds: int,
-                min_seconds: float) -> dict[str, list[float]]:
+def round_times(fns: dict[str, Callable[[], object]], rounds: int, min_seconds: float,
+                clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
     """Seconds per call of every contender in every round; each round runs every contender once
     (enough calls to last `min_seconds`), in a new random order, so load changes hit them alike.
     On a loaded machine a process runs in time slices of a few ms: timings much shorter than that
@@ -185,9 +193,9 @@ def round_times(fns: dict[str, Callable[[], object]], rounds: int,
     with torch.no_grad():
         for name, fn in fns.items():  # warm up and size the inner loop
             fn()
-            start = time.perf_counter()
+            start = clock()
             fn()
-            calls[name] = max(1, int(min_seconds / max(time.perf_counter() - start, 1e-7)))
+            calls[name] = max(1, int(min_seconds / max(clock() - start, 1e-7)))
         samples: dict[str, list[float]] = {name: [] for name in fns}
         order = list(fns)
         shuffle = random.Random(0).shuffle
@@ -195,10 +203,10 @@ def round_times(fns: dict[str, Callable[[], object]], rounds: int,
             shuffle(order)  # no contender keeps one place in the scheduler's time slices
             for name in order:
                 fn = fns[name]
-                start = time.perf_counter()
+                start = clock()
                 for _ in range(calls[name]):
                     fn()
-                samples[name].append((time.perf_counter() - start) / calls[name])
+                samples[name].append((clock() - start) / calls[name])
     return samples
 
 
@@ -208,14 +216,18 @@ def speedup(samples: dict[str, list[float]], ref: str, name: str) -> float:
     return statistics.median(r / t for r, t in zip(samples[ref], samples[name], strict=True))
 
 
-def _auto_paired(fns: dict[str, Callable[[], object]], rounds: int, seconds: float) -> list[float]:
+def _auto_paired(fns: dict[str, Callable[[], object]], rounds: int, seconds: float,
+                 clock: Callable[[], float]) -> list[float]:
     """MLP auto against MLP dense alone, many short paired rounds: the ratio's quartiles, printed."""
-    samples = round_times({n: fns[n] for n in ("MLP dense", "MLP auto")}, rounds, seconds)
+    samples = round_times({n: fns[n] for n in ("MLP dense", "MLP auto")}, rounds, seconds, clock)
     ratios = [d / a for d, a in zip(samples["MLP dense"], samples["MLP auto"], strict=True)]
     q1, q2, q3 = statistics.quantiles(ratios, n=4)
-    print(f"{'':>37}auto alone, {rounds} paired rounds of {seconds:g} s: dense / auto median {q2:.3f}x "
-          f"(quartiles {q1:.3f}-{q3:.3f}) | {os.getloadavg()[0]:.1f}", flush=True)
+    print(f"{'':>37}auto alone, {rounds} paired rounds of {seconds:g} s {_CLOCKS[clock]}: dense / auto "
+          f"median {q2:.3f}x (quartiles {q1:.3f}-{q3:.3f}) | {os.getloadavg()[0]:.1f}", flush=True)
     return [q1, q2, q3]
+
+
+_CLOCKS = {time.thread_time: "CPU time", time.perf_counter: "wall time"}
 
 
 def _pick(share: float) -> str:
@@ -244,6 +256,9 @@ def main() -> None:
     p.add_argument("--json", help="also write the rows here")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    # one thread: the thread's CPU time, which leaves out the waits for a core that a shared
+    # machine adds to wall time (both contenders compute in this thread and wait on nothing else)
+    paired_clock = time.thread_time if args.threads == 1 else time.perf_counter
     densities = [(f"{100 * x:g}%", x) for x in args.densities]
     if args.measured:
         report = json.loads(Path(args.measured).read_text())
@@ -296,7 +311,9 @@ def main() -> None:
                           f"{ups['MLP+predictor']:>6.2f}x {info['mlp_bound']:>5.1f}x | "
                           f"{os.getloadavg()[0]:.1f}", flush=True)
                     if args.auto_rounds:
-                        rows[-1]["auto_paired"] = _auto_paired(fns, args.auto_rounds, args.auto_seconds)
+                        rows[-1]["auto_paired"] = _auto_paired(fns, args.auto_rounds, args.auto_seconds,
+                                                               paired_clock)
+                        rows[-1]["auto_paired_clock"] = _CLOCKS[paired_clock]
     copy_bw, read_bw = bandwidth()
     print(f"load average after: {_load()}; copy bandwidth {copy_bw:.1f} GB/s, read {read_bw:.1f} GB/s")
     if args.json:

@@ -132,10 +132,12 @@ class SparseMLP:
             whose loss cost `saelab sparsity` measures.
         W_out_cols: (d, d_ff), ``W_out.T`` contiguous, for the dense down-projection of half
             dtypes (see `_LAYOUT_SENSITIVE`); None otherwise.
-        _routes: by batch size, the forward `__call__` runs: `dense` itself where the cost model
-            says the sparse path never pays (the zoo's shape), else `_auto`. Decided on a batch
-            size's first call, so later calls add one dict lookup to a plain dense call (building
-            the process-wide cost key per call cost ~20% of a zoo-sized MLP).
+        _dense_batches: batch sizes where the cost model says the sparse path never pays (the
+            zoo's shape): `__call__` runs the dense computation inline there, reading only the
+            batch size (a further call frame and a dict lookup cost 2-5% of a 27 us zoo-sized
+            call; building the process-wide cost key per call cost ~20%).
+        _routes: by batch size, the per-call decision `_auto` bound to its cost model, for the
+            other batch sizes. Both are filled on a batch size's first call (`route`).
     """
 
     W_in: torch.Tensor
@@ -146,6 +148,7 @@ class SparseMLP:
     act: Callable[[torch.Tensor], torch.Tensor] = torch.relu
     threshold: float = 0.0
     W_out_cols: torch.Tensor | None = None
+    _dense_batches: set[int] = field(default_factory=set, compare=False, repr=False)
     _routes: dict[int, Callable[[torch.Tensor], torch.Tensor]] = field(
         default_factory=dict, compare=False, repr=False)
 
@@ -187,13 +190,31 @@ class SparseMLP:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """`dense` or `sparse_down`, whichever the measured cost model predicts faster (see
-        `_auto`); at batch sizes where sparse never pays, `dense` directly."""
-        route = self._routes.get(x.shape[0])
+        `_auto`); at batch sizes where sparse never pays, the dense computation itself."""
+        if x.shape[0] in self._dense_batches:  # inline: no frame or lookup beyond this test
+            return self.down(self.hidden(x))
+        return self.route(x.shape[0])(x)
+
+    def route(self, batch: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The forward `mlp(x)` runs for ``batch`` tokens, decided on the batch size's first use:
+        `dense` itself where the cost model says the sparse path never pays, else `_auto` (a
+        decision per call). A loop whose batch size is fixed can bind it once and call it."""
+        if batch in self._dense_batches:
+            return self.dense
+        route = self._routes.get(batch)
         if route is None:
-            costs = self.costs(x.shape[0])
-            route = self.dense if costs.never_sparse else partial(self._auto, costs)
-            self._routes[x.shape[0]] = route
-        return route(x)
+            costs = self.costs(batch)
+            if costs.never_sparse:
+                self._dense_batches.add(batch)
+                return self.dense
+            route = self._routes[batch] = partial(self._auto, costs)
+        return route
+
+    def reset_routes(self) -> None:
+        """Forget the per-batch-size decisions (after `saelab.kernels.cost.COSTS.clear()`, to
+        re-measure on a machine whose load changed)."""
+        self._dense_batches.clear()
+        self._routes.clear()
 
     def _auto(self, costs: CostModel, x: torch.Tensor) -> torch.Tensor:
         """Per call: the sparse down-projection when the cost model predicts it faster for the rows

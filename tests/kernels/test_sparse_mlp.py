@@ -179,7 +179,7 @@ def test_auto_forward_matches_dense_and_follows_the_cost_model(monkeypatch, dtyp
     if model == "by rows":  # one more active row tips it to dense
         tipped = CostModel(1.0, 0.0, MARGIN / (rows - 0.5))
         monkeypatch.setattr(SparseMLP, "costs", lambda self, batch: tipped)
-        mlp._routes.clear()  # each layer keeps its decision per batch size once made
+        mlp.reset_routes()  # each layer keeps its decision per batch size once made
         assert_close(mlp(x).double(), mlp64.dense(x64), **tol)
         assert len(calls) == 1
 
@@ -222,11 +222,9 @@ def test_auto_forward_calibrates_once_per_bucket(monkeypatch):
     assert all(c.dense > 0 and c.per_row >= 0 for c in cost.COSTS.values())
 
 
-
-
 def test_auto_forward_decides_once_per_batch_size(monkeypatch):
-    """Where sparse never pays, later calls are the dense forward behind one lookup: the cost
-    model is consulted on a batch size's first call only, and nothing looks at the activations."""
+    """Where sparse never pays, later calls run the dense computation inline: the cost model is
+    consulted on a batch size's first call only, and nothing looks at the activations."""
     looked_up = []
     never = CostModel(1.0, 1.0, 0.0)
     monkeypatch.setattr(SparseMLP, "costs", lambda self, batch: looked_up.append(batch) or never)
@@ -236,4 +234,24 @@ def test_auto_forward_decides_once_per_batch_size(monkeypatch):
         x = _x(B, 12, seed=B)
         assert_close(mlp(x), _mlp(12, 40, seed=16).dense(x))
     assert looked_up == [2, 5]
-    assert mlp._routes[2] == mlp.dense
+    assert mlp.route(2) == mlp.dense and mlp._dense_batches == {2, 5} and not mlp._routes
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("sparse", [True, False])
+def test_bound_route_matches_dense_float64(monkeypatch, dtype, sparse):
+    """`route(B)`, bound once, is what mlp(x) runs at batch B: the dense forward itself where
+    sparse never pays, else the per-call decision; either equals the float64 dense MLP."""
+    model = CostModel(1.0, 0.0, 0.0) if sparse else CostModel(1.0, 1.0, 0.0)
+    monkeypatch.setattr(SparseMLP, "costs", lambda self, batch: model)
+    calls = []
+    original = SparseMLP.down_sparse
+    monkeypatch.setattr(SparseMLP, "down_sparse", lambda self, h: calls.append(1) or original(self, h))
+    mlp64, mlp = _mlp(33, 80, seed=21), _mlp(33, 80, seed=21, dtype=dtype)
+    x64 = _x(4, 33, seed=22)
+    route = mlp.route(4)
+    assert (route == mlp.dense) is not sparse
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=5e-2)
+    for forward in (route, mlp):
+        assert_close(forward(x64.to(dtype)).double(), mlp64.dense(x64), **tol)
+    assert len(calls) == 2 * sparse
