@@ -344,8 +344,8 @@ def sweep(args, rows: dict[str, dict], sites: list[str]) -> tuple[dict[str, dict
 
 def study(args) -> None:
     """Sites (which take the dead cap), the SWEPT allocators' lr sweeps (their seed-0
-    dictionaries), their seeds 1 and 2 and circuits; then the plateau checks, then one run a
-    KEPT allocator at the next lr up (would the rule move it?)."""
+    dictionaries), their seeds 1 and 2 and circuits; then the plateau checks and their
+    circuits."""
     rows = run_jobs(args, [{"id": "sites", "stage": "sites"}])
     sites = capped(rows["sites"])
     rows, lrs = sweep(args, rows, sites)
