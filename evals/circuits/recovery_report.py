@@ -110,11 +110,11 @@ def _edge_curve(r: dict) -> Figure:
     fig = Figure(figsize=(6, 4), layout="constrained")
     ax = fig.add_subplot()
     x = [max(v, 0.5 / e["edges"]) for v in e["fractions"]]  # k = 0 drawn at half an edge
-    ax.plot(x, e["faithfulness"], marker="o", label="edges: f(C)")
+    ax.plot(x, e["faithfulness"], marker="o", label=f"edges: f(C), m(none kept) {e['m_empty']:.3g}")
     if e["completeness"]:
         ax.plot(x, e["completeness"], marker="x", linestyle="--", label="edges: f(all but C)")
     ax.plot([max(v, 0.5 / n["nodes"]) for v in n["fractions"]], n["faithfulness"], color="gray",
-            marker=".", linewidth=0.8, label="nodes: f(C)")
+            marker=".", linewidth=0.8, label=f"nodes: f(C), m(none kept) {n['m_empty']:.3g}")
     ax.axhline(0.8, color="gray", linewidth=0.8, linestyle=":")
     ax.set_xscale("log")
     ax.set_xlabel("fraction of head-to-head edges (nodes) kept (top |score|)")
@@ -144,7 +144,9 @@ def edge_markdown(e: dict) -> list[str]:
     top_rows = [(name, f"{score:.4f}", _num(truth.get(name), 4)) for name, score in e["top"]]
     return ["## Head-to-head edges", "",
             "A pruned edge feeds the receiving head's Q, K and V inputs the sender's counterfactual "
-            "output; edges from the embeddings and MLPs and into the MLPs and logits are kept.", "",
+            "output; edges from the embeddings and MLPs and into the MLPs and logits are kept, so "
+            "edge f is scaled by what cutting every head-to-head edge removes (m(empty) "
+            f"{f['m_empty'] if f else 'n/a'}), node f by what patching every node removes.", "",
             *(md_table(("edges kept", "fraction", "f(C)", "f(all but C)"), size_rows) if f
               else [e["faithfulness_note"]]), "",
             *md_table(("edge (sender->receiver)", f"{e['method']} score", "path-patched effect"),
