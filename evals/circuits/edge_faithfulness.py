@@ -72,14 +72,25 @@ def prune(cf: list[torch.Tensor], pruned: torch.Tensor) -> dict[str, Callable]:
     return out
 
 
+def edge_problem(model: HookedModel) -> str | None:
+    """Why `model` has no head-to-head edges to score and cut, or None."""
+    n_layers, n_heads = head_shape(model)
+    if n_layers < 2:
+        return f"model {model.spec} has one layer, so no head feeds another"
+    if getattr(model.model.cfg, "n_key_value_heads", None) not in (None, n_heads):
+        return (f"model {model.spec} shares keys and values between heads (grouped-query "
+                "attention), so a head has no Q, K and V input of its own")
+    return None
+
+
 def check_edges(model: HookedModel, scores: torch.Tensor) -> torch.Tensor:
     """The (L*H, L*H) edge mask, or one line for a model without head-to-head edges or scores
     of another shape."""
+    problem = edge_problem(model)
+    if problem:
+        raise SaelabError(f"{problem}; edge circuits need two layers or more of heads with their own inputs")
     n_layers, n_heads = head_shape(model)
     mask = edge_mask(n_layers, n_heads)
-    if n_layers < 2:
-        raise SaelabError(f"model {model.spec} has one layer, so no head feeds another; edge "
-                          "circuits need two layers or more")
     if scores.shape != mask.shape:
         raise SaelabError(f"edge scores must be ({len(mask)}, {len(mask)}) for {n_layers} layers "
                           f"of {n_heads} heads (EdgeAttribution.head_edges()), got {tuple(scores.shape)}")

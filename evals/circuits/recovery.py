@@ -42,7 +42,7 @@ from .accuracy import warn_if_inaccurate
 from .attribution import DEFAULT_STEPS, METHODS, Attribution, attribute
 from .bases import Basis, HeadSite
 from .bases import basis as make_basis
-from .edge_faithfulness import NoFlow, edge_faithfulness
+from .edge_faithfulness import NoFlow, edge_faithfulness, edge_problem
 from .edges import EDGE_METHODS, edge_scores
 from .faithfulness import faithfulness, order
 from .patching import ABLATIONS, _above_share, ground_truth
@@ -72,7 +72,8 @@ class AttributionConfig:
                                         "heads, counterfactual patching): agreement with path "
                                         "patching and faithfulness of edge circuits.",
                                         default_doc="on where edges exist: eap or eap-ig on heads "
-                                        "of a model of two layers or more, counterfactual patching")
+                                        "of a model of two layers or more without grouped-query "
+                                        "attention, counterfactual patching")
     completeness: bool = doc_field(True, "Also measure completeness (the circuit patched, the "
                                    "rest kept) at every size.")
     attr_metric: str | None = doc_field(None, "Task metric: logit-diff or prob-diff (--metric "
@@ -149,11 +150,10 @@ def recover(model: HookedModel, task: str | Task, basis="heads", method: str = "
     kind = "heads" if all(isinstance(s, HeadSite) for s in b.sites) else b.name
     check_method(method, kind)
     edges = check_edges(cfg.attr_edges, method, kind, cfg.node_ablation)
-    if edges and model.n_layers < 2:
-        if cfg.attr_edges:
-            raise SaelabError(f"--attr-edges: model {model.spec} has one layer, so no head feeds "
-                              "another; drop --attr-edges")
-        edges = False
+    problem = edge_problem(model) if edges else None
+    if problem and cfg.attr_edges:
+        raise SaelabError(f"--attr-edges: {problem}; drop --attr-edges")
+    edges = edges and not problem  # on by default only where edges exist
     rows = draw_distinct(task, split + train, cfg.attr_seed)
     scored = tokenize(rows.subset(range(cfg.attr_prompts)), model.tokenizer, model.context_length)
     held = tokenize(rows.subset(range(cfg.attr_prompts, split)), model.tokenizer,
