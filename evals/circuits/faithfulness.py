@@ -20,6 +20,7 @@ patched (Marks et al. let them be pruned the same way); reports count how many a
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from tqdm import tqdm
@@ -68,30 +69,38 @@ def faithfulness(model: HookedModel, tokens: TaskTokens, basis: Basis, scores: t
     if abs(span) < 1e-6:
         raise SaelabError(f"patching every node of basis {basis.name} leaves the task metric at "
                           f"{full:.4f}; the basis does not carry the task, so faithfulness is undefined")
-    ks, f, comp, errors = sizes(n), [], [], []
-    for k in tqdm(ks, desc=f"faithfulness {basis.name}", disable=not progress):
+
+    def f_of(patched: torch.Tensor) -> float:
+        """f of one circuit, from its own pass (the two ends too: they check the patching)."""
+        return (run.run(tokens.pos, patch_mask(basis, src.source, patched)).mean().item() - empty) / span
+
+    out = curve(n, ranked, f_of, completeness, "nodes", f"faithfulness {basis.name}", progress)
+    return {"nodes": n, **out,
+            "error_nodes_kept": [int(basis.errors[ranked[:k]].sum()) for k in out["sizes"]],
+            "m_full": round(full, 5), "m_empty": round(empty, 5), "ablation": ablation,
+            "metric": metric, "prompts": len(tokens), "forward_passes": run.passes}
+
+
+def curve(n: int, ranked: torch.Tensor, f_of: Callable[[torch.Tensor], float], completeness: bool,
+          unit: str, desc: str, progress: bool) -> dict:
+    """f of the top-k circuit of `n` units ranked by `ranked` at every size (`f_of(patched)`: f
+    with the units where the (n,) mask is True patched), with `completeness` f of its
+    complement; CPR, CMD and the smallest k with f >= 0.8 (`{unit}_to_08`). Node and edge
+    circuits share it."""
+    ks, f, comp = sizes(n), [], []
+    for k in tqdm(ks, desc=desc, disable=not progress):
         keep = torch.zeros(n, dtype=torch.bool)
         keep[ranked[:k]] = True
-        errors.append(int((keep & basis.errors).sum()))
-        f.append(_f(run, tokens, basis, src, ~keep, empty, span))
+        f.append(f_of(~keep))
         if completeness:
-            comp.append(_f(run, tokens, basis, src, keep, empty, span))
+            comp.append(f_of(keep))
     x = [k / n for k in ks]
     reached = [k for k, v in zip(ks, f, strict=True) if v >= TARGET]
     return {
-        "nodes": n, "sizes": ks, "fractions": [round(v, 6) for v in x],
+        "sizes": ks, "fractions": [round(v, 6) for v in x],
         "faithfulness": [round(v, 5) for v in f],
         "completeness": [round(v, 5) for v in comp] if completeness else None,
-        "error_nodes_kept": errors,
         "cpr": round(trapezoid(x, f), 5), "cmd": round(trapezoid(x, [abs(1 - v) for v in f]), 5),
-        "nodes_to_08": reached[0] if reached else None,
+        f"{unit}_to_08": reached[0] if reached else None,
         "fraction_to_08": round(reached[0] / n, 6) if reached else None,
-        "m_full": round(full, 5), "m_empty": round(empty, 5), "ablation": ablation,
-        "metric": metric, "prompts": len(tokens), "forward_passes": run.passes,
     }
-
-
-def _f(run: _Runner, tokens: TaskTokens, basis: Basis, src: Sources, patched: torch.Tensor,
-       empty: float, span: float) -> float:
-    """f of one circuit, from its own pass (the two ends too: they check the patching)."""
-    return (run.run(tokens.pos, patch_mask(basis, src.source, patched)).mean().item() - empty) / span

@@ -11,7 +11,11 @@
    scores with the exact effects (how well it estimates them), and node ROC AUC of |score|
    against the ground-truth circuit (nodes whose |effect| exceeds an equal share of the
    summed |effects|, `patching`'s rule);
-4. measures faithfulness of the method's top nodes on the held-out prompts (`faithfulness`).
+4. measures faithfulness of the method's top nodes on the held-out prompts (`faithfulness`);
+5. with eap or eap-ig on heads (`attr_edges`), the same for head-to-head edges (`edge_report`):
+   scores from `edges.edge_scores` (Q + K + V), agreement with path patching of every direct
+   head-to-head path (`patching.ground_truth`, the codes method's edge truth) on the scored
+   prompts, and edge-circuit faithfulness on the held-out ones (`edge_faithfulness`).
 """
 
 from __future__ import annotations
@@ -23,15 +27,27 @@ import torch
 from saelab.checks import check_field_types, check_number, doc_field
 from saelab.errors import SaelabError
 from saelab.models import HookedModel
-from saelab.tasks import METRICS, Task, check_capacity, default_metric, draw_distinct, tokenize
+from saelab.tasks import (
+    METRICS,
+    Task,
+    TaskTokens,
+    check_capacity,
+    default_metric,
+    draw_distinct,
+    tokenize,
+)
 
 from . import scoring
 from .accuracy import warn_if_inaccurate
 from .attribution import DEFAULT_STEPS, METHODS, Attribution, attribute
 from .bases import Basis, HeadSite
 from .bases import basis as make_basis
-from .faithfulness import faithfulness
-from .patching import ABLATIONS, _above_share
+from .edge_faithfulness import NoFlow, edge_faithfulness, edge_problem
+from .edges import EDGE_METHODS, edge_scores
+from .faithfulness import faithfulness, order
+from .patching import ABLATIONS, _above_share, ground_truth
+
+TOP_EDGES = 20  # edges listed by name in circuits.json's "top" and circuits.md
 
 
 @dataclass(frozen=True)
@@ -50,7 +66,14 @@ class AttributionConfig:
                                    "counterfactual value or its mean over the prompts.")
     max_patch_nodes: int = doc_field(1024, "Exact patching (ground truth, Pearson, ROC AUC) runs "
                                      "only for bases with at most this many nodes (one forward "
-                                     "pass over the prompts per node).")
+                                     "pass over the prompts per node), and path patching of "
+                                     "head-to-head edges for at most this many edges.")
+    attr_edges: bool | None = doc_field(None, "Also score head-to-head edges (eap or eap-ig on "
+                                        "heads, counterfactual patching): agreement with path "
+                                        "patching and faithfulness of edge circuits.",
+                                        default_doc="on where edges exist: eap or eap-ig on heads "
+                                        "of a model of two layers or more without grouped-query "
+                                        "attention, counterfactual patching")
     completeness: bool = doc_field(True, "Also measure completeness (the circuit patched, the "
                                    "rest kept) at every size.")
     attr_metric: str | None = doc_field(None, "Task metric: logit-diff or prob-diff (--metric "
@@ -80,6 +103,18 @@ def check_method(method: str, basis: str) -> None:
                           "eap-ig or patching for neurons and dictionaries")
 
 
+def check_edges(edges: bool | None, method: str, basis: str, ablation: str) -> bool:
+    """Whether head-to-head edges are scored (`attr_edges`; None: where they can be), or one
+    line for edges asked of a method or basis that has none."""
+    can = method in EDGE_METHODS and basis == "heads" and ablation == "counterfactual"
+    if edges and not can:
+        why = (f"basis {basis!r} has no edges (edges join heads); use --basis heads" if basis != "heads"
+               else f"edges are scored by eap or eap-ig, not {method}" if method not in EDGE_METHODS
+               else "edges are patched from the counterfactual; use --node-ablation counterfactual")
+        raise SaelabError(f"--attr-edges: {why}, or drop --attr-edges")
+    return can if edges is None else edges
+
+
 def pearson(a: torch.Tensor, b: torch.Tensor) -> float | None:
     ok = torch.isfinite(a) & torch.isfinite(b)
     a, b = a[ok].double(), b[ok].double()
@@ -102,6 +137,7 @@ def recover(model: HookedModel, task: str | Task, basis="heads", method: str = "
     cfg = config or AttributionConfig()
     if isinstance(basis, str):
         check_method(method, basis)
+        check_edges(cfg.attr_edges, method, basis, cfg.node_ablation)
     name = task if isinstance(task, str) else task.name
     metric = cfg.attr_metric or default_metric(name)
     train = _codes_train_prompts(codes_config) if method == "codes" else 0
@@ -111,7 +147,13 @@ def recover(model: HookedModel, task: str | Task, basis="heads", method: str = "
                    f"attr_prompts + faith_prompts + train_prompts = {sizes} + {train}" if train
                    else f"attr_prompts + faith_prompts = {sizes}")
     b = basis if isinstance(basis, Basis) else make_basis(model, basis)
-    check_method(method, "heads" if all(isinstance(s, HeadSite) for s in b.sites) else b.name)
+    kind = "heads" if all(isinstance(s, HeadSite) for s in b.sites) else b.name
+    check_method(method, kind)
+    edges = check_edges(cfg.attr_edges, method, kind, cfg.node_ablation)
+    problem = edge_problem(model) if edges else None
+    if problem and cfg.attr_edges:
+        raise SaelabError(f"--attr-edges: {problem}; drop --attr-edges")
+    edges = edges and not problem  # on by default only where edges exist
     rows = draw_distinct(task, split + train, cfg.attr_seed)
     scored = tokenize(rows.subset(range(cfg.attr_prompts)), model.tokenizer, model.context_length)
     held = tokenize(rows.subset(range(cfg.attr_prompts, split)), model.tokenizer,
@@ -132,7 +174,49 @@ def recover(model: HookedModel, task: str | Task, basis="heads", method: str = "
                                                               max_nodes=cfg.max_patch_nodes, **kw)
     faith = faithfulness(model, held, b, scores.scores, cfg.node_ablation, metric,
                          cfg.completeness, progress)
-    return report(model, name, b, scores, exact, faith, method, cfg, metric)
+    out = report(model, name, b, scores, exact, faith, method, cfg, metric)
+    if edges:
+        out["edges"] = edge_report(model, scored, held, method, cfg, metric,
+                                   truth and exact is not None, progress)
+    return out
+
+
+def edge_report(model: HookedModel, scored: TaskTokens, held: TaskTokens, method: str,
+                cfg: AttributionConfig, metric: str, truth: bool, progress: bool) -> dict:
+    """circuits.json's "edges": head-to-head scores, their agreement with path patching (with
+    `truth`, at most `max_patch_nodes` edges) and edge-circuit faithfulness (module docstring)."""
+    attr = edge_scores(model, scored, method, metric, cfg.ig_steps)
+    scores = attr.head_edges()
+    mask, n = torch.isfinite(scores), attr.n_heads
+    names = [f"{s // n}.{s % n}->{r // n}.{r % n}" for s, r in mask.nonzero().tolist()]
+    values = scores[mask]
+    out = {"method": method, "edges": len(names), "graph_edges": len(attr.edges()),
+           "cost": attr.cost(), "cpr": None, "cmd": None, "edges_to_08": None, "faithfulness": None,
+           "top": [[names[i], round(float(values[i]), 6)] for i in order(values)[:TOP_EDGES].tolist()],
+           "scores": dict(zip(names, (round(v, 6) for v in values.tolist()), strict=True))}
+    try:
+        faith = edge_faithfulness(model, held, scores, metric, cfg.completeness, progress)
+        out.update(cpr=faith["cpr"], cmd=faith["cmd"], edges_to_08=faith["edges_to_08"],
+                   faithfulness=faith)
+    except NoFlow as e:  # the node report stands; say why the edge curve is missing
+        out["faithfulness_note"] = str(e)
+    if not truth or len(names) > cfg.max_patch_nodes:
+        out.update(edge_roc_auc=None, pearson=None, truth=None,
+                   truth_note=f"no path patching ({len(names)} edges; max_patch_nodes="
+                   f"{cfg.max_patch_nodes}, or no node patching)")
+        return out
+    gt = ground_truth(model, scored, edges=True, metric=metric, progress=progress)
+    effect, circuit = gt.edge_effect[mask], gt.edges[mask]
+    out.update(edge_roc_auc=scoring.roc_auc(values.abs(), circuit), pearson=pearson(values, effect))
+    out["truth"] = {
+        "source": "path patching of every head-to-head direct path (patching.ground_truth, the "
+                  "codes method's edge truth), same prompts",
+        "cost": {"forward_passes": gt.node_passes + gt.edge_passes,
+                 "seconds": round(gt.node_seconds + gt.edge_seconds, 3), "prompts": gt.prompts},
+        "circuit": [names[i] for i in circuit.nonzero().flatten().tolist()],
+        "top": [[names[i], round(float(effect[i]), 6)] for i in order(effect)[:TOP_EDGES].tolist()],
+        "all": dict(zip(names, (round(v, 6) for v in effect.tolist()), strict=True))}
+    return out
 
 
 def report(model: HookedModel, task: str, b: Basis, scores: Attribution, truth: Attribution | None,

@@ -44,6 +44,13 @@ def test_circuits_cli_attribution_on_heads(model_and_task, tmp_path, monkeypatch
     assert (out / "circuit_faithfulness.png").stat().st_size > 1000
     assert ((out / "circuit_agreement.png").exists()) == (method != "patching")
     assert "CPR" in cap.out and "Pearson" in (out / "circuits.md").read_text()
+    if method == "patching":
+        assert "edges" not in data
+    else:  # on by default; layer 0's heads write nothing here, so no edge curve, said why
+        e = data["edges"]
+        assert e["edges"] == 4 and e["truth"]["cost"]["forward_passes"] > 0
+        assert e["faithfulness"] is None and "does not flow between heads" in e["faithfulness_note"]
+        assert "edge ROC AUC" in cap.out and not (out / "circuit_edge_faithfulness.png").exists()
 
 
 def test_circuits_cli_dictionary_basis(model_and_task, tmp_path, monkeypatch, capsys):
@@ -74,6 +81,8 @@ def test_circuits_cli_bad_input(model_and_task, tmp_path, monkeypatch, capsys):
         (["--method", "eap", "--basis", "everything"], "unknown basis 'everything'"),
         (["--method", "eap", "--node-ablation", "zero"], "unknown node ablation"),
         (["--method", "eap", "--attr-prompts", "8"], "must not exceed it"),
+        (["--method", "eap", "--basis", "neurons", "--attr-edges"], "basis 'neurons' has no edges"),
+        (["--method", "patching", "--attr-edges"], "scored by eap or eap-ig, not patching"),
     ]
     for flags, message in cases:
         code, cap = run_cli([*base, *flags], monkeypatch, capsys)
