@@ -7,7 +7,7 @@ model's MLPs.
     python benchmarks/transcoders.py plateau   # how much doubling the budget still gains
     python benchmarks/transcoders.py study     # every layer at k = 32, the sweep layer at every k
     python benchmarks/transcoders.py matched   # a second k per kind at the matched layers: L0 curves
-    python benchmarks/transcoders.py deaths    # which dead latents AuxK cannot reach (no training)
+    python benchmarks/transcoders.py deaths    # which dead latents AuxK cannot reach; longer warmups
     python benchmarks/transcoders.py report    # markdown table + PNG under benchmarks/results/
     add --quick for a minutes-long smoke run (tiny sizes, one seed, its own output files)
 
@@ -84,9 +84,8 @@ FULL = Scale(layers=(0, 1, 2, 3), sweep_layer=1, plateau_layers=(1, 3), plateau_
              ks=(16, 32, 64), seeds=(0, 1, 2), eval_tokens=2**14, matched_layers=(1, 3), sae_ks=(16, 24),
              transcoder_ks=(16,))
 QUICK = Scale(layers=(1,), sweep_layer=1, plateau_layers=(1,), plateau_seeds=(), cache_tokens=65_536,
-              n_latents=128,
-              lrs=(4e-3, 1.6e-2),
-              tokens=32_768, batch_size=256, plateau_max=65_536, ks=(8, 32), seeds=(0,), eval_tokens=2048,
+              n_latents=128, lrs=(4e-3, 1.6e-2), tokens=32_768, batch_size=256, plateau_max=65_536,
+              ks=(8, 32), seeds=(0,), eval_tokens=2048,
               matched_layers=(1,), sae_ks=(16,), transcoder_ks=(16,), lr_extend=1)
 
 
@@ -208,7 +207,7 @@ def plateau(study: Study) -> None:
     """At k = 32 and each kind's tuned lr, per plateau layer: the budget doubles from the
     study's until no kind's held-out FVU gains `gain` (relative) or `plateau_max` is passed.
     Every kind runs at every budget, so the ranking can be read at each; `plateau_seeds` repeat
-    the sweep layer's largest budget."""
+    the sweep layer's largest budget, and the SAE's other ks run there too (`largest_matched`)."""
     s = study.scale
     largest = s.tokens
     for layer in s.plateau_layers:
@@ -227,6 +226,16 @@ def plateau(study: Study) -> None:
             print(f"plateau layer {layer} {kind:>16}: {steps}")
     study.run_all("plateau", [run for seed in s.plateau_seeds
                               for run in plateau_runs(study, s.sweep_layer, largest, seed)])
+    study.run_all("plateau", largest_matched(study, largest))
+
+
+def largest_matched(study: Study, tokens: int) -> list[dict]:
+    """The runs that compare the kinds at equal L0 at budget `tokens`, first seed, every plateau
+    layer: each kind at k = 32 (the plateau's runs), the SAE at its other ks too."""
+    s, lrs = study.scale, tuned_lrs(study)
+    return [dict(kind=kind, layer=layer, k=k, lr=lrs[kind], tokens=tokens, seed=s.seeds[0])
+            for layer in s.plateau_layers for kind in KINDS
+            for k in ((*s.sae_ks, 32) if kind == "sae" else (32,))]
 
 
 def plateau_runs(study: Study, layer: int, tokens: int, seed: int | None = None) -> list[dict]:
@@ -293,8 +302,9 @@ def matched_rows(cells: dict[tuple, list[dict]]) -> list[list[str]]:
             continue
         row = [str(layer), kind, str(k), f"{own:.1f}", f"{found[0][0]:.1f}"]
         for _, mine, mine_sd, theirs, theirs_sd in found:
-            gap = (mine - theirs) / math.hypot(mine_sd, theirs_sd)
-            row += [f"{mine:.4f} +- {mine_sd:.4f}", f"{theirs:.4f} +- {theirs_sd:.4f}", f"{gap:+.1f}"]
+            sd = math.hypot(mine_sd, theirs_sd)
+            row += [f"{mine:.4f} +- {mine_sd:.4f}", f"{theirs:.4f} +- {theirs_sd:.4f}",
+                    f"{(mine - theirs) / sd:+.1f}" if sd > 0 else "one seed"]
         out.append(row)
     return out
 
@@ -381,6 +391,14 @@ def report(study: Study, md: Path, png: Path) -> None:
                        *(col for _, name in MATCHED for col in (name, f"{name} SAE", f"{name} gap (sd)"))],
                       matched_rows(_groups([r for r in rows if r["id"] in matched], ("layer", "k", "kind"))))
     plateaus = plateau_rows(study) if tuned else {}
+    largest = max((r["tokens"] for runs in plateaus.values() for r in runs), default=s.tokens)
+    at_largest = {study.run_id(r) for r in largest_matched(study, largest)} if tuned else set()
+    lines += ["", f"At matched L0 after {largest:,} tokens (seed {s.seeds[0]} only, so no gaps in sd; the "
+              "same interpolation):", ""]
+    lines += md_table(["layer", "kind", "k", "own L0", "matched L0",
+                       *(col for _, name in MATCHED for col in (name, f"{name} SAE", f"{name} gap (sd)"))],
+                      matched_rows(_groups([r for r in rows if r["id"] in at_largest],
+                                           ("layer", "k", "kind"))))
     lines += ["", "Plateau (k 32, each kind's lr): the budget doubled; change = relative to half the "
               "budget, same seed.", ""]
     lines += md_table(["layer", "kind", "seed", "tokens", "FVU", "change", "L0", "KL", "change",

@@ -72,3 +72,12 @@ def test_dead_split_separates_sub_threshold_latents_from_never_positive_ones(tc)
     dead, never_positive = tc.dead_split(sae, x)
     assert dead == pytest.approx(3 / 4)
     assert never_positive.tolist() == [False, False, True, True]
+
+
+def test_matched_rows_give_no_gap_for_single_seeds(tc):
+    law = lambda l0: 1.0 / l0  # noqa: E731
+    one = lambda l0: [{"l0": l0, "fvu": law(l0), "kl_sae": law(l0), "ce_loss_recovered": law(l0)}]  # noqa: E731
+    cells = {(1, 16, "sae"): one(16.0), (1, 32, "sae"): one(32.0), (1, 32, "transcoder"): one(20.0)}
+    (row,) = tc.matched_rows(cells)
+    assert row[7] == row[10] == row[13] == "one seed"
+    assert _numbers(row[6])[0] == pytest.approx(law(20.0), abs=1e-4)
