@@ -369,8 +369,8 @@ def nearest_k(runs: list[dict]) -> dict:
 def steered(args, allocator: str, lr: float, tokens: int, stage: str,
             start: tuple[float, ...] = L1_START) -> dict:
     """Seed 0 of an L1-steered kind (relu) at `lr` and `tokens`, at the L1 for held-out L0 ~K:
-    the run nearest K among those tried there (any L1, all as `stage`) if within L0_TOLERANCE;
-    else the allocator study's `bracket_l1` brackets K (from the tried L1s, or `start`) and
+    the run nearest K among those tried there (any L1, all as `stage`; none: `start`'s) if
+    within L0_TOLERANCE; else the allocator study's `bracket_l1` brackets K from them and
     the interpolated L1 is trained, re-interpolated from every run while off K (at most
     L1_REFINE times). Its L0 drifts with lr and budget (at lr 6e-3: 35.6 at 131k tokens, 27.4 at
     262k with one L1), so each (lr, budget) gets its own."""
@@ -387,10 +387,10 @@ def steered(args, allocator: str, lr: float, tokens: int, stage: str,
         return [{**by_l1[v], "l1_coefficient": v} for v in l1s]
 
     for _ in range(L1_REFINE + 1):
-        have = tried()
-        if have and abs(nearest_k(have)["l0"] / K - 1) <= L0_TOLERANCE:
+        have = tried() or run(sorted(start))  # a first try on K needs no bracket
+        if abs(nearest_k(have)["l0"] / K - 1) <= L0_TOLERANCE:
             break
-        l1, _ = bracket_l1(run, sorted({r["l1"] for r in have}) or sorted(start), K, LR_EXTEND)
+        l1, _ = bracket_l1(run, sorted({r["l1"] for r in have}), K, LR_EXTEND)
         run([l1])
     best = nearest_k(tried())
     print(f"{allocator} lr {lr:g}, {tokens:,} tokens: " + ", ".join(

@@ -89,8 +89,17 @@ def test_the_report_takes_each_lr_and_budget_at_its_own_l1(fake):
     rows = list(cf.done(args.results).values())
     runs = cf.by_budget(rows, choice)
     assert sorted(runs) == [cf.TOKENS, 4 * cf.TOKENS] and runs[4 * cf.TOKENS] == far
-    assert len(cf.runs_at(cf.done(args.results), "relu", lr, 4 * cf.TOKENS)) == 3  # 0.04, 0.02, 0.01
+    assert len(cf.runs_at(cf.done(args.results), "relu", lr, 4 * cf.TOKENS)) > 1  # bracketed: L0 halved
+    assert abs(far["l0"] / cf.K - 1) <= cf.L0_TOLERANCE
     circuit = {"id": "c", "stage": "circuit", "basis": "relu", "seed": 0, "lr": lr, "l1": far["l1"],
                "tokens": far["tokens"], "task": "ioi", "cpr": 0.9}
     assert cf.budget_cpr([*rows, circuit], far) == {"ioi": 0.9}
     assert cf.budget_cpr([*rows, circuit], runs[cf.TOKENS]) == {}
+
+
+def test_a_first_try_near_k_is_kept_without_bracketing(fake):
+    """From one start L1 whose L0 is within the tolerance (6.4 / sqrt(0.042) = 31.2), nothing
+    else trains: a bracket around it would only buy the last few percent of L0."""
+    args, trained = fake
+    row = cf.steered(args, "relu", 4e-3, cf.TOKENS, "study", (0.042,))
+    assert [r["l1"] for r in trained] == [0.042] and row["l1"] == 0.042
