@@ -510,7 +510,7 @@ def plateau_lines(rows: list[dict], choices: dict[str, dict]) -> list[str]:
     """Per allocator (seed 0, chosen lr), each budget's mean FVU (change per doubling), L0, dead
     at the capped sites and CPR per task: how far from a plateau the study's budget is."""
     head = ["allocator"] + [f"{t:,} tokens: FVU (per doubling) / L0 / dead" for t in (TOKENS, *BUDGETS)] + [
-        f"CPR {t} (" + " -> ".join(f"{b // 1024}k" for b in (TOKENS, *BUDGETS)) + ")" for t in TASKS]
+        f"CPR {t} (" + " -> ".join(f"{b / 1000:.0f}k" for b in (TOKENS, *BUDGETS)) + ")" for t in TASKS]
     table = []
     for a, c in choices.items():
         runs = by_budget(rows, c)
