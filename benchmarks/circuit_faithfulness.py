@@ -702,6 +702,8 @@ def main() -> None:
     p.add_argument("--allocators", default=",".join(ALLOCATORS), help="study: whose runs, comma-separated")
     args = p.parse_args()
     args.results = args.out_dir / "circuit_faithfulness.jsonl"
+    if unknown := set(args.allocators.split(",")) - set(ALLOCATORS):
+        p.error(f"--allocators: unknown {', '.join(sorted(unknown))}; choose from {', '.join(ALLOCATORS)}")
     if args.stage == "report":
         report(args)
         return
