@@ -387,6 +387,20 @@ def l1_for_l0(rows: list[dict], k: float) -> float:
     return min(pts, key=lambda p: abs(math.log(p[1] / k)))[0]
 
 
+def bracket_l1(run, l1s: list[float], k: float, extend: int) -> tuple[float, list[dict]]:
+    """The L1 coefficient for held-out L0 = k (`l1_for_l0`) and the rows it came from: `run(l1s)`
+    trains at each coefficient of `l1s` (ascending) and returns rows with `l1_coefficient` and
+    `l0`; x2 steps out (at most `extend`) until their L0s bracket k. The circuit study steers
+    relu's L1 with it too."""
+    for round_ in range(extend + 1):
+        rows = run(l1s)
+        l0s = [r["l0"] for r in rows]
+        if min(l0s) <= k <= max(l0s) or round_ == extend:
+            break
+        l1s = [*l1s, l1s[-1] * 2] if min(l0s) > k else [l1s[0] / 2, *l1s]
+    return l1_for_l0(rows, k), rows
+
+
 def calibrate(study: Study, allocator: str) -> tuple[float, float]:
     """(lr, L1 coefficient) of an L1-steered kind at the study's size, budget and first hook, for
     held-out L0 ~QUALITY_K (module docstring): L1 calibrated at `calibrate_lr`, then the lr
@@ -398,13 +412,9 @@ def calibrate(study: Study, allocator: str) -> tuple[float, float]:
 
     def l1_at(lr: float, l1s: list[float]) -> float:
         """L1 for L0 = k at `lr`: `l1s` (ascending), x2 steps out until their L0s bracket k."""
-        for round_ in range(s.lr_extend + 1):
-            rows = study.run_all("calibrate", False, [dict(base, lr=lr, l1_coefficient=v) for v in l1s])
-            l0s = [r["l0"] for r in rows]
-            if min(l0s) <= QUALITY_K <= max(l0s) or round_ == s.lr_extend:
-                break
-            l1s = [*l1s, l1s[-1] * 2] if min(l0s) > QUALITY_K else [l1s[0] / 2, *l1s]
-        l1 = l1_for_l0(rows, QUALITY_K)
+        l1, rows = bracket_l1(lambda v: study.run_all("calibrate", False, [dict(base, lr=lr, l1_coefficient=x)
+                                                                            for x in v]),
+                              l1s, QUALITY_K, s.lr_extend)
         print(f"calibrate {allocator} lr {lr:g}: " + ", ".join(
             f"L1 {r['l1_coefficient']:g} L0 {r['l0']:.1f}" for r in rows) + f" -> L1 {l1:g}", flush=True)
         return l1

@@ -16,13 +16,14 @@ basis (32, not recover's 48, and 131k training tokens: the CPU budget of one sha
 Error nodes are ranked and pruned like any node. Dictionaries and rotations: 3 seeds.
 
     python benchmarks/circuit_faithfulness.py study --workers 1  # everything below; resumable
-    python benchmarks/circuit_faithfulness.py report             # markdown table + curves PNG
+    python benchmarks/circuit_faithfulness.py study --allocators relu  # only relu's runs
+    python benchmarks/circuit_faithfulness.py report             # markdown tables + two PNGs
 
 The study appends one JSON line per run to benchmarks/results/circuit_faithfulness.jsonl and
 skips runs already there (dictionaries under --work are reused too):
 - the sites: per layer, the neurons' own L0 and how many neurons fire at all on the held-out
   text. blocks.1 uses 148 of its 512 neurons (7 a token); blocks.0, 2 and 3 use 512, 414, 500;
-- the lr of topk, gradient_topk, feature_choice and mutual_choice (SWEPT), on all four sites
+- the lr of topk, gradient_topk, feature_choice and mutual_choice, on all four sites
   at once (the study trains the four from one stream, so the sweep's seed-0 runs are the
   study's seed-0 dictionaries): LRS, then x LR_STEP steps past whichever end holds the chosen
   lr, or below the grid while no lr is within the cap, until the chosen lr has a tried lr on
@@ -34,14 +35,16 @@ skips runs already there (dictionaries under --work are reused too):
   active a token: latents die there at lrs that cost nothing elsewhere, so a cap at that site
   measures the site, not the allocator (its dead fraction is still reported). The first
   study's rule (one site, blocks.1; fallback to all runs) is replaced, not kept beside it;
-- relu (KEPT) keeps the first study's lr 6e-3 and L1 0.0315 (four L1s at that lr, log-log
-  interpolated to L0 32; held-out L0 ~35 on four sites), its dictionaries and circuits reused:
-  its lr is not swept (each lr would need its own L1 calibration), within the cap (3.5% dead);
+- relu's lr by the same grid and rule, each lr at its own L1 coefficient for held-out L0 ~K
+  (`steered`: the allocator study's `bracket_l1` brackets L0 = K with x2 steps from the nearest
+  lr's L1, log-log interpolation, re-interpolated while L0 is more than L0_TOLERANCE off K);
+  the first study's relu (lr 6e-3, L1 0.0315, L0 ~35) stays in the file, no longer chosen;
 - seeds 1 and 2 at each allocator's chosen lr (those of an allocator already bracketed train
   while the others' sweeps go on), the circuits of every dictionary, the neurons and three
   rotations;
-- the plateau check last: each allocator (PLATEAU order) at its chosen lr, seed 0, twice the
-  budget; the report gives each one's FVU gain.
+- the plateau check last: each allocator (PLATEAU order) at its chosen lr, seed 0, two and
+  four times the budget (BUDGETS; relu at each budget's own L1: its L0 falls as it trains on),
+  and their circuits; the report gives FVU and CPR per doubling.
 Reused from the first study (same settings, same ids; the rows moved into this file with their
 directories): the neurons' and rotations' circuits, feature_choice's and mutual_choice's lr 2e-3
 dictionaries (their sweeps' first point) and relu's. All of the first study's rows, under its
@@ -53,6 +56,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -69,6 +73,7 @@ from saelab.evals import reconstruction_stats
 from saelab.evals.circuits.bases import basis as make_basis
 from saelab.evals.circuits.bases import rotation
 from saelab.evals.circuits.recovery import AttributionConfig, recover
+from saelab.evals.render import md_table, save_png
 from saelab.models import load_model
 from saelab.sae import SAE
 from saelab.storage.files import write_text
@@ -84,14 +89,14 @@ N_LATENTS, K = 512, 32
 TOKENS, BATCH = 131_072, 512  # 256 steps; the plateau runs measure what doubling still gains
 LRS = (2e-3, 4e-3, 8e-3)  # the first grid; the default rule gives 2.1e-3 at d_in = n = 512
 LR_STEP, LR_EXTEND = 2.0, 3  # grid step; at most this many lrs added to bracket the chosen one
-SWEPT = ("topk", "gradient_topk", "feature_choice", "mutual_choice")  # lr swept under this rule
-# relu keeps the first study's lr (its calibration lr) and L1 (for L0 ~32), dictionaries and
-# circuits reused: sweeping its lr means recalibrating its L1 at each, not affordable here
-KEPT = {"relu": (6e-3, 0.0315)}
+L1_START = (0.025, 0.05)  # relu: the first L1 coefficients tried at an lr (the allocator study's)
+L0_TOLERANCE = 0.1  # relu: a run within this of L0 = K (relative) needs no other L1
+L1_REFINE = 2  # relu: at most this many re-interpolations from every run at one lr and budget
 SEEDS = (0, 1, 2)
 MAX_DEAD = 0.05  # of the latents, at each capped site
 MIN_EVER = 0.5  # a site takes the dead cap if this fraction of its neurons ever fires
 PLATEAU = ("topk", "mutual_choice", "gradient_topk", "feature_choice", "relu")  # in this order
+BUDGETS = (2 * TOKENS, 4 * TOKENS)  # the plateau runs' budgets: one and two doublings
 DOCS = 60_000  # task documents in the data file (~1.5M tokens; ~95% train, 5% held out)
 EVAL_TOKENS = 16_384
 BUFFER = 2**15  # shuffle-buffer tokens: the default 2^17 x 4 sites x 512 floats took ~4 GB a worker
@@ -307,11 +312,12 @@ def circuit_job(basis: str, seed: int, row: dict | None = None) -> dict:
             "tokens": row["tokens"]}
 
 
-def sweep(args, rows: dict[str, dict], sites: list[str]) -> tuple[dict[str, dict], dict[str, float]]:
-    """The SWEPT allocators' lrs: seed 0, all four sites (these are the study's seed-0
-    dictionaries), LRS then x LR_STEP steps until the chosen lr is bracketed (at most LR_EXTEND
-    more)."""
-    grids = {a: list(LRS) for a in SWEPT}
+def sweep(args, rows: dict[str, dict], sites: list[str],
+          kinds: list[str]) -> tuple[dict[str, dict], dict[str, float]]:
+    """The lrs of `kinds` (budget allocators): seed 0, all four sites (these are the study's
+    seed-0 dictionaries), LRS then x LR_STEP steps until the chosen lr is bracketed (at most
+    LR_EXTEND more)."""
+    grids = {a: list(LRS) for a in kinds}
 
     def job(a: str, lr: float) -> dict:
         return train_job("study", a, lr, 0.0, SEEDS[0], HOOKS)
@@ -334,33 +340,123 @@ def sweep(args, rows: dict[str, dict], sites: list[str]) -> tuple[dict[str, dict
             break
     chosen = {}
     for a, g in grids.items():
-        tried = [rows[job(a, x)["id"]] for x in g]
-        chosen[a] = pick(tried, sites) or min(g)  # within the cap once the grid has grown enough
-        print(f"{a}: lr {chosen[a]:g}: " + ", ".join(
-            f"{r['lr']:g} FVU {r['fvu']:.4f} L0 {r['l0']:.1f} dead {dead_capped(r, sites):.3f}"
-            for r in tried), flush=True)
+        chosen[a] = report_choice(a, [rows[job(a, x)["id"]] for x in g], sites)
     return rows, chosen
 
 
+def report_choice(allocator: str, tried: list[dict], sites: list[str]) -> float:
+    """The chosen lr of a sweep (within the cap once the grid has grown enough), printed with
+    every tried lr."""
+    lr = pick(tried, sites) or min(r["lr"] for r in tried)
+    print(f"{allocator}: lr {lr:g}: " + ", ".join(
+        f"{r['lr']:g} (L1 {r['l1']:g}) FVU {r['fvu']:.4f} L0 {r['l0']:.1f} dead {dead_capped(r, sites):.3f}"
+        for r in tried), flush=True)
+    return lr
+
+
+def runs_at(rows: dict[str, dict], allocator: str, lr: float, tokens: int) -> list[dict]:
+    """Every seed-0 dictionary of `allocator` trained at (`lr`, `tokens`), whatever its L1."""
+    return [r for r in rows.values() if r["stage"] in ("study", "plateau") and r["allocator"] == allocator
+            and (r["lr"], r["tokens"], r["seed"]) == (lr, tokens, SEEDS[0])]
+
+
+def nearest_k(runs: list[dict]) -> dict:
+    """The run whose held-out L0 is nearest K (log scale): an L1-steered kind's dictionary at an
+    (lr, budget) among the L1s tried there; the one run of a budget allocator."""
+    return min(runs, key=lambda r: abs(math.log(r["l0"] / K)))
+
+
+def steered(args, allocator: str, lr: float, tokens: int, stage: str,
+            start: tuple[float, ...] = L1_START) -> dict:
+    """Seed 0 of an L1-steered kind (relu) at `lr` and `tokens`, at the L1 for held-out L0 ~K:
+    the run nearest K among those tried there (any L1, all as `stage`; none: `start`'s) if
+    within L0_TOLERANCE; else the allocator study's `bracket_l1` brackets K from them and
+    the interpolated L1 is trained, re-interpolated from every run while off K (at most
+    L1_REFINE times). Its L0 drifts with lr and budget (at lr 6e-3: 35.6 at 131k tokens, 27.4 at
+    262k with one L1), so each (lr, budget) gets its own."""
+    from allocators import bracket_l1  # imported where used: benchmarks/ is not a package
+
+    def tried() -> list[dict]:
+        return runs_at(done(args.results), allocator, lr, tokens)
+
+    def run(l1s: list[float]) -> list[dict]:
+        have = {r["l1"] for r in tried()}
+        run_jobs(args, [train_job(stage, allocator, lr, v, SEEDS[0], HOOKS, tokens)
+                        for v in l1s if v not in have])
+        by_l1 = {r["l1"]: r for r in tried()}
+        return [{**by_l1[v], "l1_coefficient": v} for v in l1s]
+
+    for _ in range(L1_REFINE + 1):
+        have = tried() or run(sorted(start))  # a first try on K needs no bracket
+        if abs(nearest_k(have)["l0"] / K - 1) <= L0_TOLERANCE:
+            break
+        l1, _ = bracket_l1(run, sorted({r["l1"] for r in have}), K, LR_EXTEND)
+        run([l1])
+    best = nearest_k(tried())
+    print(f"{allocator} lr {lr:g}, {tokens:,} tokens: " + ", ".join(
+        f"L1 {r['l1']:g} L0 {r['l0']:.1f}" for r in sorted(tried(), key=lambda r: r["l1"]))
+        + f" -> L1 {best['l1']:g}", flush=True)
+    return best
+
+
+def steered_sweep(args, sites: list[str], allocator: str) -> tuple[float, float, list[dict]]:
+    """(lr, L1) of an L1-steered kind under the budget allocators' rule, each lr at its own L1
+    for L0 ~K (`steered`, first trying the L1 of the nearest lr already steered): LRS, x LR_STEP
+    steps until the chosen lr is bracketed; and the runs compared."""
+    grid, found = list(LRS), {}
+
+    def at(lr: float) -> dict:
+        if lr not in found:
+            near = min(found, key=lambda x: abs(math.log(x / lr)), default=None)
+            found[lr] = steered(args, allocator, lr, TOKENS, "study",
+                                L1_START if near is None else (found[near]["l1"],))
+        return found[lr]
+
+    for _ in range(LR_EXTEND + 1):
+        lr = next_lr(grid, [at(x) for x in grid], sites)
+        if lr is None:
+            break
+        grid.insert(0, lr) if lr < grid[0] else grid.append(lr)
+    tried = [at(x) for x in grid]
+    lr = report_choice(allocator, tried, sites)
+    return lr, next(r["l1"] for r in tried if r["lr"] == lr), tried
+
+
 def study(args) -> None:
-    """Sites (which take the dead cap), the SWEPT allocators' lr sweeps (their seed-0
-    dictionaries), their seeds 1 and 2 and circuits; then the plateau checks and their
-    circuits."""
+    """Sites (which take the dead cap), the lr sweeps of `--allocators` (their seed-0
+    dictionaries; relu's with an L1 per lr), their seeds 1 and 2 and circuits; then the plateau
+    checks and their circuits."""
+    from allocators import l1_steered
+
+    kinds = [a for a in ALLOCATORS if a in args.allocators.split(",")]
     rows = run_jobs(args, [{"id": "sites", "stage": "sites"}])
     sites = capped(rows["sites"])
-    rows, lrs = sweep(args, rows, sites)
-    params = {**{a: (lrs[a], 0.0) for a in SWEPT}, **KEPT}
+    rows, lrs = sweep(args, rows, sites, [a for a in kinds if not l1_steered(a)])
+    params, l1s = {a: (lr, 0.0) for a, lr in lrs.items()}, {}
+    for a in [a for a in kinds if l1_steered(a)]:
+        lr, l1, tried = steered_sweep(args, sites, a)
+        params[a], l1s[a] = (lr, l1), [[r["lr"], r["l1"]] for r in tried]
+    rows = done(args.results)
     for a, (lr, l1) in params.items():
-        if f"choice:{a}" not in rows:
-            append(args.results, {"id": f"choice:{a}", "stage": "choice", "allocator": a, "lr": lr,
-                                  "l1": l1, "capped_sites": sites, "swept": a in SWEPT})
-    trains = [train_job("study", a, *params[a], s, HOOKS) for s in SEEDS for a in ALLOCATORS]
+        old = rows.get(f"choice:{a}")
+        if old is None or not old["swept"] or (old["lr"], old["l1"]) != (lr, l1):  # the later row wins
+            append(args.results, {"id": f"choice:{a}", "stage": "choice", "allocator": a, "lr": lr, "l1": l1,
+                                  "capped_sites": sites, "swept": True,
+                                  **({"l1s": l1s[a]} if a in l1s else {})})
+    trains = [train_job("study", a, *params[a], s, HOOKS) for s in SEEDS for a in kinds]
     rows = run_jobs(args, trains)
     fixed = [circuit_job("neurons", 0)] + [circuit_job("rotation", s) for s in SEEDS]
     run_jobs(args, fixed + [circuit_job(j["allocator"], j["seed"], rows[j["id"]]) for j in trains])
-    longer = [train_job("plateau", a, *params[a], SEEDS[0], HOOKS, 2 * TOKENS) for a in PLATEAU]
+    longer = [train_job("plateau", a, *params[a], SEEDS[0], HOOKS, t) for t in BUDGETS
+              for a in PLATEAU if a in kinds and not l1_steered(a)]
     rows = run_jobs(args, longer)
-    run_jobs(args, [circuit_job(j["allocator"], j["seed"], rows[j["id"]]) for j in longer])
+    dicts = [rows[j["id"]] for j in longer]
+    for a in [a for a in PLATEAU if a in kinds and l1_steered(a)]:
+        lr, l1 = params[a]
+        for t in BUDGETS:  # each budget first tries the L1 of the one before
+            dicts.append(steered(args, a, lr, t, "plateau", (l1,)))
+            l1 = dicts[-1]["l1"]
+    run_jobs(args, [circuit_job(r["allocator"], r["seed"], r) for r in dicts])
 
 
 # ---------------------------------------------------------------- report
@@ -385,26 +481,64 @@ def site_name(hook: str) -> str:
     return f"blocks.{hook.split('.')[1]}"
 
 
-def sweep_rows(rows: list[dict], allocator: str, l1: float) -> list[dict]:
-    """An allocator's lr sweep (or check): its seed-0 dictionaries at L1 `l1`, by lr."""
-    return sorted((r for r in rows if r["stage"] == "study" and r["allocator"] == allocator
-                   and r["seed"] == SEEDS[0] and r["l1"] == l1), key=lambda r: r["lr"])
+def sweep_rows(rows: list[dict], choice: dict) -> list[dict]:
+    """An allocator's lr sweep: its seed-0 dictionaries at each tried lr's L1 (relu: the L1 for
+    L0 ~K at that lr, `l1s`; the others: 0), by lr."""
+    pairs = {(lr, l1) for lr, l1 in choice.get("l1s", [])}
+    return sorted((r for r in rows if r["stage"] == "study" and r["allocator"] == choice["allocator"]
+                   and r["seed"] == SEEDS[0] and r["tokens"] == TOKENS
+                   and ((r["lr"], r["l1"]) in pairs if pairs else r["l1"] == choice["l1"])),
+                  key=lambda r: r["lr"])
 
 
-def plateau_gain(rows: list[dict], allocator: str, choice: dict) -> tuple[float, dict, dict] | None:
-    """Relative drop in mean held-out FVU from TOKENS to 2 x TOKENS at the chosen lr (seed 0),
-    and the two rows."""
-    def at(stage: str) -> list[dict]:
-        return [r for r in rows if r["stage"] == stage and r["allocator"] == allocator
-                and r["seed"] == SEEDS[0] and (r["lr"], r["l1"]) == (choice["lr"], choice["l1"])]
-    base, long = at("study"), at("plateau")
-    if not (base and long):
-        return None
-    return (base[0]["fvu"] - long[0]["fvu"]) / base[0]["fvu"], base[0], long[0]
+def by_budget(rows: list[dict], choice: dict) -> dict[int, dict]:
+    """Seed 0 of an allocator at its chosen lr at TOKENS and each of BUDGETS (`nearest_k` of the
+    runs there: relu's L1 is set per budget), for the budgets it has run at."""
+    keyed = {r["id"]: r for r in rows}
+    return {t: nearest_k(found) for t in (TOKENS, *BUDGETS)
+            if (found := runs_at(keyed, choice["allocator"], choice["lr"], t))}
+
+
+def budget_cpr(rows: list[dict], run: dict) -> dict[str, float]:
+    """CPR per task of the circuits of one training row."""
+    return {r["task"]: r["cpr"] for r in rows if r["stage"] == "circuit" and r["basis"] == run["allocator"]
+            and r["seed"] == run["seed"] and (r["lr"], r["l1"], r.get("tokens", TOKENS))
+            == (run["lr"], run["l1"], run["tokens"])}
+
+
+def plateau_lines(rows: list[dict], choices: dict[str, dict]) -> list[str]:
+    """Per allocator (seed 0, chosen lr), each budget's mean FVU (change per doubling), L0, dead
+    at the capped sites and CPR per task: how far from a plateau the study's budget is."""
+    head = ["allocator"] + [f"{t:,} tokens: FVU (per doubling) / L0 / dead" for t in (TOKENS, *BUDGETS)] + [
+        f"CPR {t} (" + " -> ".join(f"{b / 1000:.0f}k" for b in (TOKENS, *BUDGETS)) + ")" for t in TASKS]
+    table = []
+    for a, c in choices.items():
+        runs = by_budget(rows, c)
+        if len(runs) < 2:
+            continue
+        fvus = [runs[t]["fvu"] if t in runs else None for t in (TOKENS, *BUDGETS)]
+        cells = []
+        for i, t in enumerate((TOKENS, *BUDGETS)):
+            if t not in runs:
+                cells.append("n/a")
+                continue
+            r, prev = runs[t], fvus[i - 1] if i else None
+            step = f" ({r['fvu'] / prev - 1:+.1%})" if prev else ""
+            l1 = f" (L1 {r['l1']:g})" if r["l1"] else ""
+            dead = dead_capped(r, c["capped_sites"])
+            cells.append(f"{r['fvu']:.4f}{step} / {r['l0']:.1f}{l1} / {dead:.1%}")
+        cprs = [budget_cpr(rows, runs[t]) for t in runs]
+        table.append([a, *cells, *(" -> ".join(f"{cp[task]:.3f}" if task in cp else "n/a" for cp in cprs)
+                                  for task in TASKS)])
+    if not table:
+        return []
+    return ["", f"Budget (seed 0, each allocator's chosen lr; relu at each budget's own L1 for L0 ~{K}): "
+            "mean held-out FVU, its change from the budget before, L0, dead at the capped sites; CPR per "
+            "task at each budget:", "", *md_table(head, table)]
 
 
 def training_notes(rows: list[dict], choices: dict[str, dict], uncapped: list[str]) -> list[str]:
-    """The sites, each allocator's lr sweep (the chosen lr in bold), the plateau checks."""
+    """The sites and each allocator's lr sweep (the chosen lr in bold)."""
     out = []
     site = [r for r in rows if r["stage"] == "sites"]
     if site:
@@ -413,28 +547,18 @@ def training_notes(rows: list[dict], choices: dict[str, dict], uncapped: list[st
                    + f"; dead cap {MAX_DEAD:.0%} on " + ", ".join(
                        site_name(h) for h in HOOKS if h not in uncapped))
     out.append("- lr sweeps (seed 0; mean FVU over the four sites, mean L0, dead at the capped sites "
-               "(max) / at " + ", ".join(site_name(h) for h in uncapped) + "):")
-    for a, c in choices.items():
-        tried = sweep_rows(rows, a, c["l1"])
-        out.append(f"  - {a}: " + ", ".join(
+               "(max) / at " + ", ".join(site_name(h) for h in uncapped) + "; relu: each lr at its own L1):")
+    for c in choices.values():
+        out.append(f"  - {c['allocator']}: " + ", ".join(
             (f"**{r['lr']:g}**" if r["lr"] == c["lr"] else f"{r['lr']:g}")
+            + (f" (L1 {r['l1']:g})" if r["l1"] else "")
             + f" FVU {r['fvu']:.4f} L0 {r['l0']:.1f} dead {dead_capped(r, c['capped_sites']):.1%}"
-            + "".join(f" / {r['sites'][h]['dead_frac']:.1%}" for h in uncapped) for r in tried)
-            + ("" if c.get("swept") else " (lr kept from the first study)"))
-    gains = {a: g for a, c in choices.items() if (g := plateau_gain(rows, a, c))}
-    if gains:
-        out.append(f"- plateau (seed 0, chosen lr; mean FVU at {TOKENS:,} -> {2 * TOKENS:,} tokens, "
-                   "its change, dead at the capped sites at the longer budget): " + ", ".join(
-                       f"{a} {b['fvu']:.4f} -> {long['fvu']:.4f} ({-g:+.1%}, dead "
-                       f"{dead_capped(long, choices[a]['capped_sites']):.1%})"
-                       for a, (g, b, long) in gains.items()))
+            + "".join(f" / {r['sites'][h]['dead_frac']:.1%}" for h in uncapped) for r in sweep_rows(rows, c)))
     return out
 
 
 def report(args) -> None:
     from matplotlib.figure import Figure
-
-    from saelab.evals.render import md_table, save_png
 
     rows = list(done(args.results).values())
     choices = {r["allocator"]: r for r in rows if r["stage"] == "choice"}
@@ -503,13 +627,7 @@ def report(args) -> None:
                f"{mean_std(values(b, t, at(20)))} / {mean_std(values(b, t, at(50)))}" for t in TASKS]
         for b in bases])
     lines += ["", *training_notes(rows, choices, uncapped)]
-    longer = [r for r in rows if r["stage"] == "circuit" and r.get("tokens", TOKENS) != TOKENS]
-    if longer:
-        lines.append(f"- circuits of the {2 * TOKENS:,}-token dictionaries (seed 0), CPR per task "
-                     f"({', '.join(TASKS)}): " + "; ".join(
-                         f"{b} " + ", ".join(f"{r['cpr']:.3f}" for t in TASKS for r in longer
-                                             if r["basis"] == b and r["task"] == t)
-                         for b in BASES if any(r["basis"] == b for r in longer)))
+    lines += plateau_lines(rows, choices)
     text = "\n".join(lines) + "\n"
     write_text(args.out_dir / "circuit_faithfulness.md", text)
     print(text)
@@ -539,6 +657,39 @@ def report(args) -> None:
                  fontsize=10)
     fig.tight_layout()
     save_png(fig, args.out_dir / "circuit_faithfulness.png")
+    if plateau_lines(rows, choices):
+        save_png(budget_figure(rows, choices, circ), args.out_dir / "circuit_faithfulness_budget.png")
+
+
+def budget_figure(rows: list[dict], choices: dict[str, dict], circ: list[dict]):
+    """Mean FVU and mean CPR over the tasks against the training budget, seed 0 of each
+    allocator (`by_budget`), the neurons' and rotations' CPR as lines."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 3.6))
+    fvu_ax, cpr_ax = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    for a, c in choices.items():
+        runs = by_budget(rows, c)
+        tokens = sorted(runs)
+        fvu_ax.plot(tokens, [runs[t]["fvu"] for t in tokens], "o-", color=COLOURS[a], label=a)
+        cprs = [(t, cp) for t in tokens if len(cp := budget_cpr(rows, runs[t])) == len(TASKS)]
+        cpr_ax.plot([t for t, _ in cprs], [statistics.mean(cp.values()) for _, cp in cprs], "o-",
+                    color=COLOURS[a], label=a)
+    for b in ("neurons", "rotation"):
+        cpr = [r["cpr"] for r in circ if r["basis"] == b]
+        if cpr:
+            cpr_ax.axhline(statistics.mean(cpr), color=COLOURS[b], ls="--", lw=1, label=f"{b} (not trained)")
+    for ax, name in ((fvu_ax, "held-out FVU, mean of the four sites"),
+                     (cpr_ax, "CPR, mean of the four tasks")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("training tokens")
+        ax.set_ylabel(name)
+    fvu_ax.set_yscale("log")
+    cpr_ax.legend(fontsize=7)
+    fig.suptitle("Seed 0 of each allocator at its chosen lr: does the budget move FVU and circuits?",
+                 fontsize=10)
+    fig.tight_layout()
+    return fig
 
 
 def main() -> None:
@@ -548,8 +699,11 @@ def main() -> None:
                    help="dictionaries and the task-text file")
     p.add_argument("--out-dir", type=Path, default=Path("benchmarks/results"))
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--allocators", default=",".join(ALLOCATORS), help="study: whose runs, comma-separated")
     args = p.parse_args()
     args.results = args.out_dir / "circuit_faithfulness.jsonl"
+    if unknown := set(args.allocators.split(",")) - set(ALLOCATORS):
+        p.error(f"--allocators: unknown {', '.join(sorted(unknown))}; choose from {', '.join(ALLOCATORS)}")
     if args.stage == "report":
         report(args)
         return

@@ -5,7 +5,15 @@ import math
 
 import pytest
 
-from benchmarks.allocators import _at_l0, _family_means, _matched, _with_letters, l1_for_l0, pick_lr
+from benchmarks.allocators import (
+    _at_l0,
+    _family_means,
+    _matched,
+    _with_letters,
+    bracket_l1,
+    l1_for_l0,
+    pick_lr,
+)
 
 
 def _row(lr: float, fvu: float, l0: float, dead: float = 0.0, k: int = 32) -> dict:
@@ -79,3 +87,20 @@ def test_l1_for_l0_inverts_a_power_law_and_keeps_the_nearest_outside():
     rows = [{"l1_coefficient": v, "l0": 10 / math.sqrt(v)} for v in (0.01, 0.1, 1.0)]
     assert l1_for_l0(rows, 50) == pytest.approx(0.04, abs=1e-4)
     assert l1_for_l0(rows, 500) == 0.01
+
+
+def test_bracket_l1_steps_out_until_l0_k_is_bracketed_then_interpolates():
+    """L0 = 10 / sqrt(L1): from (0.01, 0.02) (L0 100 and 71) L0 = 25 needs L1 0.16, three x2
+    steps up; from (0.5,) alone two steps down; `extend` bounds the steps (then the nearest)."""
+    tried: list[list[float]] = []
+
+    def run(l1s):
+        tried.append(list(l1s))
+        return [{"l1_coefficient": v, "l0": 10 / math.sqrt(v)} for v in l1s]
+
+    l1, rows = bracket_l1(run, [0.01, 0.02], 25, 3)
+    assert l1 == pytest.approx(0.16, abs=1e-4) and tried[-1] == [0.01, 0.02, 0.04, 0.08, 0.16]
+    assert [r["l1_coefficient"] for r in rows] == tried[-1]
+    assert bracket_l1(run, [0.5], 25, 3)[0] == pytest.approx(0.16, abs=1e-4)
+    assert tried[-1] == [0.125, 0.25, 0.5]
+    assert bracket_l1(run, [0.01, 0.02], 25, 1)[0] == 0.04  # one step allowed: the nearest tried
