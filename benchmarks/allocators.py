@@ -643,7 +643,7 @@ def report(study: Study) -> None:
     write_text(study.out / "results.md", "\n".join([_table(rows, full), *_per_k_table(every, per_k),
                                                      *_matched_tables(grid),
                                                      *_quality_tables(probed, study.scale)]))
-    _l0_plots(study.out, grid)
+    _l0_plots(study.out, grid, per_k)
     if any(r["stage"] == "variants" for r in full):
         _variants_plot(study.out, full)
     if probed:
@@ -812,7 +812,7 @@ def _quality_plot(probed: list[dict], scale: Scale) -> Figure:
     return fig
 
 
-def _l0_plots(out: Path, grid: list[dict]) -> None:
+def _l0_plots(out: Path, grid: list[dict], per_k: dict[tuple[str, str, int], float]) -> None:
     import matplotlib.pyplot as plt
 
     for (hook,), group in _groups(grid, ("hook",)).items():
@@ -826,7 +826,9 @@ def _l0_plots(out: Path, grid: list[dict]) -> None:
         for ax, label in zip(axes, ("held-out FVU", "KL(clean || spliced), nats"), strict=True):
             ax.set(xscale="log", yscale="log", xlabel="L0 (held-out)", ylabel=label)
             ax.legend()
-        fig.suptitle(f"{DEFAULT_MODEL} {hook}: mean +- std over seeds")
+        tuned = ", ".join(f"{a} k={k} lr {lr:g}" for (a, h, k), lr in sorted(per_k.items()) if h == hook)
+        fig.suptitle(f"{DEFAULT_MODEL} {hook}: mean +- std over seeds"
+                     + (f"\nper-k lr: {tuned}; every other cell at its kind's k = 32 lr" if tuned else ""))
         fig.tight_layout()
         fig.savefig(out / f"l0_{hook}.png", dpi=110)
         plt.close(fig)
