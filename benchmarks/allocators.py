@@ -2,6 +2,7 @@
 compared at; k in {8, 16, 32, 64}, three seeds, two layers of the default zoo model.
 
     python benchmarks/allocators.py sweep      # lr per allocator, at two dictionary sizes
+    python benchmarks/allocators.py sweep --ks 8   # lr per allocator at k = 8 (per-k lr, below)
     python benchmarks/allocators.py plateau    # how much longer runs still gain, and the order
     python benchmarks/allocators.py study      # k x seeds x layers at the tuned lrs
     python benchmarks/allocators.py variants   # aux_zipf vs AuxK; gradient_topk raw vs normalised
@@ -21,6 +22,12 @@ and is scored on held-out tokens it never saw. Stages append one JSON line per r
 OUT/results.jsonl and skip runs already there, so a stopped study resumes where it stopped.
 The lr grid is fixed, then extended (x2 steps, up to `lr_extend` times) past whichever end holds
 the best value, so every tuned lr is bracketed by a worse one on each side.
+Per-k lr: the sweep tunes at k = 32 and the study reuses that lr at every k, which at k = 8
+left jumprelu a third of its latents dead at block 1; `sweep --ks 8 --allocators a,b` tunes a,b
+at k = 8 on the first hook by the same rule (first seed, fully evaluated, so the chosen lr's run
+is the study's own; starting from the k = 32 lr and its x2 neighbour towards k), and the study
+then runs that cell at the chosen lr. The report shows every tried lr of such a cell in its own
+table (the k = 32 lr's three seeds stay, to show what changed) and the chosen lr everywhere else.
 The study trains every SAE for `sweep_tokens`, the budget its lr was tuned at. Held-out FVU is
 not flat there: the plateau stage doubles the budget at k = 32 until a doubling gains less than
 `gain` or `plateau_max` is reached, and prints each allocator's gain per doubling and the order
@@ -329,9 +336,26 @@ def pick_lr(rows: list[dict], max_dead: float, l0_tolerance: float = math.inf) -
     percent of FVU with a third of the dictionary; without the L0 one, a jumprelu lr whose
     controller overshot k would win on FVU bought with L0. The transcoder and circuit studies
     pass no tolerance: a topk transcoder's L0 sits below k by design."""
-    eligible = [r for r in rows if r["dead_frac"] <= max_dead
-                and ("k" not in r or abs(r["l0"] / r["k"] - 1) <= l0_tolerance)] or rows
-    return min(eligible, key=lambda r: r["fvu"])["lr"]
+    return min(_eligible(rows, max_dead, l0_tolerance) or rows, key=lambda r: r["fvu"])["lr"]
+
+
+def _eligible(rows: list[dict], max_dead: float, l0_tolerance: float) -> list[dict]:
+    """The runs `pick_lr` chooses among: within the dead cap and the L0 tolerance of k."""
+    return [r for r in rows if r["dead_frac"] <= max_dead
+            and ("k" not in r or abs(r["l0"] / r["k"] - 1) <= l0_tolerance)]
+
+
+def next_lr(grid: list[float], rows: list[dict], max_dead: float, l0_tolerance: float) -> float | None:
+    """The lr a per-k sweep tries next so that its choice (`pick_lr`) has a tried lr on each
+    side: x2 past the end of the (ascending) grid that holds it, or below the grid when no run is
+    eligible (dead latents and jumprelu's L0 overshoot grow with the lr, so the fallback to the
+    lowest FVU of all would walk up); None once the choice is bracketed."""
+    if not _eligible(rows, max_dead, l0_tolerance):
+        return grid[0] / 2
+    best = pick_lr(rows, max_dead, l0_tolerance)
+    if best == grid[0]:
+        return grid[0] / 2
+    return grid[-1] * 2 if best == grid[-1] else None
 
 
 def best_lrs(study: Study) -> dict[tuple[str, int], float]:
@@ -341,6 +365,47 @@ def best_lrs(study: Study) -> dict[tuple[str, int], float]:
             and r["k"] == 32 and "l1_coefficient" not in r]  # relu's: `calibrate`
     return {key: pick_lr(group, s.max_dead, s.l0_tolerance)
             for key, group in _groups(rows, ("allocator", "n_latents")).items()}
+
+
+def per_k_lrs(rows: list[dict], scale: Scale) -> dict[tuple[str, str, int], float]:
+    """(allocator, hook, k) -> the lr `sweep_at_k` chose for that cell: `pick_lr` over the
+    first seed's fully evaluated grid runs (the study's size and budget, AuxK, no variant) of
+    every cell holding more than one lr; a cell no per-k sweep touched holds only the k = 32 lr
+    and is left out (the study then uses `best_lrs`)."""
+    firsts = [r for r in rows if r["id"].startswith("eval:") and r["aux"] == "auxk"
+              and r.get("grad_score") != "raw" and "l1_coefficient" not in r
+              and r["seed"] == scale.seeds[0] and r["n_latents"] == scale.n_latents[0]
+              and r["tokens"] == scale.sweep_tokens]
+    return {key: pick_lr(group, scale.max_dead, scale.l0_tolerance)
+            for key, group in _groups(firsts, ("allocator", "hook", "k")).items()
+            if len({r["lr"] for r in group}) > 1}
+
+
+def sweep_at_k(study: Study, allocators: list[str], k: int) -> None:
+    """lr per allocator at budget k on the first hook (`sweep --ks`): the study's size and
+    budget, its first seed fully evaluated (so the chosen lr's run is the study's own seed-0
+    run), starting from the k = 32 lr and its x2 neighbour towards k (smaller budgets train
+    fewer latents per token and lose more of them), then `next_lr` until the choice is
+    bracketed (at most `lr_extend` more). The study then runs that cell at this lr
+    (`per_k_lrs`)."""
+    s = study.scale
+    if steered := [a for a in allocators if l1_steered(a)]:
+        raise SaelabError(f"sweep --ks: {', '.join(steered)} has no per-k lr (its L0 is set by the "
+                          f"L1 coefficient `calibrate` finds at k = {QUALITY_K}); drop it from --allocators")
+    n, lrs = s.n_latents[0], best_lrs(study)
+    for a in allocators:
+        lr = lrs[(a, n)]
+        grid = [lr / 2, lr] if k < QUALITY_K else [lr, lr * 2]
+        base = dict(allocator=a, hook=s.hooks[0], k=k, seed=s.seeds[0], aux="auxk", n_latents=n,
+                    tokens=s.sweep_tokens)
+        for round_ in range(s.lr_extend + 1):
+            rows = study.run_all("sweep", True, [dict(base, lr=v) for v in grid])
+            if round_ == s.lr_extend or (more := next_lr(grid, rows, s.max_dead, s.l0_tolerance)) is None:
+                break
+            grid = sorted([*grid, more])
+        print(f"chosen lr {a} k={k} {s.hooks[0]}: {pick_lr(rows, s.max_dead, s.l0_tolerance):g} (k = 32: "
+              f"{lr:g}): " + ", ".join(f"lr {r['lr']:g} FVU {r['fvu']:.4f} L0 {r['l0']:.1f} dead "
+                                       f"{r['dead_frac']:.3f}" for r in rows), flush=True)
 
 
 def sweep(study: Study, allocators: list[str], sizes: tuple[int, ...]) -> None:
@@ -484,13 +549,15 @@ def plateau(study: Study, allocators: list[str]) -> None:
 
 def study_fields(study: Study, runs: list[dict]) -> list[dict]:
     """`runs` completed with the study's dictionary size, budget (`sweep_tokens`) and each
-    allocator's lr tuned at that size and budget."""
+    allocator's lr tuned at that size and budget: at the run's k and hook where a per-k sweep
+    ran there (`per_k_lrs`), else at k = 32."""
     s = study.scale
-    n, lrs = s.n_latents[0], best_lrs(study)
+    n, lrs, per_k = s.n_latents[0], best_lrs(study), per_k_lrs(list(study.done().values()), s)
     tuned = {a: calibrate(study, a) for a in dict.fromkeys(r["allocator"] for r in runs) if l1_steered(a)}
     return [dict(n_latents=n, lr=tuned[a][0], l1_coefficient=tuned[a][1], tokens=s.sweep_tokens, **r)
             if (a := r["allocator"]) in tuned else
-            dict(n_latents=n, lr=lrs[(a, n)], tokens=s.sweep_tokens, **r) for r in runs]
+            dict(n_latents=n, lr=per_k.get((a, r["hook"], r["k"]), lrs[(a, n)]), tokens=s.sweep_tokens, **r)
+            for r in runs]
 
 
 def study_runs(study: Study, stage: str, runs: list[dict]) -> list[dict]:
@@ -569,7 +636,8 @@ def _mean_std(rows: list[dict], key: str) -> tuple[float, float]:
 
 def report(study: Study) -> None:
     """results.md (mean +- std over seeds), one FVU-vs-L0 / KL-vs-L0 PNG per hook, and
-    variants.png (the variants stage against the grid's runs at the same k and hook)."""
+    variants.png (the variants stage against the grid's runs at the same k and hook). A cell a
+    per-k sweep tuned shows its chosen lr's runs; its other lrs are in the per-k table."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -577,12 +645,15 @@ def report(study: Study) -> None:
     for r in rows:
         raw = r.get("grad_score") == "raw"
         r["variant"] = r.get("aux", "") + (f", raw beta {r['beta']:g}" if raw else "")
-    full = [r for r in rows if r["id"].startswith("eval:")]
+    per_k = per_k_lrs(rows, study.scale)
+    every = [r for r in rows if r["id"].startswith("eval:")]
+    full = [r for r in every if _at_study_lr(r, per_k)]
     grid = [r for r in full if r["variant"] == "auxk"]
     probed = _with_letters([r for r in rows if r["id"].startswith("probes:")], study.done())
-    write_text(study.out / "results.md", "\n".join([_table(rows, full), *_matched_tables(grid),
+    write_text(study.out / "results.md", "\n".join([_table(rows, full), *_per_k_table(every, per_k),
+                                                     *_matched_tables(grid),
                                                      *_quality_tables(probed, study.scale)]))
-    _l0_plots(study.out, grid)
+    _l0_plots(study.out, grid, per_k)
     if any(r["stage"] == "variants" for r in full):
         _variants_plot(study.out, full)
     if probed:
@@ -607,6 +678,30 @@ def _table(rows: list[dict], full: list[dict]) -> str:
               for r in sorted((r for r in rows if r["id"].startswith("fvu:")),
                               key=lambda r: (r["allocator"], r["n_latents"], r["tokens"], r["lr"]))]
     return "\n".join(lines) + "\n"
+
+
+def _at_study_lr(row: dict, per_k: dict[tuple[str, str, int], float]) -> bool:
+    """The evaluated run is at the lr the study uses for its cell: any lr of a cell no per-k
+    sweep tuned (one lr per kind there), else the per-k sweep's choice; variants are untouched."""
+    lr = per_k.get((row["allocator"], row["hook"], row["k"]))
+    return lr is None or row["variant"] != "auxk" or row["lr"] == lr
+
+
+def _per_k_table(every: list[dict], per_k: dict[tuple[str, str, int], float]) -> list[str]:
+    """Every lr tried in each per-k-tuned cell (the sweep's first seed, and the other seeds where
+    the study ran them: at the chosen lr and at the k = 32 lr it replaces), mean +- std."""
+    tuned = [r for r in every if r["variant"] == "auxk" and (r["allocator"], r["hook"], r["k"]) in per_k]
+    if not tuned:
+        return []
+    head = ["hook", "allocator", "k", "lr", "seeds", "FVU", "L0", "KL", "dead %"]
+    body = [[hook, a, str(k), f"{lr:g}" + (" (chosen)" if per_k[(a, hook, k)] == lr else ""), str(len(g)),
+             *(f"{m:.{FORMATS[key]}f} +- {sd:.{FORMATS[key]}f}" for key in ("fvu", "l0", "kl_sae")
+               for m, sd in [_mean_std(g, key)]),
+             "{:.1f} +- {:.1f}".format(*(100 * v for v in _mean_std(g, "dead_frac")))]
+            for (hook, a, k, lr), g in sorted(_groups(tuned, ("hook", "allocator", "k", "lr")).items())]
+    return ["", "Per-k lr (`sweep --ks`): every lr tried in a tuned cell (first seed; the chosen lr and "
+            "the k = 32 lr with every seed the study ran); the other tables use the chosen lr:", "",
+            *md_table(head, body)]
 
 
 def _l1(row: dict) -> str:
@@ -727,7 +822,7 @@ def _quality_plot(probed: list[dict], scale: Scale) -> Figure:
     return fig
 
 
-def _l0_plots(out: Path, grid: list[dict]) -> None:
+def _l0_plots(out: Path, grid: list[dict], per_k: dict[tuple[str, str, int], float]) -> None:
     import matplotlib.pyplot as plt
 
     for (hook,), group in _groups(grid, ("hook",)).items():
@@ -741,7 +836,9 @@ def _l0_plots(out: Path, grid: list[dict]) -> None:
         for ax, label in zip(axes, ("held-out FVU", "KL(clean || spliced), nats"), strict=True):
             ax.set(xscale="log", yscale="log", xlabel="L0 (held-out)", ylabel=label)
             ax.legend()
-        fig.suptitle(f"{DEFAULT_MODEL} {hook}: mean +- std over seeds")
+        tuned = ", ".join(f"{a} k={k} lr {lr:g}" for (a, h, k), lr in sorted(per_k.items()) if h == hook)
+        fig.suptitle(f"{DEFAULT_MODEL} {hook}: mean +- std over seeds"
+                     + (f"\nper-k lr: {tuned}; every other cell at its kind's k = 32 lr" if tuned else ""))
         fig.tight_layout()
         fig.savefig(out / f"l0_{hook}.png", dpi=110)
         plt.close(fig)
@@ -781,7 +878,8 @@ def main() -> None:
     p.add_argument("--lrs", type=lambda t: tuple(float(v) for v in t.split(",")), default=None,
                    help="sweep: the starting lr grid [default: the scale's]")
     p.add_argument("--ks", type=lambda t: tuple(int(v) for v in t.split(",")), default=None,
-                   help="study: the k grid [default: the scale's]")
+                   help="study: the k grid [default: the scale's]; sweep: tune the lr at these k "
+                        "instead (per-k lr, on the first hook)")
     p.add_argument("--hooks", type=lambda t: tuple(t.split(",")), default=None,
                    help="the hooks the cache holds and the study runs [default: the scale's]")
     args = p.parse_args()
@@ -793,7 +891,10 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     study = Study(out, scale, args.workers)
     write_json(out / "scale.json", {"model": DEFAULT_MODEL, **scale.__dict__})
-    if args.stage == "sweep":
+    if args.stage == "sweep" and args.ks:
+        for k in args.ks:
+            sweep_at_k(study, allocators, k)
+    elif args.stage == "sweep":
         sweep(study, allocators, args.sizes or scale.n_latents)
     elif args.stage == "plateau":
         plateau(study, allocators)

@@ -6,12 +6,16 @@ import math
 import pytest
 
 from benchmarks.allocators import (
+    FULL,
     _at_l0,
+    _at_study_lr,
     _family_means,
     _matched,
     _with_letters,
     bracket_l1,
     l1_for_l0,
+    next_lr,
+    per_k_lrs,
     pick_lr,
 )
 
@@ -104,3 +108,58 @@ def test_bracket_l1_steps_out_until_l0_k_is_bracketed_then_interpolates():
     assert bracket_l1(run, [0.5], 25, 3)[0] == pytest.approx(0.16, abs=1e-4)
     assert tried[-1] == [0.125, 0.25, 0.5]
     assert bracket_l1(run, [0.01, 0.02], 25, 1)[0] == 0.04  # one step allowed: the nearest tried
+
+
+def _cell(allocator: str, hook: str, k: int, lr: float, fvu: float, l0: float, dead: float = 0.0,
+          seed: int = 0, **extra) -> dict:
+    """A fully evaluated grid row of the study's size and budget (FULL)."""
+    return {"id": f"eval:{allocator},{hook},{k},{lr},{seed},{extra}", "allocator": allocator, "hook": hook,
+            "k": k, "lr": lr, "seed": seed, "aux": "auxk", "n_latents": 512, "tokens": 2_000_000,
+            "fvu": fvu, "l0": l0, "dead_frac": dead, **extra}
+
+
+def test_per_k_lrs_picks_each_tuned_cell_and_leaves_untuned_cells_to_the_k32_lr():
+    rows = [
+        # jumprelu k = 8: 3.2e-2 leaves 32% dead, 8e-3 overshoots L0 by 25%: 1.6e-2 wins
+        _cell("jumprelu", "b1", 8, 3.2e-2, 0.078, 8.2, dead=0.32),
+        _cell("jumprelu", "b1", 8, 1.6e-2, 0.080, 8.1),
+        _cell("jumprelu", "b1", 8, 8e-3, 0.070, 10.0), _cell("jumprelu", "b1", 8, 4e-3, 0.095, 8.0),
+        # the other seeds, the variants and an n = 2048 run never vote, even with a lower FVU
+        _cell("jumprelu", "b1", 8, 4e-3, 0.010, 8.0, seed=1),
+        _cell("jumprelu", "b1", 8, 2e-3, 0.010, 8.0, aux="aux_zipf"),
+        _cell("jumprelu", "b1", 8, 2e-3, 0.010, 8.0, n_latents=2048),
+        # one lr only (the study at the k = 32 lr): not a tuned cell
+        _cell("jumprelu", "b1", 16, 3.2e-2, 0.045, 16.3, dead=0.11),
+        _cell("jumprelu", "b1", 16, 1.6e-2, 0.030, 16.0, seed=1),
+        # the same kind and k on another hook is its own cell
+        _cell("jumprelu", "b3", 8, 3.2e-2, 0.128, 8.1, dead=0.02),
+        _cell("jumprelu", "b3", 8, 1.6e-2, 0.131, 8.0),
+        _cell("mutual_choice", "b1", 8, 3.2e-2, 0.072, 8.1, dead=0.18),
+        _cell("mutual_choice", "b1", 8, 1.6e-2, 0.074, 8.0, dead=0.06),
+        {"id": "fvu:sweep", "allocator": "topk", "k": 8, "lr": 1.0, "fvu": 0.0, "l0": 8.0, "dead_frac": 0.0},
+    ]
+    # mutual_choice has no eligible lr: pick_lr's fallback (lowest FVU of all), and next_lr goes down
+    assert per_k_lrs(rows, FULL) == {("jumprelu", "b1", 8): 1.6e-2, ("jumprelu", "b3", 8): 3.2e-2,
+                                     ("mutual_choice", "b1", 8): 3.2e-2}
+
+
+def test_next_lr_extends_past_the_edge_holding_the_choice_and_down_when_none_is_eligible():
+    grid = [1.6e-2, 3.2e-2]
+    lower_wins = [_row(1.6e-2, 0.080, 8.1, k=8), _row(3.2e-2, 0.078, 8.2, dead=0.32, k=8)]
+    assert next_lr(grid, lower_wins, 0.05, 0.1) == 8e-3
+    upper_wins = [_row(1.6e-2, 0.080, 8.1, k=8), _row(3.2e-2, 0.070, 8.2, dead=0.02, k=8)]
+    assert next_lr(grid, upper_wins, 0.05, 0.1) == 6.4e-2
+    # none within the caps: down (the fallback pick would be 3.2e-2, the top edge: not up)
+    dead = [_row(1.6e-2, 0.080, 8.1, dead=0.2, k=8), _row(3.2e-2, 0.078, 8.2, dead=0.32, k=8)]
+    assert next_lr(grid, dead, 0.05, 0.1) == 8e-3
+    inside = [_row(8e-3, 0.09, 8.0, k=8), *lower_wins]
+    assert next_lr([8e-3, *grid], inside, 0.05, 0.1) is None
+
+
+def test_report_keeps_the_chosen_lr_of_a_tuned_cell_and_every_lr_elsewhere():
+    per_k = {("jumprelu", "b1", 8): 1.6e-2}
+    row = {"allocator": "jumprelu", "hook": "b1", "k": 8, "lr": 3.2e-2, "variant": "auxk"}
+    assert not _at_study_lr(row, per_k)
+    assert _at_study_lr({**row, "lr": 1.6e-2}, per_k)
+    assert _at_study_lr({**row, "k": 16}, per_k) and _at_study_lr({**row, "hook": "b3"}, per_k)
+    assert _at_study_lr({**row, "variant": "aux_zipf"}, per_k)
