@@ -350,12 +350,17 @@ def next_lr(grid: list[float], rows: list[dict], max_dead: float, l0_tolerance: 
     side: x2 past the end of the (ascending) grid that holds it, or below the grid when no run is
     eligible (dead latents and jumprelu's L0 overshoot grow with the lr, so the fallback to the
     lowest FVU of all would walk up); None once the choice is bracketed."""
-    if not _eligible(rows, max_dead, l0_tolerance):
-        return grid[0] / 2
-    best = pick_lr(rows, max_dead, l0_tolerance)
-    if best == grid[0]:
-        return grid[0] / 2
-    return grid[-1] * 2 if best == grid[-1] else None
+    best = pick_lr(rows, max_dead, l0_tolerance) if _eligible(rows, max_dead, l0_tolerance) else None
+    return bracket_step(grid, best)
+
+
+def bracket_step(grid: list[float], best: float | None, step: float = 2) -> float | None:
+    """The lr to add to the ascending `grid` so that its choice `best` has a tried lr on each
+    side: x`step` past the end that holds it, or below the grid when nothing was eligible
+    (`best` None); None once `best` is bracketed. The circuit study's sweep shares it."""
+    if best is None or best == grid[0]:
+        return grid[0] / step
+    return grid[-1] * step if best == grid[-1] else None
 
 
 def best_lrs(study: Study) -> dict[tuple[str, int], float]:
@@ -725,9 +730,11 @@ def _matched(own: tuple[float, float, float], kind: list[tuple[float, float, flo
     cells sorted by L0: the kind's cell `own` with the reference interpolated to its L0
     (`_at_l0`); if that is outside the reference's range, the reference's measured L0 nearest to
     it with the kind's cells `kind` interpolated there instead (never extrapolated); None if
-    neither is inside."""
+    neither is inside or the reference has no cells."""
     if (at := _at_l0(ref, own[0])) is not None:
         return *own, *at
+    if not ref:  # the reference has no cells yet (a partial study)
+        return None
     near = min(ref, key=lambda c: abs(math.log(c[0] / own[0])))
     mine = _at_l0(kind, near[0])
     return None if mine is None else (near[0], *mine, near[1], near[2])

@@ -295,10 +295,9 @@ def pick(rows: list[dict], sites: list[str]) -> float | None:
 def next_lr(grid: list[float], rows: list[dict], sites: list[str]) -> float | None:
     """The lr to add so that the chosen one has a tried lr on each side (x LR_STEP past the end
     that holds it, or below the grid when none is within the cap); None once it has."""
-    best = pick(rows, sites)
-    if best is None or best == grid[0]:
-        return grid[0] / LR_STEP
-    return grid[-1] * LR_STEP if best == grid[-1] else None
+    from allocators import bracket_step
+
+    return bracket_step(grid, pick(rows, sites), LR_STEP)
 
 
 def circuit_job(basis: str, seed: int, row: dict | None = None) -> dict:
@@ -328,8 +327,10 @@ def sweep(args, rows: dict[str, dict], sites: list[str],
                 and next_lr(g, [rows[job(a, x)["id"]] for x in g], sites) is None
                 and (lr := pick([rows[job(a, x)["id"]] for x in g], sites)) for s in SEEDS[1:]]
 
-    for _ in range(LR_EXTEND + 1):
+    for round_ in range(LR_EXTEND + 1):
         rows = run_jobs(args, [job(a, lr) for a, g in grids.items() for lr in g] + settled())
+        if round_ == LR_EXTEND:  # an lr added now would never be trained
+            break
         moved = False
         for a, g in grids.items():
             lr = next_lr(g, [rows[job(a, x)["id"]] for x in g], sites)
@@ -412,7 +413,7 @@ def steered_sweep(args, sites: list[str], allocator: str) -> tuple[float, float,
                                 L1_START if near is None else (found[near]["l1"],))
         return found[lr]
 
-    for _ in range(LR_EXTEND + 1):
+    for _ in range(LR_EXTEND):  # at most LR_EXTEND lrs added; `tried` trains the last
         lr = next_lr(grid, [at(x) for x in grid], sites)
         if lr is None:
             break

@@ -207,7 +207,8 @@ def plateau(study: Study) -> None:
     """At k = 32 and each kind's tuned lr, per plateau layer: the budget doubles from the
     study's until no kind's held-out FVU gains `gain` (relative) or `plateau_max` is passed.
     Every kind runs at every budget, so the ranking can be read at each; `plateau_seeds` repeat
-    the sweep layer's largest budget, and the SAE's other ks run there too (`largest_matched`)."""
+    the sweep layer's largest budget, and at that budget the SAE's other ks run on every
+    plateau layer (`largest_matched`)."""
     s = study.scale
     largest = s.tokens
     for layer in s.plateau_layers:
@@ -391,7 +392,8 @@ def report(study: Study, md: Path, png: Path) -> None:
                        *(col for _, name in MATCHED for col in (name, f"{name} SAE", f"{name} gap (sd)"))],
                       matched_rows(_groups([r for r in rows if r["id"] in matched], ("layer", "k", "kind"))))
     plateaus = plateau_rows(study) if tuned else {}
-    largest = max((r["tokens"] for runs in plateaus.values() for r in runs), default=s.tokens)
+    largest = max((r["tokens"] for r in plateaus.get((s.sweep_layer, "sae"), [])
+                   if r["seed"] == s.seeds[0]), default=s.tokens)  # where `plateau` ran largest_matched
     at_largest = {study.run_id(r) for r in largest_matched(study, largest)} if tuned else set()
     lines += ["", f"At matched L0 after {largest:,} tokens (seed {s.seeds[0]} only, so no gaps in sd; the "
               "same interpolation):", ""]

@@ -53,7 +53,7 @@ from .codes import (
     train_sae,
 )
 from .patching import ABLATIONS, GroundTruth, edge_mask, ground_truth_sets, head_shape
-from .recovery import AttributionConfig, check_edges, check_method
+from .recovery import AttributionConfig, check_method, edges_wanted
 
 # Chosen on a development seed (benchmarks/circuits.py --seed 1, zoo:tasks-4l, 10 trials of 10
 # training prompts; node ROC AUC on held-out prompts): relu at the last position 0.84 / 0.70 /
@@ -212,7 +212,7 @@ class CircuitsConfig:
         check_field_types(self)
         check_device(self.device)
         check_method(self.method, self.basis)
-        check_edges(self.attribution.attr_edges, self.method, self.basis,
+        edges_wanted(self.attribution.attr_edges, self.method, self.basis,
                     self.attribution.node_ablation)
 
 

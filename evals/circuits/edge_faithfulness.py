@@ -83,7 +83,7 @@ def edge_problem(model: HookedModel) -> str | None:
     return None
 
 
-def check_edges(model: HookedModel, scores: torch.Tensor) -> torch.Tensor:
+def check_edge_scores(model: HookedModel, scores: torch.Tensor) -> torch.Tensor:
     """The (L*H, L*H) edge mask, or one line for a model without head-to-head edges or scores
     of another shape."""
     problem = edge_problem(model)
@@ -104,7 +104,7 @@ def edge_faithfulness(model: HookedModel, tokens: TaskTokens, scores: torch.Tens
     `EdgeAttribution.head_edges()`) at every size, completeness, CPR, CMD, edges_to_08; see the
     module docstring."""
     check_tokens(tokens, "counterfactual")
-    mask = check_edges(model, scores)
+    mask = check_edge_scores(model, scores)
     n_layers, n_heads = head_shape(model)
     pairs = mask.nonzero()
     run = _Runner(model, tokens, metric)

@@ -45,7 +45,7 @@ from .bases import basis as make_basis
 from .edge_faithfulness import NoFlow, edge_faithfulness, edge_problem
 from .edges import EDGE_METHODS, edge_scores
 from .faithfulness import faithfulness, order
-from .patching import ABLATIONS, _above_share, ground_truth
+from .patching import ABLATIONS, _above_share, edge_mask, ground_truth
 
 TOP_EDGES = 20  # edges listed by name in circuits.json's "top" and circuits.md
 
@@ -103,7 +103,7 @@ def check_method(method: str, basis: str) -> None:
                           "eap-ig or patching for neurons and dictionaries")
 
 
-def check_edges(edges: bool | None, method: str, basis: str, ablation: str) -> bool:
+def edges_wanted(edges: bool | None, method: str, basis: str, ablation: str) -> bool:
     """Whether head-to-head edges are scored (`attr_edges`; None: where they can be), or one
     line for edges asked of a method or basis that has none."""
     can = method in EDGE_METHODS and basis == "heads" and ablation == "counterfactual"
@@ -137,7 +137,7 @@ def recover(model: HookedModel, task: str | Task, basis="heads", method: str = "
     cfg = config or AttributionConfig()
     if isinstance(basis, str):
         check_method(method, basis)
-        check_edges(cfg.attr_edges, method, basis, cfg.node_ablation)
+        edges_wanted(cfg.attr_edges, method, basis, cfg.node_ablation)
     name = task if isinstance(task, str) else task.name
     metric = cfg.attr_metric or default_metric(name)
     train = _codes_train_prompts(codes_config) if method == "codes" else 0
@@ -149,7 +149,7 @@ def recover(model: HookedModel, task: str | Task, basis="heads", method: str = "
     b = basis if isinstance(basis, Basis) else make_basis(model, basis)
     kind = "heads" if all(isinstance(s, HeadSite) for s in b.sites) else b.name
     check_method(method, kind)
-    edges = check_edges(cfg.attr_edges, method, kind, cfg.node_ablation)
+    edges = edges_wanted(cfg.attr_edges, method, kind, cfg.node_ablation)
     problem = edge_problem(model) if edges else None
     if problem and cfg.attr_edges:
         raise SaelabError(f"--attr-edges: {problem}; drop --attr-edges")
@@ -187,7 +187,7 @@ def edge_report(model: HookedModel, scored: TaskTokens, held: TaskTokens, method
     `truth`, at most `max_patch_nodes` edges) and edge-circuit faithfulness (module docstring)."""
     attr = edge_scores(model, scored, method, metric, cfg.ig_steps)
     scores = attr.head_edges()
-    mask, n = torch.isfinite(scores), attr.n_heads
+    mask, n = edge_mask(attr.n_layers, attr.n_heads), attr.n_heads
     names = [f"{s // n}.{s % n}->{r // n}.{r % n}" for s, r in mask.nonzero().tolist()]
     values = scores[mask]
     out = {"method": method, "edges": len(names), "graph_edges": len(attr.edges()),

@@ -59,6 +59,7 @@ def test_matched_moves_to_the_references_l0_when_the_kind_is_beyond_its_range():
     assert mine == pytest.approx(kind_law(64.0)) and mine_sd == pytest.approx(0.02)
     # the kind's own cells do not reach the reference's nearest L0 either: nothing to compare
     assert _matched((100.0, 0.005, 0.001), [(80.0, 0.006, 0.001), (100.0, 0.005, 0.001)], ref) is None
+    assert _matched((20.0, 0.05, 0.01), [(20.0, 0.05, 0.01)], []) is None  # no reference cells yet
 
 
 def test_family_means_average_each_family_at_k1_k5_and_the_ceiling():

@@ -66,7 +66,12 @@ def qkv_inputs(fn) -> dict:
 
 def test_no_cut_is_the_clean_run(model, tok):
     none = torch.zeros(N, N, dtype=torch.bool)
+    assert not [h for h in prune(counterfactual_results(model, tok), none) if h.endswith("_input")]
     assert cut_metric(model, tok, none) == metric(model, tok, {})
+    one = none.clone()
+    one[0, HEADS] = True  # head 0.0 -> 1.0: only layer 1's inputs are spliced
+    assert sorted(h for h in prune(counterfactual_results(model, tok), one) if h.endswith("_input")) == \
+        sorted(f"blocks.1.hook_{x}_input" for x in QKV)
 
 
 def test_one_cut_edge_drops_the_metric_by_its_path_patching_effect(model, tok):
